@@ -1,0 +1,57 @@
+"""Analyzer contract and registry.
+
+An analyzer is a dataclass registered by name: its parameters are explicit keyword arguments (no
+logic in `__init__`), declares the capture sites it needs, and streams: `start(model)` sets up state
+(attributes with a trailing underscore), `update(trace)` folds in one batch, `finish()` returns
+LayerScores. Memory therefore stays bounded by one batch, however much text is analysed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from ..errors import LensbenchError
+from ..model import Model
+from ..profile import LayerScores
+from ..trace import Trace
+
+
+class Analyzer:
+    name: ClassVar[str]
+    sites: ClassVar[tuple[str, ...]] = ()
+    needs_lm_head: ClassVar[bool] = False
+
+    def params(self) -> dict:
+        """The keyword arguments it was made with (analyzers are dataclasses)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def start(self, model: Model) -> None:
+        raise NotImplementedError
+
+    def update(self, trace: Trace) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> list[LayerScores]:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Analyzer]] = {}
+
+
+def register(cls: type[Analyzer]) -> type[Analyzer]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered() -> dict[str, type[Analyzer]]:
+    return dict(_REGISTRY)
+
+
+def make(name: str, **params) -> Analyzer:
+    if name not in _REGISTRY:
+        raise LensbenchError(f"unknown analysis {name!r}: available are {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as exc:
+        raise LensbenchError(f"bad parameters for analysis {name!r}: {exc}") from None
+

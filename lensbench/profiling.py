@@ -1,0 +1,59 @@
+"""`profile_model`: stream texts through one capture per batch and fold every analyzer over it."""
+from __future__ import annotations
+
+import datetime
+import sys
+from typing import Sequence
+
+from tqdm import tqdm
+
+from . import __version__
+from .analyses import make
+from .capture import CaptureSpec, _capture_hooks, batches
+from .errors import LensbenchError
+from .model import Model
+from .profile import Profile
+
+DEFAULT_ANALYSES = ("redundancy",)
+DEFAULT_SEQ_LEN = 128
+
+
+def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str] = DEFAULT_ANALYSES,
+                  analysis_params: dict[str, dict] | None = None, batch_size: int = 8, seq_len: int | None = None,
+                  data: dict | None = None, progress: bool = True) -> Profile:
+    """Profile `model` on `texts` with the named analyses.
+
+    Each text is truncated to `seq_len` tokens (default: 128, or the model's context if shorter).
+    """
+    if not texts:
+        raise LensbenchError("no texts to profile on: give a non-empty text file")
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, model.max_context or DEFAULT_SEQ_LEN)
+    params = analysis_params or {}
+    analyzers = [make(name, **params.get(name, {})) for name in analyses]
+    for a in analyzers:
+        if a.needs_lm_head and not model.is_causal_lm:
+            raise LensbenchError(f"analysis {a.name!r} needs a causal LM; {model.name} is an encoder")
+        a.start(model)
+    sites = tuple(dict.fromkeys(s for a in analyzers for s in a.sites))
+    spec = CaptureSpec(sites=sites).validate(model)
+    n_tokens = 0
+    bar = tqdm(total=len(texts), desc=f"profiling {model.name}", unit="text", disable=not progress,
+               file=sys.stderr, leave=False)
+    for batch in batches(model, texts, batch_size, seq_len):
+        trace, _ = _capture_hooks(model, spec, batch)
+        for a in analyzers:
+            a.update(trace)
+        n_tokens += batch.n_tokens
+        bar.update(batch.input_ids.shape[0])
+    bar.close()
+    profile = Profile(
+        model=dict(model.card, n_layers=model.n_layers, d_model=model.d_model),
+        data={**(data or {}), "n_texts": len(texts), "n_tokens": n_tokens, "seq_len": seq_len,
+              "batch_size": batch_size},
+        meta={"lensbench": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "analyses": {a.name: a.params() for a in analyzers}},
+    )
+    for a in analyzers:
+        profile.add(*a.finish())
+    return profile

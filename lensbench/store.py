@@ -1,0 +1,132 @@
+"""On-disk activation store for long runs: one safetensors chunk per batch, memory bounded by a batch.
+
+Layout of a store directory:
+    manifest.json           schema, the capture settings (and their hash), the finished chunks
+    chunk-000000.safetensors  tensors of one batch: each site as [n_tokens, d] (positions="all",
+                              padding dropped) or [n_texts, d], plus token_ids/text_index/position
+
+Each chunk is written atomically and only then entered in the manifest (also written atomically),
+so a run killed at any moment resumes at the first batch the manifest does not list.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .adapters import SITES
+from .atomic import write_json, write_with
+from .capture import CaptureSpec, _capture_hooks, batches
+from .errors import LensbenchError
+from .model import Model
+
+SCHEMA = "lensbench.store/1"
+
+
+class ActivationStore:
+    """A directory of captured activation chunks; see the module docstring."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        path = self.root / "manifest.json"
+        if not path.is_file():
+            raise LensbenchError(f"{self.root} is not an activation store (no manifest.json)")
+        try:
+            self.manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise LensbenchError(f"{path} is not valid JSON ({exc}): delete the store and capture again")
+        if self.manifest.get("schema") != SCHEMA:
+            raise LensbenchError(f"{path} has schema {self.manifest.get('schema')!r}, expected {SCHEMA!r}")
+
+    @classmethod
+    def open(cls, root: str | Path, config: dict) -> "ActivationStore":
+        """Open the store at `root` for a run with `config`, creating it if needed."""
+        root = Path(root)
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        if not (root / "manifest.json").exists():
+            write_json(root / "manifest.json", {"schema": SCHEMA, "config": config, "config_sha256": digest,
+                                                "chunks": {}, "complete": False})
+        store = cls(root)
+        if store.manifest["config_sha256"] != digest:
+            raise LensbenchError(f"the store at {root} was captured with other settings (model, texts or sites); "
+                                 f"use another --out directory or delete this one")
+        return store
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def has(self, index: int) -> bool:
+        return str(index) in self.manifest["chunks"]
+
+    def write_chunk(self, index: int, tensors: dict[str, torch.Tensor], n_tokens: int) -> None:
+        name = f"chunk-{index:06d}.safetensors"
+        write_with(self.root / name, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+        self.manifest["chunks"][str(index)] = {"file": name, "n_tokens": n_tokens}
+        write_json(self.root / "manifest.json", self.manifest)
+
+    def mark_complete(self) -> None:
+        self.manifest["complete"] = True
+        write_json(self.root / "manifest.json", self.manifest)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(c["n_tokens"] for c in self.manifest["chunks"].values())
+
+    def chunks(self, names: Sequence[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Chunks in order, each loaded on its own (only `names` if given)."""
+        for key in sorted(self.manifest["chunks"], key=int):
+            with safe_open(str(self.root / self.manifest["chunks"][key]["file"]), framework="pt") as fh:
+                yield {k: fh.get_tensor(k) for k in (names or fh.keys())}
+
+    def load(self, name: str) -> torch.Tensor:
+        """One tensor concatenated over all chunks (mind the size)."""
+        return torch.cat([c[name] for c in self.chunks([name])])
+
+
+def capture_to_store(model: Model, texts: Sequence[str], root: str | Path, *, sites: Sequence[str] = SITES,
+                     layers: Sequence[int] | None = None, positions: str = "all", batch_size: int = 8,
+                     seq_len: int | None = 128, dtype: torch.dtype = torch.float16, progress: bool = True,
+                     after_chunk: Callable[[int], None] | None = None) -> ActivationStore:
+    """Capture `texts` batch by batch into a store at `root`; rerun the same call to resume."""
+    spec = CaptureSpec(tuple(sites), None if layers is None else tuple(layers), positions, dtype).validate(model)
+    config = {"model": model.fingerprint(), "model_name": model.name, "n_texts": len(texts),
+              "texts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
+              "sites": list(spec.sites), "layers": list(spec.layers), "positions": positions,
+              "batch_size": batch_size, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", "")}
+    store = ActivationStore.open(root, config)
+    bar = tqdm(total=len(texts), desc=f"capturing {model.name}", unit="text", disable=not progress, file=sys.stderr)
+    for index, batch in enumerate(batches(model, texts, batch_size, seq_len)):
+        bar.update(batch.input_ids.shape[0])
+        if store.has(index):
+            continue
+        trace, _ = _capture_hooks(model, spec, batch)
+        B, T = batch.input_ids.shape
+        if positions == "all":
+            keep = batch.attention_mask.bool()
+            tensors = {k: v[keep] for k, v in trace.activations.items()}
+            tensors["token_ids"] = batch.input_ids[keep]
+            tensors["position"] = torch.arange(T).expand(B, T)[keep]
+            tensors["text_index"] = (torch.arange(B)[:, None] + index * batch_size).expand(B, T)[keep]
+        else:
+            tensors = dict(trace.activations)
+            tensors["text_index"] = torch.arange(B) + index * batch_size
+        store.write_chunk(index, tensors, batch.n_tokens)
+        del trace, tensors
+        if after_chunk is not None:
+            after_chunk(index)
+    bar.close()
+    store.mark_complete()
+    return store
+
