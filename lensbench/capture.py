@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -142,7 +143,9 @@ def _capture_nnsight(model: Model, spec: CaptureSpec, batch: Batch) -> tuple[Tra
         from nnsight import NNsight
     except ImportError:
         raise LensbenchError("the nnsight backend needs nnsight: pip install 'lensbench[peers]'") from None
-    wrapped = NNsight(model.module)
+    with warnings.catch_warnings():  # submodules named `output` (BERT) are reached by path below
+        warnings.filterwarnings("ignore", message=".*has a submodule named")
+        wrapped = NNsight(model.module)
     base = model.adapter.block_path(0).rsplit(".", 1)[0]  # path of the layer list in the top model
     taps = spec.taps(model)
     envoys = _envoys_by_path(wrapped)

@@ -25,7 +25,7 @@ from . import bundled
 from .adapters import adapter_for
 from .atomic import write_json
 from .errors import LensbenchError
-from .model import Model, describe, weights_sha256
+from .model import Model, describe
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -88,7 +88,7 @@ def from_module(obj: Any, tokenizer: Any = None, card: dict | None = None) -> Mo
     module.eval()
     adapter = adapter_for(module)
     info = {"name": getattr(module.config, "_name_or_path", "") or type(module).__name__, "source": "module",
-            **describe(module), "sha256": weights_sha256(module)}
+            **describe(module)}
     info.update(card or {})
     return Model(module, tokenizer, adapter, info)
 
@@ -140,8 +140,7 @@ def _load_hf_dir(path: Path, *, dtype, device, card: dict) -> Model:
                              f"the files may be corrupt or incomplete, re-download or re-convert them") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
     module.to(device).eval()
-    sha = card.pop("sha256", None) or _dir_sha256(path)
-    info = {"name": card.get("name", path.name), **describe(module), "sha256": sha, **card}
+    info = {"name": card.get("name", path.name), **describe(module), **card}
     return Model(module, tokenizer, adapter_for(module), info)
 
 
@@ -156,15 +155,6 @@ def _check_adapter_for_config(config) -> None:
             f"no lensbench adapter for {', '.join(known)} (model_type {getattr(config, 'model_type', '?')!r}); "
             f"register one with @lensbench.adapters.register({known[0]!r}) (see lensbench/adapters/llama.py)"
         )
-
-
-def _dir_sha256(path: Path) -> str:
-    """Hash of the weight files of a model directory (names and bytes)."""
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        h.update(f.name.encode())
-        h.update(_file_sha256(f).encode())
-    return h.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:
@@ -187,11 +177,11 @@ def _load_gguf(path: Path, *, dtype, device) -> Model:
     target = cache_dir() / "gguf" / sha[:16]
     card = {"name": path.stem, "source": str(path.resolve()), "format": "gguf", "sha256": sha}
     if not (target / "lensbench-cache.json").is_file():
-        _convert_gguf(path, target)
+        _convert_gguf(path, target, sha)
     return _load_hf_dir(target, dtype=dtype, device=device, card=card)
 
 
-def _convert_gguf(path: Path, target: Path) -> None:
+def _convert_gguf(path: Path, target: Path, sha: str) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_header(path)
@@ -217,7 +207,7 @@ def _convert_gguf(path: Path, target: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    write_json(staging / "lensbench-cache.json", {"gguf": str(path.resolve()), "sha256": _file_sha256(path)})
+    write_json(staging / "lensbench-cache.json", {"gguf": str(path.resolve()), "sha256": sha})
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)  # the cache appears whole or not at all
 

@@ -61,8 +61,10 @@ class Model:
         return self.adapter.max_context
 
     def fingerprint(self) -> str:
-        """Identity used to match Profiles and Plans to models: the weights' hash where known."""
-        return self.card.get("sha256") or self.card.get("name", "?")
+        """Identity used to match Profiles and Plans to models (see `weights_fingerprint`)."""
+        if "fingerprint" not in self.card:
+            self.card["fingerprint"] = weights_fingerprint(self.module)
+        return self.card["fingerprint"]
 
     def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> Batch:
         """Tokenise and right-pad `texts`.
@@ -75,18 +77,13 @@ class Model:
         if not texts:
             raise LensbenchError("no texts to tokenise: give at least one non-empty text")
         ctx = self.max_context
-        if max_length is not None and ctx is not None and max_length > ctx:
-            raise LensbenchError(
-                f"sequence length {max_length} is longer than the model's context of {ctx} tokens; "
-                f"use --seq-len {ctx} or less"
-            )
         tok = self.tokenizer
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
         enc = tok(list(texts), return_tensors="pt", padding=True, truncation=max_length is not None,
                   max_length=max_length, return_special_tokens_mask=True)
         lengths = enc["attention_mask"].sum(1)
-        if max_length is None and ctx is not None and int(lengths.max()) > ctx:
+        if ctx is not None and int(lengths.max()) > ctx:
             i = int(lengths.argmax())
             raise LensbenchError(
                 f"text {i} has {int(lengths[i])} tokens, longer than the model's context of {ctx}; "
@@ -106,14 +103,19 @@ class Model:
                 f"d_model={self.d_model}, {n / 1e6:.1f}M params)")
 
 
-def weights_sha256(module: nn.Module) -> str:
-    """Content hash of a module's parameters and buffers (names, shapes, bytes)."""
+def weights_fingerprint(module: nn.Module, samples: int = 4096) -> str:
+    """Identity of a model's weights, the same whichever way it was loaded.
+
+    sha256 over every tensor's name, shape, dtype and up to `samples` evenly strided values: cheap for
+    any model size, and any real change of weights (fine-tuning, another checkpoint) changes it.
+    """
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
-        t = t.detach().contiguous().cpu()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        flat = t.detach().reshape(-1)
+        if flat.numel() > samples:
+            flat = flat[:: flat.numel() // samples][:samples]
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 
 

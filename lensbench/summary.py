@@ -1,0 +1,27 @@
+"""Short human-readable summaries of a Profile (what the CLI prints)."""
+from __future__ import annotations
+
+from .profile import Profile
+
+
+def _fmt(layers: list[int], values) -> str:
+    return ", ".join(f"{i} ({values[i]:.3f})" for i in layers)
+
+
+def redundancy_summary(profile: Profile, k: int = 3) -> str:
+    """The most and least redundant blocks and sublayers by input/output cosine."""
+    m, d = profile.model, profile.data
+    lines = [f"{m.get('name')} ({m.get('class')}, {m.get('n_layers')} layers, d_model {m.get('d_model')}) "
+             f"on {d.get('n_texts')} texts / {d.get('n_tokens')} tokens"]
+    for key, label in (("block_cosine", "blocks"), ("attn_cosine", "attention"), ("mlp_cosine", "MLPs")):
+        if key not in profile.scores:
+            continue
+        s = profile[key]
+        order = s.ranking()  # most important (lowest cosine) first
+        lines.append(f"  {label:9s} most redundant (cos in→out): {_fmt(order[::-1][:k], s.values)}")
+        lines.append(f"  {label:9s} least redundant:             {_fmt(order[:k], s.values)}")
+    if "logit_lens_kl_nats" in profile.scores:
+        kl = profile["logit_lens_kl_nats"].values
+        lines.append(f"  logit lens KL to the output (nats): layer 0 {kl[0]:.2f}, layer {len(kl) // 2} "
+                     f"{kl[len(kl) // 2]:.2f}, layer {len(kl) - 1} {kl[-1]:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+import functools
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", module="transformers")
+torch.set_num_threads(2)
+
+from lensbench.testing import SAMPLE_TEXTS, tiny_model  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(arch):
+    return tiny_model(arch)
+
+
+@pytest.fixture
+def tiny():
+    """tiny(arch) -> a cached tiny random lensbench Model."""
+    return _tiny
+
+
+@pytest.fixture
+def texts():
+    return list(SAMPLE_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    import lensbench
+
+    return lensbench.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    import lensbench
+
+    return lensbench.load("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def bbc_texts():
+    from lensbench.texts import bbc_news
+
+    return bbc_news("calibration", limit=8)
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny):
+    """A tiny Llama saved as a local Hugging Face directory."""
+    def make(arch="llama"):
+        m = tiny(arch)
+        path = tmp_path / f"tiny-{arch}"
+        m.module.save_pretrained(path)
+        m.tokenizer.save_pretrained(path)
+        return path
+
+    return make

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+import lensbench
+from lensbench import LensbenchError, capture
+
+
+def test_local_directory_round_trip(tiny, tiny_dir, texts):
+    path = tiny_dir("llama")
+    m = lensbench.load(str(path))
+    assert m.card["source"] == str(path.resolve()) and m.fingerprint() == tiny("llama").fingerprint()
+    ref = tiny("llama")
+    a, b = capture(m, texts[:2]), capture(ref, texts[:2])
+    for k in a.keys():
+        torch.testing.assert_close(a[k], b[k])
+
+
+def test_module_sources_unwrap_to_the_same_model(tiny, texts):
+    from nnsight import NNsight
+
+    ref = tiny("gpt2")
+    wrapped = lensbench.load(NNsight(ref.module), tokenizer=ref.tokenizer)
+    assert wrapped.module is ref.module and wrapped.fingerprint() == ref.fingerprint()
+
+
+def test_transformerlens_bridge_is_accepted(tiny_dir, texts):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path = tiny_dir("gpt2")
+    bridge = TransformerBridge.boot_transformers(str(path), device="cpu")
+    m = lensbench.load(bridge)
+    direct = lensbench.load(str(path))
+    assert m.fingerprint() == direct.fingerprint()
+    a, b = capture(m, texts[:2]), capture(direct, texts[:2])
+    torch.testing.assert_close(a["blocks.1.hook_resid_post"], b["blocks.1.hook_resid_post"])
+
+
+def test_module_without_tokenizer_is_a_clear_error(tiny):
+    with pytest.raises(LensbenchError, match="tokenizer="):
+        lensbench.load(tiny("llama").module)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/no/such/model", "does not exist"),
+    ("./missing-dir", "does not exist"),
+    (42, "cannot load a model from a int"),
+])
+def test_bad_sources(source, message):
+    with pytest.raises(LensbenchError, match=message):
+        lensbench.load(source)
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    with pytest.raises(LensbenchError, match="no config.json"):
+        lensbench.load(str(tmp_path))
+
+
+def test_corrupt_safetensors(tiny_dir):
+    path = tiny_dir("llama")
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    with pytest.raises(LensbenchError, match="corrupt or incomplete"):
+        lensbench.load(str(path))
+
+
+def test_not_a_gguf_file(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"NOPE" + bytes(100))
+    with pytest.raises(LensbenchError, match="not a GGUF file"):
+        lensbench.load(str(f))
+
+
+def test_unknown_architecture_directory_fails_before_loading(tmp_path):
+    import transformers as T
+
+    cfg = T.OPTConfig(num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=50,
+                      word_embed_proj_dim=16)
+    T.OPTForCausalLM(cfg).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")  # never read: the adapter check comes first
+    with pytest.raises(LensbenchError, match=r"no lensbench adapter for OPTForCausalLM.*register"):
+        lensbench.load(str(tmp_path))
