@@ -103,18 +103,33 @@ class Model:
                 f"d_model={self.d_model}, {n / 1e6:.1f}M params)")
 
 
-def weights_fingerprint(module: nn.Module, samples: int = 4096) -> str:
-    """Identity of a model's weights, the same whichever way it was loaded.
+def canonical_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The parameters a freshly built model of this class has, by their Hugging Face names.
 
-    sha256 over every tensor's name, shape, dtype and up to `samples` evenly strided values: cheap for
-    any model size, and any real change of weights (fine-tuning, another checkpoint) changes it.
+    Wrappers can add tensors (TransformerLens's bridge splits fused q/k/v into new ones); the names
+    come from a skeleton built on the meta device (no memory), so only the model's own weights count.
+    """
+    try:
+        with torch.device("meta"):
+            skeleton = type(module)(module.config)
+        return [(name, module.get_parameter(name)) for name, _ in skeleton.named_parameters()]
+    except Exception:  # not constructible from its config: take the parameters as they are
+        return list(module.named_parameters())
+
+
+def weights_fingerprint(module: nn.Module, samples: int = 4096) -> str:
+    """Identity of a model's weights, the same whichever way it was loaded or wrapped.
+
+    sha256 over every canonical parameter's name, shape, dtype and up to `samples` evenly strided
+    values: cheap for any model size, while any real change of weights (fine-tuning, another
+    checkpoint, quantisation) changes it.
     """
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        flat = t.detach().reshape(-1)
+    for name, p in canonical_parameters(module):
+        flat = p.detach().reshape(-1)
         if flat.numel() > samples:
             flat = flat[:: flat.numel() // samples][:samples]
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
 

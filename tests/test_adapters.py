@@ -102,3 +102,22 @@ def test_head_weights_reproduce_attention_pattern(tiny, texts, arch):
         rows = batch.attention_mask.bool()
         torch.testing.assert_close(scores.softmax(-1).permute(0, 2, 1, 3)[rows],
                                    probs[layer].permute(0, 2, 1, 3)[rows], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a != "bert"])
+def test_unembedding_the_last_block_output_gives_the_logits(tiny, texts, arch):
+    m = tiny(arch)
+    assert m.is_causal_lm
+    tr, out = capture(m, texts[:2], sites=["hook_resid_post"], layers=[m.n_layers - 1], return_output=True)
+    with torch.no_grad():
+        logits = m.adapter.unembed(tr[site_name(m.n_layers - 1, "hook_resid_post")])
+    torch.testing.assert_close(logits, out.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bare_base_model_has_no_lm_head(tiny):
+    from lensbench.load import from_module
+
+    m = tiny("llama")
+    base = from_module(m.module.model, tokenizer=m.tokenizer)
+    assert not base.is_causal_lm and base.n_layers == m.n_layers
+    assert base.adapter.block_path(1) == "layers.1" and m.adapter.block_path(1) == "model.layers.1"

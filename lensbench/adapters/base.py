@@ -113,7 +113,6 @@ class Adapter:
     mlp_out: ClassVar[Tap]  # what the MLP adds to the residual
     resid_mid: ClassVar[Tap | None]  # None: computed as resid_pre + attn_out
     final_norm: ClassVar[str | None] = None  # relative to the base model
-    unembed_path: ClassVar[str | None] = None  # relative to the top model
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -122,15 +121,12 @@ class Adapter:
         self.base = getattr(model, prefix, None) if prefix else None
         if not isinstance(self.base, nn.Module):
             self.base = model  # the bare base model was handed in
-        self.has_lm_head = self.is_causal_lm and self.unembed_path is not None and self._has(model, self.unembed_path)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.lm_head = head if self.is_causal_lm else None  # None for encoders and bare base models
 
-    @staticmethod
-    def _has(root: nn.Module, path: str) -> bool:
-        try:
-            root.get_submodule(path)
-            return True
-        except AttributeError:
-            return False
+    @property
+    def has_lm_head(self) -> bool:
+        return self.lm_head is not None
 
     # --- structure -------------------------------------------------------------------------
     @property
@@ -198,10 +194,7 @@ class Adapter:
         if not self.has_lm_head:
             raise ValueError(f"{type(self.model).__name__} has no LM head to unembed with")
         x = _get(self.base, self.final_norm)(resid) if self.final_norm else resid
-        return self.model.get_submodule(self.unembed_path)(x)
-
-    def final_logits_from_hidden(self, resid: torch.Tensor) -> torch.Tensor:
-        return self.unembed(resid)
+        return self.lm_head(x)
 
     # --- helpers for subclasses ----------------------------------------------------------
     def _split_heads_in(self, weight: torch.Tensor, n: int) -> torch.Tensor:

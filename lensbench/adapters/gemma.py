@@ -18,3 +18,11 @@ class Gemma2Adapter(LlamaAdapter):
     attn_out = Tap("post_attention_layernorm", "output")
     mlp_out = Tap("post_feedforward_layernorm", "output")
     resid_mid = Tap("pre_feedforward_layernorm", "input")
+
+    def unembed(self, resid):
+        """Gemma 2/3 soft-cap the logits after the head; the logit lens must do the same."""
+        import torch
+
+        logits = super().unembed(resid)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits

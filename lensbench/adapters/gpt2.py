@@ -15,7 +15,6 @@ class GPT2Adapter(Adapter):
     mlp_out = Tap("mlp", "output")
     resid_mid = Tap("ln_2", "input")
     final_norm = "ln_f"
-    unembed_path = "lm_head"
 
     @property
     def d_model(self) -> int:

@@ -20,7 +20,6 @@ class LlamaAdapter(Adapter):
     mlp_out = Tap("mlp", "output")
     resid_mid = Tap("post_attention_layernorm", "input")
     final_norm = "norm"
-    unembed_path = "lm_head"
     o_proj = "o_proj"
 
     def head_weights(self, layer: int) -> HeadWeights:

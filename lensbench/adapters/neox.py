@@ -14,7 +14,6 @@ class GPTNeoXAdapter(Adapter):
     attn_out = Tap("attention", "output")
     mlp_out = Tap("mlp", "output")
     final_norm = "final_layer_norm"
-    unembed_path = "embed_out"
 
     @property
     def resid_mid(self):  # type: ignore[override]

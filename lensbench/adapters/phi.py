@@ -15,7 +15,6 @@ class PhiAdapter(Adapter):
     mlp_out = Tap("mlp", "output")
     resid_mid = None  # parallel: computed as resid_pre + attn_out
     final_norm = "final_layernorm"
-    unembed_path = "lm_head"
 
     def head_weights(self, layer: int) -> HeadWeights:
         a = self.blocks[layer].self_attn
