@@ -1,0 +1,152 @@
+"""The CLI in-process through main(argv): happy paths and one-line errors for bad input."""
+import json
+
+import pytest
+
+from lensbench.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, pattern):
+    import re
+
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lensbench: error: "), err
+    assert "Traceback" not in err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def text_file(tmp_path, texts):
+    f = tmp_path / "texts.txt"
+    f.write_text("\n".join(texts) + "\n")
+    return f
+
+
+def test_models_lists_bundled_and_architectures(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    for word in ("smollm2-135m", "minilm-l6", "LlamaForCausalLM", "GPTNeoXForCausalLM", "BertModel", "redundancy"):
+        assert word in out
+
+
+def test_profile_writes_json_and_table(capsys, tmp_path, tiny_dir, text_file):
+    model_dir = tiny_dir("llama")
+    out_dir = tmp_path / "out"
+    code, out, err = run(capsys, "profile", str(model_dir), "--out", str(out_dir), "--texts", str(text_file),
+                         "--max-tokens", "60", "--seq-len", "32")
+    assert code == 0, err
+    doc = json.loads((out_dir / "profile.json").read_text())
+    assert len(doc["scores"]["block_cosine"]["values"]) == 3
+    assert 60 <= doc["data"]["n_tokens"] < 60 + 32 and doc["data"]["seq_len"] == 32
+    assert (out_dir / "layers.csv").read_text().startswith("layer,block_cosine")
+    assert "most redundant" in out
+    code, out, _ = run(capsys, "summary", str(out_dir), "--model", str(model_dir))
+    assert code == 0 and "least redundant" in out
+
+
+def test_capture_command_writes_store(capsys, tmp_path, tiny_dir, text_file):
+    code, out, err = run(capsys, "capture", str(tiny_dir("gpt2")), "--texts", str(text_file), "--out",
+                         str(tmp_path / "store"), "--sites", "hook_resid_post", "--positions", "last")
+    assert code == 0, err
+    assert json.loads((tmp_path / "store" / "manifest.json").read_text())["complete"] is True
+
+
+def test_missing_model_path(capsys, tmp_path):
+    code, _, err = run(capsys, "profile", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_directory_without_config(capsys, tmp_path):
+    (tmp_path / "m").mkdir()
+    code, _, err = run(capsys, "profile", str(tmp_path / "m"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "no config.json")
+
+
+def test_corrupt_safetensors(capsys, tmp_path, tiny_dir):
+    d = tiny_dir("llama")
+    (d / "model.safetensors").write_bytes(b"\x00" * 64)
+    code, _, err = run(capsys, "profile", str(d), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "corrupt or incomplete")
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_gguf(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "broken.gguf"
+    f.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 200)
+    code, _, err = run(capsys, "profile", str(f), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, "cannot read GGUF file .*corrupt or truncated")
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))  # no half-written cache
+
+
+def test_unknown_architecture(capsys, tmp_path):
+    import transformers as T
+
+    cfg = T.OPTConfig(num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=50,
+                      word_embed_proj_dim=16)
+    T.OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
+    code, _, err = run(capsys, "profile", str(tmp_path / "opt"), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, r"no lensbench adapter for OPTForCausalLM.*register")
+
+
+def test_empty_text_file(capsys, tmp_path, tiny_dir):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    code, _, err = run(capsys, "profile", str(tiny_dir()), "--out", str(tmp_path / "o"), "--texts",
+                       str(tmp_path / "empty.txt"))
+    assert_one_line_error(code, err, "is empty")
+
+
+def test_sequence_longer_than_context(capsys, tmp_path, tiny_dir, text_file):
+    code, _, err = run(capsys, "profile", str(tiny_dir()), "--out", str(tmp_path / "o"), "--texts",
+                       str(text_file), "--seq-len", "1000")
+    assert_one_line_error(code, err, "longer than .* context of 64 tokens")
+
+
+def test_truncated_and_foreign_profiles(capsys, tmp_path, tiny_dir, text_file):
+    out_dir = tmp_path / "out"
+    assert run(capsys, "profile", str(tiny_dir("llama")), "--out", str(out_dir), "--texts", str(text_file))[0] == 0
+    good = (out_dir / "profile.json").read_text()
+
+    (out_dir / "profile.json").write_text(good[: len(good) // 2])
+    code, _, err = run(capsys, "summary", str(out_dir))
+    assert_one_line_error(code, err, "not valid JSON.*truncated")
+
+    doc = json.loads(good)
+    doc["schema"] = "lensbench.profile/0"
+    (out_dir / "profile.json").write_text(json.dumps(doc))
+    code, _, err = run(capsys, "summary", str(out_dir))
+    assert_one_line_error(code, err, "schema 'lensbench.profile/0'")
+
+    (out_dir / "profile.json").write_text(good)
+    other = tiny_dir("qwen2")
+    code, _, err = run(capsys, "summary", str(out_dir), "--model", str(other))
+    assert_one_line_error(code, err, "measured on .*not on")
+    code, _, err = run(capsys, "profile", str(other), "--out", str(out_dir), "--texts", str(text_file))
+    assert_one_line_error(code, err, "is a profile of .*--overwrite")
+    assert (out_dir / "profile.json").read_text() == good  # nothing was replaced
+
+
+def test_unknown_analysis(capsys, tmp_path, tiny_dir, text_file):
+    code, _, err = run(capsys, "profile", str(tiny_dir()), "--out", str(tmp_path / "o"), "--texts",
+                       str(text_file), "--analyses", "magic")
+    assert_one_line_error(code, err, "unknown analysis 'magic'")
+
+
+def test_console_script_exit_status(tmp_path):
+    """The installed entry point, as a user runs it: one line on stderr, status 2."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lensbench", "profile", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("lensbench: error: ")
+    assert "Traceback" not in proc.stderr

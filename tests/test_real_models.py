@@ -1,0 +1,81 @@
+"""The bundled real models: SmolLM2-135M (GGUF -> Llama) and all-MiniLM-L6-v2 (BERT)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import lensbench
+from lensbench import capture
+from lensbench.cli import main
+
+pytestmark = pytest.mark.real
+
+
+def test_smollm2_loads_and_answers(smollm):
+    assert smollm.module.__class__.__name__ == "LlamaForCausalLM"
+    assert (smollm.n_layers, smollm.d_model, smollm.adapter.n_heads, smollm.adapter.n_kv_heads) == (30, 576, 9, 3)
+    batch = smollm.tokenize(["The capital of France is"])
+    with torch.no_grad():
+        out = smollm.module.generate(**batch.model_inputs(), max_new_tokens=2, do_sample=False)
+    assert "Paris" in smollm.tokenizer.decode(out[0, batch.input_ids.shape[1]:])
+
+
+def test_gguf_cache_reload_is_identical(smollm):
+    again = lensbench.load("smollm2-135m")  # from the converted cache
+    assert again.fingerprint() == smollm.fingerprint() and again.card["sha256"] == smollm.card["sha256"]
+    batch = smollm.tokenize(["Shares rose sharply on Monday."])
+    with torch.no_grad():
+        torch.testing.assert_close(again.module(**batch.model_inputs()).logits,
+                                   smollm.module(**batch.model_inputs()).logits, rtol=0, atol=0)
+
+
+def test_smollm2_profile_json_matches_independent_hidden_states(smollm, bbc_texts, tmp_path, capsys):
+    """profile.json's 30 block cosines agree to 1e-4 with a computation from output_hidden_states."""
+    text_file = tmp_path / "texts.txt"
+    text_file.write_text("\n".join(bbc_texts))
+    assert main(["profile", "smollm2-135m", "--out", str(tmp_path / "p"), "--texts", str(text_file),
+                 "--seq-len", "64"]) == 0
+    doc = json.loads((tmp_path / "p" / "profile.json").read_text())
+    got = np.array(doc["scores"]["block_cosine"]["values"])
+    assert got.shape == (30,) and len(doc["scores"]["attn_cosine"]["values"]) == 30
+
+    tok = smollm.tokenizer
+    enc = tok(bbc_texts, return_tensors="pt", padding=True, truncation=True, max_length=64,
+              return_special_tokens_mask=True)
+    with torch.no_grad():
+        hs = smollm.module(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                           output_hidden_states=True).hidden_states
+    mask = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
+    mask[:, 0] = False
+    # HF's last hidden state is after the final RMSNorm; dividing by its weight undoes all but a
+    # per-token positive scale, to which cosine is blind.
+    states = list(hs[:30]) + [hs[30] / smollm.module.model.norm.weight]
+    expected = [float(torch.nn.functional.cosine_similarity(states[i][mask].double(), states[i + 1][mask].double(),
+                                                            dim=-1).mean()) for i in range(30)]
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    # METHODS.md §7/§9: the first and last blocks change the stream most (lowest cosine)
+    assert set(np.argsort(got)[:2]) == {0, 29}
+
+
+def test_minilm_mean_pooling_is_a_sentence_embedding(minilm):
+    assert (minilm.n_layers, minilm.d_model, minilm.is_causal_lm) == (6, 384, False)
+    sents = ["A man is playing a guitar.", "Someone plays an acoustic guitar.", "The stock market fell sharply."]
+    tr = capture(minilm, sents, sites=["hook_resid_post"], layers=[5], positions="mean")
+    emb = torch.nn.functional.normalize(tr["blocks.5.hook_resid_post"], dim=-1)
+    with torch.no_grad():
+        batch = minilm.tokenize(sents)
+        last = minilm.module(**batch.model_inputs()).last_hidden_state
+    m = batch.attention_mask[..., None].float()
+    torch.testing.assert_close(emb, torch.nn.functional.normalize((last * m).sum(1) / m.sum(1), dim=-1))
+    sim = emb @ emb.T
+    assert sim[0, 1] > 0.6 > sim[0, 2]
+
+
+def test_demo_command(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--max-tokens", "256"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2-135m", "minilm-l6"):
+        assert (tmp_path / name / "profile.json").is_file()
+        assert name in out
+    assert out.count("most redundant") == 6

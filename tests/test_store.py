@@ -1,0 +1,100 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from lensbench import LensbenchError, capture
+from lensbench.store import ActivationStore, capture_to_store
+
+
+def test_store_equals_direct_capture(tmp_path, tiny, texts):
+    m = tiny("llama")
+    store = capture_to_store(m, texts, tmp_path / "s", batch_size=4, seq_len=32, dtype=torch.float32, progress=False)
+    assert store.complete and len(store.manifest["chunks"]) == 2
+    direct = capture(m, texts, max_length=32)
+    mask = direct.attention_mask.bool()
+    for name in direct.keys():
+        torch.testing.assert_close(store.load(name), direct[name][mask])
+    assert store.n_tokens == int(mask.sum())
+    assert store.load("token_ids").tolist() == direct.input_ids[mask].tolist()
+
+
+def test_positions_last_in_store(tmp_path, tiny, texts):
+    m = tiny("gpt2")
+    store = capture_to_store(m, texts, tmp_path, positions="last", sites=["hook_resid_post"], progress=False,
+                             dtype=torch.float32)
+    direct = capture(m, texts, positions="last", sites=["hook_resid_post"])
+    torch.testing.assert_close(store.load("blocks.1.hook_resid_post"), direct["blocks.1.hook_resid_post"])
+
+
+def test_resume_after_interruption(tmp_path, tiny, texts):
+    m = tiny("llama")
+    calls = []
+
+    def stop_after_first(index):
+        calls.append(index)
+        if index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        capture_to_store(m, texts, tmp_path, batch_size=2, progress=False, after_chunk=stop_after_first)
+    assert not ActivationStore(tmp_path).complete
+    store = capture_to_store(m, texts, tmp_path, batch_size=2, progress=False, after_chunk=calls.append)
+    assert calls == [0, 1, 2] and store.complete  # chunk 0 was not captured again
+    fresh = capture_to_store(m, texts, tmp_path / "fresh", batch_size=2, progress=False)
+    for name in ("blocks.2.hook_mlp_out", "text_index", "position"):
+        torch.testing.assert_close(store.load(name), fresh.load(name))
+
+
+def test_other_settings_refuse_to_mix(tmp_path, tiny, texts):
+    m = tiny("llama")
+    capture_to_store(m, texts, tmp_path, progress=False)
+    with pytest.raises(LensbenchError, match="captured with other settings"):
+        capture_to_store(m, texts[:3], tmp_path, progress=False)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from lensbench.testing import tiny_model, SAMPLE_TEXTS
+    from lensbench.store import capture_to_store
+    m = tiny_model("llama")
+    slow = lambda i: time.sleep(0.3)
+    capture_to_store(m, SAMPLE_TEXTS * 10, sys.argv[1], batch_size=2, progress=False, after_chunk=slow)
+""")
+
+
+def test_resume_after_sigkill(tmp_path, tiny):
+    """A real kill -9 mid-run: the store stays readable and a rerun completes it."""
+    from lensbench.testing import SAMPLE_TEXTS
+
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    root = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, str(script), str(root)], env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if len(json.loads((root / "manifest.json").read_text())["chunks"]) >= 3:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = ActivationStore(root)
+    done = len(partial.manifest["chunks"])
+    assert 3 <= done < 30 and not partial.complete
+    m = tiny("llama")
+    redone = []
+    store = capture_to_store(m, SAMPLE_TEXTS * 10, root, batch_size=2, progress=False, after_chunk=redone.append)
+    assert store.complete and len(store.manifest["chunks"]) == 30
+    assert len(redone) == 30 - done
+    fresh = capture_to_store(m, SAMPLE_TEXTS * 10, tmp_path / "fresh", batch_size=2, progress=False)
+    torch.testing.assert_close(store.load("blocks.0.hook_resid_post"), fresh.load("blocks.0.hook_resid_post"))
