@@ -116,7 +116,8 @@ class Hooks:
         self.handles.clear()
 
 
-def _capture_hooks(model: Model, spec: CaptureSpec, batch: Batch) -> tuple[Trace, object]:
+def capture_batch(model: Model, spec: CaptureSpec, batch: Batch) -> tuple[Trace, object]:
+    """The hooks backend on one tokenised batch: (trace, model output)."""
     raw: dict[tuple[int, Tap], torch.Tensor] = {}
     with Hooks() as hooks:
         for layer, tap in spec.taps(model):
@@ -160,7 +161,7 @@ def _capture_nnsight(model: Model, spec: CaptureSpec, batch: Batch) -> tuple[Tra
     return assemble(model, spec, raw, batch), out
 
 
-BACKENDS = {"hooks": _capture_hooks, "nnsight": _capture_nnsight}
+BACKENDS = {"hooks": capture_batch, "nnsight": _capture_nnsight}
 
 
 def capture(model: Model, texts: Sequence[str] | Batch, *, sites: Iterable[str] = SITES,

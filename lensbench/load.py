@@ -175,7 +175,8 @@ def _load_gguf(path: Path, *, dtype, device) -> Model:
     """Dequantise a GGUF file once, cache a safetensors copy keyed by the file's hash, reuse it."""
     sha = _file_sha256(path)
     target = cache_dir() / "gguf" / sha[:16]
-    card = {"name": path.stem, "source": str(path.resolve()), "format": "gguf", "sha256": sha}
+    card = {"name": path.stem, "source": str(path.resolve()), "format": "gguf", "sha256": sha,
+            "local_dir": str(target)}  # the converted copy: a plain HF directory other tools can load
     if not (target / "lensbench-cache.json").is_file():
         _convert_gguf(path, target, sha)
     return _load_hf_dir(target, dtype=dtype, device=device, card=card)

@@ -27,9 +27,6 @@ class Batch:
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
-    def slice(self, start: int, stop: int) -> "Batch":
-        return Batch(self.input_ids[start:stop], self.attention_mask[start:stop], self.content_mask[start:stop])
-
 
 @dataclass
 class Model:
@@ -92,10 +89,6 @@ class Model:
         mask = enc["attention_mask"].bool()
         content = mask & ~enc["special_tokens_mask"].bool()
         return Batch(enc["input_ids"], enc["attention_mask"], content)
-
-    @torch.no_grad()
-    def forward(self, batch: Batch) -> Any:
-        return self.module(**batch.model_inputs())
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.module.parameters())

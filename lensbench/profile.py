@@ -143,6 +143,10 @@ class Profile:
         path = Path(path)
         frame = self.to_frame()
         if path.suffix == ".parquet":
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise ProfileError("writing parquet needs pyarrow: pip install 'lensbench[parquet]'") from None
             write_with(path, lambda tmp: frame.to_parquet(tmp))
         elif path.suffix == ".csv":
             write_text(path, frame.to_csv())

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .analyses import make
-from .capture import CaptureSpec, _capture_hooks, batches
+from .capture import CaptureSpec, capture_batch, batches
 from .errors import LensbenchError
 from .model import Model
 from .profile import Profile
@@ -53,7 +53,7 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
     bar = tqdm(total=len(texts), desc=f"profiling {model.name}", unit="text", disable=not progress,
                file=sys.stderr, leave=False)
     for batch in batches(model, texts, batch_size, seq_len):
-        trace, _ = _capture_hooks(model, spec, batch)
+        trace, _ = capture_batch(model, spec, batch)
         for a in analyzers:
             a.update(trace)
         n_tokens += batch.n_tokens

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .adapters import SITES
 from .atomic import write_json, write_with
-from .capture import CaptureSpec, _capture_hooks, batches
+from .capture import CaptureSpec, capture_batch, batches
 from .errors import LensbenchError
 from .model import Model
 
@@ -111,7 +111,7 @@ def capture_to_store(model: Model, texts: Sequence[str], root: str | Path, *, si
         bar.update(batch.input_ids.shape[0])
         if store.has(index):
             continue
-        trace, _ = _capture_hooks(model, spec, batch)
+        trace, _ = capture_batch(model, spec, batch)
         B, T = batch.input_ids.shape
         if positions == "all":
             keep = batch.attention_mask.bool()

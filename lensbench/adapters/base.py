@@ -197,6 +197,15 @@ class Adapter:
         return self.lm_head(x)
 
     # --- helpers for subclasses ----------------------------------------------------------
+    def _from_linears(self, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module) -> HeadWeights:
+        """Per-head weights from separate q/k/v/o nn.Linear projections (most families)."""
+        H, K = self.n_heads, self.n_kv_heads
+        return HeadWeights(
+            W_Q=self._split_heads_in(q.weight, H), W_K=self._split_heads_in(k.weight, K),
+            W_V=self._split_heads_in(v.weight, K), W_O=self._split_heads_out(o.weight),
+            b_Q=self._bias(q, H), b_K=self._bias(k, K), b_V=self._bias(v, K), b_O=self._bias(o),
+        )
+
     def _split_heads_in(self, weight: torch.Tensor, n: int) -> torch.Tensor:
         """nn.Linear weight [n*d_head, d_model] -> [n, d_model, d_head]."""
         return weight.detach().reshape(n, self.d_head, -1).transpose(1, 2)

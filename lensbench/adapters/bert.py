@@ -19,13 +19,5 @@ class BertAdapter(Adapter):
 
     def head_weights(self, layer: int) -> HeadWeights:
         blk = self.blocks[layer]
-        s, o = blk.attention.self, blk.attention.output.dense
-        H = self.n_heads
-        return HeadWeights(
-            W_Q=self._split_heads_in(s.query.weight, H),
-            W_K=self._split_heads_in(s.key.weight, H),
-            W_V=self._split_heads_in(s.value.weight, H),
-            W_O=self._split_heads_out(o.weight),
-            b_Q=self._bias(s.query, H), b_K=self._bias(s.key, H), b_V=self._bias(s.value, H),
-            b_O=self._bias(o),
-        )
+        s = blk.attention.self
+        return self._from_linears(s.query, s.key, s.value, blk.attention.output.dense)

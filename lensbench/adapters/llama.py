@@ -20,17 +20,7 @@ class LlamaAdapter(Adapter):
     mlp_out = Tap("mlp", "output")
     resid_mid = Tap("post_attention_layernorm", "input")
     final_norm = "norm"
-    o_proj = "o_proj"
 
     def head_weights(self, layer: int) -> HeadWeights:
         a = self.blocks[layer].get_submodule(self.attn)
-        o = a.get_submodule(self.o_proj)
-        H, K = self.n_heads, self.n_kv_heads
-        return HeadWeights(
-            W_Q=self._split_heads_in(a.q_proj.weight, H),
-            W_K=self._split_heads_in(a.k_proj.weight, K),
-            W_V=self._split_heads_in(a.v_proj.weight, K),
-            W_O=self._split_heads_out(o.weight),
-            b_Q=self._bias(a.q_proj, H), b_K=self._bias(a.k_proj, K), b_V=self._bias(a.v_proj, K),
-            b_O=self._bias(o),
-        )
+        return self._from_linears(a.q_proj, a.k_proj, a.v_proj, a.o_proj)

@@ -18,12 +18,4 @@ class PhiAdapter(Adapter):
 
     def head_weights(self, layer: int) -> HeadWeights:
         a = self.blocks[layer].self_attn
-        H, K = self.n_heads, self.n_kv_heads
-        return HeadWeights(
-            W_Q=self._split_heads_in(a.q_proj.weight, H),
-            W_K=self._split_heads_in(a.k_proj.weight, K),
-            W_V=self._split_heads_in(a.v_proj.weight, K),
-            W_O=self._split_heads_out(a.dense.weight),
-            b_Q=self._bias(a.q_proj, H), b_K=self._bias(a.k_proj, K), b_V=self._bias(a.v_proj, K),
-            b_O=self._bias(a.dense),
-        )
+        return self._from_linears(a.q_proj, a.k_proj, a.v_proj, a.dense)

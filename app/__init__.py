@@ -1,0 +1,1 @@
+"""The Dash workbench app. Not built yet: see the app issue."""

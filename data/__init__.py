@@ -1,0 +1,1 @@
+"""Small shipped data; provenance in PROVENANCE.md."""

@@ -1,0 +1,1 @@
+"""Probe tasks and the layer-wise probe trainer (concept depth). Not built yet: see the concept-depth issue."""
