@@ -30,13 +30,9 @@ EPS = 1e-6
 
 
 def token_cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cosine along the last axis, in float64."""
+    """Cosine along the last axis, in float64 (used for the first-token statistics)."""
     x, y = x.double(), y.double()
     return (x * y).sum(-1) / (x.norm(dim=-1).clamp_min(EPS) * y.norm(dim=-1).clamp_min(EPS))
-
-
-def relative_norm(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    return x.double().norm(dim=-1) / ref.double().norm(dim=-1).clamp_min(EPS)
 
 
 def linear_cka(states: torch.Tensor) -> np.ndarray:
@@ -56,20 +52,31 @@ def analysis_mask(trace: Trace, causal: bool, exclude_first_token: bool) -> torc
     return mask
 
 
+# name: (numerator, denominator(s), higher_is_more_important, description). Each metric is a ratio of
+# per-token dot products ("a.b") and norms ("|a|") of the site tensors, computed once per layer.
 PER_TOKEN = {
-    # name: (function of the per-layer site tensors, higher_is_more_important, description)
-    "block_cosine": (lambda s: token_cosine(s["pre"], s["post"]), False, "cos(resid_pre, resid_post)"),
-    "attn_cosine": (lambda s: token_cosine(s["pre"], s["mid"]), False, "cos(resid_pre, resid_mid)"),
-    "mlp_cosine": (lambda s: token_cosine(s["mid"], s["post"]), False, "cos(resid_mid, resid_post)"),
-    "attn_relative_contribution": (lambda s: relative_norm(s["attn"], s["pre"]), True, "||attn_out|| / ||resid_pre||"),
-    "mlp_relative_contribution": (lambda s: relative_norm(s["mlp"], s["mid"]), True, "||mlp_out|| / ||resid_mid||"),
-    "layer_relative_contribution": (lambda s: relative_norm(s["post"] - s["pre"], s["pre"]), True,
-                                    "||resid_post - resid_pre|| / ||resid_pre||"),
-    "attn_residual_cosine": (lambda s: token_cosine(s["attn"], s["pre"]), None, "cos(attn_out, resid_pre)"),
-    "mlp_residual_cosine": (lambda s: token_cosine(s["mlp"], s["mid"]), None, "cos(mlp_out, resid_mid)"),
-    "layer_residual_cosine": (lambda s: token_cosine(s["post"] - s["pre"], s["pre"]), None,
-                              "cos(resid_post - resid_pre, resid_pre)"),
+    "block_cosine": ("pre.post", ("|pre|", "|post|"), False, "cos(resid_pre, resid_post)"),
+    "attn_cosine": ("pre.mid", ("|pre|", "|mid|"), False, "cos(resid_pre, resid_mid)"),
+    "mlp_cosine": ("mid.post", ("|mid|", "|post|"), False, "cos(resid_mid, resid_post)"),
+    "attn_relative_contribution": ("|attn|", ("|pre|",), True, "||attn_out|| / ||resid_pre||"),
+    "mlp_relative_contribution": ("|mlp|", ("|mid|",), True, "||mlp_out|| / ||resid_mid||"),
+    "layer_relative_contribution": ("|delta|", ("|pre|",), True, "||resid_post - resid_pre|| / ||resid_pre||"),
+    "attn_residual_cosine": ("attn.pre", ("|attn|", "|pre|"), None, "cos(attn_out, resid_pre)"),
+    "mlp_residual_cosine": ("mlp.mid", ("|mlp|", "|mid|"), None, "cos(mlp_out, resid_mid)"),
+    "layer_residual_cosine": ("delta.pre", ("|delta|", "|pre|"), None, "cos(resid_post - resid_pre, resid_pre)"),
 }
+
+
+def per_token_terms(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Norms and dot products of [n_tokens, d] site tensors, float64 per token."""
+    t = dict(t, delta=t["post"] - t["pre"])
+    terms = {f"|{k}|": v.norm(dim=-1).double().clamp_min(EPS) for k, v in t.items()}
+    for a, b in (("pre", "post"), ("pre", "mid"), ("mid", "post"), ("attn", "pre"), ("mlp", "mid"),
+                 ("delta", "pre")):
+        terms[f"{a}.{b}"] = (t[a] * t[b]).sum(-1).double()
+    return terms
+
+
 SITE_KEYS = {"pre": "hook_resid_pre", "attn": "hook_attn_out", "mid": "hook_resid_mid", "mlp": "hook_mlp_out",
              "post": "hook_resid_post"}
 
@@ -101,29 +108,44 @@ class Redundancy(Analyzer):
 
     def update(self, trace: Trace) -> None:
         mask = analysis_mask(trace, self.causal_, self.exclude_first_token)
-        per_site = {k: trace.stack(v)[:, mask] for k, v in SITE_KEYS.items()}  # [L, N, d]
-        for name, (fn, _, _) in PER_TOKEN.items():
-            self.sums_[name] += fn(per_site).sum(-1)
-        self.count_ += int(mask.sum())
+        n_new = int(mask.sum())
+        for layer in range(self.model_.n_layers):
+            t = {k: trace[f"blocks.{layer}.{site}"][mask] for k, site in SITE_KEYS.items()}
+            terms = per_token_terms(t)
+            for name, (num, dens, _, _) in PER_TOKEN.items():
+                value = terms[num]
+                for d in dens:
+                    value = value / terms[d]
+                self.sums_[name][layer] += float(value.sum())
+        self.count_ += n_new
         if self.causal_ and self.exclude_first_token:
             first = trace.attention_mask[:, 0].bool()
             pre0, post0 = trace.stack("hook_resid_pre")[:, first, 0], trace.stack("hook_resid_post")[:, first, 0]
             self.first_sum_ += token_cosine(pre0, post0).sum(-1)
             self.first_count_ += int(first.sum())
-        # Reservoir of residual states h_0..h_L (uniform over tokens) for CKA and the logit lens.
-        states = torch.cat([per_site["pre"], per_site["post"][-1:]], dim=0)  # [L+1, N, d]
-        keys = torch.rand(states.shape[1], generator=self.gen_)
+        self._sample(trace, mask, n_new)
+
+    def _sample(self, trace: Trace, mask: torch.Tensor, n_new: int) -> None:
+        """Keep a uniform reservoir of residual states h_0..h_L for CKA and the logit lens."""
+        keys = torch.rand(n_new, generator=self.gen_)
         all_keys = torch.cat([self.sample_keys_, keys])
         keep = all_keys.argsort(descending=True)[: max(self.cka_tokens, self.logit_lens_tokens)]
-        self.sample_ = torch.cat([self.sample_, states.float()], dim=1)[:, keep]
-        self.sample_keys_ = all_keys[keep]
+        n_old = self.sample_keys_.numel()
+        new_idx = keep[keep >= n_old] - n_old  # only the new tokens that enter the reservoir are gathered
+        L = self.model_.n_layers
+        names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
+        new = torch.stack([trace[n][mask][new_idx].float() for n in names])
+        pool = torch.cat([self.sample_[:, keep[keep < n_old]], new], dim=1)
+        pool_keys = torch.cat([all_keys[keep[keep < n_old]], all_keys[keep[keep >= n_old]]])
+        by_key = pool_keys.argsort(descending=True)  # highest keys first: any prefix is a uniform sample
+        self.sample_, self.sample_keys_ = pool[:, by_key], pool_keys[by_key]
 
     def finish(self) -> list[LayerScores]:
         if self.count_ == 0:
             raise ValueError("redundancy: no content tokens were seen (all texts empty or special tokens only)")
         common = dict(analysis=self.name, params={**self.params(), "n_tokens": self.count_})
         out = [LayerScores(name, (self.sums_[name] / self.count_).numpy(), direction, description=desc, **common)
-               for name, (_, direction, desc) in PER_TOKEN.items()]
+               for name, (_, _, direction, desc) in PER_TOKEN.items()]
         if self.first_count_:
             out.append(LayerScores("block_cosine_first_token", (self.first_sum_ / self.first_count_).numpy(), None,
                                    description="cos(resid_pre, resid_post) at position 0 only", **common))
@@ -136,18 +158,21 @@ class Redundancy(Analyzer):
         return out
 
     @torch.no_grad()
-    def _logit_lens(self, common: dict) -> list[LayerScores]:
+    def _logit_lens(self, common: dict, layers_per_matmul: int = 8) -> list[LayerScores]:
         adapter = self.model_.adapter
-        states = self.sample_[:, : self.logit_lens_tokens]
+        states = self.sample_[:, : self.logit_lens_tokens]  # [L+1, n, d]
+        L, n = states.shape[0] - 1, states.shape[1]
         dtype = next(self.model_.module.parameters()).dtype
-        final = torch.log_softmax(adapter.unembed(states[-1].to(dtype)).double(), -1)
+        final = torch.log_softmax(adapter.unembed(states[-1].to(dtype)).float(), -1)  # [n, vocab]
         top_final = final.topk(5, dim=-1).indices
         kl, overlap = [], []
-        for h in states[:-1]:
-            logp = torch.log_softmax(adapter.unembed(h.to(dtype)).double(), -1)
-            kl.append(float((logp.exp() * (logp - final)).sum(-1).mean()))
+        for start in range(0, L, layers_per_matmul):  # several layers per GEMM against the vocabulary
+            group = states[start:min(start + layers_per_matmul, L)]
+            logp = torch.log_softmax(adapter.unembed(group.reshape(-1, group.shape[-1]).to(dtype)).float(), -1)
+            logp = logp.reshape(group.shape[0], n, -1)
+            kl.extend((logp.exp() * (logp - final)).sum(-1).double().mean(-1).tolist())
             top = logp.topk(5, dim=-1).indices
-            overlap.append(float((top[:, :, None] == top_final[:, None, :]).any(-1).float().mean()))
+            overlap.extend((top[..., :, None] == top_final[:, None, :]).any(-1).float().mean((-2, -1)).tolist())
         params = {**common["params"], "n_tokens": states.shape[1]}
         return [
             LayerScores("logit_lens_kl_nats", np.array(kl), None, analysis=self.name, params=params,

@@ -57,10 +57,16 @@ def interleaved(methods: dict, rounds: int, seed: int = 0) -> dict[str, list[flo
     return times
 
 
-def ratio_rows(times: dict, baseline: str) -> list[tuple[str, float, float, float, float]]:
-    """(name, median s, min s, median ratio, min ratio) against `baseline`."""
-    b_med, b_min = statistics.median(times[baseline]), min(times[baseline])
-    return [(k, statistics.median(v), min(v), statistics.median(v) / b_med, min(v) / b_min) for k, v in times.items()]
+def ratio_rows(times: dict, baseline: str) -> list[tuple[str, float, float, float, float, float]]:
+    """(name, median s, min s, median ratio, min ratio, paired ratio) against `baseline`.
+
+    The paired ratio is the median over rounds of (method / baseline in the same round): slow drifts
+    of the machine cancel within a round, so it is the steadiest of the three on a noisy machine.
+    """
+    b = times[baseline]
+    b_med, b_min = statistics.median(b), min(b)
+    return [(k, statistics.median(v), min(v), statistics.median(v) / b_med, min(v) / b_min,
+             statistics.median(x / y for x, y in zip(v, b))) for k, v in times.items()]
 
 
 def versions(*packages: str) -> str:

@@ -60,7 +60,8 @@ def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None 
 
 
 def _looks_like_path(text: str) -> bool:
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep in text and text.count("/") != 1
+    """Hub names are `name` or `org/name`; anything else that does not exist is a mistyped path."""
+    return text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
 def _is_wrapper(obj: Any) -> bool:

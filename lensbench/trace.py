@@ -50,7 +50,9 @@ class Trace:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.activations.values())
+        """Bytes held, counting shared storage once (resid_pre of block i+1 is resid_post of block i)."""
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.activations.values()}
+        return sum(seen.values())
 
     def stack(self, site: str, layers: list[int] | None = None) -> torch.Tensor:
         """All layers of one site stacked on a new leading axis."""
