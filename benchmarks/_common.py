@@ -66,7 +66,7 @@ def ratio_rows(times: dict, baseline: str) -> list[tuple[str, float, float, floa
     b = times[baseline]
     b_med, b_min = statistics.median(b), min(b)
     return [(k, statistics.median(v), min(v), statistics.median(v) / b_med, min(v) / b_min,
-             statistics.median(x / y for x, y in zip(v, b))) for k, v in times.items()]
+             statistics.median(x / y for x, y in zip(v, b, strict=True))) for k, v in times.items()]
 
 
 def versions(*packages: str) -> str:

@@ -157,7 +157,8 @@ def _capture_nnsight(model: Model, spec: CaptureSpec, batch: Batch) -> tuple[Tra
             values.append(env.input if tap.io == "input" else env.output)
         saved = nnsight.save(values)
         out = wrapped.output.save()
-    raw = {key: reduce_positions(_first(v), batch, spec.positions, spec.dtype) for key, v in zip(taps, saved)}
+    raw = {key: reduce_positions(_first(v), batch, spec.positions, spec.dtype)
+           for key, v in zip(taps, saved, strict=True)}
     return assemble(model, spec, raw, batch), out
 
 

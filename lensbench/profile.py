@@ -184,7 +184,8 @@ class Profile:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProfileError(f"{path} is not valid JSON ({exc}); it may be truncated: re-run lensbench profile")
+            raise ProfileError(f"{path} is not valid JSON ({exc}); it may be truncated: "
+                               f"re-run lensbench profile") from None
         profile = cls._from_doc(doc, path)
         if model is not None:
             profile.check_model(model)
@@ -208,7 +209,7 @@ class Profile:
             try:
                 scores[name] = LayerScores.from_dict(d, arrays)
             except (KeyError, TypeError, ValueError) as exc:
-                raise ProfileError(f"{path}: scores {name!r} are malformed ({exc}): re-run lensbench profile")
+                raise ProfileError(f"{path}: scores {name!r} are malformed ({exc}): re-run lensbench profile") from None
         return cls(doc["model"], doc.get("data", {}), scores, doc.get("meta", {}))
 
     def check_model(self, model) -> None:

@@ -41,7 +41,7 @@ class ActivationStore:
         try:
             self.manifest = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise LensbenchError(f"{path} is not valid JSON ({exc}): delete the store and capture again")
+            raise LensbenchError(f"{path} is not valid JSON ({exc}): delete the store and capture again") from None
         if self.manifest.get("schema") != SCHEMA:
             raise LensbenchError(f"{path} has schema {self.manifest.get('schema')!r}, expected {SCHEMA!r}")
 

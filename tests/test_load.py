@@ -80,3 +80,15 @@ def test_unknown_architecture_directory_fails_before_loading(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")  # never read: the adapter check comes first
     with pytest.raises(LensbenchError, match=r"no lensbench adapter for OPTForCausalLM.*register"):
         lensbench.load(str(tmp_path))
+
+
+def test_bbc_splits_are_disjoint_and_complete():
+    from lensbench.texts import bbc_news
+
+    cal, held = bbc_news("calibration"), bbc_news("heldout")
+    assert not set(cal) & set(held)
+    assert len(set(cal)) == len(cal) and len(set(held)) == len(held)
+    assert 2000 < len(cal) + len(held) <= 2225 and 0.15 < len(held) / (len(cal) + len(held)) < 0.25
+    assert bbc_news("calibration", limit=5) == cal[:5]
+    with pytest.raises(LensbenchError, match="unknown split"):
+        bbc_news("test")

@@ -93,7 +93,8 @@ class HeadWeights:
         def ex(t):
             return None if t is None else t.repeat_interleave(rep, dim=0)
 
-        return HeadWeights(self.W_Q, ex(self.W_K), ex(self.W_V), self.W_O, self.b_Q, ex(self.b_K), ex(self.b_V), self.b_O)
+        return HeadWeights(self.W_Q, ex(self.W_K), ex(self.W_V), self.W_O,
+                           self.b_Q, ex(self.b_K), ex(self.b_V), self.b_O)
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:
