@@ -25,6 +25,8 @@ import torch
 
 from ..errors import LensbenchError
 from ..model import Model
+from ..profile import LayerScores, Table
+from .base import Analyzer, register
 
 MODES = ("Q", "K", "V")
 
@@ -108,7 +110,7 @@ class Composition:
 
     scores:     [L, H, L, H]        CS(W_OV[writer], R[reader]); 0 where reader layer <= writer layer
     components: [L, H, dh, L, H]    CS of each writer singular component (sorted by singular value)
-    null_mean, null_std: [L, H]     per reader, CS of random rank-1 writers (unit directions)
+    null_mean, null_std: [L, H]     per reader, the null distribution of component scores (see composition)
     """
 
     mode: str
@@ -121,7 +123,7 @@ class Composition:
     def channels(self, z: float = 3.0) -> "list[dict]":
         """Writer components whose score exceeds the reader's null mean by `z` null standard deviations."""
         L, H, r = self.components.shape[:3]
-        thresh = self.null_mean + z * self.null_std  # [L, H] per reader
+        thresh = np.nan_to_num(self.null_mean + z * self.null_std, nan=np.inf)  # [L, H] per reader
         later = np.triu(np.ones((L, L), dtype=bool), 1)[:, None, None, :, None]
         hits = np.argwhere((self.components > thresh[None, None, None]) & later)
         out = []
@@ -144,33 +146,134 @@ def _reader(circ: HeadCircuits, ov: Factored, mode: str) -> Factored:
     raise LensbenchError(f"unknown composition mode {mode!r}: use one of {', '.join(MODES)}")
 
 
+NULLS = ("noncausal", "random")
+
+
 @torch.no_grad()
-def composition(circ: HeadCircuits, mode: str = "Q", null_samples: int = 256, seed: int = 0,
-                ov: Factored | None = None) -> Composition:
-    """Full and per-component composition scores of `mode` for all head pairs (see module docstring)."""
+def composition(circ: HeadCircuits, mode: str = "Q", null: str = "noncausal", null_samples: int = 256,
+                seed: int = 0, ov: Factored | None = None) -> Composition:
+    """Full and per-component composition scores of `mode` for all head pairs (see module docstring).
+
+    The null distribution per reader head is, with null="noncausal", the component scores of the
+    writers in the same or later layers (which cannot feed that reader: real weights, so the null
+    carries their anisotropy); with null="random", scores of `null_samples` uniformly random write
+    directions. The noncausal null is undefined for the first layer's readers (no writer feeds them).
+    """
+    if null not in NULLS:
+        raise LensbenchError(f"unknown null {null!r}: use one of {', '.join(NULLS)}")
     ov = ov or circ.ov()
     reader = _reader(circ, ov, mode)
     L, H = circ.n_layers, circ.n_heads
     r, d = ov.Vt.shape[-2], ov.Vt.shape[-1]
     P = reader.U * reader.S[..., None, :] / reader.S.norm(dim=-1)[..., None, None]  # P T / ||T||: [L, H, d, r]
     comp = torch.zeros(L, H, r, L, H, dtype=torch.float64)
-    for lw in range(L - 1):  # one GEMM per writer layer against all later reader layers
+    first_reader = 0 if null == "noncausal" else None
+    for lw in range(L):  # one GEMM per writer layer against the reader layers it needs
+        lo = lw + 1 if first_reader is None else first_reader
+        if lo >= L:
+            continue
         rows = ov.Vt[lw].reshape(H * r, d)  # [H*r, d]
-        cols = P[lw + 1:].permute(2, 0, 1, 3).reshape(d, -1)  # [d, (L-lw-1)*H*r]
-        c = (rows @ cols).reshape(H, r, L - lw - 1, H, r)
-        comp[lw, :, :, lw + 1:] = c.square().sum(-1).sqrt().double()
+        cols = P[lo:].permute(2, 0, 1, 3).reshape(d, -1)  # [d, (L-lo)*H*r]
+        comp[lw, :, :, lo:] = (rows @ cols).reshape(H, r, L - lo, H, r).square().sum(-1).sqrt().double()
+    causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)[:, None, None, :, None]  # reader layer > writer
+    if null == "noncausal":
+        null_mean = torch.full((L, H), float("nan"), dtype=torch.float64)
+        null_std = null_mean.clone()
+        for lr in range(1, L):
+            pool = comp[lr:, :, :, lr].reshape(-1, H)  # writers at layers >= lr against readers in lr
+            null_mean[lr], null_std[lr] = pool.mean(0), pool.std(0)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randn(null_samples, d, generator=gen, dtype=P.dtype)
+        v = v / v.norm(dim=-1, keepdim=True)
+        sample = (v @ P.permute(2, 0, 1, 3).reshape(d, -1)).reshape(null_samples, L, H, r).square().sum(-1).sqrt()
+        null_mean, null_std = sample.mean(0).double(), sample.std(0).double()
+    comp = comp * causal
     S = ov.S.double()  # [L, H, r]
     w = (S / S.norm(dim=-1, keepdim=True)).square()  # CS^2 = sum_i (sigma_i^2 / ||S||^2) CS_i^2
     scores = torch.einsum("whi,whilk->whlk", w, comp.square()).sqrt()
-    gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(null_samples, d, generator=gen, dtype=P.dtype)
-    v = v / v.norm(dim=-1, keepdim=True)
-    null = (v @ P.permute(2, 0, 1, 3).reshape(d, -1)).reshape(null_samples, L, H, r).square().sum(-1).sqrt()
-    return Composition(mode, scores.numpy(), comp.numpy(), ov.S.double().numpy(),
-                       null.mean(0).double().numpy(), null.std(0).double().numpy())
+    return Composition(mode, scores.numpy(), comp.numpy(), ov.S.double().numpy(), null_mean.numpy(),
+                       null_std.numpy())
 
 
 def all_compositions(model: Model, modes=MODES, **kwargs) -> dict[str, Composition]:
     circ = head_circuits(model)
     ov = circ.ov()
     return {m: composition(circ, m, ov=ov, **kwargs) for m in modes}
+
+
+class ChannelGraph:
+    """Heads as nodes, significant writer components as edges (from a Profile's `channels` table)."""
+
+    def __init__(self, edges: list[dict], n_layers: int, n_heads: int):
+        self.edges, self.n_layers, self.n_heads = edges, n_layers, n_heads
+
+    @classmethod
+    def from_profile(cls, profile) -> "ChannelGraph":
+        table = profile.tables.get("channels")
+        if table is None:
+            raise LensbenchError("this profile has no channel graph: run lensbench channels MODEL --out DIR")
+        return cls(table.rows, int(profile.model["n_layers"]), int(table.params["n_heads"]))
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.edges)
+
+    def plot(self, top: int = 200):
+        """Interactive figure: heads on a layer x head grid, the `top` strongest edges by z."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        colours = {"Q": "#1f77b4", "K": "#2ca02c", "V": "#d62728"}
+        for mode in MODES:
+            xs, ys, text = [], [], []
+            for e in [e for e in self.edges[:top] if e["mode"] == mode]:
+                (lw, hw), (lr, hr) = e["writer"], e["reader"]
+                xs += [lw, lr, None]
+                ys += [hw, hr, None]
+                text.append(f"{lw}.{hw} c{e['component']} -> {lr}.{hr} ({mode}, z={e['z']:.1f})")
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{mode}-composition",
+                                     line={"color": colours[mode], "width": 1}, hoverinfo="skip"))
+        grid = [(layer, head) for layer in range(self.n_layers) for head in range(self.n_heads)]
+        fig.add_trace(go.Scatter(x=[g[0] for g in grid], y=[g[1] for g in grid], mode="markers", name="heads",
+                                 marker={"size": 6, "color": "#555"}, text=[f"head {a}.{b}" for a, b in grid],
+                                 hoverinfo="text"))
+        fig.update_layout(title="SVD communication channels", xaxis_title="layer", yaxis_title="head")
+        return fig
+
+    def __repr__(self) -> str:
+        return f"ChannelGraph({len(self.edges)} edges over {self.n_layers} layers x {self.n_heads} heads)"
+
+
+@register
+@dataclass
+class Channels(Analyzer):
+    """Weight-only: composition scores of every head pair and the channel graph (no forward pass)."""
+
+    name = "channels"
+    sites = ()
+
+    z: float = 3.0
+    null: str = "noncausal"
+    null_samples: int = 256
+    max_edges: int = 2000
+    seed: int = 0
+
+    def start(self, model: Model) -> None:
+        self.model_ = model
+
+    def update(self, trace) -> None:  # weight-only: nothing to fold in
+        return None
+
+    def finish(self) -> list:
+        comps = all_compositions(self.model_, null=self.null, null_samples=self.null_samples, seed=self.seed)
+        axes = ("writer_layer", "writer_head", "reader_layer", "reader_head")
+        out: list = [LayerScores(f"composition_{m.lower()}", c.scores, None, axes=axes, analysis=self.name,
+                                 params=self.params(), description=f"{m}-composition score, writer -> later reader")
+                     for m, c in comps.items()]
+        edges = sorted((e for c in comps.values() for e in c.channels(self.z)), key=lambda e: -e["z"])
+        out.append(Table("channels", edges[: self.max_edges], analysis=self.name,
+                         description=f"writer singular components above the {self.null} null by z > {self.z}",
+                         params={**self.params(), "n_edges_found": len(edges), "n_heads": self.model_.adapter.n_heads}))
+        return out

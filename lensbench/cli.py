@@ -47,27 +47,33 @@ def _select_texts(model, texts: list[str], seq_len: int, max_tokens: int | None)
     return chosen
 
 
-def _check_out_dir(out: Path, model, overwrite: bool) -> None:
-    """Refuse to replace a profile of another model unless asked to."""
+def _existing_profile(out: Path, model, overwrite: bool):
+    """The profile already in `out` for this model (new results are merged into it), or None.
+
+    A profile of another model is refused unless `overwrite` is set.
+    """
     from .profile import Profile
 
     existing = out / "profile.json"
-    if existing.exists() and not overwrite:
-        old = Profile.load(existing)
-        if old.model.get("fingerprint") != model.fingerprint():
-            raise LensbenchError(f"{existing} is a profile of {old.model.get('name')!r}, not {model.name!r}: "
-                                 f"choose another --out or pass --overwrite")
+    if not existing.exists() or overwrite:
+        return None
+    old = Profile.load(existing)
+    if old.model.get("fingerprint") != model.fingerprint():
+        raise LensbenchError(f"{existing} is a profile of {old.model.get('name')!r}, not {model.name!r}: "
+                             f"choose another --out or pass --overwrite")
+    return old
 
 
 def run_profile(model_source: str, out: Path, texts: list[str] | None, *, seq_len: int | None = None,
                 max_tokens: int | None = None, batch_size: int = 8, analyses: Sequence[str] = ("redundancy",),
-                overwrite: bool = False, data: dict | None = None, progress: bool = True):
+                overwrite: bool = False, data: dict | None = None, progress: bool = True,
+                analysis_params: dict | None = None):
     from .load import load
     from .profiling import profile_model
     from .texts import bbc_news
 
     model = load(model_source)
-    _check_out_dir(out, model, overwrite)
+    previous = _existing_profile(out, model, overwrite)
     seq = resolve_seq_len(model, seq_len)
     if texts is None:
         texts = bbc_news("calibration")
@@ -75,8 +81,11 @@ def run_profile(model_source: str, out: Path, texts: list[str] | None, *, seq_le
         if max_tokens is None:
             max_tokens = 2048
     texts = _select_texts(model, texts, seq, max_tokens)
-    profile = profile_model(model, texts, analyses=analyses, batch_size=batch_size, seq_len=seq, data=data,
-                            progress=progress)
+    profile = profile_model(model, texts, analyses=analyses, analysis_params=analysis_params,
+                            batch_size=batch_size, seq_len=seq, data=data, progress=progress)
+    if previous is not None:
+        previous.merge(profile)
+        profile = previous
     path = profile.save(out)
     profile.to_table(out / "layers.csv")
     return profile, path
@@ -125,13 +134,26 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_channels(args) -> int:
+    from .summary import channels_summary
+
+    profile, path = run_profile(args.model, Path(args.out), [], analyses=["channels"], overwrite=args.overwrite,
+                                analysis_params={"channels": {"z": args.z}})
+    print(channels_summary(profile))
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_summary(args) -> int:
     from .load import load
     from .profile import Profile
-    from .summary import redundancy_summary
+    from .summary import channels_summary, redundancy_summary
 
     model = load(args.model) if args.model else None
-    print(redundancy_summary(Profile.load(args.profile, model=model)))
+    profile = Profile.load(args.profile, model=model)
+    print(redundancy_summary(profile))
+    if "channels" in profile.tables:
+        print(channels_summary(profile))
     return 0
 
 
@@ -174,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="lensbench-out/demo")
     de.add_argument("--max-tokens", type=int, default=2048)
     de.set_defaults(fn=cmd_demo)
+
+    ch = sub.add_parser("channels", help="composition scores and the SVD channel graph between heads (weights only)")
+    ch.add_argument("model")
+    ch.add_argument("--out", required=True, help="output directory (merged into a profile of the same model)")
+    ch.add_argument("--z", type=float, default=3.0, help="edge threshold: null standard deviations above the null mean")
+    ch.add_argument("--overwrite", action="store_true", help="replace a profile of another model in --out")
+    ch.set_defaults(fn=cmd_channels)
 
     su = sub.add_parser("summary", help="print the summary of a saved profile")
     su.add_argument("profile", help="profile directory or profile.json")

@@ -109,6 +109,32 @@ class LayerScores:
                    d.get("description", ""), d.get("params", {}))
 
 
+@dataclass(frozen=True)
+class Table:
+    """A result that is a list of records rather than values over units (e.g. channel-graph edges)."""
+
+    name: str
+    rows: list
+    analysis: str = ""
+    description: str = ""
+    params: dict = field(default_factory=dict)
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "analysis": self.analysis, "description": self.description,
+                "params": self.params, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Table":
+        if not isinstance(d.get("rows"), list) or not all(isinstance(r, dict) for r in d["rows"]):
+            raise ValueError("rows must be a list of objects")
+        return cls(d["name"], d["rows"], d.get("analysis", ""), d.get("description", ""), d.get("params", {}))
+
+
 @dataclass
 class Profile:
     """A model's card plus every analysis result."""
@@ -117,10 +143,20 @@ class Profile:
     data: dict = field(default_factory=dict)
     scores: dict[str, LayerScores] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    tables: dict[str, Table] = field(default_factory=dict)
 
-    def add(self, *scores: LayerScores) -> None:
-        for s in scores:
-            self.scores[s.name] = s
+    def add(self, *results: "LayerScores | Table") -> None:
+        for r in results:
+            (self.tables if isinstance(r, Table) else self.scores)[r.name] = r
+
+    def merge(self, other: "Profile") -> None:
+        """Take `other`'s results (same model), replacing results of the same name."""
+        self.check_fingerprint(other.model.get("fingerprint"), other.model.get("name"))
+        self.scores.update(other.scores)
+        self.tables.update(other.tables)
+        self.data = {**self.data, **other.data}
+        self.meta = {**self.meta, **other.meta,
+                     "analyses": {**self.meta.get("analyses", {}), **other.meta.get("analyses", {})}}
 
     def __getitem__(self, name: str) -> LayerScores:
         try:
@@ -162,7 +198,8 @@ class Profile:
             path = path / "profile.json"
         arrays: dict[str, np.ndarray] = {}
         doc = {"schema": SCHEMA, "model": self.model, "data": self.data, "meta": self.meta,
-               "scores": {n: s.to_dict(arrays) for n, s in self.scores.items()}}
+               "scores": {n: s.to_dict(arrays) for n, s in self.scores.items()},
+               "tables": {n: t.to_dict() for n, t in self.tables.items()}}
         sidecar = path.parent / SIDECAR
         if arrays:
             from safetensors.numpy import save_file
@@ -210,17 +247,27 @@ class Profile:
                 scores[name] = LayerScores.from_dict(d, arrays)
             except (KeyError, TypeError, ValueError) as exc:
                 raise ProfileError(f"{path}: scores {name!r} are malformed ({exc}): re-run lensbench profile") from None
-        return cls(doc["model"], doc.get("data", {}), scores, doc.get("meta", {}))
+        tables = {}
+        for name, d in doc.get("tables", {}).items():
+            try:
+                tables[name] = Table.from_dict(d)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ProfileError(f"{path}: table {name!r} is malformed ({exc}): re-run lensbench profile") from None
+        return cls(doc["model"], doc.get("data", {}), scores, doc.get("meta", {}), tables)
 
     def check_model(self, model) -> None:
+        self.check_fingerprint(model.fingerprint(), model.name)
+
+    def check_fingerprint(self, fingerprint: str | None, name: str | None) -> None:
         mine = self.model.get("fingerprint")
-        if mine != model.fingerprint():
+        if mine != fingerprint:
             raise ProfileError(f"this profile was measured on {self.model.get('name')!r} "
-                               f"(weights {str(mine)[:12]}), not on {model.name!r} (weights "
-                               f"{model.fingerprint()[:12]}): profile the model you are using")
+                               f"(weights {str(mine)[:12]}), not on {name!r} (weights "
+                               f"{str(fingerprint)[:12]}): profile the model you are using")
 
     def __repr__(self) -> str:
-        return f"Profile({self.model.get('name')!r}, {len(self.scores)} scores: {', '.join(self.scores)})"
+        tables = f", tables: {', '.join(self.tables)}" if self.tables else ""
+        return f"Profile({self.model.get('name')!r}, {len(self.scores)} scores: {', '.join(self.scores)}{tables})"
 
 
 def _sha256(path: Path) -> str:

@@ -38,8 +38,6 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
 
     Each text is truncated to `seq_len` tokens (default: 128, or the model's context if shorter).
     """
-    if not texts:
-        raise LensbenchError("no texts to profile on: give a non-empty text file")
     seq_len = resolve_seq_len(model, seq_len)
     params = analysis_params or {}
     analyzers = [make(name, **params.get(name, {})) for name in analyses]
@@ -48,6 +46,10 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
             raise LensbenchError(f"analysis {a.name!r} needs a causal LM; {model.name} is an encoder")
         a.start(model)
     sites = tuple(dict.fromkeys(s for a in analyzers for s in a.sites))
+    if sites and not texts:
+        raise LensbenchError("no texts to profile on: give a non-empty text file")
+    if not sites:  # weight-only analyses: no forward pass at all
+        texts = []
     spec = CaptureSpec(sites=sites).validate(model)
     n_tokens = 0
     bar = tqdm(total=len(texts), desc=f"profiling {model.name}", unit="text", disable=not progress,

@@ -11,6 +11,8 @@ def _fmt(layers: list[int], values) -> str:
 def redundancy_summary(profile: Profile, k: int = 3) -> str:
     """The most and least redundant blocks and sublayers by input/output cosine."""
     m, d = profile.model, profile.data
+    if "block_cosine" not in profile.scores:
+        return f"{m.get('name')} ({m.get('class')}, {m.get('n_layers')} layers): no redundancy scores"
     lines = [f"{m.get('name')} ({m.get('class')}, {m.get('n_layers')} layers, d_model {m.get('d_model')}) "
              f"on {d.get('n_texts')} texts / {d.get('n_tokens')} tokens"]
     for key, label in (("block_cosine", "blocks"), ("attn_cosine", "attention"), ("mlp_cosine", "MLPs")):
@@ -24,4 +26,18 @@ def redundancy_summary(profile: Profile, k: int = 3) -> str:
         kl = profile["logit_lens_kl_nats"].values
         lines.append(f"  logit lens KL to the output (nats): layer 0 {kl[0]:.2f}, layer {len(kl) // 2} "
                      f"{kl[len(kl) // 2]:.2f}, layer {len(kl) - 1} {kl[-1]:.2f}")
+    return "\n".join(lines)
+
+
+def channels_summary(profile: Profile, k: int = 8) -> str:
+    """The strongest SVD channels (writer head component -> reader head)."""
+    table = profile.tables.get("channels")
+    if table is None:
+        return "no channel graph in this profile"
+    lines = [f"channels: {table.params.get('n_edges_found', len(table.rows))} writer components above the null "
+             f"(z > {table.params.get('z')}); strongest:"]
+    for e in table.rows[:k]:
+        (lw, hw), (lr, hr) = e["writer"], e["reader"]
+        lines.append(f"  head {lw}.{hw} component {e['component']} -> head {lr}.{hr} ({e['mode']}-composition, "
+                     f"score {e['score']:.3f}, z {e['z']:.1f})")
     return "\n".join(lines)

@@ -79,7 +79,7 @@ def test_components_are_literal_rank_one_scores(tiny):
 
 def test_null_and_channels(tiny):
     m = tiny("llama")
-    comp = composition(head_circuits(m), "V", null_samples=512)
+    comp = composition(head_circuits(m), "V", null="random", null_samples=512)
     d = m.d_model
     # a random unit write direction has E[CS_i^2] = 1/d against any reader
     assert np.mean(comp.null_mean ** 2 + comp.null_std ** 2) == pytest.approx(1 / d, rel=0.15)
@@ -110,3 +110,21 @@ def test_model_without_head_weights_is_a_clear_error(tiny):
     m = lensbench.Model(ref.module, ref.tokenizer, NoHeads(ref.module), {"name": "opaque"})
     with pytest.raises(LensbenchError, match="no per-head attention weights"):
         head_circuits(m)
+
+
+def test_noncausal_null_comes_from_writers_that_cannot_feed_the_reader(tiny):
+    m = tiny("llama")
+    circ = head_circuits(m)
+    comp = composition(circ, "Q")  # default null="noncausal"
+    assert np.isnan(comp.null_mean[0]).all()  # nothing can feed layer 0: no null, no edges into it
+    full = composition(circ, "Q", null="random")
+    np.testing.assert_allclose(comp.scores, full.scores)  # the null does not change the scores
+    # the null of reader (2, h) pools the component scores of writers in layer 2 (same layer) against it
+    H = m.adapter.n_heads
+    ov, qk = circ.ov(), circ.qk()
+    P = qk.U[2] * qk.S[2][:, None, :] / qk.S[2].norm(dim=-1)[:, None, None]  # [H, d, r]
+    pool = torch.einsum("wid,hdb->wihb", ov.Vt[2], P).square().sum(-1).sqrt().reshape(-1, H)
+    np.testing.assert_allclose(comp.null_mean[2], pool.mean(0).double().numpy(), rtol=1e-5)
+    assert all(e["reader"][0] > 0 for e in comp.channels(z=1.0))
+    with pytest.raises(LensbenchError, match="unknown null"):
+        composition(circ, "Q", null="bogus")

@@ -150,3 +150,22 @@ def test_console_script_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("lensbench: error: ")
     assert "Traceback" not in proc.stderr
+
+
+def test_channels_merges_into_the_same_models_profile(capsys, tmp_path, tiny_dir, text_file):
+    from lensbench import Profile
+    from lensbench.analyses.channels import ChannelGraph
+
+    model_dir, out_dir = tiny_dir("llama"), tmp_path / "out"
+    assert run(capsys, "profile", str(model_dir), "--out", str(out_dir), "--texts", str(text_file))[0] == 0
+    code, out, err = run(capsys, "channels", str(model_dir), "--out", str(out_dir), "--z", "1.5")
+    assert code == 0, err
+    assert "writer components above the null" in out
+    profile = Profile.load(out_dir)
+    assert {"block_cosine", "composition_q", "composition_k", "composition_v"} <= set(profile.scores)
+    assert profile["composition_q"].values.shape == (3, 4, 3, 4)
+    graph = ChannelGraph.from_profile(profile)
+    assert all(e["z"] > 1.5 for e in graph.edges)
+    assert len(graph.plot().data) == 4  # Q, K, V edge traces and the head grid
+    code, out, _ = run(capsys, "summary", str(out_dir))
+    assert code == 0 and "most redundant" in out and "channels:" in out
