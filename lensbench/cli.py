@@ -87,7 +87,8 @@ def run_profile(model_source: str, out: Path, texts: list[str] | None, *, seq_le
         previous.merge(profile)
         profile = previous
     path = profile.save(out)
-    profile.to_table(out / "layers.csv")
+    if not profile.to_frame().empty:
+        profile.to_table(out / "layers.csv")
     return profile, path
 
 
@@ -135,13 +136,41 @@ def cmd_demo(args) -> int:
 
 
 def cmd_channels(args) -> int:
-    from .summary import channels_summary
+    from .summary import channels_summary, interventions_summary
 
     profile, path = run_profile(args.model, Path(args.out), [], analyses=["channels"], overwrite=args.overwrite,
                                 analysis_params={"channels": {"z": args.z}})
     print(channels_summary(profile))
+    if args.interventions:
+        profile.add(_intervene(args.model, profile, args.interventions))
+        path = profile.save(Path(args.out))
+        print(interventions_summary(profile))
     print(f"wrote {path}")
     return 0
+
+
+def _intervene(model_source: str, profile, k: int):
+    """Project out each of the k strongest distinct channels; compare with random components of the head."""
+    from .analyses.interventions import intervention_effect
+    from .load import load
+    from .profile import Table
+    from .texts import bbc_news
+
+    model = load(model_source)
+    texts = bbc_news("heldout", limit=8)
+    seen, rows = set(), []
+    for e in profile.tables["channels"].rows:
+        key = (tuple(e["writer"]), e["component"], tuple(e["reader"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        r = intervention_effect(model, texts, key[0], key[1], key[2])
+        rows.append({**r, "mode": e["mode"], "z": e["z"]})
+        if len(rows) == k:
+            break
+    return Table("interventions", rows, analysis="channels", params={"texts": "bbc_news heldout, 8 texts, 64 tokens"},
+                 description="project out a writer component: reader attention change and output KL vs random "
+                             "components of the same head")
 
 
 def cmd_summary(args) -> int:
@@ -202,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--out", required=True, help="output directory (merged into a profile of the same model)")
     ch.add_argument("--z", type=float, default=3.0, help="edge threshold: null standard deviations above the null mean")
     ch.add_argument("--overwrite", action="store_true", help="replace a profile of another model in --out")
+    ch.add_argument("--interventions", type=int, default=0, metavar="K",
+                    help="also project out the K strongest channels and measure the effect (causal LMs)")
     ch.set_defaults(fn=cmd_channels)
 
     su = sub.add_parser("summary", help="print the summary of a saved profile")

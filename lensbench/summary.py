@@ -41,3 +41,18 @@ def channels_summary(profile: Profile, k: int = 8) -> str:
         lines.append(f"  head {lw}.{hw} component {e['component']} -> head {lr}.{hr} ({e['mode']}-composition, "
                      f"score {e['score']:.3f}, z {e['z']:.1f})")
     return "\n".join(lines)
+
+
+def interventions_summary(profile: Profile) -> str:
+    """Each intervention's effect next to its random-component control."""
+    table = profile.tables.get("interventions")
+    if table is None:
+        return "no interventions in this profile"
+    lines = ["interventions (project the component out; control: mean of random components of the same head):"]
+    for r in table.rows:
+        (lw, hw), (lr, hr) = r["writer"], r["reader"]
+        ratio = r["reader_attention_tv"] / max(r["random_reader_attention_tv_mean"], 1e-12)
+        lines.append(f"  {lw}.{hw} c{r['component']} -> {lr}.{hr}: reader attention TV {r['reader_attention_tv']:.4f} "
+                     f"vs {r['random_reader_attention_tv_mean']:.4f} ({ratio:.1f}x); output KL "
+                     f"{r['kl_nats']:.2e} vs {r['random_kl_nats_mean']:.2e} nats")
+    return "\n".join(lines)

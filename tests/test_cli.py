@@ -169,3 +169,15 @@ def test_channels_merges_into_the_same_models_profile(capsys, tmp_path, tiny_dir
     assert len(graph.plot().data) == 4  # Q, K, V edge traces and the head grid
     code, out, _ = run(capsys, "summary", str(out_dir))
     assert code == 0 and "most redundant" in out and "channels:" in out
+
+
+def test_channels_with_interventions(capsys, tmp_path, tiny_dir):
+    from lensbench import Profile
+
+    code, out, err = run(capsys, "channels", str(tiny_dir("gpt2")), "--out", str(tmp_path), "--z", "1",
+                         "--interventions", "2")
+    assert code == 0, err
+    rows = Profile.load(tmp_path).tables["interventions"].rows
+    assert 1 <= len(rows) <= 2 and {"kl_nats", "reader_attention_tv", "random_reader_attention_tv_mean"} <= set(rows[0])
+    assert "interventions (project the component out" in out
+    assert not (tmp_path / "layers.csv").exists()  # no per-layer scores in a channels-only profile

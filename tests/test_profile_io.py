@@ -122,3 +122,14 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         p.save(tmp_path)
     assert (tmp_path / "profile.json").read_bytes() == before
     assert sorted(f.name for f in tmp_path.iterdir()) == ["profile.arrays.safetensors", "profile.json"]
+
+
+def test_written_files_have_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    make_profile().save(tmp_path)
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in tmp_path.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask

@@ -108,6 +108,7 @@ class Adapter:
     is_causal_lm: ClassVar[bool] = True
     layers: ClassVar[str]  # ModuleList path relative to the base model
     attn: ClassVar[str]  # attention module, relative to a block
+    out_proj: ClassVar[str | None] = None  # attention output projection (W_O), relative to a block
     ln1: ClassVar[str | None]  # norm before attention (None for post-norm)
     ln2: ClassVar[str | None]  # norm before the MLP (None when attention and MLP share ln1)
     attn_out: ClassVar[Tap]  # what attention adds to the residual
@@ -189,6 +190,16 @@ class Adapter:
     # --- weights ---------------------------------------------------------------------------
     def head_weights(self, layer: int) -> HeadWeights:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} does not expose per-head weights")
+
+    def head_out_weight(self, layer: int, head: int) -> torch.Tensor:
+        """A writable view of head `head`'s W_O [d_head, d_model] inside the model's own parameter."""
+        if self.out_proj is None:
+            raise NotImplementedError(f"{type(self).__name__} does not name its attention output projection")
+        proj = self.blocks[layer].get_submodule(self.out_proj)
+        cols = slice(head * self.d_head, (head + 1) * self.d_head)
+        if type(proj).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+            return proj.weight.data[cols]
+        return proj.weight.data[:, cols].T
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits from a residual-stream state: final norm then the LM head (the logit lens)."""

@@ -11,6 +11,7 @@ class BertAdapter(Adapter):
     is_causal_lm = False
     layers = "encoder.layer"
     attn = "attention.self"
+    out_proj = "attention.output.dense"
     ln1 = None
     ln2 = None
     attn_out = Tap("attention.output.dense", "output")

@@ -9,6 +9,7 @@ class GPT2Adapter(Adapter):
     family = "gpt2"
     layers = "h"
     attn = "attn"
+    out_proj = "attn.c_proj"
     ln1 = "ln_1"
     ln2 = "ln_2"
     attn_out = Tap("attn", "output")

@@ -14,6 +14,7 @@ class LlamaAdapter(Adapter):
     family = "llama"
     layers = "layers"
     attn = "self_attn"
+    out_proj = "self_attn.o_proj"
     ln1 = "input_layernorm"
     ln2 = "post_attention_layernorm"
     attn_out = Tap("self_attn", "output")

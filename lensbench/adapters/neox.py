@@ -9,6 +9,7 @@ class GPTNeoXAdapter(Adapter):
     family = "gpt_neox"
     layers = "layers"
     attn = "attention"
+    out_proj = "attention.dense"
     ln1 = "input_layernorm"
     ln2 = "post_attention_layernorm"
     attn_out = Tap("attention", "output")

@@ -9,6 +9,7 @@ class PhiAdapter(Adapter):
     family = "phi"
     layers = "layers"
     attn = "self_attn"
+    out_proj = "self_attn.dense"
     ln1 = "input_layernorm"
     ln2 = None
     attn_out = Tap("self_attn", "output")

@@ -1,0 +1,87 @@
+"""Channel interventions: project a writer head's component out of its output, or scale it, and
+measure what that does to a reader head's attention and to the model's output distribution.
+
+The edit acts on the head's real output projection (`W_O <- W_O (I + (scale - 1) v v^T)`, v the
+component's unit write direction), so it is exact at inference and needs no hooks; the context
+manager restores the weights in `finally`.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import LensbenchError
+from ..model import Model
+from .channels import head_circuits
+
+
+def write_direction(model: Model, layer: int, head: int, component: int) -> torch.Tensor:
+    """Unit write direction (d_model) of a singular component of a head's folded OV circuit."""
+    ov = head_circuits(model).ov()
+    return ov.Vt[layer, head, component].detach().clone()
+
+
+@contextlib.contextmanager
+def edit_component(model: Model, layer: int, head: int, direction: torch.Tensor, scale: float = 0.0) -> Iterator[None]:
+    """Scale the part of head (layer, head)'s output along `direction` by `scale` (0: project it out)."""
+    w = model.adapter.head_out_weight(layer, head)  # [d_head, d_model] view
+    v = (direction / direction.norm()).to(w.dtype)
+    original = w.clone()
+    try:
+        w.add_((scale - 1.0) * torch.outer(w @ v, v))
+        yield
+    finally:
+        w.copy_(original)
+
+
+@torch.no_grad()
+def _run(model: Model, batch, reader: tuple[int, int]):
+    out = model.module(**batch.model_inputs(), output_attentions=True)
+    return torch.log_softmax(out.logits.float(), -1), out.attentions[reader[0]][:, reader[1]].float()
+
+
+@torch.no_grad()
+def intervention_effect(model: Model, texts: Sequence[str], writer: tuple[int, int], component: int,
+                        reader: tuple[int, int], scale: float = 0.0, n_random: int = 5, seed: int = 0,
+                        max_length: int = 64) -> dict:
+    """Effect of editing one writer component vs editing random other components of the same head.
+
+    Returns KL(dense || edited) of the next-token distribution (nats, mean over real tokens) and
+    the reader head's attention change (total variation per query row, mean over real rows).
+    """
+    if reader[0] <= writer[0]:
+        raise LensbenchError(f"reader layer {reader[0]} must come after writer layer {writer[0]}")
+    if not model.is_causal_lm:
+        raise LensbenchError(f"{model.name} is not a causal LM: interventions measure next-token distributions")
+    previous = model.module.config._attn_implementation
+    model.module.set_attn_implementation("eager")  # attention probabilities are only returned by eager
+    try:
+        batch = model.tokenize(list(texts), max_length=max_length)
+        mask = batch.attention_mask.bool()
+        base_logp, base_pattern = _run(model, batch, reader)
+        ov = head_circuits(model).ov()
+        d_head = ov.S.shape[-1]
+
+        def effect(i: int) -> tuple[float, float]:
+            with edit_component(model, *writer, ov.Vt[writer[0], writer[1], i], scale):
+                logp, pattern = _run(model, batch, reader)
+            kl = (base_logp.exp() * (base_logp - logp)).sum(-1)[mask].mean()
+            tv = 0.5 * (pattern - base_pattern).abs().sum(-1)[mask].mean()
+            return float(kl), float(tv)
+
+        kl, tv = effect(component)
+        rng = np.random.default_rng(seed)
+        others = rng.choice([i for i in range(d_head) if i != component], size=min(n_random, d_head - 1),
+                            replace=False)
+        rand = np.array([effect(int(i)) for i in others])
+    finally:
+        model.module.set_attn_implementation(previous)
+    return {"writer": list(writer), "component": component, "reader": list(reader), "scale": scale,
+            "kl_nats": kl, "reader_attention_tv": tv,
+            "random_components": [int(i) for i in others],
+            "random_kl_nats_mean": float(rand[:, 0].mean()),
+            "random_reader_attention_tv_mean": float(rand[:, 1].mean()),
+            "n_tokens": int(mask.sum())}
