@@ -173,6 +173,36 @@ def _intervene(model_source: str, profile, k: int):
                              "components of the same head")
 
 
+def cmd_laundry(args) -> int:
+    from .analyses.laundry import accuracy_curve, weight_edit_study
+    from .load import load
+    from .profile import Profile, Table
+
+    model = load(args.model)
+    out = Path(args.out)
+    profile = _existing_profile(out, model, overwrite=False)
+    if args.edit and (profile is None or "channels" not in profile.tables):
+        raise LensbenchError(f"--edit needs the channel graph: run lensbench channels {args.model} --out {out} first")
+    n_values = [int(x) for x in args.n_items.split(",")]
+    curve = accuracy_curve(model, n_values, count=args.count)
+    if profile is None:
+        profile = Profile(model=dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers,
+                                     d_model=model.d_model))
+    profile.add(Table("laundry_curve", curve, analysis="laundry", params={"count": args.count},
+                      description="Laundry List accuracy vs number of items and missing position"))
+    for row in curve:
+        print(f"N={row['n_items']:2d}: accuracy among items {row['accuracy_among_items']:.3f}, "
+              f"top-1 {row['accuracy_top1']:.3f} ({row['n_prompts']} prompts)")
+    if args.edit:
+        study = weight_edit_study(model, profile.tables["channels"].rows, n_items=args.edit_n, count=args.count)
+        profile.add(Table("laundry_edit", [study], analysis="laundry",
+                          description="rescaled channel components: chosen and tuned on one split, held-out result"))
+        print(f"weight edit {study['components']} x{study['alpha']}: held-out accuracy "
+              f"{study['heldout_accuracy_dense']:.3f} -> {study['heldout_accuracy_edited']:.3f}")
+    print(f"wrote {profile.save(out)}")
+    return 0
+
+
 def cmd_summary(args) -> int:
     from .load import load
     from .profile import Profile
@@ -234,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--interventions", type=int, default=0, metavar="K",
                     help="also project out the K strongest channels and measure the effect (causal LMs)")
     ch.set_defaults(fn=cmd_channels)
+
+    la = sub.add_parser("laundry", help="Laundry List recall accuracy vs N, and the channel weight edit")
+    la.add_argument("model")
+    la.add_argument("--out", required=True, help="profile directory (tables are merged into it)")
+    la.add_argument("--n-items", default="2,3,4,6,8,10", help="comma-separated list lengths")
+    la.add_argument("--count", type=int, default=60, help="prompts per list length")
+    la.add_argument("--edit", action="store_true", help="also run the weight-edit study (needs lensbench channels)")
+    la.add_argument("--edit-n", type=int, default=5, help="list length for the weight-edit study")
+    la.set_defaults(fn=cmd_laundry)
 
     su = sub.add_parser("summary", help="print the summary of a saved profile")
     su.add_argument("profile", help="profile directory or profile.json")

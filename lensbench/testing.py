@@ -20,17 +20,19 @@ SAMPLE_TEXTS = [
     "Ministers will publish the report next week, officials said.",
 ]
 
-_D, _H, _KV, _L, _FF, _CTX = 32, 4, 2, 3, 64, 64
+_D, _H, _KV, _L, _FF, _CTX, _VOCAB = 32, 4, 2, 3, 64, 128, 600
+# Extra tokenizer training text so that list items are single tokens (the Laundry List task needs them).
+_ITEM_TEXT = "We bought milk, eggs, bread, tea, rice, salt, soap, socks, cake and juice. " * 8
 
 
 def _configs():
     import transformers as T
 
-    common = dict(vocab_size=300, max_position_embeddings=_CTX, hidden_size=_D, num_attention_heads=_H,
+    common = dict(vocab_size=_VOCAB, max_position_embeddings=_CTX, hidden_size=_D, num_attention_heads=_H,
                   num_hidden_layers=_L, intermediate_size=_FF)
     gqa = dict(common, num_key_value_heads=_KV, head_dim=_D // _H)
     return {
-        "gpt2": lambda: T.GPT2Config(vocab_size=300, n_positions=_CTX, n_embd=_D, n_head=_H, n_layer=_L),
+        "gpt2": lambda: T.GPT2Config(vocab_size=_VOCAB, n_positions=_CTX, n_embd=_D, n_head=_H, n_layer=_L),
         "llama": lambda: T.LlamaConfig(**gqa),
         "qwen2": lambda: T.Qwen2Config(**gqa),
         "mistral": lambda: T.MistralConfig(**gqa),
@@ -49,7 +51,7 @@ TINY_ARCHS = ("gpt2", "llama", "qwen2", "mistral", "gemma", "gemma2", "phi", "gp
 
 @functools.lru_cache(maxsize=2)
 def tiny_tokenizer(encoder: bool = False):
-    """A 300-token byte-level BPE; causal ones add a BOS token, encoders add [CLS] ... [SEP]."""
+    """A 600-token byte-level BPE; causal ones add a BOS token, encoders add [CLS] ... [SEP]."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -57,9 +59,9 @@ def tiny_tokenizer(encoder: bool = False):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=_VOCAB, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(SAMPLE_TEXTS * 4, trainer)
+    tok.train_from_iterator(SAMPLE_TEXTS * 4 + [_ITEM_TEXT], trainer)
     if encoder:
         tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
             ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])

@@ -39,7 +39,7 @@ def test_registration_extends_without_editing_core():
         resid_mid = Tap("final_layer_norm", "input")
 
     try:
-        cfg = T.OPTConfig(num_hidden_layers=2, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=300,
+        cfg = T.OPTConfig(num_hidden_layers=2, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=600,
                           word_embed_proj_dim=16, max_position_embeddings=64)
         from lensbench.testing import tiny_tokenizer
 

@@ -107,8 +107,8 @@ def test_bad_capture_arguments(tiny, texts, kwargs, message):
 
 def test_text_longer_than_context_is_an_error(tiny):
     m = tiny("llama")
-    long_text = " ".join(["budget"] * 200)
-    with pytest.raises(LensbenchError, match="longer than the model's context of 64"):
+    long_text = " ".join(["budget"] * 300)
+    with pytest.raises(LensbenchError, match="longer than the model's context of 128"):
         capture(m, [long_text])
     tr = capture(m, [long_text], max_length=16)  # explicit truncation is fine
     assert tr.attention_mask.shape[1] == 16

@@ -128,3 +128,27 @@ def test_noncausal_null_comes_from_writers_that_cannot_feed_the_reader(tiny):
     assert all(e["reader"][0] > 0 for e in comp.channels(z=1.0))
     with pytest.raises(LensbenchError, match="unknown null"):
         composition(circ, "Q", null="bogus")
+
+
+def test_laundry_prompts_and_limits(tiny):
+    from lensbench.analyses.laundry import accuracy, make_prompts, single_token_items
+
+    m = tiny("llama")
+    items = single_token_items(m)
+    assert items and all(len(m.tokenizer(" " + w, add_special_tokens=False)["input_ids"]) == 1 for w in items)
+    prompts = make_prompts(m, 2, 6, seed=0)
+    assert [p.missing_position for p in prompts] == [0, 1, 0, 1, 0, 1]
+    for p in prompts:
+        assert p.answer in p.items and p.text.count(p.answer) == 1  # listed once, never bought
+    result = accuracy(m, prompts)
+    assert 0 <= result["accuracy_top1"] <= result["accuracy_among_items"] <= 1
+    with pytest.raises(LensbenchError, match="only .* single tokens"):
+        make_prompts(m, len(items) + 1, 3)
+
+
+@pytest.mark.real
+def test_laundry_on_smollm2_capacity_falls_with_n(smollm):
+    from lensbench.analyses.laundry import accuracy_curve
+
+    curve = accuracy_curve(smollm, (2, 8), count=20)
+    assert curve[0]["accuracy_among_items"] > 0.8 > curve[1]["accuracy_among_items"] + 0.3

@@ -7,6 +7,7 @@ from lensbench.cli import main
 
 
 def run(capsys, *argv):
+    capsys.readouterr()  # drop what fixtures printed before the command
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
@@ -107,7 +108,7 @@ def test_empty_text_file(capsys, tmp_path, tiny_dir):
 def test_sequence_longer_than_context(capsys, tmp_path, tiny_dir, text_file):
     code, _, err = run(capsys, "profile", str(tiny_dir()), "--out", str(tmp_path / "o"), "--texts",
                        str(text_file), "--seq-len", "1000")
-    assert_one_line_error(code, err, "longer than .* context of 64 tokens")
+    assert_one_line_error(code, err, "longer than .* context of 128 tokens")
 
 
 def test_truncated_and_foreign_profiles(capsys, tmp_path, tiny_dir, text_file):
@@ -181,3 +182,20 @@ def test_channels_with_interventions(capsys, tmp_path, tiny_dir):
     assert 1 <= len(rows) <= 2 and {"kl_nats", "reader_attention_tv", "random_reader_attention_tv_mean"} <= set(rows[0])
     assert "interventions (project the component out" in out
     assert not (tmp_path / "layers.csv").exists()  # no per-layer scores in a channels-only profile
+
+
+def test_laundry_command(capsys, tmp_path, tiny_dir):
+    from lensbench import Profile
+
+    d = tiny_dir("llama")
+    code, _, err = run(capsys, "laundry", str(d), "--out", str(tmp_path), "--n-items", "2,3", "--count", "6", "--edit")
+    assert_one_line_error(code, err, "--edit needs the channel graph")
+    assert run(capsys, "channels", str(d), "--out", str(tmp_path), "--z", "1")[0] == 0
+    code, out, err = run(capsys, "laundry", str(d), "--out", str(tmp_path), "--n-items", "2,3", "--count", "6",
+                         "--edit", "--edit-n", "3")
+    assert code == 0, err
+    p = Profile.load(tmp_path)
+    assert [r["n_items"] for r in p.tables["laundry_curve"].rows] == [2, 3]
+    assert "heldout_accuracy_edited" in p.tables["laundry_edit"].rows[0] and "channels" in p.tables
+    code, _, err = run(capsys, "laundry", str(d), "--out", str(tmp_path), "--n-items", "400")
+    assert_one_line_error(code, err, "candidate items are single tokens")
