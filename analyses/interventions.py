@@ -49,8 +49,9 @@ def intervention_effect(model: Model, texts: Sequence[str], writer: tuple[int, i
                         max_length: int = 64) -> dict:
     """Effect of editing one writer component vs editing random other components of the same head.
 
-    Returns KL(dense || edited) of the next-token distribution (nats, mean over real tokens) and
-    the reader head's attention change (total variation per query row, mean over real rows).
+    Returns KL(dense || edited) of the next-token distribution (nats, mean over real tokens), the
+    mean change of the log-probability of the text's actual next token, and the reader head's
+    attention change (total variation per query row, mean over real rows).
     """
     if reader[0] <= writer[0]:
         raise LensbenchError(f"reader layer {reader[0]} must come after writer layer {writer[0]}")
@@ -64,15 +65,23 @@ def intervention_effect(model: Model, texts: Sequence[str], writer: tuple[int, i
         base_logp, base_pattern = _run(model, batch, reader)
         ov = head_circuits(model).ov()
         d_head = ov.S.shape[-1]
+        nxt = batch.input_ids[:, 1:, None]  # the text's actual next tokens (teacher forcing)
+        nxt_mask = mask[:, 1:] & mask[:, :-1]
 
-        def effect(i: int) -> tuple[float, float]:
+        def target_logp(logp):
+            return logp[:, :-1].gather(-1, nxt).squeeze(-1)[nxt_mask]
+
+        base_target = target_logp(base_logp)
+
+        def effect(i: int) -> tuple[float, float, float]:
             with edit_component(model, *writer, ov.Vt[writer[0], writer[1], i], scale):
                 logp, pattern = _run(model, batch, reader)
             kl = (base_logp.exp() * (base_logp - logp)).sum(-1)[mask].mean()
             tv = 0.5 * (pattern - base_pattern).abs().sum(-1)[mask].mean()
-            return float(kl), float(tv)
+            dlogp = (target_logp(logp) - base_target).mean()
+            return float(kl), float(tv), float(dlogp)
 
-        kl, tv = effect(component)
+        kl, tv, dlogp = effect(component)
         rng = np.random.default_rng(seed)
         others = rng.choice([i for i in range(d_head) if i != component], size=min(n_random, d_head - 1),
                             replace=False)
@@ -80,8 +89,9 @@ def intervention_effect(model: Model, texts: Sequence[str], writer: tuple[int, i
     finally:
         model.module.set_attn_implementation(previous)
     return {"writer": list(writer), "component": component, "reader": list(reader), "scale": scale,
-            "kl_nats": kl, "reader_attention_tv": tv,
+            "kl_nats": kl, "reader_attention_tv": tv, "target_logprob_change": dlogp,
             "random_components": [int(i) for i in others],
             "random_kl_nats_mean": float(rand[:, 0].mean()),
             "random_reader_attention_tv_mean": float(rand[:, 1].mean()),
+            "random_target_logprob_change_mean": float(rand[:, 2].mean()),
             "n_tokens": int(mask.sum())}

@@ -54,5 +54,6 @@ def interventions_summary(profile: Profile) -> str:
         ratio = r["reader_attention_tv"] / max(r["random_reader_attention_tv_mean"], 1e-12)
         lines.append(f"  {lw}.{hw} c{r['component']} -> {lr}.{hr}: reader attention TV {r['reader_attention_tv']:.4f} "
                      f"vs {r['random_reader_attention_tv_mean']:.4f} ({ratio:.1f}x); output KL "
-                     f"{r['kl_nats']:.2e} vs {r['random_kl_nats_mean']:.2e} nats")
+                     f"{r['kl_nats']:.2e} vs {r['random_kl_nats_mean']:.2e} nats; target log-prob change "
+                     f"{r['target_logprob_change']:+.2e} vs {r['random_target_logprob_change_mean']:+.2e}")
     return "\n".join(lines)

@@ -46,6 +46,9 @@ def test_effect_report_and_bad_input(tiny, texts):
     m = tiny("qwen2")
     r = intervention_effect(m, texts, writer=(0, 1), component=0, reader=(2, 3), n_random=3)
     assert r["kl_nats"] >= 0 and r["reader_attention_tv"] >= 0 and len(r["random_components"]) == 3
+    assert "target_logprob_change" in r and "random_target_logprob_change_mean" in r
+    same = intervention_effect(m, texts, writer=(0, 1), component=0, reader=(2, 3), scale=1.0, n_random=1)
+    assert same["kl_nats"] == pytest.approx(0, abs=1e-9) and same["target_logprob_change"] == pytest.approx(0)
     assert 0 not in r["random_components"]
     with pytest.raises(LensbenchError, match="must come after"):
         intervention_effect(m, texts, writer=(2, 0), component=0, reader=(1, 0))
