@@ -202,6 +202,19 @@ def all_compositions(model: Model, modes=MODES, **kwargs) -> dict[str, Compositi
     return {m: composition(circ, m, ov=ov, **kwargs) for m in modes}
 
 
+def distinct_channels(edges, k: int) -> list[tuple[tuple[int, int], int, tuple[int, int]]]:
+    """The first `k` distinct (writer, component, reader) triples of an edge list sorted by strength
+    (the same component often composes in several modes)."""
+    seen: list = []
+    for e in edges:
+        key = (tuple(int(x) for x in e["writer"]), int(e["component"]), tuple(int(x) for x in e["reader"]))
+        if key not in seen:
+            seen.append(key)
+        if len(seen) == k:
+            break
+    return seen
+
+
 class ChannelGraph:
     """Heads as nodes, significant writer components as edges (from a Profile's `channels` table)."""
 

@@ -18,12 +18,6 @@ from ..model import Model
 from .channels import head_circuits
 
 
-def write_direction(model: Model, layer: int, head: int, component: int) -> torch.Tensor:
-    """Unit write direction (d_model) of a singular component of a head's folded OV circuit."""
-    ov = head_circuits(model).ov()
-    return ov.Vt[layer, head, component].detach().clone()
-
-
 @contextlib.contextmanager
 def edit_component(model: Model, layer: int, head: int, direction: torch.Tensor, scale: float = 0.0) -> Iterator[None]:
     """Scale the part of head (layer, head)'s output along `direction` by `scale` (0: project it out)."""

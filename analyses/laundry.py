@@ -109,7 +109,7 @@ def weight_edit_study(model: Model, channels: Sequence[dict], n_items: int = 5, 
     """
     import contextlib
 
-    from .channels import head_circuits
+    from .channels import distinct_channels, head_circuits
     from .interventions import edit_component
 
     vt = head_circuits(model).ov().Vt
@@ -121,13 +121,7 @@ def weight_edit_study(model: Model, channels: Sequence[dict], n_items: int = 5, 
                 stack.enter_context(edit_component(model, layer, head, vt[layer, head, i], alpha))
             return accuracy(model, prompts)["accuracy_among_items"]
 
-    seen: list[tuple[int, int, int]] = []
-    for e in channels:
-        key = (int(e["writer"][0]), int(e["writer"][1]), int(e["component"]))
-        if key not in seen:
-            seen.append(key)
-        if len(seen) == screen:
-            break
+    seen = list(dict.fromkeys((w[0], w[1], i) for w, i, _ in distinct_channels(channels, len(channels))))[:screen]
     base_tune = acc(tune, [], 1.0)
     drops = sorted(((base_tune - acc(tune, [c], 0.0), c) for c in seen), reverse=True)
     chosen = [c for _, c in drops[:keep]]

@@ -151,6 +151,7 @@ def cmd_channels(args) -> int:
 
 def _intervene(model_source: str, profile, k: int):
     """Project out each of the k strongest distinct channels; compare with random components of the head."""
+    from .analyses.channels import distinct_channels
     from .analyses.interventions import intervention_effect
     from .load import load
     from .profile import Table
@@ -158,16 +159,8 @@ def _intervene(model_source: str, profile, k: int):
 
     model = load(model_source)
     texts = bbc_news("heldout", limit=8)
-    seen, rows = set(), []
-    for e in profile.tables["channels"].rows:
-        key = (tuple(e["writer"]), e["component"], tuple(e["reader"]))
-        if key in seen:
-            continue
-        seen.add(key)
-        r = intervention_effect(model, texts, key[0], key[1], key[2])
-        rows.append({**r, "mode": e["mode"], "z": e["z"]})
-        if len(rows) == k:
-            break
+    rows = [intervention_effect(model, texts, writer, component, reader)
+            for writer, component, reader in distinct_channels(profile.tables["channels"].rows, k)]
     return Table("interventions", rows, analysis="channels", params={"texts": "bbc_news heldout, 8 texts, 64 tokens"},
                  description="project out a writer component: reader attention change and output KL vs random "
                              "components of the same head")
@@ -176,6 +169,7 @@ def _intervene(model_source: str, profile, k: int):
 def cmd_laundry(args) -> int:
     from .analyses.laundry import accuracy_curve, weight_edit_study
     from .load import load
+    from .profiling import model_card
     from .profile import Profile, Table
 
     model = load(args.model)
@@ -186,8 +180,7 @@ def cmd_laundry(args) -> int:
     n_values = [int(x) for x in args.n_items.split(",")]
     curve = accuracy_curve(model, n_values, count=args.count)
     if profile is None:
-        profile = Profile(model=dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers,
-                                     d_model=model.d_model))
+        profile = Profile(model=model_card(model))
     profile.add(Table("laundry_curve", curve, analysis="laundry", params={"count": args.count},
                       description="Laundry List accuracy vs number of items and missing position"))
     for row in curve:

@@ -31,6 +31,11 @@ def resolve_seq_len(model: Model, requested: int | None) -> int:
     return requested
 
 
+def model_card(model: Model) -> dict:
+    """What a Profile records about its model (the fingerprint identifies it)."""
+    return dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers, d_model=model.d_model)
+
+
 def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str] = DEFAULT_ANALYSES,
                   analysis_params: dict[str, dict] | None = None, batch_size: int = 8, seq_len: int | None = None,
                   data: dict | None = None, progress: bool = True) -> Profile:
@@ -62,7 +67,7 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
         bar.update(batch.input_ids.shape[0])
     bar.close()
     profile = Profile(
-        model=dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers, d_model=model.d_model),
+        model=model_card(model),
         data={**(data or {}), "n_texts": len(texts), "n_tokens": n_tokens, "seq_len": seq_len,
               "batch_size": batch_size},
         meta={"lensbench": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
