@@ -120,7 +120,9 @@ class Redundancy(Analyzer):
         self.count_ += n_new
         if self.causal_ and self.exclude_first_token:
             first = trace.attention_mask[:, 0].bool()
-            pre0, post0 = trace.stack("hook_resid_pre")[:, first, 0], trace.stack("hook_resid_post")[:, first, 0]
+            L = self.model_.n_layers
+            pre0 = torch.stack([trace[f"blocks.{i}.hook_resid_pre"][first, 0] for i in range(L)])
+            post0 = torch.stack([trace[f"blocks.{i}.hook_resid_post"][first, 0] for i in range(L)])
             self.first_sum_ += token_cosine(pre0, post0).sum(-1)
             self.first_count_ += int(first.sum())
         self._sample(trace, mask, n_new)
@@ -131,12 +133,13 @@ class Redundancy(Analyzer):
         all_keys = torch.cat([self.sample_keys_, keys])
         keep = all_keys.argsort(descending=True)[: max(self.cka_tokens, self.logit_lens_tokens)]
         n_old = self.sample_keys_.numel()
-        new_idx = keep[keep >= n_old] - n_old  # only the new tokens that enter the reservoir are gathered
+        old, new = keep[keep < n_old], keep[keep >= n_old]
+        rows = mask.nonzero()[new - n_old]  # (batch, position) of the new tokens that enter the reservoir
         L = self.model_.n_layers
         names = [f"blocks.{i}.hook_resid_pre" for i in range(L)] + [f"blocks.{L - 1}.hook_resid_post"]
-        new = torch.stack([trace[n][mask][new_idx].float() for n in names])
-        pool = torch.cat([self.sample_[:, keep[keep < n_old]], new], dim=1)
-        pool_keys = torch.cat([all_keys[keep[keep < n_old]], all_keys[keep[keep >= n_old]]])
+        gathered = torch.stack([trace[n][rows[:, 0], rows[:, 1]].float() for n in names])
+        pool = torch.cat([self.sample_[:, old], gathered], dim=1)
+        pool_keys = all_keys[torch.cat([old, new])]
         by_key = pool_keys.argsort(descending=True)  # highest keys first: any prefix is a uniform sample
         self.sample_, self.sample_keys_ = pool[:, by_key], pool_keys[by_key]
 

@@ -103,7 +103,7 @@ class Hooks:
 
     def add_input(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
         def pre(m, args, kwargs):
-            fn(args[0] if args else next(iter(kwargs.values())))
+            fn(args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()))))
 
         self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
 
