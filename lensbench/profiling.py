@@ -31,6 +31,22 @@ def resolve_seq_len(model: Model, requested: int | None) -> int:
     return requested
 
 
+def _stream(model: Model, texts, analyzers, spec: CaptureSpec, batch_size: int, seq_len: int,
+            progress: bool) -> dict:
+    """One capture per batch, folded into every analyzer; returns what was read."""
+    n_tokens = 0
+    bar = tqdm(total=len(texts), desc=f"profiling {model.name}", unit="text", disable=not progress,
+               file=sys.stderr, leave=False)
+    for batch in batches(model, texts, batch_size, seq_len):
+        trace, _ = capture_batch(model, spec, batch)
+        for a in analyzers:
+            a.update(trace)
+        n_tokens += batch.n_tokens
+        bar.update(batch.input_ids.shape[0])
+    bar.close()
+    return {"n_texts": len(texts), "n_tokens": n_tokens, "seq_len": seq_len, "batch_size": batch_size}
+
+
 def model_card(model: Model) -> dict:
     """What a Profile records about its model (the fingerprint identifies it)."""
     return dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers, d_model=model.d_model)
@@ -53,23 +69,14 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
     sites = tuple(dict.fromkeys(s for a in analyzers for s in a.sites))
     if sites and not texts:
         raise LensbenchError("no texts to profile on: give a non-empty text file")
-    if not sites:  # weight-only analyses: no forward pass at all
-        texts = []
-    spec = CaptureSpec(sites=sites).validate(model)
-    n_tokens = 0
-    bar = tqdm(total=len(texts), desc=f"profiling {model.name}", unit="text", disable=not progress,
-               file=sys.stderr, leave=False)
-    for batch in batches(model, texts, batch_size, seq_len):
-        trace, _ = capture_batch(model, spec, batch)
-        for a in analyzers:
-            a.update(trace)
-        n_tokens += batch.n_tokens
-        bar.update(batch.input_ids.shape[0])
-    bar.close()
+    if sites:
+        data = {**(data or {}), **_stream(model, texts, analyzers, CaptureSpec(sites=sites).validate(model),
+                                           batch_size, seq_len, progress)}
+    else:  # weight-only analyses: no forward pass, and no text to describe
+        data = {}
     profile = Profile(
         model=model_card(model),
-        data={**(data or {}), "n_texts": len(texts), "n_tokens": n_tokens, "seq_len": seq_len,
-              "batch_size": batch_size},
+        data=data,
         meta={"lensbench": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "analyses": {a.name: a.params() for a in analyzers}},
     )

@@ -163,6 +163,7 @@ def test_channels_merges_into_the_same_models_profile(capsys, tmp_path, tiny_dir
     assert code == 0, err
     assert "writer components above the null" in out
     profile = Profile.load(out_dir)
+    assert profile.data["n_texts"] == 6  # the weight-only run leaves the calibration description alone
     assert {"block_cosine", "composition_q", "composition_k", "composition_v"} <= set(profile.scores)
     assert profile["composition_q"].values.shape == (3, 4, 3, 4)
     graph = ChannelGraph.from_profile(profile)
