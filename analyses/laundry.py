@@ -26,10 +26,15 @@ TEMPLATE = ("{name} made a shopping list: {items}. At the shop, {name} bought {b
 NAMES = ("Anna", "Ben", "Clara", "David", "Emma", "Frank", "Grace", "Henry")
 
 
+def item_token_ids(model: Model, candidates: Sequence[str] = CANDIDATE_ITEMS) -> dict[str, int]:
+    """Token id of each item that the model's tokenizer encodes as one token after a space."""
+    ids = {c: model.tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates}
+    return {c: i[0] for c, i in ids.items() if len(i) == 1}
+
+
 def single_token_items(model: Model, candidates: Sequence[str] = CANDIDATE_ITEMS) -> list[str]:
     """Items that the model's tokenizer encodes as one token after a space."""
-    tok = model.tokenizer
-    return [c for c in candidates if len(tok(" " + c, add_special_tokens=False)["input_ids"]) == 1]
+    return list(item_token_ids(model, candidates))
 
 
 def _join(words: Sequence[str]) -> str:
@@ -69,7 +74,7 @@ def make_prompts(model: Model, n_items: int, count: int, seed: int = 0) -> list[
 def accuracy(model: Model, prompts: Sequence[Prompt], batch_size: int = 32) -> dict:
     """Share of prompts whose most likely next token, among the prompt's items, is the missing item;
     also the top-1 accuracy over the whole vocabulary."""
-    tok = model.tokenizer
+    token = item_token_ids(model, sorted({w for p in prompts for w in p.items}))
     among, top1 = [], []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
@@ -78,8 +83,8 @@ def accuracy(model: Model, prompts: Sequence[Prompt], batch_size: int = 32) -> d
         last = batch.attention_mask.sum(1) - 1
         final = logits[torch.arange(len(chunk)), last]
         for p, row in zip(chunk, final, strict=True):
-            ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in p.items]
-            answer = ids[p.items.index(p.answer)]
+            ids = [token[w] for w in p.items]
+            answer = token[p.answer]
             among.append(ids[int(row[ids].argmax())] == answer)
             top1.append(int(row.argmax()) == answer)
     by_position: dict[int, list[bool]] = {}

