@@ -16,3 +16,7 @@ class UnknownArchitectureError(LensbenchError):
 
 class ProfileError(LensbenchError):
     """A profile file is unreadable, of another schema, or for another model."""
+
+
+class PlanError(LensbenchError):
+    """A plan is unreadable, for another model, names units the model lacks, or cannot be met."""

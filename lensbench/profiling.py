@@ -12,6 +12,7 @@ from .analyses import make
 from .capture import CaptureSpec, capture_batch, batches
 from .errors import LensbenchError
 from .model import Model
+from .plan import templates_of
 from .profile import Profile
 
 DEFAULT_ANALYSES = ("redundancy",)
@@ -49,7 +50,8 @@ def _stream(model: Model, texts, analyzers, spec: CaptureSpec, batch_size: int, 
 
 def model_card(model: Model) -> dict:
     """What a Profile records about its model (the fingerprint identifies it)."""
-    return dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers, d_model=model.d_model)
+    return dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers, d_model=model.d_model,
+                units=templates_of(model.adapter))
 
 
 def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str] = DEFAULT_ANALYSES,

@@ -108,6 +108,8 @@ class Adapter:
     is_causal_lm: ClassVar[bool] = True
     layers: ClassVar[str]  # ModuleList path relative to the base model
     attn: ClassVar[str]  # attention module, relative to a block
+    mlp: ClassVar[str] = "mlp"  # MLP module, relative to a block
+    sublayer_drop: ClassVar[bool] = True  # attention/MLP can be removed alone (pre-norm or parallel blocks)
     out_proj: ClassVar[str | None] = None  # attention output projection (W_O), relative to a block
     ln1: ClassVar[str | None]  # norm before attention (None for post-norm)
     ln2: ClassVar[str | None]  # norm before the MLP (None when attention and MLP share ln1)
@@ -163,6 +165,11 @@ class Adapter:
         """Dotted path of block `layer` relative to the top model (for Plans and hooks)."""
         base_prefix = "" if self.base is self.model else self.model.base_model_prefix + "."
         return f"{base_prefix}{self.layers}.{layer}"
+
+    def unit_path(self, layer: int, kind: str) -> str:
+        """Dotted path (from the top model) of a removable unit: kind "block", "attn" or "mlp"."""
+        block = self.block_path(layer)
+        return {"block": block, "attn": f"{block}.{self.attn}", "mlp": f"{block}.{self.mlp}"}[kind]
 
     def site(self, layer: int, site: str) -> Tap | Sum:
         """Where canonical `site` of block `layer` is read, relative to that block."""

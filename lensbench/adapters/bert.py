@@ -11,6 +11,8 @@ class BertAdapter(Adapter):
     is_causal_lm = False
     layers = "encoder.layer"
     attn = "attention.self"
+    mlp = "intermediate"
+    sublayer_drop = False  # post-norm: a sublayer's LayerNorm also normalises the residual
     out_proj = "attention.output.dense"
     ln1 = None
     ln2 = None

@@ -1,0 +1,166 @@
+"""`Plan`: a decision about what to remove from a model, shaped like torchao's `FqnToConfig`.
+
+A plan is an ordered mapping `{module name or "re:<regex>": action}`; the action `{"op": "drop"}`
+removes that unit (a whole block, or its attention or MLP sublayer). It carries the model it was
+made for (fingerprint), the policy and budget that produced it, and what the policy predicted.
+On disk: JSON, schema `lensbench.plan/1`, written atomically; loading executes nothing.
+
+Checking a plan against a model (`resolve`) happens before any work starts: a plan for another
+model, names the model does not have, an unknown operation, or removing every layer are errors.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .atomic import write_json
+from .errors import PlanError
+
+SCHEMA = "lensbench.plan/1"
+KINDS = ("block", "attn", "mlp")
+OPS = ("drop",)
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """A removable unit: block `layer`, or its attention ("attn") or MLP ("mlp") sublayer."""
+
+    layer: int
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.layer}"
+
+
+def unit_templates(card: dict) -> dict[str, str]:
+    """`{"block": "model.layers.{i}", "attn": ..., "mlp": ...}` for a model card (Profile.model)."""
+    if "units" not in card:
+        raise PlanError(f"the profile of {card.get('name')!r} does not name its layers (made by an older "
+                        f"lensbench): re-run lensbench profile")
+    return card["units"]
+
+
+def templates_of(adapter) -> dict[str, str]:
+    block = adapter.block_path(0)[:-1] + "{i}"
+    return {"block": block, "attn": f"{block}.{adapter.attn}", "mlp": f"{block}.{adapter.mlp}"}
+
+
+@dataclass
+class Plan:
+    actions: dict[str, dict]
+    model: dict
+    policy: dict = field(default_factory=dict)
+    predicted: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    # --- construction ---------------------------------------------------------------------------
+    @classmethod
+    def drop(cls, card: dict, units: Iterable[Unit], *, policy: dict | None = None,
+             predicted: dict | None = None) -> "Plan":
+        """A plan that removes `units` of the model described by `card` (a Profile's `model`)."""
+        names = unit_templates(card)
+        ordered = sorted(set(units))
+        actions = {names[u.kind].format(i=u.layer): {"op": "drop"} for u in ordered}
+        keep = ("name", "fingerprint", "n_layers", "class", "units")
+        return cls(actions, {k: card[k] for k in keep if k in card} | {"units": names}, policy or {},
+                   predicted or {})
+
+    # --- reading --------------------------------------------------------------------------------
+    def units(self) -> list[Unit]:
+        """The units this plan removes, from its own model card (no model needed)."""
+        return sorted(_match(self.actions, self.model["units"], self.model["n_layers"]))
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model["n_layers"])
+
+    def resolve(self, model) -> list[Unit]:
+        """Check this plan against `model` and return its units, normalised: a layer whose attention
+        and MLP are both removed is a removed block. Raises PlanError before any work is done."""
+        fp = self.model.get("fingerprint")
+        if fp is not None and fp != model.fingerprint():
+            raise PlanError(f"this plan was made for {self.model.get('name')!r} (weights {fp[:12]}), not for "
+                            f"{model.name!r} (weights {model.fingerprint()[:12]}): make a plan from this model's "
+                            f"profile")
+        adapter = model.adapter
+        units = _match(self.actions, templates_of(adapter), adapter.n_layers, model.name)
+        blocks = {u.layer for u in units if u.kind == "block"}
+        attn = {u.layer for u in units if u.kind == "attn"} - blocks
+        mlp = {u.layer for u in units if u.kind == "mlp"} - blocks
+        blocks |= attn & mlp
+        if (attn | mlp) - blocks and not adapter.sublayer_drop:
+            raise PlanError(f"{model.name} ({adapter.family}) is post-norm: its attention and MLP cannot be removed "
+                            f"alone; drop whole blocks instead")
+        if len(blocks) >= adapter.n_layers:
+            raise PlanError(f"this plan removes all {adapter.n_layers} layers of {model.name}; keep at least one")
+        return sorted([Unit(i, "block") for i in blocks] + [Unit(i, "attn") for i in attn - blocks]
+                      + [Unit(i, "mlp") for i in mlp - blocks])
+
+    def summary(self) -> dict:
+        units = self.units()
+        counts = {k: sum(u.kind == k for u in units) for k in KINDS}
+        return {"n_layers": self.n_layers, **{f"dropped_{k}": v for k, v in counts.items()},
+                "layer_fraction_removed": (counts["block"] + 0.5 * (counts["attn"] + counts["mlp"])) / self.n_layers}
+
+    def to_fqn_config(self) -> dict[str, dict]:
+        """The torchao-`FqnToConfig`-shaped mapping (module name -> action)."""
+        return dict(self.actions)
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (f"Plan({self.model.get('name')!r}, policy={self.policy.get('name', '?')!r}, drops "
+                f"{s['dropped_block']} blocks, {s['dropped_attn']} attention, {s['dropped_mlp']} MLP of "
+                f"{s['n_layers']} layers)")
+
+    # --- I/O --------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        write_json(path, {"schema": SCHEMA, "model": self.model, "actions": self.actions, "policy": self.policy,
+                          "predicted": self.predicted, "meta": self.meta})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan {path} does not exist: make one with `lensbench plan PROFILE --out {path}`")
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{path} is not valid JSON ({exc}); it may be truncated: make the plan again") from None
+        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+            raise PlanError(f"{path} is not a lensbench plan (schema {SCHEMA!r} expected)")
+        if not isinstance(doc.get("actions"), dict) or not isinstance(doc.get("model"), dict) \
+                or not {"units", "n_layers"} <= set(doc["model"]):
+            raise PlanError(f"{path} is missing its actions or model section: make the plan again")
+        plan = cls(doc["actions"], doc["model"], doc.get("policy", {}), doc.get("predicted", {}), doc.get("meta", {}))
+        plan.units()  # validates names and ops against the plan's own card
+        return plan
+
+
+def _match(actions: dict, templates: dict[str, str], n_layers: int, model_name: str | None = None) -> set[Unit]:
+    """Units named by `actions` (exact names or `re:` patterns) under the given name templates."""
+    by_name = {templates[k].format(i=i): Unit(i, k) for i in range(n_layers) for k in KINDS}
+    units: set[Unit] = set()
+    who = model_name or "the model"
+    for key, action in actions.items():
+        if not isinstance(action, dict) or action.get("op") not in OPS:
+            raise PlanError(f"action for {key!r} is {action!r}; supported: " + ", ".join(f'{{"op": "{o}"}}'
+                                                                                     for o in OPS))
+        if key.startswith("re:"):
+            try:
+                rx = re.compile(key[3:])
+            except re.error as exc:
+                raise PlanError(f"plan pattern {key!r} is not a valid regular expression ({exc})") from None
+            hits = {u for name, u in by_name.items() if rx.fullmatch(name)}
+        else:
+            hits = {by_name[key]} if key in by_name else set()
+        if not hits:
+            raise PlanError(f"plan names {key!r}, which {who} does not have; its units are "
+                            f"{templates['block'].format(i='{0..%d}' % (n_layers - 1))} and their "
+                            f"{templates['attn'].rsplit('.', 1)[-1]!r} / {templates['mlp'].rsplit('.', 1)[-1]!r}")
+        units |= hits
+    return units
