@@ -14,7 +14,7 @@ exists), with `config.layer_types` remapped to match.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -94,10 +94,16 @@ def _remove(model: Model, units: list[Unit], surgery: _Surgery) -> None:
 def apply(model: Model, plan: Plan) -> Iterator[Model]:
     """Run `model` with `plan` applied inside the block; the dense model is back afterwards, also
     after an exception. The plan is checked against the model before anything changes."""
-    units = plan.resolve(model)
+    with apply_units(model, plan.resolve(model)):
+        yield model
+
+
+@contextlib.contextmanager
+def apply_units(model: Model, units: Sequence[Unit]) -> Iterator[Model]:
+    """`apply` for units already checked and normalised by `Plan.resolve`."""
     surgery = _Surgery()
     try:
-        _remove(model, units, surgery)
+        _remove(model, list(units), surgery)
         yield model
     finally:
         surgery.restore()

@@ -182,3 +182,30 @@ def test_corrupt_plan_files(tmp_path):
         Plan.load(bad)
     with pytest.raises(PlanError, match="does not exist"):
         Plan.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2", "phi", "gpt_neox_sequential"])
+def test_prefix_reusing_ablation_scan_equals_the_naive_scan(arch, tiny, texts):
+    from lensbench.analyses.ablation import naive_scan, units_for
+    from lensbench.replay import DenseRun, removed_states, token_scores
+
+    model = tiny(arch)
+    batch = model.tokenize(texts[:4])
+    units = units_for(model, ("block", "attn", "mlp"))
+    dense = DenseRun.from_batch(model, batch)
+    ours = [float(token_scores(model, dense, removed_states(model, dense, [u]))[0].mean()) for u in units]
+    ref = naive_scan(model, batch, units)
+    assert ref.min() > 0
+    assert ours == pytest.approx(list(ref), rel=1e-3, abs=1e-6)
+
+
+def test_ablation_analyzer_in_a_profile(tiny, texts):
+    from lensbench.profiling import profile_model
+
+    model = tiny("llama")
+    prof = profile_model(model, texts, analyses=["ablation"], progress=False)
+    for kind in ("block", "attn", "mlp"):
+        kl = prof[f"ablation_kl_{kind}"]
+        assert kl.higher_is_more_important and kl.values.shape == (3,) and (kl.values > 0).all()
+    # removing a whole block costs more than removing either of its sublayers, on every layer of this model
+    assert (prof["ablation_kl_block"].values >= prof["ablation_kl_mlp"].values - 1e-6).all()

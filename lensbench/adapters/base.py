@@ -212,8 +212,20 @@ class Adapter:
         """Logits from a residual-stream state: final norm then the LM head (the logit lens)."""
         if not self.has_lm_head:
             raise ValueError(f"{type(self.model).__name__} has no LM head to unembed with")
-        x = _get(self.base, self.final_norm)(resid) if self.final_norm else resid
-        return self.lm_head(x)
+        return self.head(self.final_normed(resid))
+
+    def final_normed(self, resid: torch.Tensor) -> torch.Tensor:
+        return _get(self.base, self.final_norm)(resid) if self.final_norm else resid
+
+    def head(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits from the final-normed state (what the base model returns as its last hidden state)."""
+        return self.lm_head(normed)
+
+    def linear_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W [vocab, d], bias) when the logits are exactly `normed @ W.T + bias`, else None."""
+        if isinstance(self.lm_head, nn.Linear):
+            return self.lm_head.weight, self.lm_head.bias
+        return None
 
     # --- helpers for subclasses ----------------------------------------------------------
     def _from_linears(self, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module) -> HeadWeights:

@@ -19,10 +19,13 @@ class Gemma2Adapter(LlamaAdapter):
     mlp_out = Tap("post_feedforward_layernorm", "output")
     resid_mid = Tap("pre_feedforward_layernorm", "input")
 
-    def unembed(self, resid):
+    def head(self, normed):
         """Gemma 2/3 soft-cap the logits after the head; the logit lens must do the same."""
         import torch
 
-        logits = super().unembed(resid)
+        logits = super().head(normed)
         cap = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits
+
+    def linear_head(self):
+        return None if getattr(self.config, "final_logit_softcapping", None) else super().linear_head()

@@ -1,0 +1,87 @@
+"""Ablation sensitivity: what removing each block, attention sublayer or MLP sublayer alone does to the output.
+
+For every unit u, on the calibration text: KL(p_dense || p_without_u) averaged over scored tokens (the
+EvoPress fitness, METHODS.md §8.3) and the change of next-token loss. Higher = more important.
+
+The scan reuses the dense prefix (`lensbench.replay`): removing a unit at layer i leaves layers < i
+unchanged, so only the suffix is computed; `naive_scan` is the plain one-forward-per-unit twin it is
+tested and benchmarked against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from ..apply import apply_units
+from ..model import Batch, Model
+from ..plan import Unit
+from ..profile import LayerScores
+from ..replay import STATE_SITES, DenseRun, removed_states, token_scores
+from .base import Analyzer, register
+
+KIND_WORDS = {"block": "block", "attn": "attention sublayer", "mlp": "MLP sublayer"}
+
+
+def units_for(model: Model, kinds: Sequence[str]) -> list[Unit]:
+    kinds = [k for k in kinds if k == "block" or model.adapter.sublayer_drop]
+    return [Unit(i, k) for k in kinds for i in range(model.n_layers)]
+
+
+@register
+@dataclass
+class Ablation(Analyzer):
+    name: ClassVar[str] = "ablation"
+    sites: ClassVar[tuple[str, ...]] = STATE_SITES
+    needs_lm_head: ClassVar[bool] = True
+
+    kinds: tuple[str, ...] = ("block", "attn", "mlp")
+
+    def start(self, model: Model) -> None:
+        self.model_ = model
+        self.units_ = units_for(model, self.kinds)
+        self.kl_ = np.zeros(len(self.units_))
+        self.dloss_ = np.zeros(len(self.units_))
+        self.n_kl_ = 0
+        self.n_loss_ = 0
+
+    def update(self, trace) -> None:
+        dense = DenseRun.from_trace(self.model_, trace)
+        base_nll = dense.dense_nll
+        has_next = ~torch.isnan(base_nll)
+        for j, unit in enumerate(self.units_):
+            kl, nll = token_scores(self.model_, dense, removed_states(self.model_, dense, [unit]))
+            self.kl_[j] += float(kl.sum())
+            self.dloss_[j] += float((nll - base_nll)[has_next].sum())
+        self.n_kl_ += dense.n_tokens
+        self.n_loss_ += int(has_next.sum())
+
+    def finish(self) -> list[LayerScores]:
+        out = []
+        L = self.model_.n_layers
+        for kind in dict.fromkeys(u.kind for u in self.units_):
+            idx = [j for j, u in enumerate(self.units_) if u.kind == kind]
+            what = KIND_WORDS[kind]
+            out.append(LayerScores(f"ablation_kl_{kind}", self.kl_[idx] / max(self.n_kl_, 1), True, ("layer",),
+                                   self.name, f"KL(dense || model without this {what}), nats per token", self.params()))
+            out.append(LayerScores(f"ablation_dloss_{kind}", self.dloss_[idx] / max(self.n_loss_, 1), True,
+                                   ("layer",), self.name, f"increase of next-token loss without this {what}, nats",
+                                   self.params()))
+            assert len(idx) == L
+        return out
+
+
+@torch.no_grad()
+def naive_scan(model: Model, batch: Batch, units: Sequence[Unit]) -> np.ndarray:
+    """Mean KL per unit, one full forward of the model per removed unit (the reference twin)."""
+    inputs = batch.model_inputs()
+    logp = torch.log_softmax(model.module(**inputs).logits[batch.content_mask].float(), -1)
+    p = logp.exp()
+    out = []
+    for unit in units:
+        with apply_units(model, [unit]):
+            logq = torch.log_softmax(model.module(**inputs).logits[batch.content_mask].float(), -1)
+        out.append(float((p * (logp - logq)).sum(-1).mean()))
+    return np.array(out)
