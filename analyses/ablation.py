@@ -60,7 +60,6 @@ class Ablation(Analyzer):
 
     def finish(self) -> list[LayerScores]:
         out = []
-        L = self.model_.n_layers
         for kind in dict.fromkeys(u.kind for u in self.units_):
             idx = [j for j, u in enumerate(self.units_) if u.kind == kind]
             what = KIND_WORDS[kind]
@@ -69,7 +68,6 @@ class Ablation(Analyzer):
             out.append(LayerScores(f"ablation_dloss_{kind}", self.dloss_[idx] / max(self.n_loss_, 1), True,
                                    ("layer",), self.name, f"increase of next-token loss without this {what}, nats",
                                    self.params()))
-            assert len(idx) == L
         return out
 
 
