@@ -229,6 +229,73 @@ def cmd_capture(args) -> int:
     return 0
 
 
+def _model_source(card: dict) -> str:
+    """Where a profile's model can be loaded from again: its bundled name, local path or hub name."""
+    from .bundled import NAMES
+
+    if card.get("name") in NAMES:
+        return card["name"]
+    source = str(card.get("source", ""))
+    if source.startswith("hf://"):
+        return source[len("hf://"):]
+    if source and source != "module":
+        return source
+    raise LensbenchError(f"the profile does not say where {card.get('name')!r} was loaded from: pass --model")
+
+
+def cmd_plan(args) -> int:
+    from .load import load
+    from .policies import POLICIES, make_plan
+    from .profile import Profile
+    from .texts import bbc_news, read_text_file
+
+    profile = Profile.load(args.profile)
+    if args.policy not in POLICIES:
+        raise LensbenchError(f"unknown policy {args.policy!r}: use one of {', '.join(POLICIES)}")
+    options = {k: v for k, v in {"ranking": args.ranking, "iterative": args.iterative or None, "seed": args.seed,
+                                 "kind": args.kind, "generations": args.generations}.items() if v is not None}
+    model = texts = None
+    if POLICIES[args.policy].needs_model or args.iterative:
+        model = load(args.model or _model_source(profile.model))
+        texts = read_text_file(args.texts) if args.texts else bbc_news("calibration")
+        texts = _select_texts(model, texts, 128, args.max_tokens)
+        options["progress"] = args.policy == "evo"
+    plan = make_plan(args.policy, profile, args.budget, model=model, texts=texts, **options)
+    path = plan.save(args.out)
+    print(repr(plan))
+    print("removes " + (", ".join(str(u) for u in plan.units()) or "nothing"))
+    if plan.predicted:
+        print("predicted: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in plan.predicted.items() if k != "rounds"))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .atomic import write_json
+    from .evaluate import EvalConfig, evaluate
+    from .load import load
+    from .plan import Plan
+    from .texts import read_text_file
+
+    plan = Plan.load(args.plan)
+    model = load(args.model)
+    plan.resolve(model)
+    texts = read_text_file(args.texts) if args.texts else None
+    cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
+                     speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
+    result = evaluate(model, plan, cfg, texts=texts, progress=True)
+    write_json(Path(args.out), result)
+    print(f"{plan!r}\n  KL to dense {result['kl_to_dense']:.4f} nats/token; perplexity {result['perplexity']:.2f} "
+          f"(dense {result['dense_perplexity']:.2f})")
+    if "city_accuracy" in result:
+        print(f"  city facts {result['city_accuracy']:.3f} (dense {result['dense_city_accuracy']:.3f}); "
+              f"prefill x{result['prefill_speed_ratio']:.2f}, decode x{result['decode_speed_ratio']:.2f} vs dense")
+    print(f"  weights {result['weight_bytes'] / 2**20:.1f} MiB (dense {result['dense_weight_bytes'] / 2**20:.1f} MiB)")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import SITES
     from .analyses.channels import NULLS
@@ -289,6 +356,35 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--batch-size", type=int, default=8)
     ca.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     ca.set_defaults(fn=cmd_capture)
+
+    pl = sub.add_parser("plan", help="turn a profile into a plan (what to drop or skip) under a budget")
+    pl.add_argument("profile", help="profile directory or profile.json")
+    pl.add_argument("--policy", required=True, help="drop-block, drop-attn, drop-mlp, drop-joint, balanced-skip, "
+                    "ranking-skip or evo (see lensbench.policies)")
+    pl.add_argument("--budget", type=float, required=True,
+                    help="drop/evo: units to remove (count, or fraction below 1); skip policies: target speed-up")
+    pl.add_argument("--out", required=True, help="plan JSON file to write")
+    pl.add_argument("--ranking", help="redundancy, ablation, geometry, skip, random or score:NAME")
+    pl.add_argument("--iterative", action="store_true", help="drop one unit per round and re-score (runs the model)")
+    pl.add_argument("--kind", choices=("block", "sublayer"), help="evo: search over blocks or attention+MLP sublayers")
+    pl.add_argument("--generations", type=int, help="evo: generations (default 30)")
+    pl.add_argument("--seed", type=int)
+    pl.add_argument("--model", help="model for searches (default: where the profile's model came from)")
+    pl.add_argument("--texts", help="calibration text file for searches (default: BBC news calibration split)")
+    pl.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens for searches")
+    pl.set_defaults(fn=cmd_plan)
+
+    ev = sub.add_parser("evaluate", help="apply a plan for real and measure quality, speed and memory vs dense")
+    ev.add_argument("model")
+    ev.add_argument("--plan", required=True)
+    ev.add_argument("--out", required=True, help="eval JSON file to write")
+    ev.add_argument("--texts", help="held-out text file (default: BBC news held-out split)")
+    ev.add_argument("--n-texts", type=int, default=32, help="held-out BBC articles (default 32)")
+    ev.add_argument("--seq-len", type=int)
+    ev.add_argument("--cities", type=int, default=200, help="city facts for the zero-shot accuracy")
+    ev.add_argument("--speed-rounds", type=int, default=7)
+    ev.add_argument("--decode-tokens", type=int, default=32)
+    ev.set_defaults(fn=cmd_evaluate)
     return p
 
 

@@ -86,18 +86,13 @@ class Plan:
                             f"{model.name!r} (weights {model.fingerprint()[:12]}): make a plan from this model's "
                             f"profile")
         adapter = model.adapter
-        units = _match(self.actions, templates_of(adapter), adapter.n_layers, model.name)
-        blocks = {u.layer for u in units if u.kind == "block"}
-        attn = {u.layer for u in units if u.kind == "attn"} - blocks
-        mlp = {u.layer for u in units if u.kind == "mlp"} - blocks
-        blocks |= attn & mlp
-        if (attn | mlp) - blocks and not adapter.sublayer_drop:
+        units = normalise(_match(self.actions, templates_of(adapter), adapter.n_layers, model.name))
+        if any(u.kind != "block" for u in units) and not adapter.sublayer_drop:
             raise PlanError(f"{model.name} ({adapter.family}) is post-norm: its attention and MLP cannot be removed "
                             f"alone; drop whole blocks instead")
-        if len(blocks) >= adapter.n_layers:
+        if sum(u.kind == "block" for u in units) >= adapter.n_layers:
             raise PlanError(f"this plan removes all {adapter.n_layers} layers of {model.name}; keep at least one")
-        return sorted([Unit(i, "block") for i in blocks] + [Unit(i, "attn") for i in attn - blocks]
-                      + [Unit(i, "mlp") for i in mlp - blocks])
+        return units
 
     def summary(self) -> dict:
         units = self.units()
@@ -139,6 +134,18 @@ class Plan:
         plan = cls(doc["actions"], doc["model"], doc.get("policy", {}), doc.get("predicted", {}), doc.get("meta", {}))
         plan.units()  # validates names and ops against the plan's own card
         return plan
+
+
+def normalise(units: Iterable[Unit]) -> list[Unit]:
+    """Sorted, at most one unit per layer: a layer whose attention and MLP are both removed, or whose
+    block is removed, is one removed block."""
+    units = set(units)
+    blocks = {u.layer for u in units if u.kind == "block"}
+    attn = {u.layer for u in units if u.kind == "attn"} - blocks
+    mlp = {u.layer for u in units if u.kind == "mlp"} - blocks
+    blocks |= attn & mlp
+    return sorted([Unit(i, "block") for i in blocks] + [Unit(i, "attn") for i in attn - blocks]
+                  + [Unit(i, "mlp") for i in mlp - blocks])
 
 
 def _match(actions: dict, templates: dict[str, str], n_layers: int, model_name: str | None = None) -> set[Unit]:

