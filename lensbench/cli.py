@@ -84,7 +84,10 @@ def run_profile(model_source: str, out: Path, texts: list[str] | None, *, seq_le
     profile = profile_model(model, texts, analyses=analyses, analysis_params=analysis_params,
                             batch_size=batch_size, seq_len=seq, data=data, progress=progress)
     if previous is not None:
+        from .analyses.agreement import refresh
+
         previous.merge(profile)
+        refresh(previous)
         profile = previous
     path = profile.save(out)
     if not profile.to_frame().empty:
@@ -109,7 +112,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from .summary import redundancy_summary
+    from .summary import redundancy_summary, sensitivity_summary
     from .texts import read_text_file
 
     texts, data = None, None
@@ -120,6 +123,8 @@ def cmd_profile(args) -> int:
                                 batch_size=args.batch_size, analyses=args.analyses.split(","),
                                 overwrite=args.overwrite, data=data)
     print(redundancy_summary(profile))
+    if sensitivity_summary(profile):
+        print(sensitivity_summary(profile))
     print(f"wrote {path} and {path.parent / 'layers.csv'}")
     return 0
 
@@ -312,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--max-tokens", type=int, help="stop adding texts after this many tokens")
     pr.add_argument("--seq-len", type=int, help="truncate each text to this many tokens (default 128)")
     pr.add_argument("--batch-size", type=int, default=8)
-    pr.add_argument("--analyses", default="redundancy", help="comma-separated analysis names")
+    pr.add_argument("--analyses", default="redundancy",
+                    help="comma-separated: redundancy, ablation, skip_effect, geometry, channels")
     pr.add_argument("--overwrite", action="store_true", help="replace a profile of another model in --out")
     pr.set_defaults(fn=cmd_profile)
 

@@ -9,6 +9,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .analyses import make
+from .analyses.agreement import refresh
 from .capture import CaptureSpec, capture_batch, batches
 from .errors import LensbenchError
 from .model import Model
@@ -84,4 +85,5 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
     )
     for a in analyzers:
         profile.add(*a.finish())
+    refresh(profile)
     return profile

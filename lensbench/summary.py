@@ -57,3 +57,28 @@ def interventions_summary(profile: Profile) -> str:
                      f"{r['kl_nats']:.2e} vs {r['random_kl_nats_mean']:.2e} nats; target log-prob change "
                      f"{r['target_logprob_change']:+.2e} vs {r['random_target_logprob_change_mean']:+.2e}")
     return "\n".join(lines)
+
+
+def sensitivity_summary(profile: Profile, k: int = 3) -> str:
+    """Least and most important units by ablation, skip effect and geometry, and how rankings agree."""
+    lines = []
+    for key, label in (("ablation_kl_block", "blocks (KL without it)"), ("ablation_kl_attn", "attention"),
+                       ("ablation_kl_mlp", "MLPs"), ("skip_output_effect", "skip effect on output"),
+                       ("geometry_error", "tokenwise-fit error")):
+        if key in profile.scores:
+            s = profile[key]
+            order = s.ranking()
+            lines.append(f"  {label:22s} least important: {_fmt(order[::-1][:k], s.values)}; most: "
+                         f"{_fmt(order[:k], s.values)}")
+    if "geometry_summary" in profile.tables:
+        rho = profile.tables["geometry_summary"].rows[0]["spearman_error_vs_replacement_kl"]
+        lines.append(f"  geometry: Spearman(tokenwise error, output change when replaced) = {rho:.2f}")
+    if "ranking_agreement" in profile.scores:
+        a = profile["ranking_agreement"]
+        names = a.params["rankings"]
+        pick = [n for n in ("block_cosine", "ablation_kl_block", "skip_output_effect", "geometry_error") if n in names]
+        pairs = [(x, y) for i, x in enumerate(pick) for y in pick[i + 1:]]
+        if pairs:
+            lines.append("  ranking agreement (Spearman): " + ", ".join(
+                f"{x} ~ {y} {a.values[names.index(x), names.index(y)]:+.2f}" for x, y in pairs))
+    return "\n".join(["sensitivity:", *lines]) if lines else ""

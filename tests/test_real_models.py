@@ -79,3 +79,19 @@ def test_demo_command(tmp_path, capsys):
         assert (tmp_path / name / "profile.json").is_file()
         assert name in out
     assert out.count("most redundant") == 6
+
+
+def test_smollm2_plan_evaluated_on_heldout_text(smollm):
+    """A real plan on the real model: held-out BBC text, real city facts, real speed measurement."""
+    from lensbench.evaluate import EvalConfig, evaluate
+    from lensbench.plan import Plan, Unit
+    from lensbench.profiling import model_card
+    from lensbench.texts import bbc_news
+
+    plan = Plan.drop(model_card(smollm), [Unit(20, "attn"), Unit(22, "attn"), Unit(25, "block")])
+    cfg = EvalConfig(texts=4, cities=40, speed_rounds=1, decode_tokens=4, prompt_tokens=32)
+    r = evaluate(smollm, plan, cfg, texts=bbc_news("heldout", limit=4))
+    assert 5 < r["dense_perplexity"] < 60 and r["perplexity"] > r["dense_perplexity"] * 0.95
+    assert 0 < r["kl_to_dense"] < 1
+    assert r["dense_city_accuracy"] > 0.75  # the model knows where big cities are
+    assert r["dense_weight_bytes"] - r["weight_bytes"] > 3_000_000  # one block + two attentions of fp32 weights
