@@ -92,3 +92,12 @@ def append_report(title: str, body: str) -> None:
     header = "" if REPORT.exists() else "# Benchmark record\n\nAppended by `benchmarks/*.py`; newest last.\n"
     with open(REPORT, "a") as fh:
         fh.write(f"{header}\n## {title} — {stamp}\n\n{body.rstrip()}\n")
+
+
+def ratio_table(rows, versus: str) -> list[str]:
+    """Markdown lines for `ratio_rows` output, ratios labelled `x <versus>`."""
+    lines = [f"| method | median s | min s | x {versus} (median) | x {versus} (min) | x {versus} (paired) |",
+             "|---|---|---|---|---|---|"]
+    for name, med, mn, rmed, rmin, rpair in rows:
+        lines.append(f"| {name} | {med:.2f} | {mn:.2f} | {rmed:.3f} | {rmin:.3f} | {rpair:.3f} |")
+    return lines

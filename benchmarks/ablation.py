@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, interleaved, machine, ratio_rows, versions  # noqa: E402
+from _common import append_report, interleaved, machine, ratio_rows, ratio_table, versions  # noqa: E402
 
 import lensbench  # noqa: E402
 from lensbench.analyses.ablation import naive_scan, units_for  # noqa: E402
@@ -55,10 +55,7 @@ def main(argv=None):
     lines = [f"SmolLM2-135M, {len(units)} units (30 blocks, 30 attention, 30 MLP), {args.texts} BBC calibration "
              f"texts x {args.seq_len} tokens ({batch.n_tokens} tokens), {args.rounds} interleaved rounds. "
              f"{machine()}. Versions: {versions('lensbench', 'torch', 'transformers')}.", "",
-             "| method | median s | min s | x naive (median) | x naive (min) | x naive (paired) |",
-             "|---|---|---|---|---|---|"]
-    for name, med, mn, rmed, rmin, rpair in rows:
-        lines.append(f"| {name} | {med:.2f} | {mn:.2f} | {rmed:.3f} | {rmin:.3f} | {rpair:.3f} |")
+             *ratio_table(rows, "naive")]
     ratio = rows[1][5]
     lines += ["", f"Per-unit KL of the two scans: max absolute difference {diff.max():.1e} nats, max relative "
               f"{rel:.1e} (KL range {b.min():.2e}..{b.max():.2f}). "

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, interleaved, machine, ratio_rows, versions  # noqa: E402
+from _common import append_report, interleaved, machine, ratio_rows, ratio_table, versions  # noqa: E402
 
 import lensbench  # noqa: E402
 from lensbench.analyses.channels import all_compositions  # noqa: E402
@@ -52,9 +52,7 @@ def main(argv=None):
     rows = ratio_rows(times, "TransformerLens 4 all_composition_scores (Q, K, V)")
     lines = [f"SmolLM2-135M, 30 layers x 9 heads (GQA 3 KV heads), all pairs, {args.rounds} interleaved rounds. "
              f"{machine()}. Versions: {versions('lensbench', 'torch', 'transformer-lens')}.", "",
-             "| method | median s | min s | x TL (median) | x TL (min) | x TL (paired) |", "|---|---|---|---|---|---|"]
-    for name, med, mn, rmed, rmin, rpair in rows:
-        lines.append(f"| {name} | {med:.2f} | {mn:.2f} | {rmed:.3f} | {rmin:.3f} | {rpair:.3f} |")
+             *ratio_table(rows, "TL")]
     speedup = 1 / rows[1][5]
     lines += ["", f"Max |difference| of the scores over later-layer pairs: {diff:.2e}. "
               f"Speed-up vs TransformerLens (paired): {speedup:.2f}x; goal >= 2x "

@@ -66,12 +66,13 @@ def main(argv=None):
         return plan
 
     # 1. quality vs blocks removed, per ranking
-    rows = []
+    rows, dense_ppl = [], None
     for k in ks:
         plans = {r: make_plan("drop-block", profile, k, ranking=r) for r in RANKINGS}
         plans["evolutionary"] = evo_plan(k, "block")
         for name, plan in plans.items():
             q = quality(plan)
+            dense_ppl = q["dense_perplexity"]
             rows.append({"ranking": name, "blocks_removed": k, "kl_to_dense": q["kl_to_dense"],
                          "perplexity": q["perplexity"], "units": " ".join(str(u) for u in plan.units())})
             print(f"k={k} {name:12s} KL {q['kl_to_dense']:.3f} ppl {q['perplexity']:.1f}", flush=True)
@@ -80,7 +81,6 @@ def main(argv=None):
                      "kl_to_dense": statistics.mean(r["kl_to_dense"] for r in rand),
                      "perplexity": statistics.mean(r["perplexity"] for r in rand), "units": ""})
         print(f"k={k} random       KL {rows[-1]['kl_to_dense']:.3f}", flush=True)
-    dense_ppl = quality(Plan.drop(profile.model, []))["dense_perplexity"]
 
     # 2. 25% of attention sublayers by ranking vs random vs 25% of blocks by block redundancy
     quarter = round(0.25 * model.n_layers)

@@ -20,6 +20,7 @@ from typing import Sequence
 from tqdm import tqdm
 
 from .capture import batches
+from .errors import PlanError
 from .model import Model
 from .plan import Unit, normalise
 from .profile import Profile
@@ -93,8 +94,7 @@ class Fitness:
 
 def seeds_from_profile(profile: Profile, counts: dict[str, int]) -> dict[str, State]:
     """The top-k of every ranking the profile holds for all the searched kinds."""
-    from .errors import PlanError
-    from .policies import RANKINGS, drop_order
+    from .policies import RANKINGS, drop_order  # policies imports this module
 
     out = {}
     for name in RANKINGS:
@@ -124,8 +124,6 @@ def _random_state(counts: dict[str, int], L: int, rng: random.Random) -> State:
 def evo_search(model: Model, texts: Sequence[str], counts: dict[str, int], seeds: dict[str, State],
                cfg: EvoConfig = EvoConfig(), progress: bool = False) -> EvoResult:
     """Search removed-unit sets with `counts` units per kind; returns the best state found."""
-    from .errors import PlanError
-
     if not texts:
         raise PlanError("the evolutionary search needs calibration texts")
     L = model.n_layers

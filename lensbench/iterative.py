@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .apply import apply_units
+from .analyses.redundancy import token_cosine
 from .capture import Hooks, batches
 from .errors import PlanError
 from .model import Model
@@ -85,11 +86,7 @@ def layer_cosines(model: Model, bs, removed: list[Unit]) -> dict[str, np.ndarray
                 pre, post = store[("pre", i)][mask].double(), store[("post", i)][mask].double()
                 mid = pre + store[("attn", i)][mask].double() if ("attn", i) in store else pre
                 for kind, (x, y) in {"block": (pre, post), "attn": (pre, mid), "mlp": (mid, post)}.items():
-                    sums[kind][i] += float(_cos(x, y).sum())
+                    sums[kind][i] += float(token_cosine(x, y).sum())
                 count[i] += int(mask.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         return {k: v / count for k, v in sums.items()}
-
-
-def _cos(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (x * y).sum(-1) / (x.norm(dim=-1).clamp_min(1e-6) * y.norm(dim=-1).clamp_min(1e-6))
