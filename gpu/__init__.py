@@ -1,1 +1,6 @@
-"""Packed low-bit kernels (Triton on GPU, a CPU path, references). Not built yet: see the mixed-precision issue."""
+"""Packed low-bit weights and the kernels that run them without a dense copy.
+
+quant.py (the packed format, round-to-nearest quantisation) · reference.py (dequantise + matmul,
+the twin every kernel is tested against) · cpu_kernels.py (numba) · triton_kernels.py (CUDA) ·
+dispatch.py (picks the kernel for a tensor's device) · modules.py (QuantLinear, QuantEmbedding).
+"""

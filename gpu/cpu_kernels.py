@@ -1,0 +1,196 @@
+"""CPU path for the packed format (numba): never materialises the whole dense weight.
+
+* `gemv` — few rows of activations (decode): for each output row, each group's codes are unpacked
+  into a small per-thread buffer and dotted with the activations; the group's scale multiplies
+  the integer dot product and its min multiplies the group's activation sum:
+      y[m, n] = sum_g scale[n, g] * (q[n, g] . x[m, g]) + min[n, g] * sum(x[m, g])
+  Threads split the output rows.
+* `tiled` — many rows (prefill): `TILE` output rows at a time are dequantised into one reused
+  float32 buffer and multiplied with torch's GEMM, so peak extra memory is one tile, not the weight.
+
+Scales and mins are stored as float16 (numba has no CPU float16): a 65,536-entry table turns
+their bit patterns into float32.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from .quant import PackedWeight
+
+GEMV_MAX_ROWS = 12  # above this many activation rows, the tiled dequantise + GEMM path is faster
+TILE = 256  # output rows dequantised at a time by the tiled path
+_H2F = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+# Kernels index through slices with loop counters that start at 0: numba then knows every index
+# is non-negative and LLVM vectorises the loops (signed `base + j` indexing runs ~12x slower).
+
+
+@njit(inline="always", fastmath=True)
+def _codes(pg, length, bits, buf):
+    """Unpack the `length` codes of one group (its packed bytes `pg`) into buf, in input order."""
+    if bits == 8:
+        for j in range(length):
+            buf[j] = pg[j]
+    elif bits == 4:
+        h = length // 2
+        hi = buf[h:]
+        for j in range(h):
+            buf[j] = pg[j] & 15
+            hi[j] = pg[j] >> 4
+    elif bits == 2:
+        e = length // 4
+        b1, b2, b3 = buf[e:], buf[2 * e:], buf[3 * e:]
+        for j in range(e):
+            b = pg[j]
+            buf[j] = b & 3
+            b1[j] = (b >> 2) & 3
+            b2[j] = (b >> 4) & 3
+            b3[j] = b >> 6
+    else:  # 3 bits: three byte planes of length/8 bytes
+        e = length // 8
+        mid, top = pg[e:], pg[2 * e:]
+        for j in range(e):
+            w = np.int32(pg[j]) | (np.int32(mid[j]) << 8) | (np.int32(top[j]) << 16)
+            for t in range(8):
+                buf[j + t * e] = (w >> (3 * t)) & 7
+
+
+@njit(inline="always", fastmath=True)
+def _dot_group(pg, length, bits, xg, buf):
+    """codes . xg for one group; int8 and int4 read the packed bytes directly (the decode hot path)."""
+    d = np.float32(0.0)
+    if bits == 8:
+        for j in range(length):
+            d += np.float32(pg[j]) * xg[j]
+    elif bits == 4:
+        h = length // 2
+        xh = xg[h:]
+        for j in range(h):
+            b = pg[j]
+            d += np.float32(b & 15) * xg[j] + np.float32(b >> 4) * xh[j]
+    else:
+        _codes(pg, length, bits, buf)
+        for j in range(length):
+            d += buf[j] * xg[j]
+    return d
+
+
+def _make_kernels(bits: int):
+    """(gemv, dequant_rows) compiled for one bit-width: `bits` is a compile-time constant, so the
+    per-format branches vanish and the inner loops vectorise."""
+
+    @njit(parallel=True, fastmath=True, nogil=True)
+    def gemv(x, p, sc, mn, gs, h2f, out):
+        m_rows, k_pad = x.shape
+        n_out, n_groups = sc.shape
+        xsum = np.zeros((m_rows, n_groups), np.float32)
+        for m in range(m_rows):
+            for g in range(n_groups):
+                xsum[m, g] = x[m, g * gs:min(k_pad, g * gs + gs)].sum()
+        for n in prange(n_out):
+            buf = np.empty(gs, np.float32)
+            row = p[n]
+            for m in range(m_rows):
+                xm = x[m]
+                acc = np.float32(0.0)
+                for g in range(n_groups):
+                    base = g * gs
+                    d = _dot_group(row[base * bits // 8:], min(gs, k_pad - base), bits, xm[base:], buf)
+                    acc += d * h2f[sc[n, g]] + h2f[mn[n, g]] * xsum[m, g]
+                out[m, n] = acc
+
+    @njit(parallel=True, fastmath=True, nogil=True)
+    def dequant_rows(p, sc, mn, gs, h2f, n0, out):
+        rows, k_pad = out.shape
+        n_groups = sc.shape[1]
+        for r in prange(rows):
+            n = n0 + r
+            buf = np.empty(gs, np.float32)
+            row = p[n]
+            for g in range(n_groups):
+                base = g * gs
+                length = min(gs, k_pad - base)
+                _codes(row[base * bits // 8:], length, bits, buf)
+                s = h2f[sc[n, g]]
+                lo = h2f[mn[n, g]]
+                dst = out[r, base:]
+                for j in range(length):
+                    dst[j] = buf[j] * s + lo
+
+    return gemv, dequant_rows
+
+
+_KERNELS: dict[int, tuple] = {}
+
+
+def _kernels(bits: int):
+    if bits not in _KERNELS:
+        _KERNELS[bits] = _make_kernels(bits)
+    return _KERNELS[bits]
+
+
+def _arrays(pw: PackedWeight):
+    return pw.packed.numpy(), pw.scales.numpy().view(np.uint16), pw.mins.numpy().view(np.uint16)
+
+
+def _padded(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    x2 = x2.to(torch.float32)
+    k, k_pad = pw.shape[1], pw.k_padded
+    if k_pad != k:
+        x2 = torch.nn.functional.pad(x2, (0, k_pad - k))
+    return x2.contiguous()
+
+
+def gemv(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """x2 [M, K] float -> [M, N] float32 with the per-row unpacking kernel."""
+    xp = _padded(x2, pw)
+    out = torch.empty(xp.shape[0], pw.shape[0], dtype=torch.float32)
+    p, sc, mn = _arrays(pw)
+    _kernels(pw.bits)[0](xp.numpy(), p, sc, mn, pw.group_size, _H2F, out.numpy())
+    return out
+
+
+def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int = TILE) -> torch.Tensor:
+    """x2 [M, K] float -> [M, N] float32, dequantising `tile` output rows at a time into one buffer."""
+    xp = _padded(x2, pw)
+    n = pw.shape[0]
+    out_t = torch.empty(n, xp.shape[0], dtype=torch.float32)  # [N, M]: row tiles are contiguous
+    buf = torch.empty(min(tile, n), pw.k_padded, dtype=torch.float32)
+    p, sc, mn = _arrays(pw)
+    for n0 in range(0, n, tile):
+        rows = min(tile, n - n0)
+        b = buf[:rows]
+        _kernels(pw.bits)[1](p, sc, mn, pw.group_size, _H2F, n0, b.numpy())
+        torch.mm(b, xp.T, out=out_t[n0:n0 + rows])
+    return out_t.T
+
+
+def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W_hat.T (+ bias) on the CPU; float32 accumulation, result in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = gemv(x2, pw) if x2.shape[0] <= GEMV_MAX_ROWS else tiled(x2, pw)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], pw.shape[0])
+
+
+def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
+    """Dense float32 rows [len(rows), K] (an embedding lookup), unpacked by the same kernel."""
+    rows = rows.reshape(-1)
+    sub = PackedWeight(pw.packed[rows].contiguous(), pw.scales[rows].contiguous(), pw.mins[rows].contiguous(),
+                       pw.bits, pw.group_size, (rows.numel(), pw.shape[1]))
+    out = torch.empty(rows.numel(), pw.k_padded, dtype=torch.float32)
+    p, sc, mn = _arrays(sub)
+    _kernels(pw.bits)[1](p, sc, mn, pw.group_size, _H2F, 0, out.numpy())
+    return out[:, : pw.shape[1]]
+
+
+def set_threads(n: int) -> None:
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+set_threads(torch.get_num_threads())

@@ -1,0 +1,52 @@
+"""One entry point for a packed matmul: Triton on CUDA (int4/int8), numba on the CPU, and the
+reference for what no kernel covers (low-bit on CUDA, a machine without numba/triton, or a
+forward that needs gradients with respect to the activations: the kernels are inference-only)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import reference
+from .quant import PackedWeight
+
+
+@functools.cache
+def _have(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def kernel_for(x: torch.Tensor, pw: PackedWeight) -> str:
+    """Which implementation `matmul` uses for these operands: "triton", "cpu" or "reference"."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "reference"  # the kernels are inference-only; the reference is differentiable in x
+    if x.is_cuda:
+        return "triton" if pw.bits in (4, 8) and _have("triton") else "reference"
+    return "cpu" if x.device.type == "cpu" and _have("numba") else "reference"
+
+
+def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W_hat.T (+ bias), on the fastest implementation available for x's device."""
+    kind = kernel_for(x, pw)
+    if kind == "triton":
+        from . import triton_kernels
+        return triton_kernels.matmul(x, pw, bias)
+    if kind == "cpu":
+        from . import cpu_kernels
+        return cpu_kernels.matmul(x, pw, bias)
+    return reference.matmul(x, pw, bias)
+
+
+def embedding(ids: torch.Tensor, pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `ids` of a packed embedding table, dequantised: [*ids.shape, d]."""
+    flat = ids.reshape(-1)
+    if not ids.is_cuda and _have("numba"):
+        from . import cpu_kernels
+        rows = cpu_kernels.dequantize_rows(pw, flat)
+    else:
+        rows = reference.dequantize(pw, flat)
+    return rows.to(dtype).reshape(*ids.shape, pw.shape[1])

@@ -1,0 +1,81 @@
+"""Modules that hold packed weights and run them through `gpu.dispatch`: they replace nn.Linear and
+nn.Embedding when a Plan quantises them. A tied LM head shares its table with the embedding (the
+same buffers), so the bytes are held once."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .quant import PackedWeight, QuantError, quantize
+
+
+class _Packed(nn.Module):
+    def __init__(self, pw: PackedWeight):
+        super().__init__()
+        self.register_buffer("packed", pw.packed)
+        self.register_buffer("scales", pw.scales)
+        self.register_buffer("mins", pw.mins)
+        self.bits, self.group_size, self.shape = pw.bits, pw.group_size, pw.shape
+
+    @property
+    def pw(self) -> PackedWeight:
+        return PackedWeight(self.packed, self.scales, self.mins, self.bits, self.group_size, self.shape)
+
+
+class QuantLinear(_Packed):
+    """y = x @ W_hat.T + b with W_hat packed (int2/3/4/8, group-wise scales and mins)."""
+
+    def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__(pw)
+        self.out_features, self.in_features = pw.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.dtype = dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int, shared: PackedWeight | None = None):
+        pw = shared if shared is not None else quantize(linear.weight, bits, group_size).to(linear.weight.device)
+        return cls(pw, linear.bias, linear.weight.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy of the quantised weight, for code that reads `.weight` (the forward never does)."""
+        from .reference import dequantize
+        return dequantize(self.pw, dtype=self.dtype).to(self.packed.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dispatch.matmul(x, self.pw, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+class QuantEmbedding(_Packed):
+    """An nn.Embedding whose table is packed; a lookup dequantises only the rows it reads."""
+
+    def __init__(self, pw: PackedWeight, dtype: torch.dtype):
+        super().__init__(pw)
+        self.num_embeddings, self.embedding_dim = pw.shape
+        self.dtype = dtype
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int, name: str = "embedding"):
+        if type(emb) is not nn.Embedding:
+            raise QuantError(f"{name} is a {type(emb).__name__}, which changes the lookup (e.g. scales it); the "
+                             f"packed kernels run only plain nn.Embedding tables: leave {name} out of the plan")
+        if emb.max_norm is not None:
+            raise QuantError(f"{name} renormalises rows (max_norm={emb.max_norm}), which the packed lookup cannot "
+                             f"do: leave it out of the plan")
+        return cls(quantize(emb.weight, bits, group_size).to(emb.weight.device), emb.weight.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        from .reference import dequantize
+        return dequantize(self.pw, dtype=self.dtype).to(self.packed.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dispatch.embedding(ids, self.pw, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits}, group_size={self.group_size}"

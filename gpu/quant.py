@@ -1,0 +1,171 @@
+"""The packed low-bit weight format every kernel in `gpu/` runs, and round-to-nearest quantisation into it.
+
+A weight W [N, K] (N outputs, K inputs; an embedding table is [vocab, d]) is cut into groups of
+`group_size` consecutive inputs per row. Each group is quantised asymmetrically with min-max:
+
+    scale = (max - min) / (2^bits - 1),   q = clamp(round((w - min) / scale), 0, 2^bits - 1),
+    w_hat = q * scale + min
+
+`scale` and `min` are stored as float16 (the "float zero-point" of tinygemm/torchao int4, so no
+integer zero is rounded). K is padded with zero columns to a multiple of 8 only; when the group
+size does not divide it, the last group of each row is shorter (576 inputs in groups of 128 are
+four groups of 128 and one of 64), so no storage is spent on a padded group. Padded columns hold
+code 0 and meet zero activations in the kernels.
+
+Packing, per group of G values (G = the group's length; byte-planar, so unpacking needs only
+shifts and masks on contiguous slices — the same code path in Triton, numba and torch):
+
+* 8 bits: one value per byte;
+* 4 bits: byte j holds q[j] (low nibble) and q[j + G/2] (high nibble);
+* 2 bits: byte j holds q[j + t*G/4] in bits 2t..2t+1, t = 0..3;
+* 3 bits: 24-bit word j holds q[j + t*G/8] in bits 3t..3t+2, t = 0..7, stored as three byte
+  planes of G/8 bytes (low, middle, high byte of the words).
+
+So a row takes K_pad * bits / 8 bytes plus 4 bytes per group: int4 with groups of 128 costs
+4.25 bits per weight, int8 8.25 (a little more where a short last group adds a scale).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lensbench.errors import LensbenchError
+
+BITS = (2, 3, 4, 8)
+DEFAULT_GROUP_SIZE = 128
+
+
+class QuantError(LensbenchError):
+    """A quantisation request that the packed format or its kernels cannot serve."""
+
+
+def check_spec(bits, group_size, in_features: int | None = None, pad: bool = True) -> int:
+    """Validate (bits, group_size) and return the effective group size (-1 means one group per row)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise QuantError(f"bits={bits!r} is not supported; use one of {', '.join(map(str, BITS))}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+        raise QuantError(f"group_size={group_size!r} must be a positive multiple of 8, or -1 for one group per row")
+    if group_size == -1:
+        if in_features is None:
+            return -1
+        return _ceil_to(in_features, 8)
+    if group_size % 8:
+        raise QuantError(f"group_size={group_size} must be a multiple of 8 (the 3-bit packing holds 8 values in "
+                         f"3 bytes); try {max(8, group_size // 8 * 8)}")
+    if in_features is not None and in_features % group_size and not pad:
+        raise QuantError(f"group_size={group_size} does not divide in_features={in_features} and padding is off; "
+                         f"pass pad=True (a shorter last group) or a group size that divides {in_features}")
+    return group_size
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@dataclass
+class PackedWeight:
+    """A quantised [N, K] weight: packed codes [N, K_pad*bits/8] uint8, scales and mins [N, G] float16."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    bits: int
+    group_size: int  # effective (never -1)
+    shape: tuple[int, int]  # (N, K) of the original weight
+
+    @property
+    def n_groups(self) -> int:
+        return self.scales.shape[1]
+
+    @property
+    def k_padded(self) -> int:
+        """K rounded up to a multiple of 8: the inputs the codes cover."""
+        return _ceil_to(self.shape[1], 8)
+
+    def group_bounds(self) -> list[tuple[int, int]]:
+        """(first input, length) of each group; only the last can be shorter than `group_size`."""
+        kp, gs = self.k_padded, self.group_size
+        return [(g, min(gs, kp - g)) for g in range(0, kp, gs)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the three tensors, measured from their storage."""
+        return sum(t.untyped_storage().nbytes() for t in (self.packed, self.scales, self.mins))
+
+    def to(self, device) -> "PackedWeight":
+        return PackedWeight(self.packed.to(device), self.scales.to(device), self.mins.to(device), self.bits,
+                            self.group_size, self.shape)
+
+    def __repr__(self) -> str:
+        n, k = self.shape
+        return f"PackedWeight(int{self.bits}, group {self.group_size}, [{n}, {k}], {self.nbytes / 1e6:.2f} MB)"
+
+
+@torch.no_grad()
+def quantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE, pad: bool = True) -> PackedWeight:
+    """Round-to-nearest, group-wise asymmetric quantisation of `weight` [N, K] into the packed format."""
+    if weight.dim() != 2:
+        raise QuantError(f"only 2-D weights can be quantised, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    gs = check_spec(bits, group_size, k, pad)
+    w = weight.detach().to(torch.float32)
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise QuantError(f"the weight holds {bad} NaN/Inf values; quantising it would hide them: fix or reload "
+                         f"the model's weights first")
+    if w.numel() and w.abs().max() > 65504:
+        raise QuantError("the weight has values beyond float16's range (65504), which its scales cannot hold; "
+                         "keep this layer in full precision")
+    k_pad = _ceil_to(k, 8)
+    w = torch.nn.functional.pad(w, (0, k_pad - k))
+    real = torch.arange(k_pad) < k
+    qmax = (1 << bits) - 1
+    codes, scales, mins = [], [], []
+    for g0 in range(0, k_pad, gs):  # at most two distinct lengths: full groups and a shorter last one
+        wg, rg = w[:, g0:g0 + gs], real[g0:g0 + gs]
+        lo = wg[:, rg].amin(-1) if rg.any() else torch.zeros(n)
+        hi = wg[:, rg].amax(-1) if rg.any() else torch.zeros(n)
+        s16 = ((hi - lo) / qmax).clamp_min(1e-8).to(torch.float16)
+        m16 = lo.to(torch.float16)
+        q = torch.round((wg - m16.float()[:, None]) / s16.float().clamp_min(6e-8)[:, None]).clamp_(0, qmax)
+        codes.append(_pack(torch.where(rg, q, 0).to(torch.uint8)[:, None, :], bits)[:, 0])
+        scales.append(s16)
+        mins.append(m16)
+    return PackedWeight(torch.cat(codes, 1).contiguous(), torch.stack(scales, 1).contiguous(),
+                        torch.stack(mins, 1).contiguous(), bits, gs, (n, k))
+
+
+def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """[N, G, length] codes -> [N, G, length*bits/8] bytes in the byte-planar layout of the module docstring."""
+    if bits == 8:
+        return q
+    if bits in (4, 2):
+        per = 8 // bits
+        parts = q.unflatten(-1, (per, -1)).to(torch.int32)  # part t = q[t*gs/per : (t+1)*gs/per]
+        word = sum(parts[..., t, :] << (bits * t) for t in range(per))
+        return word.to(torch.uint8)
+    parts = q.unflatten(-1, (8, -1)).to(torch.int32)  # 3 bits: 8 slices of gs/8
+    word = sum(parts[..., t, :] << (3 * t) for t in range(8))
+    return torch.cat([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1).to(torch.uint8)
+
+
+def unpack(pw: PackedWeight, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+    """The integer codes [n, K_pad] (uint8) of the chosen rows (all by default)."""
+    p = pw.packed if rows is None else pw.packed[rows]
+    bits = pw.bits
+    if bits == 8:
+        return p
+    out, off = [], 0
+    for _, length in pw.group_bounds():
+        nbytes = length * bits // 8
+        g = p[:, off:off + nbytes]
+        off += nbytes
+        if bits in (4, 2):
+            per, mask = 8 // bits, (1 << bits) - 1
+            out += [(g >> (bits * t)) & mask for t in range(per)]
+        else:
+            planes = g.to(torch.int32).unflatten(-1, (3, length // 8))
+            word = planes[..., 0, :] | (planes[..., 1, :] << 8) | (planes[..., 2, :] << 16)
+            out += [((word >> (3 * t)) & 7).to(torch.uint8) for t in range(8)]
+    return torch.cat(out, dim=-1)

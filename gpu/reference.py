@@ -1,0 +1,27 @@
+"""Plain reference implementations the kernels are tested against: dequantise everything, then matmul.
+
+Slow and memory-hungry on purpose (the whole dense weight is materialised); correctness only.
+"""
+from __future__ import annotations
+
+import torch
+
+from .quant import PackedWeight, unpack
+
+
+def dequantize(pw: PackedWeight, rows: torch.Tensor | slice | None = None, dtype=torch.float32) -> torch.Tensor:
+    """The dense weight [n, K] the packed codes stand for (the chosen rows, all by default)."""
+    q = unpack(pw, rows).to(torch.float32)
+    scales = (pw.scales if rows is None else pw.scales[rows]).float()
+    mins = (pw.mins if rows is None else pw.mins[rows]).float()
+    lengths = torch.tensor([length for _, length in pw.group_bounds()])
+    w = q * scales.repeat_interleave(lengths, dim=1) + mins.repeat_interleave(lengths, dim=1)
+    return w[:, : pw.shape[1]].to(dtype)
+
+
+def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W_hat.T (+ bias), computed in float32, returned in x's dtype."""
+    y = x.float() @ dequantize(pw).to(x.device).T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

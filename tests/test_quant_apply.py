@@ -1,0 +1,145 @@
+"""Quantisation Plans applied for real: linear layers (and embeddings) are swapped for modules holding
+packed codes, their outputs equal the dequantised ("fake-quant") model's, generation with the KV cache
+works, bytes shrink as measured, the dense model comes back, and bad plans are refused up front."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lensbench.apply import apply, weight_bytes
+from lensbench.errors import PlanError
+from lensbench.gpu import reference
+from lensbench.gpu.modules import QuantEmbedding, QuantLinear
+from lensbench.gpu.quant import quantize
+from lensbench.plan import Plan
+from lensbench.profiling import model_card
+
+ARCHS = ["llama", "gpt2", "qwen2", "bert"]
+
+
+def fake_quant(model, targets):
+    """The same network the obvious way: each targeted weight replaced by its dequantised copy."""
+    module = copy.deepcopy(model.module)
+    with torch.no_grad():
+        for name, (bits, gs) in targets.items():
+            w = module.get_submodule(name).weight
+            if type(module.get_submodule(name)).__name__ == "Conv1D":  # weight stored [in, out]
+                w.copy_(reference.dequantize(quantize(w.T, bits, gs)).T)
+            else:
+                w.copy_(reference.dequantize(quantize(w, bits, gs)))
+    return module
+
+
+def _ids(model, n=2, t=12):
+    return torch.randint(5, model.module.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_quantisation_equals_fake_quant_and_restores(tiny, arch):
+    model = tiny(arch)
+    card = model_card(model)
+    block = card["units"]["block"]
+    plan = Plan.quantize(card, {block.format(i=0): (4, 32), block.format(i=1): (8, 64)})
+    targets = plan.quant_targets(model)
+    assert len(targets) >= 8  # every linear (GPT-2: Conv1D) of the two blocks
+    ids = _ids(model)
+    dense = model.module(input_ids=ids).logits if model.is_causal_lm else model.module(input_ids=ids)[0]
+    expected_module = fake_quant(model, targets)
+    expected = expected_module(input_ids=ids)
+    expected = expected.logits if model.is_causal_lm else expected[0]
+    with apply(model, plan):
+        swapped = [n for n, m in model.module.named_modules() if isinstance(m, QuantLinear)]
+        out = model.module(input_ids=ids)
+        out = out.logits if model.is_causal_lm else out[0]
+    assert sorted(swapped) == sorted(targets)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out, dense, atol=1e-4)  # quantisation did something
+    after = model.module(input_ids=ids)
+    after = after.logits if model.is_causal_lm else after[0]
+    assert torch.equal(after, dense)  # the dense model is back
+
+
+def test_generation_with_kv_cache_matches_fake_quant(tiny):
+    model = tiny("llama")
+    card = model_card(model)
+    plan = Plan.quantize(card, {"re:.*layers\\.\\d+\\..*": (4, 32)})
+    ids = _ids(model, 1, 8)
+    ref = fake_quant(model, plan.quant_targets(model)).generate(ids, max_new_tokens=6, do_sample=False)
+    with apply(model, plan):
+        out = model.module.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_whole_model_int4_bytes_and_tied_head_shares_the_table(tiny):
+    model = tiny("llama")
+    emb = model.module.get_input_embeddings()
+    head = model.module.get_output_embeddings()
+    tied = head.weight.data_ptr() == emb.weight.data_ptr()
+    card = model_card(model)
+    names = {n: (4, 32) for n, m in model.module.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+    plan = Plan.quantize(card, names)
+    dense_bytes = weight_bytes(model.module)
+    with apply(model, plan):
+        q_bytes = weight_bytes(model.module)
+        assert isinstance(model.module.get_input_embeddings(), QuantEmbedding)
+        if tied:
+            assert model.module.get_output_embeddings().packed is model.module.get_input_embeddings().packed
+    params = sum(p.numel() for p in model.module.parameters())
+    assert params * 4 <= dense_bytes <= params * 4 + 1024  # + small buffers (rotary frequencies)
+    assert q_bytes < 0.2 * dense_bytes  # float32 -> 4.x bits (norm weights stay dense)
+    assert weight_bytes(model.module) == dense_bytes
+
+
+def test_requantisation_is_cached_across_entries(tiny):
+    model = tiny("llama")
+    plan = Plan.quantize(model_card(model), {model_card(model)["units"]["mlp"].format(i=0): (4, 32)})
+    with apply(model, plan):
+        first = [m.packed for m in model.module.modules() if isinstance(m, QuantLinear)]
+    with apply(model, plan):
+        second = [m.packed for m in model.module.modules() if isinstance(m, QuantLinear)]
+    assert all(a is b for a, b in zip(first, second, strict=True))
+
+
+def test_quantise_and_drop_in_one_plan(tiny):
+    model = tiny("llama")
+    card = model_card(model)
+    u = card["units"]
+    plan = Plan(actions={u["attn"].format(i=1): {"op": "drop"}, u["block"].format(i=0): {"op": "quant", "bits": 8,
+                                                                                          "group_size": 32}},
+                model=Plan.drop(card, []).model)
+    ids = _ids(model)
+    with apply(model, plan):
+        model.module(input_ids=ids)
+        assert any(isinstance(m, QuantLinear) for m in model.module.modules())
+
+
+@pytest.mark.parametrize("action,msg", [
+    ({"op": "quant", "bits": 5, "group_size": 32}, "bits=5"),
+    ({"op": "quant", "bits": 4, "group_size": 20}, "multiple of 8"),
+])
+def test_bad_quant_actions_are_refused_on_load(tmp_path, tiny, action, msg):
+    model = tiny("llama")
+    plan = Plan.drop(model_card(model), [])
+    plan.actions = {"model.layers.0": action}
+    path = plan.save(tmp_path / "p.json")
+    with pytest.raises(PlanError, match=msg):
+        Plan.load(path)
+
+
+def test_quant_names_the_model_lacks_are_refused_before_work(tiny):
+    model = tiny("llama")
+    plan = Plan.quantize(model_card(model), {"model.layers.0.mlp.not_there": (4, 32)})
+    with pytest.raises(PlanError, match="no linear or embedding layer by that name"):
+        plan.resolve(model)
+
+
+def test_embedding_the_kernels_cannot_run_is_refused(tiny):
+    model = tiny("gemma")  # Gemma scales its embedding lookup by sqrt(d)
+    emb_name = next(n for n, m in model.module.named_modules() if m is model.module.get_input_embeddings())
+    plan = Plan.quantize(model_card(model), {emb_name: (8, 32)})
+    with pytest.raises(Exception, match="plain nn.Embedding"):
+        with apply(model, plan):
+            pass
+    ids = _ids(model)
+    model.module(input_ids=ids)  # nothing was left half-applied

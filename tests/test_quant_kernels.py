@@ -1,0 +1,122 @@
+"""Packed low-bit weights: the format round-trips, every kernel (numba CPU path, Triton under
+TRITON_INTERPRET=1) matches the dequantise-then-matmul reference on every shape, including shapes
+the group size does not divide, and bad requests are refused with one clear error."""
+import math
+
+import pytest
+import torch
+
+from lensbench.gpu import cpu_kernels, dispatch, quant, reference
+from lensbench.gpu.quant import QuantError
+
+SHAPES = [(40, 100, 32), (33, 136, 64), (64, 256, 128), (24, 72, -1), (16, 520, 128)]  # (N, K, group)
+
+
+def _weight(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g) * 0.1
+
+
+@pytest.mark.parametrize("bits", quant.BITS)
+@pytest.mark.parametrize("n,k,gs", SHAPES)
+def test_codes_round_trip_and_error_is_half_a_step(bits, n, k, gs):
+    w = _weight(n, k)
+    pw = quant.quantize(w, bits, gs)
+    codes = quant.unpack(pw)
+    assert codes.shape == (n, -(-k // 8) * 8) and int(codes.max()) <= (1 << bits) - 1
+    assert codes[:, k:].eq(0).all()  # padding columns hold code 0
+    w_hat = reference.dequantize(pw)
+    assert w_hat.shape == w.shape
+    # each value is within half a quantisation step of the original (plus float16 rounding of scale/min)
+    step = torch.cat([pw.scales[:, i:i + 1].float().expand(-1, length) for i, (_, length)
+                      in enumerate(pw.group_bounds())], 1)[:, :k]
+    assert ((w_hat - w).abs() <= step / 2 + 2e-3 * w.abs().max()).all()
+    # re-quantising the codes' dense values gives the same codes (the format is a fixed point)
+    again = quant.quantize(w_hat, bits, gs)
+    assert (reference.dequantize(again) - w_hat).abs().max() <= 1e-3 * w.abs().max()
+
+
+@pytest.mark.parametrize("bits", quant.BITS)
+def test_packed_bytes_are_what_the_format_says(bits):
+    n, k, gs = 64, 576, 128
+    pw = quant.quantize(_weight(n, k), bits, gs)
+    groups = math.ceil(k / gs)
+    assert pw.packed.dtype == torch.uint8 and pw.scales.dtype == torch.float16
+    assert pw.nbytes == n * k * bits // 8 + n * groups * 4
+    if bits == 4:
+        assert pw.nbytes <= 0.3 * n * k * 2
+    if bits == 8:
+        assert pw.nbytes <= 0.55 * n * k * 2
+
+
+@pytest.mark.parametrize("bits", quant.BITS)
+@pytest.mark.parametrize("n,k,gs", SHAPES)
+@pytest.mark.parametrize("rows", [1, 5, 40])  # decode (gemv) and prefill (tiled) paths
+def test_cpu_kernel_matches_reference(bits, n, k, gs, rows):
+    pw = quant.quantize(_weight(n, k), bits, gs)
+    x = torch.randn(rows, k)
+    bias = torch.randn(n)
+    ref = reference.matmul(x, pw, bias)
+    out = cpu_kernels.matmul(x, pw, bias)
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_cpu_tiled_path_holds_one_tile_not_the_weight():
+    pw = quant.quantize(_weight(600, 64), 4, 32)
+    x = torch.randn(30, 64)
+    out = cpu_kernels.tiled(x, pw, tile=128)  # 5 tiles, the last one short
+    assert torch.allclose(out, reference.matmul(x, pw), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k,gs", [(40, 100, 32), (70, 200, 64), (24, 72, -1)])
+@pytest.mark.parametrize("rows", [1, 19])
+def test_triton_kernel_matches_reference_in_interpreter(dtype, tol, bits, n, k, gs, rows):
+    pytest.importorskip("triton")
+    from lensbench.gpu import triton_kernels
+
+    pw = quant.quantize(_weight(n, k), bits, gs)
+    x = torch.randn(rows, k).to(dtype)
+    ref = reference.matmul(x.float(), pw)
+    out = triton_kernels.matmul(x, pw)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert (out.float() - ref).abs().max() <= tol * ref.abs().max()
+
+
+def test_dispatch_picks_the_cpu_kernel_on_cpu_and_embedding_lookup_reads_rows():
+    pw = quant.quantize(_weight(50, 40), 4, 32)
+    assert dispatch.kernel_for(torch.zeros(1, 40), pw) == "cpu"
+    ids = torch.tensor([[3, 7, 3], [49, 0, 1]])
+    rows = dispatch.embedding(ids, pw, torch.float32)
+    assert rows.shape == (2, 3, 40)
+    assert torch.equal(rows, reference.dequantize(pw)[ids])
+
+
+@pytest.mark.parametrize("bits,gs,msg", [(5, 128, "bits=5"), (4, 12, "multiple of 8"), (4, 0, "positive"),
+                                         (True, 128, "bits=True"), (8, 64.0, "group_size=64.0")])
+def test_bad_specs_are_refused(bits, gs, msg):
+    with pytest.raises(QuantError, match=msg):
+        quant.quantize(_weight(4, 64), bits, gs)
+
+
+def test_unpadded_group_that_does_not_divide_is_refused():
+    with pytest.raises(QuantError, match="does not divide in_features=100"):
+        quant.quantize(_weight(4, 100), 4, 64, pad=False)
+    quant.quantize(_weight(4, 128), 4, 64, pad=False)  # divides: fine
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_and_inf_weights_are_refused(bad):
+    w = _weight(4, 64)
+    w[1, 3] = bad
+    with pytest.raises(QuantError, match="NaN/Inf"):
+        quant.quantize(w, 4, 32)
+
+
+def test_weights_beyond_float16_range_are_refused():
+    w = _weight(4, 64)
+    w[0, 0] = 1e6
+    with pytest.raises(QuantError, match="float16"):
+        quant.quantize(w, 8, 32)
