@@ -134,6 +134,15 @@ def removed_states(model: Model, dense: DenseRun, units: Sequence[Unit]) -> torc
 
 
 @torch.no_grad()
+def states_from(model: Model, dense: DenseRun, first: int) -> torch.Tensor:
+    """[N, d] final-normed states when layers before `first` are replayed from the dense run and the
+    rest runs as the model now is (e.g. with layer `first` onwards changed in place)."""
+    with replaying(model, {j: dense.post[j] for j in range(first)}):
+        out = model.adapter.base(**dense.batch.model_inputs(), use_cache=False)
+    return out.last_hidden_state[dense.mask]
+
+
+@torch.no_grad()
 def token_scores(model: Model, dense: DenseRun, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per scored token: KL(p_dense || q) and the next-token loss under q (NaN where the text ends),
     for the changed model's final-normed states. Chunked so vocabulary-sized temporaries stay small."""

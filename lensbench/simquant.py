@@ -1,0 +1,61 @@
+"""Quantisation simulated in place, for measurements that try many candidates (sensitivity scans,
+allocation searches): each targeted weight is overwritten with its dequantised packed value and
+put back afterwards. The network computes what the packed model computes (up to float summation
+order; tested), without swapping modules — but it saves no bytes and runs no faster, so bytes and
+speed are only ever reported from `apply`, which runs the packed weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .model import Model
+from .plan import _is_conv1d
+
+
+def block_linears(model: Model) -> list[str]:
+    """Names, relative to a block, of the linear layers in every block (those of block 0)."""
+    block = model.adapter.blocks[0]
+    return [n for n, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)]
+
+
+def linear_params(model: Model, layer: int) -> dict[str, int]:
+    """{relative name: weight elements} of block `layer`'s linear layers."""
+    block = model.adapter.blocks[layer]
+    return {n: block.get_submodule(n).weight.numel() for n in block_linears(model)}
+
+
+def dequantised(weight: torch.Tensor, bits: int, group_size: int, conv1d: bool = False) -> torch.Tensor:
+    from lensbench.gpu.quant import quantize
+    from lensbench.gpu.reference import dequantize
+
+    if conv1d:
+        return dequantize(quantize(weight.T, bits, group_size)).T.to(weight.dtype)
+    return dequantize(quantize(weight, bits, group_size)).to(weight.dtype)
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def simulated(model: Model, targets: dict[str, tuple[int, int]], cache: dict | None = None) -> Iterator[Model]:
+    """Inside the block, the weights named in `targets` ({module name: (bits, group size)}) hold their
+    quantised values. `cache` ({(name, bits, group): dense tensor}) avoids quantising again."""
+    root = model.module
+    saved = []
+    try:
+        for name, (bits, gs) in targets.items():
+            module = root.get_submodule(name)
+            key = (name, bits, gs)
+            q = cache.get(key) if cache is not None else None
+            if q is None:
+                q = dequantised(module.weight, bits, gs, _is_conv1d(module))
+                if cache is not None:
+                    cache[key] = q
+            saved.append((module.weight, module.weight.detach().clone()))
+            module.weight.copy_(q)
+        yield model
+    finally:
+        for w, original in saved:
+            w.copy_(original)
