@@ -223,3 +223,6 @@ def evo(profile: Profile, budget: float, *, model=None, texts=None, kind: str = 
     plan = Plan.drop(profile.model, result.units, predicted={"calibration_kl": result.fitness})
     plan.meta = {"search": result.record()}
     return plan
+
+
+from . import bitalloc  # noqa: E402,F401  (registers the bit-allocation policies)
