@@ -258,7 +258,9 @@ def cmd_plan(args) -> int:
     if args.policy not in POLICIES:
         raise LensbenchError(f"unknown policy {args.policy!r}: use one of {', '.join(POLICIES)}")
     options = {k: v for k, v in {"ranking": args.ranking, "iterative": args.iterative or None, "seed": args.seed,
-                                 "kind": args.kind, "generations": args.generations}.items() if v is not None}
+                                 "kind": args.kind, "generations": args.generations, "levels": args.levels,
+                                 "reverse": args.reverse or None, "unit": args.unit,
+                                 "group_size": args.group_size}.items() if v is not None}
     model = texts = None
     if POLICIES[args.policy].needs_model or args.iterative:
         model = load(args.model or _model_source(profile.model))
@@ -268,7 +270,11 @@ def cmd_plan(args) -> int:
     plan = make_plan(args.policy, profile, args.budget, model=model, texts=texts, **options)
     path = plan.save(args.out)
     print(repr(plan))
-    print("removes " + (", ".join(str(u) for u in plan.units()) or "nothing"))
+    quant = plan.quant_actions()
+    if quant:
+        print("quantises " + ", ".join(f"{k} int{b}" for k, (b, _) in quant.items()))
+    else:
+        print("removes " + (", ".join(str(u) for u in plan.units()) or "nothing"))
     if plan.predicted:
         print("predicted: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in plan.predicted.items() if k != "rounds"))
@@ -301,6 +307,22 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import EXPORTERS, export, write
+    from .load import load
+    from .plan import Plan
+
+    if args.format not in EXPORTERS:
+        raise LensbenchError(f"unknown export format {args.format!r}: use one of {', '.join(EXPORTERS)}")
+    plan = Plan.load(args.plan)
+    model = load(args.model or _model_source(plan.model))
+    doc, suffix = export(plan, model, args.format)
+    out = Path(args.out) if args.out else Path(args.plan).with_suffix("").with_suffix(f".{suffix}")
+    write(doc, out)
+    print(f"wrote {out}" + (f" and {out.with_suffix('.py')}" if args.format == "torchao" else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import SITES
     from .analyses.channels import NULLS
@@ -318,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=int, help="truncate each text to this many tokens (default 128)")
     pr.add_argument("--batch-size", type=int, default=8)
     pr.add_argument("--analyses", default="redundancy",
-                    help="comma-separated: redundancy, ablation, skip_effect, geometry, channels")
+                    help="comma-separated: redundancy, ablation, skip_effect, geometry, quant_sensitivity, "
+                    "weight_outliers, channels")
     pr.add_argument("--overwrite", action="store_true", help="replace a profile of another model in --out")
     pr.set_defaults(fn=cmd_profile)
 
@@ -366,11 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="turn a profile into a plan (what to drop or skip) under a budget")
     pl.add_argument("profile", help="profile directory or profile.json")
     pl.add_argument("--policy", required=True, help="drop-block, drop-attn, drop-mlp, drop-joint, balanced-skip, "
-                    "ranking-skip or evo (see lensbench.policies)")
+                    "ranking-skip, evo, bits-rank, bits-dp or bits-bisect (see lensbench.policies, .bitalloc)")
     pl.add_argument("--budget", type=float, required=True,
-                    help="drop/evo: units to remove (count, or fraction below 1); skip policies: target speed-up")
+                    help="drop/evo: units to remove (count, or fraction below 1); skip policies: target speed-up; "
+                    "bits-rank/bits-dp: average bits; bits-bisect: calibration KL bound")
     pl.add_argument("--out", required=True, help="plan JSON file to write")
-    pl.add_argument("--ranking", help="redundancy, ablation, geometry, skip, random or score:NAME")
+    pl.add_argument("--ranking", help="redundancy, ablation, geometry, skip, random or score:NAME; bit policies: "
+                    "lim, zd, quant, random or score:NAME")
     pl.add_argument("--iterative", action="store_true", help="drop one unit per round and re-score (runs the model)")
     pl.add_argument("--kind", choices=("block", "sublayer"), help="evo: search over blocks or attention+MLP sublayers")
     pl.add_argument("--generations", type=int, help="evo: generations (default 30)")
@@ -378,7 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", help="model for searches (default: where the profile's model came from)")
     pl.add_argument("--texts", help="calibration text file for searches (default: BBC news calibration split)")
     pl.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens for searches")
+    pl.add_argument("--levels", help="bit policies: bit-widths, e.g. 4,2 (high,low) or 2,3,4,8 (bits-dp)")
+    pl.add_argument("--reverse", action="store_true", help="bits-rank: most important blocks low (a control)")
+    pl.add_argument("--unit", choices=("block", "linear"), help="bits-dp: allocate per block or per linear")
+    pl.add_argument("--group-size", type=int, help="bit policies: quantisation group size (default 128)")
     pl.set_defaults(fn=cmd_plan)
+
+    ex = sub.add_parser("export", help="write a mixed-precision plan for torchao, llm-compressor or GPTQModel")
+    ex.add_argument("plan")
+    ex.add_argument("--format", required=True, help="torchao, llm-compressor or gptqmodel")
+    ex.add_argument("--model", help="the plan's model (default: where its profile's model came from)")
+    ex.add_argument("--out", help="file to write (default: next to the plan)")
+    ex.set_defaults(fn=cmd_export)
 
     ev = sub.add_parser("evaluate", help="apply a plan for real and measure quality, speed and memory vs dense")
     ev.add_argument("model")

@@ -67,7 +67,7 @@ class Plan:
         names = unit_templates(card)
         ordered = sorted(set(units))
         actions = {names[u.kind].format(i=u.layer): {"op": "drop"} for u in ordered}
-        keep = ("name", "fingerprint", "n_layers", "class", "units")
+        keep = ("name", "fingerprint", "n_layers", "class", "units", "source")
         return cls(actions, {k: card[k] for k in keep if k in card} | {"units": names}, policy or {},
                    predicted or {})
 
