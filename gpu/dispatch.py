@@ -20,6 +20,13 @@ def _have(module: str) -> bool:
         return False
 
 
+CPU_KERNELS = _have("numba")
+if CPU_KERNELS:
+    from .cpu_kernels import matmul as cpu_matmul  # noqa: E402
+else:  # pragma: no cover
+    cpu_matmul = reference.matmul
+
+
 def kernel_for(x: torch.Tensor, pw: PackedWeight) -> str:
     """Which implementation `matmul` uses for these operands: "triton", "cpu" or "reference"."""
     if torch.is_grad_enabled() and x.requires_grad:

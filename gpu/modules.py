@@ -20,7 +20,11 @@ class _Packed(nn.Module):
 
     @property
     def pw(self) -> PackedWeight:
-        return PackedWeight(self.packed, self.scales, self.mins, self.bits, self.group_size, self.shape)
+        pw = self.__dict__.get("_pw")
+        if pw is None or pw.packed is not self.packed or pw.scales is not self.scales:  # e.g. after .to(device)
+            pw = PackedWeight(self.packed, self.scales, self.mins, self.bits, self.group_size, self.shape)
+            self.__dict__["_pw"] = pw
+        return pw
 
 
 class QuantLinear(_Packed):
@@ -44,6 +48,8 @@ class QuantLinear(_Packed):
         return dequantize(self.pw, dtype=self.dtype).to(self.packed.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if dispatch.CPU_KERNELS and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            return dispatch.cpu_matmul(x, self.pw, self.bias)  # the common case, without the dispatch checks
         return dispatch.matmul(x, self.pw, self.bias)
 
     def extra_repr(self) -> str:

@@ -74,6 +74,14 @@ class PackedWeight:
     group_size: int  # effective (never -1)
     shape: tuple[int, int]  # (N, K) of the original weight
 
+    def numpy_views(self):
+        """(packed, scales as uint16 bits, mins as uint16 bits) numpy views for the CPU kernels, made once."""
+        views = self.__dict__.get("_np")
+        if views is None:
+            views = (self.packed.numpy(), self.scales.numpy().view("uint16"), self.mins.numpy().view("uint16"))
+            self.__dict__["_np"] = views
+        return views
+
     @property
     def n_groups(self) -> int:
         return self.scales.shape[1]
