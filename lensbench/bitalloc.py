@@ -5,7 +5,8 @@ parameter counts (scales and mins are not counted; the embedding and LM head sta
 All policies write `{"op": "quant"}` Plans; `predicted` holds the exact average they reach.
 
 * `bits-rank` (LayerwiseQuant, METHODS.md §7): two levels (`levels="hi,lo"`); the n least important
-  blocks by a ranking go to `lo`, the rest to `hi`, with n = round((hi - budget)/(hi - lo) * L).
+  blocks by a ranking go to `lo`, the rest to `hi`, with n = ceil((hi - budget)/(hi - lo) * L), the fewest
+  that keep the average at or below the budget.
   Rankings: `lim` (the redundancy block cosine), `zd`, `quant` (measured KL of the block at `lo`),
   `random`, or `score:NAME`; `reverse=True` puts the *most* important at `lo` (the control).
 * `bits-dp` (EvoPress's DP baseline, §8.3): knapsack dynamic programming on the measured per-unit
@@ -16,6 +17,8 @@ All policies write `{"op": "quant"}` Plans; `predicted` holds the exact average 
   nats per token; bisection, so about log2(L) end-to-end measurements (needs the model).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -118,7 +121,7 @@ def bits_rank(profile: Profile, budget: float, *, ranking: str = "lim", levels: 
     _check_budget(budget, lo, hi)
     _check_group(group_size)
     L = int(profile.model["n_layers"])
-    n_lo = int(round((hi - budget) / (hi - lo) * L)) if hi != lo else 0
+    n_lo = math.ceil((hi - budget) / (hi - lo) * L - 1e-9) if hi != lo else 0  # never above the budget
     order = block_order(profile, ranking, lo, seed)
     if reverse:
         order = order[::-1]
