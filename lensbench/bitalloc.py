@@ -229,6 +229,16 @@ def bits_bisect(profile: Profile, budget: float, *, model=None, texts=None, rank
     return plan
 
 
+def make_plan_quiet(policy: str, profile: Profile, budget: float, **options):
+    """A plan from another bit policy, or None when the profile cannot make it (used for search seeds)."""
+    from .policies import POLICIES
+
+    try:
+        return POLICIES[policy].fn(profile, budget, **options)
+    except PlanError:
+        return None
+
+
 class CalibrationKL:
     """KL(dense || quantised) per token on calibration text for a bits assignment
     {(layer, linear name): bits}, with the quantisation simulated and the unchanged prefix replayed."""
@@ -242,7 +252,8 @@ class CalibrationKL:
         self.cache: dict = {}  # dequantised weights, shared across evaluations
         self.n_tokens = 0
 
-    def __call__(self, bits_of: dict[tuple[int, str], int]) -> float:
+    def __call__(self, bits_of: dict[tuple[int, str], int], runs=None) -> float:
+        """Mean KL per token on all calibration batches, or on `runs` (a minibatch)."""
         from .replay import states_from, token_scores
         from .simquant import simulated
 
@@ -251,9 +262,12 @@ class CalibrationKL:
         first = min((i for (i, _), b in bits_of.items() if b < 16), default=self.model.n_layers)
         total, n = 0.0, 0
         with simulated(self.model, targets, self.cache):
-            for run in self.runs:
+            for run in self.runs if runs is None else runs:
                 kl, _ = token_scores(self.model, run, states_from(self.model, run, first))
                 total += float(kl.sum())
                 n += run.n_tokens
         self.n_tokens += n
         return total / n
+
+
+from . import evo_bits  # noqa: E402,F401  (registers the evolutionary bit search)

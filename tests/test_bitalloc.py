@@ -100,3 +100,19 @@ def test_missing_sensitivity_is_named(tiny, texts):
     prof = profile_model(model, texts, analyses=["redundancy"], batch_size=4, seq_len=32, progress=False)
     with pytest.raises(PlanError, match="quant_sensitivity"):
         make_plan("bits-dp", prof, 4.0)
+
+
+@pytest.mark.parametrize("unit", ["block", "linear"])
+def test_evo_bits_never_ends_worse_than_its_seeds_and_keeps_the_budget(quant_profile, unit):
+    model, prof = quant_profile
+    from lensbench.testing import SAMPLE_TEXTS
+
+    plan = make_plan("evo-bits", prof, 3.5, model=model, texts=list(SAMPLE_TEXTS), unit=unit, group_size=32,
+                     generations=4, offspring=4)
+    search = plan.meta["search"]
+    assert plan.predicted["average_bits"] <= 3.5 + 1e-9
+    assert plan.predicted["calibration_kl"] <= min(search["start_calibration_kl"].values()) + 1e-12
+    assert search["calibration_kl_by_generation"] == sorted(search["calibration_kl_by_generation"], reverse=True)
+    assert {"dp", "rank-quant"} <= set(search["start_calibration_kl"])
+    with apply(model, plan):
+        pass
