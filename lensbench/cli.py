@@ -323,6 +323,40 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_concept_depth(args) -> int:
+    from .load import load
+    from .probes.run import concept_depth_profile
+    from .probes.tasks import TASKS, load_task, load_task_file
+    from .probes.trainer import ProbeConfig
+    from .profile import Profile
+
+    model = load(args.model)
+    names = list(TASKS) if args.tasks == "all" else [t for t in args.tasks.split(",") if t]
+    tasks = [load_task_file(t, n_per_class=args.n_per_class) if Path(t).suffix in (".csv", ".jsonl")
+             else load_task(t, args.n_per_class) for t in names]
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise LensbenchError(f"--seeds {args.seeds!r} must be integers separated by commas") from None
+    cfg = ProbeConfig(folds=args.folds, seeds=seeds)
+    site = args.site or ("paper" if model.is_causal_lm else "resid")
+    conditions = [c for c in args.conditions.split(",") if c]
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else out / "activations"
+    prof = concept_depth_profile(model, tasks, cache, site=site, conditions=conditions, cfg=cfg,
+                                 seq_len=resolve_seq_len(model, args.seq_len or 256))
+    if (out / "profile.json").is_file():
+        old = Profile.load(out, model=model)
+        old.merge(prof)
+        prof = old
+    prof.save(out)
+    table = prof.tables["concept_depth"].to_frame()
+    table.to_csv(out / "concept_depth.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {out / 'profile.json'} and {out / 'concept_depth.csv'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import SITES
     from .analyses.channels import NULLS
@@ -415,6 +449,20 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", help="the plan's model (default: where its profile's model came from)")
     ex.add_argument("--out", help="file to write (default: next to the plan)")
     ex.set_defaults(fn=cmd_export)
+
+    cd = sub.add_parser("concept-depth", help="layer-wise probes per task: accuracy curves, controls, concept depth")
+    cd.add_argument("model")
+    cd.add_argument("--tasks", default="all", help="comma-separated task names (see lensbench.probes.tasks), 'all', "
+                    "or CSV/JSONL files with text,label columns")
+    cd.add_argument("--out", required=True, help="directory for profile.json and concept_depth.csv")
+    cd.add_argument("--site", choices=("paper", "resid"), help="representation (default: paper for causal LMs)")
+    cd.add_argument("--conditions", default="clean", help="comma-separated: clean, noise, int8, int4")
+    cd.add_argument("--n-per-class", type=int, default=1000)
+    cd.add_argument("--seeds", default="0,1,2")
+    cd.add_argument("--folds", type=int, default=5)
+    cd.add_argument("--seq-len", type=int, help="longest text in tokens (default 256)")
+    cd.add_argument("--cache", help="activation store directory (default OUT/activations); reused by later runs")
+    cd.set_defaults(fn=cmd_concept_depth)
 
     ev = sub.add_parser("evaluate", help="apply a plan for real and measure quality, speed and memory vs dense")
     ev.add_argument("model")

@@ -1,0 +1,154 @@
+"""Concept depth of a model: capture each task's representations once (into an activation store, so a
+second run on the same model and data reads them back), probe every layer, add controls and
+robustness conditions, and write it all into the Profile.
+
+Representations (`site`): "paper" = the normalised mid-block state (the input of the MLP's norm
+output, i.e. `post_attention_layernorm` output in Llama, the paper's tap), "resid" = the residual
+stream after each block. Position: the last token for causal LMs (as the paper), the mean over
+tokens for encoders (their sentence-embedding convention).
+
+Conditions: "clean"; "noise" — three identical random letters ('aaa' or 'bbb', seeded) prepended
+to every text without a separator, as in the paper's code; "int8" / "int4" — every block linear
+quantised with lensbench's packed weights through `apply` (group 128).
+
+Controls: the same probe trained on the task's labels shuffled (same balance, seeded); selectivity
+= task accuracy - control accuracy, per layer.
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lensbench.adapters import site_name
+from lensbench.errors import LensbenchError
+from lensbench.model import Model
+from lensbench.profile import LayerScores, Table
+
+from .depth import concept_depth
+from .tasks import Task
+from .trainer import ProbeConfig, fit_probes
+
+SITES = {"paper": "ln2.hook_normalized", "resid": "hook_resid_post"}
+DEFAULT_PROBES = ProbeConfig()
+CONDITIONS = ("clean", "noise", "int8", "int4")
+
+
+def noisy(texts: Sequence[str], seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [chr(97 + int(rng.integers(2))) * 3 + t for t in texts]
+
+
+def _quant_context(model: Model, condition: str):
+    if condition not in ("int8", "int4"):
+        return nullcontext()
+    from lensbench.apply import apply
+    from lensbench.plan import Plan
+    from lensbench.profiling import model_card
+
+    card = model_card(model)
+    bits = int(condition[3:])
+    plan = Plan.quantize(card, {card["units"]["block"].format(i=i): (bits, 128) for i in range(model.n_layers)})
+    return apply(model, plan)
+
+
+def check_lengths(model: Model, task: Task, seq_len: int) -> None:
+    lengths = [len(ids) for ids in model.tokenizer(task.texts)["input_ids"]]
+    longest = max(lengths)
+    if longest > seq_len:
+        raise LensbenchError(f"task {task.name!r} has a text of {longest} tokens, longer than the {seq_len} the probe "
+                             f"reads (the last token would be cut off): raise --seq-len (the model's context is "
+                             f"{model.max_context}) or drop the long texts")
+
+
+def features(model: Model, task: Task, cache: Path, site: str = "paper", condition: str = "clean",
+             seq_len: int = 256, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+    """[L, n, d] representations of the task's texts, captured once into a store under `cache`."""
+    from lensbench.store import capture_to_store
+
+    if site not in SITES:
+        raise LensbenchError(f"unknown representation {site!r}: use {' or '.join(SITES)}")
+    if condition not in CONDITIONS:
+        raise LensbenchError(f"unknown condition {condition!r}: use one of {', '.join(CONDITIONS)}")
+    if seq_len > (model.max_context or seq_len):
+        raise LensbenchError(f"--seq-len {seq_len} is longer than {model.name}'s context of {model.max_context}")
+    texts = noisy(task.texts) if condition == "noise" else list(task.texts)
+    check_lengths(model, Task(task.name, task.family, texts, task.labels), seq_len)
+    digest = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
+    root = Path(cache) / f"{model.name}-{model.fingerprint()[:12]}" / f"{task.name}-{digest}-{site}-{condition}"
+    positions = "last" if model.is_causal_lm else "mean"
+    with _quant_context(model, condition):
+        store = capture_to_store(model, texts, root, sites=[SITES[site]], positions=positions, batch_size=batch_size,
+                                 seq_len=seq_len, dtype=torch.float32, progress=progress)
+    return torch.stack([store.load(site_name(i, SITES[site])) for i in range(model.n_layers)])
+
+
+def probe_task(model: Model, task: Task, cache: Path, *, site: str = "paper", conditions: Sequence[str] = ("clean",),
+               cfg: ProbeConfig = DEFAULT_PROBES, control: bool = True, seq_len: int = 256,
+               depth_params: dict | None = None, progress: bool = False) -> tuple[list[LayerScores], list[dict]]:
+    """LayerScores (accuracy, its 95% interval, control, selectivity per condition) and depth rows."""
+    scores, rows = [], []
+    params = {"task": task.name, "family": task.family, "site": site, "n": len(task), **task.provenance}
+    for cond in conditions:
+        X = features(model, task, cache, site, cond, seq_len, progress=progress)
+        curves = fit_probes(X, task.labels, cfg)
+        tag = task.name if cond == "clean" else f"{task.name}@{cond}"
+        acc = curves.mean("accuracy")
+        p = params | {"condition": cond, "probe": curves.config}
+        scores += [
+            LayerScores(f"probe_accuracy_{tag}", acc, None, ("layer",), "concept_depth",
+                        f"test accuracy of a logistic probe on {task.name} ({cond}), mean of {len(cfg.seeds)} "
+                        f"seeds", p),
+            LayerScores(f"probe_accuracy_ci_{tag}", curves.ci95("accuracy"), None, ("layer",), "concept_depth",
+                        "half-width of the 95% interval over seeds", p),
+            LayerScores(f"probe_auc_{tag}", curves.mean("auc"), None, ("layer",), "concept_depth", "test ROC AUC", p),
+            LayerScores(f"probe_f1_{tag}", curves.mean("f1"), None, ("layer",), "concept_depth", "test F1", p),
+        ]
+        row = {"task": task.name, "family": task.family, "condition": cond, "site": site,
+               **{k: v for k, v in concept_depth(acc, **(depth_params or {})).items() if k != "params"}}
+        if control and cond == "clean":
+            shuffled = np.random.default_rng(12345).permutation(task.labels)
+            ctrl = fit_probes(X, shuffled, cfg).mean("accuracy")
+            scores += [
+                LayerScores(f"probe_control_{tag}", ctrl, None, ("layer",), "concept_depth",
+                            "test accuracy of the same probe on shuffled labels (control task)", p),
+                LayerScores(f"probe_selectivity_{tag}", acc - ctrl, None, ("layer",), "concept_depth",
+                            "task accuracy - control accuracy", p),
+            ]
+            row["max_selectivity"] = float((acc - ctrl).max())
+        rows.append(row)
+    return scores, rows
+
+
+def concept_depth_profile(model: Model, tasks: Sequence[Task], cache: Path, *, site: str = "paper",
+                          conditions: Sequence[str] = ("clean",), cfg: ProbeConfig = DEFAULT_PROBES,
+                          seq_len: int = 256, depth_params: dict | None = None, progress: bool = True):
+    """A Profile with every task's curves and a `concept_depth` table."""
+    import datetime
+
+    from lensbench import __version__
+    from lensbench.profile import Profile
+    from lensbench.profiling import model_card
+
+    prof = Profile(model=model_card(model), data={"tasks": {t.name: t.provenance for t in tasks}},
+                   meta={"lensbench": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                         "analyses": {"concept_depth": {"site": site, "conditions": list(conditions),
+                                                        "probe": cfg.__dict__}}})
+    rows = []
+    bar = tqdm(tasks, desc="probing", unit="task", disable=not progress, file=sys.stderr, leave=False)
+    for task in bar:
+        bar.set_postfix(task=task.name)
+        s, r = probe_task(model, task, cache, site=site, conditions=conditions, cfg=cfg, seq_len=seq_len,
+                          depth_params=depth_params)
+        prof.add(*s)
+        rows += r
+    prof.add(Table("concept_depth", rows, "concept_depth",
+                   "jump and converging points per task and condition (layer index and index / L)",
+                   {"depth": depth_params or {}}))
+    return prof
