@@ -1,6 +1,6 @@
 """Quantisation sensitivity (METHODS.md §7, §8.3-8.4): how much quantising one unit alone moves the output.
 
-* `quant_sensitivity` — for every block, and optionally every linear layer of every block, and every
+* `quant_sensitivity` — for every block, and with `per_linear=True` every linear layer of every block, and every
   bit-width: KL(p_dense || p_quantised) per token on calibration text when only that unit's weights
   are quantised (round-to-nearest, group-wise, the packed format of `gpu/quant.py`). Layers before
   the unit are replayed from the dense run, so each measurement runs only the suffix. Scores are
@@ -35,7 +35,7 @@ class QuantSensitivity(Analyzer):
 
     bits: tuple[int, ...] = (2, 3, 4, 8)
     group_size: int = 128
-    per_linear: bool = True
+    per_linear: bool = False  # 1 + (linears per block) times the forwards; enable for per-linear allocation
 
     def start(self, model: Model) -> None:
         for b in self.bits:

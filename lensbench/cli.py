@@ -5,6 +5,7 @@ Bad input ends with one line on stderr naming the problem and the fix, and exit 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -111,6 +112,23 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _analysis_params(items: Sequence[str] | None) -> dict[str, dict]:
+    """`--param ANALYSIS.KEY=VALUE` options as {analysis: {key: value}}; values are JSON, else strings."""
+    out: dict[str, dict] = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        analysis, dot, name = key.partition(".")
+        if not (eq and dot and analysis and name):
+            raise LensbenchError(f"--param {item!r} must look like ANALYSIS.KEY=VALUE, e.g. "
+                                 f"quant_sensitivity.per_linear=true")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(analysis, {})[name] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
+
+
 def cmd_profile(args) -> int:
     from .summary import redundancy_summary, sensitivity_summary
     from .texts import read_text_file
@@ -121,7 +139,7 @@ def cmd_profile(args) -> int:
         data = {"source": str(Path(args.texts).resolve())}
     profile, path = run_profile(args.model, Path(args.out), texts, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                 batch_size=args.batch_size, analyses=args.analyses.split(","),
-                                overwrite=args.overwrite, data=data)
+                                overwrite=args.overwrite, data=data, analysis_params=_analysis_params(args.param))
     print(redundancy_summary(profile))
     if sensitivity_summary(profile):
         print(sensitivity_summary(profile))
@@ -377,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated: redundancy, ablation, skip_effect, geometry, quant_sensitivity, "
                     "weight_outliers, channels")
     pr.add_argument("--overwrite", action="store_true", help="replace a profile of another model in --out")
+    pr.add_argument("--param", action="append", metavar="ANALYSIS.KEY=VALUE",
+                    help="an analysis parameter, e.g. quant_sensitivity.per_linear=true or "
+                    "quant_sensitivity.bits=[2,4] (repeatable)")
     pr.set_defaults(fn=cmd_profile)
 
     de = sub.add_parser("demo", help="profile the bundled SmolLM2 and MiniLM on BBC news and summarise")

@@ -20,7 +20,8 @@ def quant_profile():
     model = tiny_model("llama", n_layers=4)
     prof = profile_model(model, list(SAMPLE_TEXTS), analyses=["redundancy", "quant_sensitivity", "weight_outliers"],
                          batch_size=4, seq_len=32, progress=False,
-                         analysis_params={"quant_sensitivity": {"bits": (2, 3, 4, 8), "group_size": 32}})
+                         analysis_params={"quant_sensitivity": {"bits": (2, 3, 4, 8), "group_size": 32,
+                                                                     "per_linear": True}})
     return model, prof
 
 

@@ -200,3 +200,16 @@ def test_laundry_command(capsys, tmp_path, tiny_dir):
     assert "heldout_accuracy_edited" in p.tables["laundry_edit"].rows[0] and "channels" in p.tables
     code, _, err = run(capsys, "laundry", str(d), "--out", str(tmp_path), "--n-items", "400")
     assert_one_line_error(code, err, "candidate items are single tokens")
+
+
+def test_profile_param_option(capsys, tmp_path, tiny_dir, text_file):
+    out = tmp_path / "o"
+    code, stdout, err = run(capsys, "profile", str(tiny_dir("llama")), "--out", str(out), "--texts", str(text_file),
+                            "--analyses", "quant_sensitivity", "--param", "quant_sensitivity.bits=[4,8]",
+                            "--param", "quant_sensitivity.group_size=32")
+    assert code == 0, err
+    names = json.loads((out / "profile.json").read_text())["scores"]
+    assert {"quant_kl_block_int4", "quant_kl_block_int8"} <= set(names) and "quant_kl_block_int2" not in names
+    code, _, err = run(capsys, "profile", str(tiny_dir("llama")), "--out", str(out), "--texts", str(text_file),
+                       "--param", "bits=4")
+    assert_one_line_error(code, err, "ANALYSIS.KEY=VALUE")

@@ -32,7 +32,8 @@ def naive_block_kl(model, texts, layer, bits, gs):
 def test_block_sensitivity_equals_naive_full_forwards(tiny, texts, arch):
     model = tiny(arch)
     prof = profile_model(model, texts, analyses=["quant_sensitivity"], batch_size=4, seq_len=32, progress=False,
-                         analysis_params={"quant_sensitivity": {"bits": (2, 8), "group_size": 32}})
+                         analysis_params={"quant_sensitivity": {"bits": (2, 8), "group_size": 32,
+                                                                           "per_linear": True}})
     kl2 = prof.scores["quant_kl_block_int2"].values
     kl8 = prof.scores["quant_kl_block_int8"].values
     for layer in range(model.n_layers):
