@@ -7,9 +7,10 @@ the same size down a level; if that leaves the average above the budget, random 
 until it fits. Selection is multi-step as for depth (`lensbench.evo`): children on one calibration
 minibatch, the best `survivors` and the parent (elitist) on all calibration text. Fitness is the
 calibration KL to the dense model with the quantisation simulated in place (`lensbench.simquant`;
-identical to the packed weights up to float summation order). The population starts from the
-knapsack DP's and the rank-and-threshold allocations (when the profile has the sensitivities) and
-random states, so the search never ends worse on calibration text than those.
+identical to the packed weights up to float summation order). The population starts from uniform
+bits (the highest level within the budget), the knapsack DP's and the rank-and-threshold
+allocations (when the profile has the sensitivities) and random states, so the search never ends
+worse on calibration text than those.
 """
 from __future__ import annotations
 
@@ -89,6 +90,9 @@ def evo_bits(profile, budget: float, *, model=None, texts=None, levels: str = "2
                                **kw)
         if plan is not None:
             seeds[name] = _state_of(plan, units, profile)
+    flat = max((b for b in opts if b <= budget + 1e-9), default=None)
+    if flat is not None:  # uniform bits: the baseline any allocation has to beat
+        seeds[f"uniform-int{flat}"] = {u: flat for u in units}
     for j in range(4):
         s = repair({u: rng.choice(opts) for u in units})
         if s is not None:
