@@ -11,7 +11,11 @@ quantisation simulated in place (numerically the packed model, tested) so that ~
 Writes reports/QUANT.md, reports/quant-smollm2/{allocation.csv,curve.csv,curve.html,*.plan.json} and
 appends bytes and speed to reports/BENCHMARKS.md.
 
-Usage: python benchmarks/quant.py [--heldout 32] [--speed-rounds 7] [--step 3]
+Each part saves its rows (bytes.csv, allocation.csv, curve.csv) as it finishes; `--parts` runs only
+some parts and takes the others from those files, so a long study can be resumed.
+
+Usage: python benchmarks/quant.py [--heldout 32] [--speed-rounds 7] [--step 3] [--pairs 4-3,4-2,8-4]
+                                  [--parts bytes,allocation,curve,speed]
 """
 from __future__ import annotations
 
@@ -106,7 +110,11 @@ def main(argv=None):
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--speed-rounds", type=int, default=7)
     ap.add_argument("--step", type=int, default=3, help="curve: blocks moved per point")
+    ap.add_argument("--pairs", default="4-3,4-2,8-4", help="curve: high-low bit pairs")
+    ap.add_argument("--parts", default="bytes,allocation,curve,speed")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     t0 = time.time()
     model = lensbench.load("smollm2-135m")
@@ -119,19 +127,21 @@ def main(argv=None):
     # 1. bytes and quality of whole-model packed int8 / int4 (real packed weights)
     params = sum(p.numel() for p in model.module.parameters())
     fp16 = 2 * params
-    sizes = []
-    for bits in (8, 4):
+    sizes = _read(OUT / "bytes.csv") if "bytes" not in parts else []
+    for bits in ((8, 4) if "bytes" in parts else ()):
         plan = full_model_plan(model, bits)
         with apply(model, plan):
             wb = weight_bytes(model.module)
         q = text_quality(model, plan, heldout, cfg)
-        sizes.append({"bits": bits, "weight_bytes": wb, "fp16_bytes": fp16, "ratio": wb / fp16, **q})
+        sizes.append({"bits": bits, "weight_mib": wb / 2**20, "ratio": wb / fp16, "kl_to_dense": q["kl_to_dense"],
+                      "perplexity": q["perplexity"]})
         print(f"int{bits} whole model: {wb / 2**20:.1f} MiB = {wb / fp16:.3f} x fp16; KL {q['kl_to_dense']:.4f}",
               flush=True)
-    dense_ppl = sizes[0]["dense_perplexity"]
+    if "bytes" in parts:
+        _csv(OUT / "bytes.csv", sizes)
 
     # 2. equal average bits: allocations, evaluated with packed weights
-    rows = []
+    rows = _read(OUT / "allocation.csv") if "allocation" not in parts else []
 
     def run(label, budget, plan):
         q = text_quality(model, plan, heldout, cfg)
@@ -141,7 +151,7 @@ def main(argv=None):
               f"ppl {q['perplexity']:.2f}", flush=True)
         return plan
 
-    levels = {3.0: "4,3", 3.5: "4,3", 4.0: "8,4", 4.5: "8,4"}
+    levels = {3.0: "4,3", 3.5: "4,3", 4.0: "8,4", 4.5: "8,4"} if "allocation" in parts else {}
     for budget, lv in levels.items():
         for ranking in ("lim", "zd", "quant"):
             run(f"rank {ranking} ({lv})", budget, make_plan("bits-rank", prof, budget, ranking=ranking, levels=lv,
@@ -164,10 +174,14 @@ def main(argv=None):
                                 predicted={"average_bits": float(b)})
             run(f"uniform int{b}", budget, uni)
 
+    if "allocation" in parts:
+        _csv(OUT / "allocation.csv", rows)
+
     # 3. LayerwiseQuant curve: n blocks moved from hi to lo, ranked vs random order (simulated quantisation)
-    ev = HeldoutKL(model, heldout)
-    curve = []
-    for hi, lo in ((4, 3), (4, 2), (8, 4)):
+    curve = _read(OUT / "curve.csv") if "curve" not in parts else []
+    ev = HeldoutKL(model, heldout) if "curve" in parts else None
+    pairs = [tuple(int(b) for b in p.split("-")) for p in args.pairs.split(",")] if "curve" in parts else []
+    for hi, lo in pairs:
         orders = {r: block_order(prof, r, lo) for r in ("lim", "zd", "quant")}
         orders |= {f"random{s}": block_order(prof, "random", lo, seed=s) for s in SEEDS}
         for n in range(0, L + 1, args.step):
@@ -178,14 +192,38 @@ def main(argv=None):
             print(f"curve int{hi}->int{lo} n={n}: " + ", ".join(
                 f"{c['order']} {c['kl_to_dense']:.3f}" for c in curve[-len(orders):]), flush=True)
 
+    if "curve" in parts:
+        _csv(OUT / "curve.csv", curve)
+
     # 4. decode speed of the whole-model packed int8 / int4 vs dense float32 (same run, interleaved)
     speed = []
-    for bits in (8, 4):
+    if "speed" in parts:
+        print("speed phase", flush=True)
+        time.sleep(10)  # lets a watcher pause other work on the machine before timing starts
+    for bits in ((8, 4) if "speed" in parts else ()):
         s = speed_ratios(model, full_model_plan(model, bits), heldout[0], cfg)
         speed.append({"bits": bits, **{k: s[k] for k in ("decode_speed_ratio", "prefill_speed_ratio",
                                                          "decode_tokens_per_s", "prefill_tokens_per_s")}})
         print(f"int{bits} decode x{s['decode_speed_ratio']:.3f}, prefill x{s['prefill_speed_ratio']:.3f}", flush=True)
+    dense_ppl = text_quality(model, [], heldout, cfg)["dense_perplexity"]
     write(sizes, rows, curve, speed, dense_ppl, args, time.time() - t0, prof)
+
+
+def _read(path: Path) -> list[dict]:
+    """Rows a previous run saved (numbers back as floats, blanks as None)."""
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, newline="") as fh:
+        for r in csv.DictReader(fh):
+            row = {}
+            for k, v in r.items():
+                try:
+                    row[k] = float(v) if v != "" else None
+                except ValueError:
+                    row[k] = v
+            out.append(row)
+    return out
 
 
 def _csv(path: Path, rows: list[dict]) -> None:
@@ -218,6 +256,10 @@ def _curve_plot(curve: list[dict]) -> None:
     fig.update_layout(title="SmolLM2-135M: quality vs blocks moved to fewer bits (LayerwiseQuant)", height=450,
                       width=1300)
     fig.write_html(OUT / "curve.html", include_plotlyjs="cdn")
+
+
+def _num(v) -> str:
+    return "not recorded" if v is None or v == "" else f"{float(v):.2f}"
 
 
 def _holds_until(curve, hi, lo, order, tol):
@@ -258,10 +300,10 @@ def write(sizes, rows, curve, speed, dense_ppl, args, seconds, prof):
              "the tensors the model holds, against 2 bytes per parameter.", "",
              "| packing | weight bytes | x fp16 | goal | KL to dense | perplexity |", "|---|---|---|---|---|---|"]
     for s in sizes:
-        goal = 0.3 if s["bits"] == 4 else 0.55
-        lines.append(f"| int{s['bits']} g{GROUP} | {s['weight_bytes'] / 2**20:.1f} MiB | {s['ratio']:.3f} | "
+        goal = 0.3 if int(s["bits"]) == 4 else 0.55
+        lines.append(f"| int{int(s['bits'])} g{GROUP} | {s['weight_mib']:.1f} MiB | {s['ratio']:.3f} | "
                      f"<= {goal} {'met' if s['ratio'] <= goal else 'NOT met'} | {s['kl_to_dense']:.4f} | "
-                     f"{s['perplexity']:.2f} |")
+                     f"{_num(s['perplexity'])} |")
     lines += ["", "## Equal average bits: allocation vs uniform, reverse and random", "",
               "Budget = average weight bits over the 210 block linears (embedding and head stay float32 here). "
               "`rank X (hi,lo)` = LayerwiseQuant rank-and-threshold by ranking X (lim = block cosine, zd = weight "
@@ -271,7 +313,7 @@ def write(sizes, rows, curve, speed, dense_ppl, args, seconds, prof):
               "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['budget']} | {r['allocation']} | {r['average_bits']:.3f} | {r['kl_to_dense']:.4f} | "
-                     f"{r['perplexity']:.2f} |")
+                     f"{_num(r['perplexity'])} |")
     lines += ["", "## LayerwiseQuant curve: ranked vs random order", "",
               "KL to dense as blocks move from the high to the low bit-width, least important first by each "
               "ranking, and in random orders (mean of 3). `reports/quant-smollm2/curve.html` plots it; "
