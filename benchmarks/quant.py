@@ -197,9 +197,6 @@ def main(argv=None):
 
     # 4. decode speed of the whole-model packed int8 / int4 vs dense float32 (same run, interleaved)
     speed = []
-    if "speed" in parts:
-        print("speed phase", flush=True)
-        time.sleep(10)  # lets a watcher pause other work on the machine before timing starts
     for bits in ((8, 4) if "speed" in parts else ()):
         s = speed_ratios(model, full_model_plan(model, bits), heldout[0], cfg)
         speed.append({"bits": bits, **{k: s[k] for k in ("decode_speed_ratio", "prefill_speed_ratio",

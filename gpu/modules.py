@@ -67,13 +67,18 @@ class QuantEmbedding(_Packed):
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, bits: int, group_size: int, name: str = "embedding"):
+        cls.check(emb, name)
+        return cls(quantize(emb.weight, bits, group_size).to(emb.weight.device), emb.weight.dtype)
+
+    @staticmethod
+    def check(emb: nn.Module, name: str = "embedding") -> None:
+        """Refuse tables whose lookup the packed kernels cannot reproduce."""
         if type(emb) is not nn.Embedding:
             raise QuantError(f"{name} is a {type(emb).__name__}, which changes the lookup (e.g. scales it); the "
                              f"packed kernels run only plain nn.Embedding tables: leave {name} out of the plan")
         if emb.max_norm is not None:
             raise QuantError(f"{name} renormalises rows (max_norm={emb.max_norm}), which the packed lookup cannot "
                              f"do: leave it out of the plan")
-        return cls(quantize(emb.weight, bits, group_size).to(emb.weight.device), emb.weight.dtype)
 
     @property
     def weight(self) -> torch.Tensor:

@@ -121,8 +121,7 @@ def _quantise(model: Model, targets: dict[str, tuple[int, int]], surgery: _Surge
         w = module.weight
         tied = by_weight.get((w.data_ptr(), bits, gs))
         if isinstance(module, nn.Embedding):
-            if type(module) is not nn.Embedding or module.max_norm is not None:
-                QuantEmbedding.from_embedding(module, bits, gs, name)  # raises the precise reason
+            QuantEmbedding.check(module, name)
             pw = _packed(model, name, w, bits, gs)
             new = QuantEmbedding(pw, w.dtype)
         else:
