@@ -38,7 +38,7 @@ import lensbench  # noqa: E402
 from lensbench.apply import apply, weight_bytes  # noqa: E402
 from lensbench.bitalloc import block_order  # noqa: E402
 from lensbench.capture import batches  # noqa: E402
-from lensbench.evaluate import EvalConfig, speed_ratios, text_quality  # noqa: E402
+from lensbench.evaluate import EvalConfig, batch_scores, speed_ratios, text_quality  # noqa: E402
 from lensbench.plan import Plan  # noqa: E402
 from lensbench.policies import make_plan  # noqa: E402
 from lensbench.profile import Profile  # noqa: E402
@@ -75,14 +75,8 @@ class HeldoutKL:
         with torch.no_grad(), simulated(self.model, targets, self.cache):
             for b, logp in zip(self.batches, self.dense, strict=True):
                 logq = torch.log_softmax(self.model.module(**b.model_inputs()).logits[b.content_mask].float(), -1)
-                kl += float((logp.exp() * (logp - logq)).sum())
-                nxt = torch.full_like(b.input_ids, -1)
-                nxt[:, :-1] = torch.where(b.attention_mask[:, 1:].bool(), b.input_ids[:, 1:], -1)
-                tgt = nxt[b.content_mask]
-                has = tgt >= 0
-                nll -= float(logq.gather(1, tgt.clamp(min=0)[:, None])[:, 0][has].sum())
-                n_kl += logq.shape[0]
-                n_next += int(has.sum())
+                s = batch_scores(b, logp, logq)
+                kl, nll, n_kl, n_next = kl + s["kl"], nll + s["nll"], n_kl + s["n_kl"], n_next + s["n_next"]
         return {"kl_to_dense": kl / n_kl, "perplexity": float(np.exp(nll / n_next))}
 
 

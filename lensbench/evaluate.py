@@ -78,21 +78,27 @@ def text_quality(model: Model, target: Target, texts: Sequence[str], cfg: EvalCo
     n_kl = n_next = 0
     for batch in batches(model, list(texts), cfg.batch_size, cfg.seq_len):
         inputs, mask = batch.model_inputs(), batch.content_mask
-        nxt = torch.full_like(batch.input_ids, -1)
-        nxt[:, :-1] = torch.where(batch.attention_mask[:, 1:].bool(), batch.input_ids[:, 1:], -1)
-        tgt = nxt[mask]
-        has = tgt >= 0
         logp = torch.log_softmax(model.module(**inputs, use_cache=False).logits[mask].float(), -1)
         with applied(model, target):
             logq = torch.log_softmax(model.module(**inputs, use_cache=False).logits[mask].float(), -1)
-        kl += float((logp.exp() * (logp - logq)).sum())
-        pick = tgt.clamp(min=0)[:, None]
-        nll -= float(logq.gather(1, pick)[:, 0][has].sum())
-        dense_nll -= float(logp.gather(1, pick)[:, 0][has].sum())
-        n_kl += int(mask.sum())
-        n_next += int(has.sum())
+        s = batch_scores(batch, logp, logq)
+        kl, nll, dense_nll = kl + s["kl"], nll + s["nll"], dense_nll + s["dense_nll"]
+        n_kl, n_next = n_kl + s["n_kl"], n_next + s["n_next"]
     return {"kl_to_dense": kl / n_kl, "perplexity": math.exp(nll / n_next),
             "dense_perplexity": math.exp(dense_nll / n_next), "data": {"n_tokens_scored": n_kl}}
+
+
+def batch_scores(batch, logp: torch.Tensor, logq: torch.Tensor) -> dict:
+    """Summed KL(p || q) over the scored positions and next-token losses under q and p (log-probs at
+    `batch.content_mask` positions), with the counts to average them."""
+    nxt = torch.full_like(batch.input_ids, -1)
+    nxt[:, :-1] = torch.where(batch.attention_mask[:, 1:].bool(), batch.input_ids[:, 1:], -1)
+    tgt = nxt[batch.content_mask]
+    has = tgt >= 0
+    pick = tgt.clamp(min=0)[:, None]
+    return {"kl": float((logp.exp() * (logp - logq)).sum()), "nll": -float(logq.gather(1, pick)[:, 0][has].sum()),
+            "dense_nll": -float(logp.gather(1, pick)[:, 0][has].sum()), "n_kl": int(logq.shape[0]),
+            "n_next": int(has.sum())}
 
 
 @torch.no_grad()
