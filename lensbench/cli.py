@@ -375,6 +375,44 @@ def cmd_concept_depth(args) -> int:
     return 0
 
 
+def cmd_relevance(args) -> int:
+    from .analyses.lrp import LRPConfig
+    from .analyses.lrp.attribute import attribute, unit_scores
+    from .analyses.lrp.plots import write_html
+    from .atomic import write_text
+    from .load import load
+    from .profile import Profile
+    from .profiling import model_card
+    from .texts import read_text_file
+
+    texts = list(args.text or [])
+    if args.texts:
+        texts += read_text_file(args.texts)
+    if not texts:
+        raise LensbenchError("no prompt: give --text \"...\" (repeatable) or --texts FILE")
+    model = load(args.model)
+    rules = {"eps": {"attn_lrp": False}, "attnlrp": {"attn_lrp": True}, "cp": {"cp_lrp": True}}[args.rule]
+    cfg = LRPConfig(eps=args.eps, gamma=args.gamma, strict=not args.lenient, **rules)
+    rels = [attribute(model, t, target=args.target, contrast=args.contrast, cfg=cfg) for t in texts]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "relevance.json", json.dumps([r.to_dict() for r in rels], indent=1))
+    write_html(rels[0], out / "relevance.html")
+    prof = Profile(model=model_card(model), data={"relevance_prompts": texts[:50]},
+                   meta={"analyses": {"relevance": cfg.__dict__}})
+    prof.add(*unit_scores(rels))
+    if (out / "profile.json").is_file():
+        old = Profile.load(out, model=model)
+        old.merge(prof)
+        prof = old
+    prof.save(out)
+    for r in rels[:5]:
+        print(r)
+        print("  " + "  ".join(f"{t!r}:{s:+.3f}" for t, s in zip(r.tokens, r.scores, strict=True)))
+    print(f"wrote {out / 'relevance.json'}, {out / 'relevance.html'} and {out / 'profile.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import SITES
     from .analyses.channels import NULLS
@@ -484,6 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--seq-len", type=int, help="longest text in tokens (default 256)")
     cd.add_argument("--cache", help="activation store directory (default OUT/activations); reused by later runs")
     cd.set_defaults(fn=cmd_concept_depth)
+
+    rl = sub.add_parser("relevance", help="DynamicLRP relevance of a prediction: per token, layer × token, head")
+    rl.add_argument("model")
+    rl.add_argument("--text", action="append", help="prompt (repeatable)")
+    rl.add_argument("--texts", help="file of prompts (one per line)")
+    rl.add_argument("--target", help="token to explain (default: the model's own next-token prediction)")
+    rl.add_argument("--contrast", help="second token: explain logit[target] - logit[contrast]")
+    rl.add_argument("--rule", choices=("attnlrp", "eps", "cp"), default="attnlrp",
+                    help="softmax rule: attnlrp = AttnLRP (default; the softmax normaliser absorbs some relevance, "
+                         "reported), eps = identity (DynamicLRP's default: all relevance reaches the tokens), "
+                         "cp = CP-LRP (relevance only through attention values)")
+    rl.add_argument("--eps", type=float, default=1e-9)
+    rl.add_argument("--gamma", type=float, default=0.0, help="> 0: gamma rule on linear layers")
+    rl.add_argument("--lenient", action="store_true", help="absorb operations without a rule instead of failing")
+    rl.add_argument("--out", required=True, help="directory for relevance.json, relevance.html, profile.json")
+    rl.set_defaults(fn=cmd_relevance)
 
     ev = sub.add_parser("evaluate", help="apply a plan for real and measure quality, speed and memory vs dense")
     ev.add_argument("model")
