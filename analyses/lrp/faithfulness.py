@@ -95,22 +95,27 @@ def gradient_x_input(model: Model, ids: torch.Tensor, target_id: int) -> np.ndar
     return (emb.detach() * g).sum(-1)[0].double().numpy()
 
 
-def integrated_gradients(model: Model, ids: torch.Tensor, target_id: int, steps: int = 32,
-                         batch: int = 16) -> np.ndarray:
-    """Integrated Gradients from the zero embedding (trapezoid rule over `steps` intervals), per token.
-    Completeness: the scores sum to logit(x) − logit(0) up to the discretisation error."""
-    emb = _embed(model, ids)
+def integrated_gradients(model: Model, ids: torch.Tensor, target_id: int, steps: int = 32, batch: int = 16,
+                         mask_id: int | None = None) -> np.ndarray:
+    """Integrated Gradients per token, from the baseline where every content token is the mask token
+    (the same neutral input the deletion curves end at; an all-zero embedding sits on the singular point
+    of the first RMS/LayerNorm). Trapezoid rule over `steps` intervals. Completeness: the scores sum
+    to logit(x) − logit(baseline) up to the discretisation error."""
+    mask_id = mask_token(model) if mask_id is None else mask_id
+    base_ids = ids.clone()
+    base_ids[torch.as_tensor(_content(model, ids))] = mask_id
+    emb, base = _embed(model, ids), _embed(model, base_ids)
     alphas = torch.linspace(0.0, 1.0, steps + 1)
     weights = torch.full((steps + 1,), 1.0 / steps)
     weights[0] = weights[-1] = 0.5 / steps
     total = torch.zeros_like(emb)
     for start in range(0, steps + 1, batch):
         a = alphas[start:start + batch]
-        path = (a[:, None, None] * emb).requires_grad_(True)
+        path = (base + a[:, None, None] * (emb - base)).requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(_target_logit(model, path, target_id).sum(), path)
         total += (g * weights[start:start + batch, None, None]).sum(0, keepdim=True)
-    return (emb * total).sum(-1)[0].double().numpy()
+    return ((emb - base) * total).sum(-1)[0].double().numpy()
 
 
 def random_scores(ids: torch.Tensor, seed: int) -> np.ndarray:
