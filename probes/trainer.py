@@ -21,11 +21,7 @@ import numpy as np
 import torch
 
 from lensbench.errors import LensbenchError
-
-
-# 97.5% quantiles of Student's t by degrees of freedom (for 95% intervals over a few seeds)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         15: 2.131, 20: 2.086, 30: 2.042}
+from lensbench.stats import ci95_halfwidth
 
 
 @dataclass(frozen=True)
@@ -51,11 +47,7 @@ class ProbeCurves:
 
     def ci95(self, metric: str = "accuracy") -> np.ndarray:
         """Half-width of the 95% t-interval of the mean over seeds (0 with one seed)."""
-        v = self.metrics[metric]
-        s = v.shape[0]
-        if s < 2:
-            return np.zeros(v.shape[1])
-        return _T975.get(s - 1, 1.96) * v.std(0, ddof=1) / math.sqrt(s)
+        return ci95_halfwidth(self.metrics[metric], axis=0)
 
 
 def check_task_size(labels: np.ndarray, folds: int, test_fraction: float) -> None:

@@ -465,8 +465,9 @@ def _gamma(w: torch.Tensor, gamma: float) -> torch.Tensor:
     return w + gamma * w.clamp_min(0) if gamma > 0 else w
 
 
-def matmul_eps(ctx, x, w, R, lx: bool, lw: bool, bias=None, alpha: float = 1.0, beta: float = 1.0):
-    """R_x, R_w, bias share for z = beta·bias + alpha·x @ w (batched matmul semantics)."""
+def matmul_eps(ctx, x, w, R, lx: bool, lw: bool, bias=None, alpha: float = 1.0, beta: float = 1.0, z=None):
+    """R_x, R_w, bias share for z = beta·bias + alpha·x @ w (batched matmul semantics). `z`: the output if a
+    consumer saved it (saves recomputing the product)."""
     if lx and not lw and w.dim() == 2 and x.dim() >= 2:
         # Rows of R that are all zero give zero relevance: compute only the others (the LM head's R is
         # one logit, so 1 row of S is computed instead of S rows of a vocabulary-wide product).
@@ -476,7 +477,8 @@ def matmul_eps(ctx, x, w, R, lx: bool, lw: bool, bias=None, alpha: float = 1.0, 
         if n < R2.shape[0] // 2:
             x2 = x.reshape(-1, x.shape[-1])
             b2 = None if bias is None else bias.expand(R.shape).reshape(-1, R.shape[-1])[rows]
-            rx_rows, _, rb_rows = matmul_eps(ctx, x2[rows], w, R2[rows], True, False, b2, alpha, beta)
+            z2 = None if z is None else z.reshape(-1, R.shape[-1])[rows]
+            rx_rows, _, rb_rows = matmul_eps(ctx, x2[rows], w, R2[rows], True, False, b2, alpha, beta, z2)
             rx = torch.zeros_like(x2)
             rx[rows] = rx_rows
             rb = None
@@ -488,10 +490,12 @@ def matmul_eps(ctx, x, w, R, lx: bool, lw: bool, bias=None, alpha: float = 1.0, 
     both = lx and lw
     if ctx.cfg.gamma > 0 and lx and not lw:
         w = _gamma(w, ctx.cfg.gamma)
-    z = alpha * torch.matmul(x, w)
-    if bias is not None:
-        z = z + beta * bias
-    s = R / stab(z, ctx.cfg.eps)
+        z = None  # the γ-rule's denominator is the modified product
+    if z is None:
+        z = alpha * torch.matmul(x, w)
+        if bias is not None:
+            z = z + beta * bias
+    s = R / stab(z.float(), ctx.cfg.eps)
     half = 0.5 if both else 1.0
     rx = half * alpha * x * torch.matmul(s, w.transpose(-1, -2)) if lx else None
     rw = half * alpha * w * torch.matmul(x.transpose(-1, -2), s) if lw else None
@@ -504,7 +508,7 @@ def _mm_rel(ctx, node, R):
     lx, lw = ctx.live(node, 0), ctx.live(node, 1)
     if x is None or w is None:
         raise_unresolved(node)
-    rx, rw, _ = matmul_eps(ctx, x, w, R[0], lx, lw)
+    rx, rw, _ = matmul_eps(ctx, x, w, R[0], lx, lw, z=ctx.values.known.get((node, 0)))
     if rw is not None and rw.shape != w.shape:
         rw = rw.sum_to_size(w.shape)
     return [rx, rw]
@@ -525,7 +529,8 @@ def _addmm_rel(ctx, node, R):
         ctx.unresolved(node)
         rx, rw, rb = matmul_eps(ctx, x, w, R[0], lx, lw, None, alpha)
     else:
-        rx, rw, rb = matmul_eps(ctx, x, w, R[0], lx, lw, b.expand(R[0].shape), alpha, beta)
+        rx, rw, rb = matmul_eps(ctx, x, w, R[0], lx, lw, b.expand(R[0].shape), alpha, beta,
+                                ctx.values.known.get((node, 0)))
         if rb is not None:
             if lb:
                 rb = rb.sum_to_size(b.shape)
