@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import LensbenchError
-from .profiling import resolve_seq_len
+from .profiling import model_source, resolve_seq_len
 
 DEMO_MODELS = ("smollm2-135m", "minilm-l6")
 
@@ -65,7 +65,7 @@ def _existing_profile(out: Path, model, overwrite: bool):
     return old
 
 
-def run_profile(model_source: str, out: Path, texts: list[str] | None, *, seq_len: int | None = None,
+def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int | None = None,
                 max_tokens: int | None = None, batch_size: int = 8, analyses: Sequence[str] = ("redundancy",),
                 overwrite: bool = False, data: dict | None = None, progress: bool = True,
                 analysis_params: dict | None = None):
@@ -73,7 +73,7 @@ def run_profile(model_source: str, out: Path, texts: list[str] | None, *, seq_le
     from .profiling import profile_model
     from .texts import bbc_news
 
-    model = load(model_source)
+    model = load(source)
     previous = _existing_profile(out, model, overwrite)
     seq = resolve_seq_len(model, seq_len)
     if texts is None:
@@ -172,7 +172,7 @@ def cmd_channels(args) -> int:
     return 0
 
 
-def _intervene(model_source: str, profile, k: int):
+def _intervene(source: str, profile, k: int):
     """Project out each of the k strongest distinct channels; compare with random components of the head."""
     from .analyses.channels import distinct_channels
     from .analyses.interventions import intervention_effect
@@ -180,7 +180,7 @@ def _intervene(model_source: str, profile, k: int):
     from .profile import Table
     from .texts import bbc_news
 
-    model = load(model_source)
+    model = load(source)
     texts = bbc_news("heldout", limit=8)
     rows = [intervention_effect(model, texts, writer, component, reader)
             for writer, component, reader in distinct_channels(profile.tables["channels"].rows, k)]
@@ -252,20 +252,6 @@ def cmd_capture(args) -> int:
     return 0
 
 
-def _model_source(card: dict) -> str:
-    """Where a profile's model can be loaded from again: its bundled name, local path or hub name."""
-    from .bundled import NAMES
-
-    if card.get("name") in NAMES:
-        return card["name"]
-    source = str(card.get("source", ""))
-    if source.startswith("hf://"):
-        return source[len("hf://"):]
-    if source and source != "module":
-        return source
-    raise LensbenchError(f"the profile does not say where {card.get('name')!r} was loaded from: pass --model")
-
-
 def cmd_plan(args) -> int:
     from .load import load
     from .policies import POLICIES, make_plan
@@ -281,7 +267,7 @@ def cmd_plan(args) -> int:
                                  "group_size": args.group_size}.items() if v is not None}
     model = texts = None
     if POLICIES[args.policy].needs_model or args.iterative:
-        model = load(args.model or _model_source(profile.model))
+        model = load(args.model or model_source(profile.model))
         texts = read_text_file(args.texts) if args.texts else bbc_news("calibration")
         texts = _select_texts(model, texts, 128, args.max_tokens)
         options["progress"] = args.policy == "evo"
@@ -333,7 +319,7 @@ def cmd_export(args) -> int:
     if args.format not in EXPORTERS:
         raise LensbenchError(f"unknown export format {args.format!r}: use one of {', '.join(EXPORTERS)}")
     plan = Plan.load(args.plan)
-    model = load(args.model or _model_source(plan.model))
+    model = load(args.model or model_source(plan.model))
     doc, suffix = export(plan, model, args.format)
     out = Path(args.out) if args.out else Path(args.plan).with_suffix("").with_suffix(f".{suffix}")
     write(doc, out)
@@ -410,6 +396,28 @@ def cmd_relevance(args) -> int:
         print(r)
         print("  " + "  ".join(f"{t!r}:{s:+.3f}" for t, s in zip(r.tokens, r.scores, strict=True)))
     print(f"wrote {out / 'relevance.json'}, {out / 'relevance.html'} and {out / 'profile.json'}")
+    return 0
+
+
+def cmd_app(args) -> int:
+    from .app import create_app
+
+    if not args.profiles:
+        raise LensbenchError("no profile to open: lensbench app PROFILE_DIR [PROFILE_DIR ...]")
+    app = create_app(args.profiles)
+    bad = [o for o in app.lensbench_state.opened.values() if o.profile is None]
+    for o in bad:  # shown in the app too; a typo should not need a browser to be seen
+        print(f"lensbench: warning: {o.path}: {o.error}", file=sys.stderr)
+    print(f"lensbench app on http://{args.host}:{args.port}/ (Ctrl-C to stop)")
+    app.run(host=args.host, port=args.port, debug=False)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .app import write_report
+
+    path = write_report(args.profile, args.out)
+    print(f"wrote {path}")
     return 0
 
 
@@ -522,6 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--seq-len", type=int, help="longest text in tokens (default 256)")
     cd.add_argument("--cache", help="activation store directory (default OUT/activations); reused by later runs")
     cd.set_defaults(fn=cmd_concept_depth)
+
+    ap_ = sub.add_parser("app", help="the Dash workbench over one or more profiles")
+    ap_.add_argument("profiles", nargs="*", help="profile directories or profile.json files")
+    ap_.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    ap_.add_argument("--port", type=int, default=8050)
+    ap_.set_defaults(fn=cmd_app)
+
+    rp = sub.add_parser("report", help="a static self-contained HTML report of a profile")
+    rp.add_argument("profile")
+    rp.add_argument("--out", required=True, help="HTML file to write")
+    rp.set_defaults(fn=cmd_report)
 
     rl = sub.add_parser("relevance", help="DynamicLRP relevance of a prediction: per token, layer × token, head")
     rl.add_argument("model")

@@ -177,10 +177,13 @@ class Plan:
                 f"{s['n_layers']} layers{quant})")
 
     # --- I/O --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, "model": self.model, "actions": self.actions, "policy": self.policy,
+                "predicted": self.predicted, "meta": self.meta}
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        write_json(path, {"schema": SCHEMA, "model": self.model, "actions": self.actions, "policy": self.policy,
-                          "predicted": self.predicted, "meta": self.meta})
+        write_json(path, self.to_dict())
         return path
 
     @classmethod

@@ -87,3 +87,17 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
         profile.add(*a.finish())
     refresh(profile)
     return profile
+
+
+def model_source(card: dict) -> str:
+    """Where a profile's model can be loaded from again: its bundled name, local path or hub name."""
+    from .bundled import NAMES
+
+    if card.get("name") in NAMES:
+        return card["name"]
+    source = str(card.get("source", ""))
+    if source.startswith("hf://"):
+        return source[len("hf://"):]
+    if source and source != "module":
+        return source
+    raise LensbenchError(f"the profile does not say where {card.get('name')!r} was loaded from: pass --model")

@@ -121,3 +121,24 @@ def test_smollm2_packed_int4_and_int8_are_small_and_close(smollm):
             assert "Paris" in smollm.tokenizer.decode(out[0, ids.shape[1]:])
         kls[bits] = text_quality(smollm, plan, texts, EvalConfig(texts=2))["kl_to_dense"]
     assert kls[8] < 0.01 < kls[4] < 1.0
+
+
+def test_dynamic_lrp_on_smollm2_covers_and_conserves(smollm):
+    from lensbench.analyses.lrp import LRPConfig
+    from lensbench.analyses.lrp.attribute import attribute
+
+    rel = attribute(smollm, "The city of Lyon is in the country of", target=" France")
+    c = rel.conservation
+    assert c["coverage"] == 1.0 and c["nodes"] > 2000 and not c["uncovered"]
+    assert c["end_to_end_error"] < 1e-3
+    assert int(np.argmax(rel.scores)) in {i for i, t in enumerate(rel.tokens) if t in (" Lyon", "The")}
+    eps = attribute(smollm, "The city of Lyon is in the country of", target=" France", cfg=LRPConfig(attn_lrp=False))
+    assert eps.scores.sum() == pytest.approx(eps.start, rel=1e-3)  # identity softmax: all of the logit
+
+
+def test_dynamic_lrp_on_minilm(minilm):
+    from lensbench.analyses.lrp.attribute import attribute
+
+    rel = attribute(minilm, "The cat sat on the mat.")
+    assert rel.conservation["coverage"] == 1.0 and rel.conservation["end_to_end_error"] < 1e-3
+    assert rel.heads.shape == (6, 12)

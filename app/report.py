@@ -1,0 +1,67 @@
+"""`lensbench report PROFILE --out NAME.html`: a static, self-contained HTML report with the app's
+figures (plotly.js inlined once), viewable without a server. Sections without results say so."""
+from __future__ import annotations
+
+import html as _html
+from pathlib import Path
+
+from lensbench.analyses.agreement import rankings
+from lensbench.atomic import write_text
+from lensbench.profile import Profile
+
+from .pages.overview import agreement_figure, strip_figure
+from .pages.redundancy import curve_figure, curves, matrices, matrix_figure
+
+
+def _section(title: str, figs: list, note: str | None = None) -> str:
+    body = "".join(f.to_html(full_html=False, include_plotlyjs=False) for f in figs)
+    if note:
+        body = f"<p class='note'>{_html.escape(note)}</p>" + body
+    return f"<section><h2>{_html.escape(title)}</h2>{body}</section>"
+
+
+def report_html(profile: Profile) -> str:
+    import plotly.offline
+
+    m = profile.model
+    parts = []
+    ranks = sorted(rankings(profile))
+    figs = [strip_figure(profile, r) for r in ranks[:3]]
+    agree = agreement_figure(profile)
+    parts.append(_section("Overview", figs + ([agree] if agree is not None else []),
+                          None if ranks else "No layer rankings in this profile (run lensbench profile)."))
+    c, mats = curves(profile), matrices(profile)
+    parts.append(_section("Redundancy & sensitivity",
+                          ([curve_figure(profile, c[:6])] if c else []) + [matrix_figure(profile, n) for n in mats[:3]],
+                          None if c else "No per-layer scores."))
+    if "concept_depth" in profile.tables:
+        from lensbench.probes.depth import ConceptDepthView
+
+        view = ConceptDepthView(profile)
+        conds = list(dict.fromkeys(r["condition"] for r in view.rows))
+        parts.append(_section("Concept depth", [view.plot(cond) for cond in conds]))
+    else:
+        parts.append(_section("Concept depth", [], "No concept-depth results (run lensbench concept-depth)."))
+    if "channels" in profile.tables:
+        from lensbench.analyses.channels import ChannelGraph
+
+        parts.append(_section("Channels", [ChannelGraph.from_profile(profile).plot()]))
+    else:
+        parts.append(_section("Channels", [], "No channel graph (run lensbench channels)."))
+    rel = [profile.scores[n] for n in ("relevance_block", "relevance_heads") if n in profile.scores]
+    parts.append(_section("Relevance (DynamicLRP)", [s.plot() for s in rel],
+                          None if rel else "No relevance scores (run lensbench relevance)."))
+    js = plotly.offline.get_plotlyjs()
+    title = _html.escape(f"lensbench report: {m.get('name')}")
+    card = "".join(f"<tr><th>{_html.escape(str(k))}</th><td>{_html.escape(str(v))}</td></tr>"
+                   for k, v in m.items() if k in ("name", "source", "n_layers", "d_model", "fingerprint", "title"))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><script>{js}</script>"
+            "<style>body{font-family:system-ui,sans-serif;margin:20px} th{text-align:left;padding-right:14px}"
+            ".note{background:#fff7ed;padding:8px}</style></head>"
+            f"<body><h1>{title}</h1><table>{card}</table>{''.join(parts)}</body></html>")
+
+
+def write_report(profile_path, out) -> Path:
+    out = Path(out)
+    write_text(out, report_html(Profile.load(profile_path)))
+    return out

@@ -1,0 +1,201 @@
+"""The Dash workbench in a real headless Chromium, on real SmolLM2 profiles from reports/ (merged into
+one), plus the static report and the command line."""
+import json
+from pathlib import Path
+
+import pytest
+
+from lensbench.app.testing import CHROMIUM, DRIVER, chromium, console_errors, serving
+from lensbench.cli import build_parser, main
+from lensbench.profile import Profile
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+SOURCES = [REPORTS / "plans-smollm2" / "profile", REPORTS / "channels-smollm2", REPORTS / "concept-depth" / "smollm2",
+           REPORTS / "lrp-smollm2" / "profile"]
+needs_browser = pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
+                                   reason="Chromium and chromedriver are not installed (.ci/run installs them)")
+PAGES = {"/": "ov-strip-graph", "/redundancy": "rd-curve-fig", "/concept-depth": "cd-fig", "/channels": "ch-fig",
+         "/relevance": "rl-run", "/plans": "pl-make"}
+
+
+@pytest.fixture(scope="module")
+def workbench(tmp_path_factory):
+    """One SmolLM2 profile holding every analysis in reports/ (merged; all measured on the same weights)."""
+    profile = Profile.load(SOURCES[0])
+    for src in SOURCES[1:]:
+        if src.exists():  # test_the_real_profiles_are_committed fails if one is missing
+            profile.merge(Profile.load(src))
+    out = tmp_path_factory.mktemp("workbench")
+    profile.save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = chromium()
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def served(workbench, tmp_path_factory):
+    from lensbench.app import create_app
+
+    bad = tmp_path_factory.mktemp("bad")
+    (bad / "profile.json").write_text('{"schema": "something-else", "model": {}}')
+    with serving(create_app([workbench, bad])) as url:
+        yield url
+
+
+def wait_for(driver, id_, timeout=30):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(EC.presence_of_element_located((By.ID, id_)))
+
+
+def wait_text(driver, id_, text, timeout=30):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(lambda d: text in d.find_element(By.ID, id_).text)
+
+
+def figure_title(driver, graph_id) -> str:
+    return driver.execute_script(
+        f"const g = document.getElementById('{graph_id}').querySelector('.js-plotly-plot');"
+        "return g && g.layout && g.layout.title ? (g.layout.title.text || '') : '';")
+
+
+def choose(driver, dropdown_id, text):
+    """Open a dcc.Dropdown and click the option whose label contains `text`."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.ID, dropdown_id).click()
+    option = WebDriverWait(driver, 10).until(
+        lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "[role='option']") if text in o.text), None))
+    option.click()
+
+
+@needs_browser
+@pytest.mark.parametrize("path", list(PAGES))
+def test_every_page_loads_without_console_errors(browser, served, path):
+    browser.get(served + path)
+    wait_for(browser, PAGES[path])
+    assert "Traceback" not in browser.page_source
+    assert console_errors(browser) == []
+
+
+@needs_browser
+def test_overview_ranking_choice_recolours_the_strip(browser, served):
+    browser.get(served + "/")
+    wait_for(browser, "ov-strip-graph")
+    before = figure_title(browser, "ov-strip-graph")
+    choose(browser, "ov-ranking", "ablation_kl_block")
+    wait_text(browser, "ov-strip", "ablation_kl_block")
+    assert figure_title(browser, "ov-strip-graph") != before
+    wait_for(browser, "ov-agreement-graph")
+
+
+@needs_browser
+def test_redundancy_matrix_choice(browser, served):
+    browser.get(served + "/redundancy")
+    wait_for(browser, "rd-matrix-fig")
+    choose(browser, "rd-matrix", "skip_effect")
+    wait_text(browser, "rd-matrix-graph", "skip_effect")
+
+
+@needs_browser
+def test_concept_depth_metric_switch(browser, served):
+    from selenium.webdriver.common.by import By
+
+    browser.get(served + "/concept-depth")
+    wait_for(browser, "cd-fig")
+    assert "accuracy" in figure_title(browser, "cd-fig")
+    browser.find_element(By.CSS_SELECTOR, "#cd-metric input[value='selectivity']").click()
+    wait_text(browser, "cd-graph", "selectivity")
+    wait_for(browser, "cd-depth-table")
+
+
+@needs_browser
+def test_channels_row_selection_shows_components(browser, served):
+    from selenium.webdriver.common.by import By
+
+    browser.get(served + "/channels")
+    wait_for(browser, "ch-detail-box")
+    first = browser.find_element(By.ID, "ch-detail-box").text
+    radios = browser.find_elements(By.CSS_SELECTOR, "#ch-edges input[type='radio']")
+    radios[3].click()
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "ch-detail-box").text != first)
+    assert "composition" in browser.find_element(By.ID, "ch-detail-box").text
+
+
+@needs_browser
+def test_foreign_profile_shows_a_message_not_a_trace(browser, served):
+    browser.get(served + "/")
+    wait_for(browser, "ov-strip-graph")
+    choose(browser, "ov-profile", "cannot be opened")
+    wait_text(browser, "ov-card", "cannot be opened")
+    from selenium.webdriver.common.by import By
+
+    assert "schema" in browser.find_element(By.ID, "ov-card").text
+    assert "Traceback" not in browser.page_source
+
+
+@needs_browser
+@pytest.mark.real
+def test_relevance_page_runs_dynamic_lrp_in_the_background(browser, served):
+    from selenium.webdriver.common.by import By
+
+    browser.get(served + "/relevance")
+    wait_for(browser, "rl-run").click()
+    wait_for(browser, "rl-tokens", timeout=240)
+    assert "coverage 100.00%" in browser.find_element(By.ID, "rl-result").text
+    assert console_errors(browser) == []
+
+
+@needs_browser
+@pytest.mark.real
+def test_plan_explorer_makes_evaluates_and_exports(browser, served):
+    from selenium.webdriver.common.by import By
+
+    browser.get(served + "/plans")
+    wait_for(browser, "pl-make").click()
+    wait_for(browser, "pl-plan-box")
+    assert "removes:" in browser.find_element(By.ID, "pl-plan-box").text
+    browser.find_element(By.ID, "pl-eval").click()
+    wait_for(browser, "pl-front-fig", timeout=420)
+    assert "KL" in browser.find_element(By.ID, "pl-status").text
+    assert console_errors(browser) == []
+
+
+def test_the_real_profiles_are_committed():
+    assert [s for s in SOURCES if not (s / "profile.json").is_file()] == []
+
+
+def test_report_is_self_contained(tmp_path, workbench, capsys):
+    out = tmp_path / "r.html"
+    assert main(["report", str(workbench), "--out", str(out)]) == 0
+    html = out.read_text()
+    assert "<script src=" not in html and "Plotly" in html
+    for section in ("Overview", "Redundancy &amp; sensitivity", "Concept depth", "Channels", "Relevance"):
+        assert section in html
+
+
+def test_report_of_a_foreign_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "profile.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    assert main(["report", str(bad), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a lensbench profile" in err
+
+
+def test_app_binds_localhost_by_default_and_needs_a_profile(capsys):
+    args = build_parser().parse_args(["app", "x"])
+    assert args.host == "127.0.0.1"
+    assert main(["app"]) == 2
+    assert "no profile" in capsys.readouterr().err
