@@ -11,12 +11,13 @@ Conditions: "clean"; "noise" — three identical random letters ('aaa' or 'bbb',
 to every text without a separator, as in the paper's code; "int8" / "int4" — every block linear
 quantised with lensbench's packed weights through `apply` (group 128).
 
-Controls: the same probe trained on the task's labels shuffled (same balance, seeded); selectivity
-= task accuracy - control accuracy, per layer.
+Controls: the same probe trained on the task's labels shuffled (same balance, seeded; the first probe
+seed only); selectivity = task accuracy - control accuracy, per layer.
 """
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -114,7 +115,8 @@ def probe_task(model: Model, task: Task, cache: Path, *, site: str = "paper", co
                **{k: v for k, v in concept_depth(acc, **(depth_params or {})).items() if k != "params"}}
         if control and cond == "clean":
             shuffled = np.random.default_rng(12345).permutation(task.labels)
-            ctrl = fit_probes(X, shuffled, cfg).mean("accuracy")
+            # one seed: the control measures how well the probe fits noise, and costs a full fit per seed
+            ctrl = fit_probes(X, shuffled, replace(cfg, seeds=cfg.seeds[:1])).mean("accuracy")
             scores += [
                 LayerScores(f"probe_control_{tag}", ctrl, None, ("layer",), "concept_depth",
                             "test accuracy of the same probe on shuffled labels (control task)", p),
