@@ -42,3 +42,18 @@ def chromium(width: int = 1400, height: int = 1000):
 
 def console_errors(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+REAL_PROFILES = ("plans-smollm2/profile", "channels-smollm2", "concept-depth/smollm2", "lrp-smollm2/profile")
+
+
+def workbench_profile(reports: Path, out: Path) -> Path:
+    """Merge the SmolLM2 profiles committed under reports/ (all measured on the same weights) into one."""
+    from lensbench.profile import Profile
+
+    profile = Profile.load(reports / REAL_PROFILES[0])
+    for rel in REAL_PROFILES[1:]:
+        if (reports / rel / "profile.json").is_file():
+            profile.merge(Profile.load(reports / rel))
+    profile.save(out)
+    return out

@@ -5,13 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from lensbench.app.testing import CHROMIUM, DRIVER, chromium, console_errors, serving
+from lensbench.app.testing import (CHROMIUM, DRIVER, REAL_PROFILES, chromium, console_errors, serving,
+                                   workbench_profile)
 from lensbench.cli import build_parser, main
-from lensbench.profile import Profile
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
-SOURCES = [REPORTS / "plans-smollm2" / "profile", REPORTS / "channels-smollm2", REPORTS / "concept-depth" / "smollm2",
-           REPORTS / "lrp-smollm2" / "profile"]
 needs_browser = pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
                                    reason="Chromium and chromedriver are not installed (.ci/run installs them)")
 PAGES = {"/": "ov-strip-graph", "/redundancy": "rd-curve-fig", "/concept-depth": "cd-fig", "/channels": "ch-fig",
@@ -20,14 +18,9 @@ PAGES = {"/": "ov-strip-graph", "/redundancy": "rd-curve-fig", "/concept-depth":
 
 @pytest.fixture(scope="module")
 def workbench(tmp_path_factory):
-    """One SmolLM2 profile holding every analysis in reports/ (merged; all measured on the same weights)."""
-    profile = Profile.load(SOURCES[0])
-    for src in SOURCES[1:]:
-        if src.exists():  # test_the_real_profiles_are_committed fails if one is missing
-            profile.merge(Profile.load(src))
-    out = tmp_path_factory.mktemp("workbench")
-    profile.save(out)
-    return out
+    """One SmolLM2 profile holding every analysis in reports/ (test_the_real_profiles_are_committed checks
+    that none is missing)."""
+    return workbench_profile(REPORTS, tmp_path_factory.mktemp("workbench"))
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +167,7 @@ def test_plan_explorer_makes_evaluates_and_exports(browser, served):
 
 
 def test_the_real_profiles_are_committed():
-    assert [s for s in SOURCES if not (s / "profile.json").is_file()] == []
+    assert [p for p in REAL_PROFILES if not (REPORTS / p / "profile.json").is_file()] == []
 
 
 def test_report_is_self_contained(tmp_path, workbench, capsys):

@@ -18,6 +18,9 @@ def layout(state):
         html.Label(["Profile ", profile_picker(state, "ov-profile")]),
         html.Div(id="ov-card"),
         html.Label(["Colour layers by ", dcc.Dropdown(id="ov-ranking", clearable=False, className="picker")]),
+        html.Label(["Compare with ", dcc.Dropdown(id="ov-compare", options=state.options(), value=None,
+                                                  placeholder="another opened profile (optional)",
+                                                  className="picker")]),
         html.Div(id="ov-strip"),
         html.Div(id="ov-agreement"),
     ])
@@ -39,9 +42,10 @@ def strip_figure(profile, name: str) -> go.Figure:
     rank = np.empty(L, dtype=int)
     rank[order] = np.arange(1, L + 1)
     fig = go.Figure(go.Heatmap(z=[imp], x=list(range(L)), y=[name], colorscale="Viridis",
-                               colorbar={"title": "importance"}, text=[[f"rank {r}" for r in rank]],
+                               colorbar={"title": {"text": "importance", "side": "right"}, "thickness": 14,
+                                         "len": 1.3}, text=[[f"rank {r}" for r in rank]],
                                hovertemplate="layer %{x}<br>importance %{z:.4g}<br>%{text}<extra></extra>"))
-    fig.update_layout(title=f"Layers coloured by {name} (brighter = more important)", height=220,
+    fig.update_layout(title=f"Layers coloured by {name} (brighter = more important)", height=250,
                       xaxis_title="layer", margin={"l": 160})
     return fig
 
@@ -72,11 +76,23 @@ def register(app, state):
             missing("pair of layer rankings", "lensbench profile MODEL --out DIR")
         return card_table(profile), names, (names[0] if names else None), agree
 
-    @app.callback(Output("ov-strip", "children"), Input("ov-ranking", "value"), Input("ov-profile", "value"))
-    def show_strip(name, key):
+    @app.callback(Output("ov-strip", "children"), Input("ov-ranking", "value"), Input("ov-profile", "value"),
+                  Input("ov-compare", "value"))
+    def show_strip(name, key, other):
         profile, note = opened_or_notice(state, key)
         if profile is None:
             return note
         if not name or name not in rankings(profile):
             return missing("layer ranking", "lensbench profile MODEL --out DIR")
-        return graph(strip_figure(profile, name), "ov-strip-graph")
+        out = [graph(strip_figure(profile, name), "ov-strip-graph")]
+        if other and other != key:
+            second, note = opened_or_notice(state, other)
+            if second is None:
+                out.append(note)
+            elif name not in rankings(second):
+                out.append(missing(f"{name} ranking in the compared profile", "lensbench profile MODEL --out DIR"))
+            else:
+                fig = strip_figure(second, name)
+                fig.update_layout(title=f"Compared: {second.model.get('name')} — {name}")
+                out.append(graph(fig, "ov-compare-graph"))
+        return out
