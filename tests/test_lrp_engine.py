@@ -178,6 +178,16 @@ def test_eager_and_fused_attention_give_the_same_relevance(tiny):
     torch.testing.assert_close(torch.tensor(eager.scores), torch.tensor(fused.scores), rtol=1e-3, atol=1e-5)
 
 
+def test_cp_lrp_is_the_same_on_eager_and_fused_attention():
+    from lensbench.analyses.lrp.attribute import attribute
+    from lensbench.testing import tiny_model
+
+    cfg = LRPConfig(cp_lrp=True)
+    eager = attribute(tiny_model("llama", attn="eager"), "The city council approved the budget", cfg=cfg)
+    fused = attribute(tiny_model("llama", attn="sdpa"), "The city council approved the budget", cfg=cfg)
+    torch.testing.assert_close(torch.tensor(eager.scores), torch.tensor(fused.scores), rtol=1e-3, atol=1e-5)
+
+
 def test_output_without_graph_is_refused():
     with pytest.raises(LRPError, match="no autograd graph"):
         propagate(torch.randn(3))

@@ -34,7 +34,8 @@ SINKS = ("EmbeddingBackward0", "EmbeddingBackward1", "AccumulateGrad")
 class LRPConfig:
     """Rule choices. eps: the ε of the ε-rule (z + ε·sign z). gamma: > 0 turns linear layers into the
     γ-rule (W + γW⁺). attn_lrp: softmax by the AttnLRP rule x ⊙ (R − s·ΣR) (off: identity).
-    cp_lrp: attention passes relevance only through the values (the softmax and q/k get none).
+    cp_lrp: attention passes relevance only through the values (the softmax and q/k get none), in fused
+    attention and in eager attention (a matrix product whose operand comes from a softmax).
     bilinear: how a product of two live operands splits — "proportional" to |a| and |b|
     (DynamicLRP's Mul rule) or "uniform" halves (AttnLRP). Matrix products of two live operands
     always split uniformly. strict: an operation without a rule raises (off: its relevance is

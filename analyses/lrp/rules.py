@@ -503,9 +503,23 @@ def matmul_eps(ctx, x, w, R, lx: bool, lw: bool, bias=None, alpha: float = 1.0, 
     return rx, rw, rb
 
 
+_PASS = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0", "CloneBackward0",
+         "ToCopyBackward0", "AliasBackward0", "NativeDropoutBackward0"}
+
+
+def _from_softmax(node, i: int) -> bool:
+    """Does input i come (through re-indexing only) from a softmax? Then it is an attention matrix."""
+    child = node.next_functions[i][0]
+    while child is not None and type(child).__name__ in _PASS:
+        child = child.next_functions[0][0]
+    return child is not None and type(child).__name__.startswith(("SoftmaxBackward", "SafeSoftmaxBackward"))
+
+
 def _mm_rel(ctx, node, R):
     x, w = _f32(ctx.input(node, 0)), _f32(ctx.input(node, 1))
     lx, lw = ctx.live(node, 0), ctx.live(node, 1)
+    if ctx.cfg.cp_lrp and lx and lw and _from_softmax(node, 0):  # CP-LRP on eager attention: A is a constant
+        lx = False
     if x is None or w is None:
         raise_unresolved(node)
     rx, rw, _ = matmul_eps(ctx, x, w, R[0], lx, lw, z=ctx.values.known.get((node, 0)))
