@@ -49,11 +49,13 @@ REAL_PROFILES = ("plans-smollm2/profile", "channels-smollm2", "concept-depth/smo
 
 def workbench_profile(reports: Path, out: Path) -> Path:
     """Merge the SmolLM2 profiles committed under reports/ (all measured on the same weights) into one."""
+    from lensbench.analyses.agreement import refresh
     from lensbench.profile import Profile
 
     profile = Profile.load(reports / REAL_PROFILES[0])
     for rel in REAL_PROFILES[1:]:
         if (reports / rel / "profile.json").is_file():
             profile.merge(Profile.load(reports / rel))
+    refresh(profile)  # the agreement matrix over every ranking merged in
     profile.save(out)
     return out

@@ -362,6 +362,7 @@ def cmd_concept_depth(args) -> int:
 
 
 def cmd_relevance(args) -> int:
+    from .analyses.agreement import refresh
     from .analyses.lrp import LRPConfig
     from .analyses.lrp.attribute import attribute, unit_scores
     from .analyses.lrp.plots import write_html
@@ -391,6 +392,7 @@ def cmd_relevance(args) -> int:
         old = Profile.load(out, model=model)
         old.merge(prof)
         prof = old
+    refresh(prof)  # the relevance rankings join the agreement matrix
     prof.save(out)
     for r in rels[:5]:
         print(r)

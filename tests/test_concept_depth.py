@@ -99,3 +99,21 @@ def test_bad_input_is_refused(tiny, tmp_path):
         fit_probes(torch.zeros(2, 4, 3), few.labels, ProbeConfig(folds=5))
     with pytest.raises(LensbenchError, match="unknown condition"):
         features(model, few, tmp_path, condition="fp8")
+
+
+def test_report_tables_and_family_ordering(tiny, tmp_path, monkeypatch):
+    from lensbench.probes import report
+
+    model = tiny("llama")
+    tasks = [load_task("cities", 20), load_task("sst2", 20), load_task("coinflip", 20)]
+    cfg = ProbeConfig(seeds=(0,), Cs=(1.0,), folds=3)
+    root = tmp_path / "concept-depth"
+    concept_depth_profile(model, tasks, tmp_path / "cache", site="resid", cfg=cfg, seq_len=128,
+                          progress=False).save(root / "tiny")
+    concept_depth_profile(model, tasks[:1], tmp_path / "cache", site="resid", cfg=cfg, seq_len=128, progress=False,
+                          conditions=("clean", "noise")).save(root / "tiny-robust")
+    monkeypatch.setattr(report, "render_png", lambda fig, path: False)  # no browser needed for the text
+    text = report.write(root).read_text()
+    assert "| cities | factual |" in text and "| coinflip | inferential |" in text
+    assert "factual < emotional" in text and ("confirmed" in text or "not reproduced" in text)
+    assert "| cities | noise |" in text
