@@ -218,15 +218,14 @@ register_rule(("WhereBackward0", "WhereBackward1"),
 # identity rule; for normalisation, AttnLRP Prop. 3.4). Weight and bias of a norm get nothing.
 # ---------------------------------------------------------------------------------------------
 def _identity_rel(ctx, node, R):
+    """R_x = R (summed back over broadcast dimensions when x was broadcast)."""
     out = [None] * _n_inputs(node)
     r = R[0]
-    x_shape = None
-    try:
-        x_shape = tuple(ctx.input(node, 0).shape)
-    except AttributeError:
-        pass
-    if x_shape is not None and x_shape != tuple(r.shape):
-        r = r.sum_to_size(x_shape)
+    child, k = node.next_functions[0]
+    if child is not None:
+        shape = ctx.out_shape(child, k)  # from the graph's metadata: no value needs rebuilding for a shape
+        if shape != tuple(r.shape):
+            r = r.sum_to_size(shape)
     out[0] = r
     return out
 
