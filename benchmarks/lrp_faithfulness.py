@@ -30,6 +30,7 @@ from lensbench.analyses.lrp.attribute import attribute  # noqa: E402
 from lensbench.analyses.lrp.faithfulness import (deletion_curves, gradient_x_input, integrated_gradients,  # noqa: E402
                                                  random_scores)
 from lensbench.analyses.lrp.plots import write_html  # noqa: E402
+from lensbench.browser import render_png  # noqa: E402
 from lensbench.probes.cities import city_facts  # noqa: E402
 from lensbench.stats import ci95_halfwidth  # noqa: E402
 
@@ -124,6 +125,8 @@ def study(model, n_prompts: int) -> list[dict]:
             extra[name] = (rel.conservation["end_to_end_error"], rel.scores.sum() / rel.start)
             if i == 0 and name == METHODS[0]:
                 write_html(rel, OUT / "example.html")
+                render_png(rel.plot("tokens"), OUT / "example-tokens.png")
+                render_png(rel.plot("layers"), OUT / "example-layers.png")
         scores["Gradient×Input"] = gradient_x_input(model, ids, target)
         scores["Integrated Gradients"] = integrated_gradients(model, ids, target)
         new = []

@@ -16,6 +16,8 @@ import numpy as np
 
 from lensbench.profile import Profile
 
+from lensbench.browser import render_png
+
 from .depth import ConceptDepthView
 from .tasks import FAMILIES
 
@@ -78,30 +80,6 @@ def robustness(profile: Profile) -> list[str]:
                          f"{acc.max() - clean.max():+.3f} | {np.abs(acc - clean).mean():.3f} | "
                          f"{_fmt(r['converging_rel'])} | {'—' if shift is None else f'{shift:+.2f}'} |")
     return lines
-
-
-def render_png(fig, path: Path) -> bool:
-    """Screenshot a plotly figure with headless Chromium; False when no browser is installed."""
-    import tempfile
-
-    from lensbench.app.testing import CHROMIUM, DRIVER, chromium
-
-    if CHROMIUM is None or DRIVER is None:
-        return False
-    width, height = int(fig.layout.width or 1200), int(fig.layout.height or 450)
-    with tempfile.NamedTemporaryFile("w", suffix=".html", delete=False) as fh:
-        fh.write(fig.to_html(include_plotlyjs=True, full_html=True, config={"staticPlot": True}))
-    driver = chromium(width + 40, height + 160)
-    try:
-        driver.get(f"file://{fh.name}")
-        import time
-
-        time.sleep(1.0)
-        driver.find_element("css selector", ".js-plotly-plot").screenshot(str(path))
-    finally:
-        driver.quit()
-        Path(fh.name).unlink(missing_ok=True)
-    return True
 
 
 def write(root: Path) -> Path:
