@@ -123,10 +123,6 @@ def study(model, n_prompts: int) -> list[dict]:
             rel = attribute(model, text, target=target, cfg=cfg)
             scores[name] = rel.scores
             extra[name] = (rel.conservation["end_to_end_error"], rel.scores.sum() / rel.start)
-            if i == 0 and name == METHODS[0]:
-                write_html(rel, OUT / "example.html")
-                render_png(rel.plot("tokens"), OUT / "example-tokens.png")
-                render_png(rel.plot("layers"), OUT / "example-layers.png")
         scores["Gradient×Input"] = gradient_x_input(model, ids, target)
         scores["Integrated Gradients"] = integrated_gradients(model, ids, target)
         new = []
@@ -171,6 +167,11 @@ def main(argv=None):
     for p in model.module.parameters():
         p.requires_grad_(False)
     rows = study(model, args.prompts)
+    fact = city_facts(limit=1)[0]
+    example = attribute(model, fact["prefix"] + " the country of", target=fact["true"])
+    write_html(example, OUT / "example.html")
+    render_png(example.plot("tokens"), OUT / "example-tokens.png")
+    render_png(example.plot("layers"), OUT / "example-layers.png")
     n = len({r["prompt"] for r in rows})
     lrp = [r for r in rows if r["method"] == METHODS[0]]
     eps = [r for r in rows if r["method"] == METHODS[1]]
