@@ -118,7 +118,7 @@ def main(argv=None):
     trip: dict[str, list[float]] = {}
     errors: list[str] = []
     with serving(create_app([prof])) as url:
-        driver = chromium(1500, 1100)
+        driver = chromium(1500, 1800)
         pages = interactions(driver)
         for r in range(args.rounds):
             for path, (main_id, is_fig, act) in pages.items():
