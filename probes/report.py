@@ -54,7 +54,7 @@ def family_ordering(profile: Profile, key: str = "converging_rel") -> tuple[list
     order = sorted(FAMILIES, key=lambda f: means[f])
     confirmed = order == list(FAMILIES)
     lines = [f"| family | tasks | mean {key.replace('_rel', '')} (relative depth) |", "|---|---|---|"]
-    lines += [f"| {f} | {len(by[f])} | {_fmt(means[f])} |" for f in FAMILIES]
+    lines += [f"| {f} | {len(by[f])} | {_fmt(means[f], 3)} |" for f in FAMILIES]
     lines += ["", "Share of task pairs in which the first family is shallower: " +
               ", ".join(f"{k}: {v:.2f}" for k, v in pairs.items()) + ".",
               f"Observed order: {' < '.join(order)} — the paper's factual < emotional < inferential is "

@@ -106,7 +106,9 @@ def test_concept_depth_metric_switch(browser, served):
 
     browser.get(served + "/concept-depth")
     wait_for(browser, "cd-fig")
-    assert "accuracy" in figure_title(browser, "cd-fig")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda d: "accuracy" in figure_title(d, "cd-fig"))  # plotly has drawn it
     browser.find_element(By.CSS_SELECTOR, "#cd-metric input[value='selectivity']").click()
     wait_text(browser, "cd-graph", "selectivity")
     wait_for(browser, "cd-depth-table")
