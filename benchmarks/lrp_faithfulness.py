@@ -47,24 +47,10 @@ FIELDS = ["prompt", "target", "method", "abpc", "comprehensiveness", "sufficienc
 
 def coverage_table() -> list[str]:
     """Coverage and conservation of one attribution on tiny random models of many families."""
-    import transformers as T
+    from lensbench.testing import ENCODER_DECODERS, TINY_ARCHS, more_tiny_hf_models, tiny_hf_model
 
-    from lensbench.testing import TINY_ARCHS, tiny_hf_model
-
-    extra = {
-        "t5 (encoder-decoder)": lambda: T.T5ForConditionalGeneration(T.T5Config(
-            vocab_size=600, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)),
-        "bart (encoder-decoder)": lambda: T.BartForConditionalGeneration(T.BartConfig(
-            vocab_size=600, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64)),
-        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=600, hidden_size=32, num_attention_heads=4,
-                                                    num_hidden_layers=2, ffn_dim=64, word_embed_proj_dim=32)),
-        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=600, hidden_size=32, num_attention_heads=4,
-                                                             num_hidden_layers=2)),
-        "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=600, hidden_size=32, n_head=4, n_layer=2)),
-        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=600, dim=32, n_heads=4, n_layers=2,
-                                                                   hidden_dim=64)),
-    }
+    extra = {f"{k} (encoder-decoder)" if k in ENCODER_DECODERS else k: build
+             for k, build in more_tiny_hf_models().items()}
     builders = {f"{a} ({attn})": (lambda a=a, attn=attn: tiny_hf_model(a, attn=attn))
                 for a in TINY_ARCHS for attn in ("eager", "sdpa") if not (a == "gemma2" and attn == "sdpa")}
     builders.update(extra)

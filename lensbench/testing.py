@@ -108,3 +108,27 @@ def no_hooks_left(module: torch.nn.Module) -> Iterator[None]:
         after = hook_count(module)
         if after != before:
             raise AssertionError(f"{after - before} hook(s) left on the model")
+
+
+ENCODER_DECODERS = ("t5", "bart")
+
+
+def more_tiny_hf_models() -> dict:
+    """Builders of tiny random HF models of families without a lensbench adapter (for graph-level tools
+    such as DynamicLRP that need no adapter): encoder-decoders and more decoders/encoders."""
+    import transformers as T
+
+    return {
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=_VOCAB, d_model=32, d_kv=8, d_ff=64,
+                                                              num_layers=2, num_heads=4, decoder_start_token_id=0)),
+        "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(
+            vocab_size=_VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=_CTX)),
+        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=_VOCAB, hidden_size=32, num_attention_heads=4,
+                                                    num_hidden_layers=2, ffn_dim=64, word_embed_proj_dim=32)),
+        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=_VOCAB, hidden_size=32,
+                                                             num_attention_heads=4, num_hidden_layers=2)),
+        "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=_VOCAB, hidden_size=32, n_head=4, n_layer=2)),
+        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=_VOCAB, dim=32, n_heads=4, n_layers=2,
+                                                                   hidden_dim=64)),
+    }

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lensbench.analyses.lrp import LRPConfig, LRPError, Rule, RULES, propagate, register_rule
-from lensbench.testing import TINY_ARCHS, tiny_hf_model
+from lensbench.testing import ENCODER_DECODERS, TINY_ARCHS, more_tiny_hf_models, tiny_hf_model
 
 EPS = LRPConfig(eps=1e-12, attn_lrp=False)
 
@@ -132,38 +132,19 @@ def test_full_coverage_and_conservation_on_tiny_architectures(arch, attn):
     assert abs(report.sink_total) > 0
 
 
-def _encoder_decoders():
-    import transformers as T
-
-    return {
-        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=600, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                                              num_heads=4, decoder_start_token_id=0)),
-        "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(
-            vocab_size=600, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128)),
-        "opt": lambda: T.OPTForCausalLM(T.OPTConfig(vocab_size=600, hidden_size=32, num_attention_heads=4,
-                                                    num_hidden_layers=2, ffn_dim=64, word_embed_proj_dim=32)),
-        "falcon": lambda: T.FalconForCausalLM(T.FalconConfig(vocab_size=600, hidden_size=32, num_attention_heads=4,
-                                                             num_hidden_layers=2)),
-        "bloom": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=600, hidden_size=32, n_head=4, n_layer=2)),
-        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=600, dim=32, n_heads=4, n_layers=2,
-                                                                   hidden_dim=64)),
-    }
-
-
 @pytest.mark.parametrize("name", ["t5", "bart", "opt", "falcon", "bloom", "distilbert"])
 def test_coverage_on_more_architectures_including_encoder_decoders(name):
     torch.manual_seed(0)
-    model = _encoder_decoders()[name]().eval()
+    model = more_tiny_hf_models()[name]().eval()
     ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
-    kw = {"decoder_input_ids": torch.tensor([[0, 4, 6]])} if name in ("t5", "bart") else {}
+    kw = {"decoder_input_ids": torch.tensor([[0, 4, 6]])} if name in ENCODER_DECODERS else {}
     with torch.enable_grad():
         out = model(ids, **kw)
     y = out.logits[0, -1].max() if hasattr(out, "logits") else out.last_hidden_state[0, 0, :4].abs().sum()
     report, _ = propagate(y, cfg=LRPConfig(attn_lrp=False))
     assert report.coverage == 1.0
     assert report.end_to_end_error < 1e-3
-    if name in ("t5", "bart"):  # relevance reaches both the encoder's and the decoder's token embeddings
+    if name in ENCODER_DECODERS:  # relevance reaches both the encoder's and the decoder's token embeddings
         assert len(report.sinks) >= 2
 
 
