@@ -35,3 +35,10 @@ def opened_or_notice(state, key):
     if o.profile is None:
         return None, notice(f"{o.path} cannot be opened: {o.error}", "error")
     return o.profile, None
+
+
+def progress_bar(id_: str, job=None) -> html.Div:
+    """A background job's progress bar and message (a fresh bar when `job` is None)."""
+    if job is None:
+        return html.Div(html.Progress(id=id_, value="0", max="1"))
+    return html.Div([html.Progress(id=id_, value=str(job.fraction), max="1"), html.Span(f" {job.message}")])

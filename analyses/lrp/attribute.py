@@ -55,8 +55,7 @@ class Relevance:
                 f"end-to-end error {c.get('end_to_end_error', float('nan')):.1e})")
 
     def to_dict(self) -> dict:
-        d = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
-        return d
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
     def plot(self, kind: str = "tokens"):
         """plotly figure: "tokens" (a heatmap over the input tokens) or "layers" (layer × token map)."""

@@ -11,7 +11,7 @@ from dash import Input, Output, State, dcc, html, no_update
 
 from lensbench.policies import POLICIES, make_plan
 
-from ..components import graph, notice, opened_or_notice, profile_picker
+from ..components import graph, notice, opened_or_notice, profile_picker, progress_bar
 
 PATH, TITLE = "/plans", "Plan explorer"
 PROFILE_ONLY = [n for n, p in POLICIES.items() if not p.needs_model]
@@ -128,7 +128,7 @@ def register(app, state):
                     "weight_fraction": result["weight_bytes"] / result["dense_weight_bytes"],
                     "decode_speedup": result["decode_speed_ratio"]}
 
-        return state.submit("evaluate", job), False, html.Progress(id="pl-progress", value="0", max="1")
+        return state.submit("evaluate", job), False, progress_bar("pl-progress")
 
     @app.callback(Output("pl-front", "children"), Output("pl-poll", "disabled", allow_duplicate=True),
                   Output("pl-status", "children", allow_duplicate=True), Input("pl-poll", "n_intervals"),
@@ -138,8 +138,7 @@ def register(app, state):
         if job is None:
             return no_update, True, no_update
         if not job.done:
-            return no_update, False, html.Div([html.Progress(id="pl-progress", value=str(job.fraction), max="1"),
-                                               html.Span(f" {job.message}")])
+            return no_update, False, progress_bar("pl-progress", job)
         if job.error:
             return no_update, True, notice(job.error, "error")
         state.evaluations.append(job.result)

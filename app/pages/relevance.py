@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dash import Input, Output, State, dcc, html, no_update
 
-from ..components import graph, notice, opened_or_notice, profile_picker
+from ..components import graph, notice, opened_or_notice, profile_picker, progress_bar
 
 PATH, TITLE = "/relevance", "Relevance"
 
@@ -46,9 +46,9 @@ def register(app, state):
                 raise LensbenchError(f"{model.name} has no language-model head: relevance here explains next-token "
                                      f"predictions of causal LMs")
             progress(0.4, "forward pass and relevance walk")
-            return attribute(model, text, target=(target or None) or None)
+            return attribute(model, text, target=target or None)
 
-        return state.submit("relevance", job), False, html.Progress(id="rl-progress", value="0", max="1")
+        return state.submit("relevance", job), False, progress_bar("rl-progress")
 
     @app.callback(Output("rl-result", "children"), Output("rl-poll", "disabled", allow_duplicate=True),
                   Output("rl-status", "children", allow_duplicate=True), Input("rl-poll", "n_intervals"),
@@ -58,8 +58,7 @@ def register(app, state):
         if job is None:
             return no_update, True, no_update
         if not job.done:
-            return no_update, False, html.Div([html.Progress(id="rl-progress", value=str(job.fraction), max="1"),
-                                               html.Span(f" {job.message}")])
+            return no_update, False, progress_bar("rl-progress", job)
         if job.error:
             return notice(job.error, "error"), True, None
         rel = job.result
