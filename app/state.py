@@ -11,6 +11,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,24 @@ class State:
         self._models: dict[str, object] = {}
         self._model_lock = threading.Lock()
         self._load = model_loader
+        self.evaluations: list[dict] = []  # plan evaluations measured in this session (plan explorer)
+        self._memo: OrderedDict = OrderedDict()
+        self._memo_lock = threading.Lock()
+        self.memo_size = 256
+
+    def memo(self, key: tuple, build):
+        """`build()` computed once per `key` (opened profiles never change, so figures and tables
+        derived from them can be reused across callbacks); the `memo_size` most recent are kept."""
+        with self._memo_lock:
+            if key in self._memo:
+                self._memo.move_to_end(key)
+                return self._memo[key]
+        value = build()  # outside the lock: two callbacks may build the same value; both are equal
+        with self._memo_lock:
+            self._memo[key] = value
+            while len(self._memo) > self.memo_size:
+                self._memo.popitem(last=False)
+        return value
 
     # --- profiles --------------------------------------------------------------------------
     def options(self) -> list[dict]:

@@ -194,3 +194,23 @@ def test_app_binds_localhost_by_default_and_needs_a_profile(capsys):
     assert args.host == "127.0.0.1"
     assert main(["app"]) == 2
     assert "no profile" in capsys.readouterr().err
+
+
+def test_state_memo_reuses_and_bounds_derived_values():
+    from lensbench.app.state import State
+
+    state, built = State([]), []
+    state.memo_size = 2
+
+    def build(name):
+        built.append(name)
+        return {"figure": name}
+
+    first = state.memo(("fig", "a"), lambda: build("a"))
+    assert state.memo(("fig", "a"), lambda: build("a")) is first and built == ["a"]
+    state.memo(("fig", "b"), lambda: build("b"))
+    state.memo(("fig", "a"), lambda: build("a"))  # a is now the most recent
+    state.memo(("fig", "c"), lambda: build("c"))  # evicts b, the least recently used
+    state.memo(("fig", "a"), lambda: build("a"))
+    state.memo(("fig", "b"), lambda: build("b"))
+    assert built == ["a", "b", "c", "b"]

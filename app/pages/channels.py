@@ -39,16 +39,16 @@ def register(app, state):
             return note, [], []
         if "channels" not in profile.tables:
             return missing("channel graph", "lensbench channels MODEL --out DIR"), [], []
-        g = ChannelGraph.from_profile(profile)
+        g = state.memo(("channel-graph", key), lambda: ChannelGraph.from_profile(profile))
         rows = [_row(e) for e in g.edges[:top]]
-        return graph(g.plot(top), "ch-fig"), rows, ([0] if rows else [])
+        return graph(state.memo(("channels", key, top), lambda: g.plot(top)), "ch-fig"), rows, ([0] if rows else [])
 
     @app.callback(Output("ch-detail", "children"), Input("ch-edges", "selected_rows"), Input("ch-profile", "value"))
     def detail(selected, key):
         profile, _ = opened_or_notice(state, key)
         if profile is None or "channels" not in profile.tables or not selected:
             return None
-        e = ChannelGraph.from_profile(profile).edges[selected[0]]
+        e = state.memo(("channel-graph", key), lambda: ChannelGraph.from_profile(profile)).edges[selected[0]]
         items = [html.Li(f"{k}: {v}") for k, v in e.items()]
         return html.Div([html.H4(f"Channel {e['writer'][0]}.{e['writer'][1]} → {e['reader'][0]}.{e['reader'][1]} "
                                  f"({e['mode']}-composition, component {e.get('component')})"), html.Ul(items)],

@@ -41,14 +41,24 @@ def register(app, state):
             return note, None
         if "concept_depth" not in profile.tables:
             return missing("concept-depth results", "lensbench concept-depth MODEL --tasks all --out DIR"), None
-        view = ConceptDepthView(profile)
         if metric == "selectivity" and condition != "clean":
             return missing(f"control task under the {condition} condition (controls run on clean inputs)",
                            "lensbench concept-depth MODEL --out DIR"), None
-        fig = view.plot(condition or "clean", metric)
-        fig.update_layout(width=None, autosize=True)
-        frame = view.table()
-        frame = frame[frame["condition"] == (condition or "clean")]
-        table = dash_table.DataTable(frame.round(3).to_dict("records"), [{"name": c, "id": c} for c in frame.columns],
-                                     id="cd-depth-table", page_size=15, style_table={"overflowX": "auto"})
+        condition = condition or "clean"
+        fig = state.memo(("concept", key, condition, metric), lambda: figure(profile, condition, metric))
+        records, columns = state.memo(("concept-table", key, condition), lambda: table_data(profile, condition))
+        table = dash_table.DataTable(records, columns, id="cd-depth-table", page_size=15,
+                                     style_table={"overflowX": "auto"})
         return graph(fig, "cd-fig"), table
+
+
+def figure(profile, condition: str, metric: str):
+    fig = ConceptDepthView(profile).plot(condition, metric)
+    fig.update_layout(width=None, autosize=True)
+    return fig
+
+
+def table_data(profile, condition: str) -> tuple[list[dict], list[dict]]:
+    frame = ConceptDepthView(profile).table()
+    frame = frame[frame["condition"] == condition]
+    return frame.round(3).to_dict("records"), [{"name": c, "id": c} for c in frame.columns]

@@ -35,7 +35,7 @@ def card_table(profile) -> html.Table:
     return html.Table([html.Tr([html.Th(k), html.Td(str(v))]) for k, v in rows], className="card")
 
 
-def strip_figure(profile, name: str) -> go.Figure:
+def strip_figure(profile, name: str, title: str | None = None) -> go.Figure:
     imp = rankings(profile)[name]
     L = len(imp)
     order = np.argsort(-imp, kind="stable")
@@ -45,7 +45,7 @@ def strip_figure(profile, name: str) -> go.Figure:
                                colorbar={"title": {"text": "importance", "side": "right"}, "thickness": 14,
                                          "len": 1.3}, text=[[f"rank {r}" for r in rank]],
                                hovertemplate="layer %{x}<br>importance %{z:.4g}<br>%{text}<extra></extra>"))
-    fig.update_layout(title=f"Layers coloured by {name} (brighter = more important)", height=250,
+    fig.update_layout(title=title or f"Layers coloured by {name} (brighter = more important)", height=250,
                       xaxis_title="layer", margin={"l": 160})
     return fig
 
@@ -70,8 +70,8 @@ def register(app, state):
         profile, note = opened_or_notice(state, key)
         if profile is None:
             return note, [], None, None
-        names = sorted(rankings(profile))
-        fig = agreement_figure(profile)
+        names = state.memo(("ranking-names", key), lambda: sorted(rankings(profile)))
+        fig = state.memo(("agreement", key), lambda: agreement_figure(profile))
         agree = graph(fig, "ov-agreement-graph") if fig is not None else \
             missing("pair of layer rankings", "lensbench profile MODEL --out DIR")
         return card_table(profile), names, (names[0] if names else None), agree
@@ -82,9 +82,9 @@ def register(app, state):
         profile, note = opened_or_notice(state, key)
         if profile is None:
             return note
-        if not name or name not in rankings(profile):
+        if not name or name not in state.memo(("ranking-names", key), lambda: sorted(rankings(profile))):
             return missing("layer ranking", "lensbench profile MODEL --out DIR")
-        out = [graph(strip_figure(profile, name), "ov-strip-graph")]
+        out = [graph(state.memo(("strip", key, name), lambda: strip_figure(profile, name)), "ov-strip-graph")]
         if other and other != key:
             second, note = opened_or_notice(state, other)
             if second is None:
@@ -92,7 +92,7 @@ def register(app, state):
             elif name not in rankings(second):
                 out.append(missing(f"{name} ranking in the compared profile", "lensbench profile MODEL --out DIR"))
             else:
-                fig = strip_figure(second, name)
-                fig.update_layout(title=f"Compared: {second.model.get('name')} — {name}")
+                fig = state.memo(("compare-strip", other, name), lambda: strip_figure(
+                    second, name, title=f"Compared: {second.model.get('name')} — {name}"))
                 out.append(graph(fig, "ov-compare-graph"))
         return out

@@ -71,8 +71,6 @@ def front_figure(points: list[dict]) -> go.Figure:
 
 
 def register(app, state):
-    state.evaluations = getattr(state, "evaluations", [])
-
     @app.callback(Output("pl-budget-help", "children"), Input("pl-policy", "value"))
     def budget_help(policy):
         return html.Small(f"budget: {POLICIES[policy].budget}" if policy in POLICIES else "")

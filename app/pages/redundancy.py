@@ -73,7 +73,7 @@ def register(app, state):
         names = [n for n in (names or []) if n in profile.scores]
         if not names:
             return missing("per-layer scores", "lensbench profile MODEL --out DIR")
-        return graph(curve_figure(profile, names), "rd-curve-fig")
+        return graph(state.memo(("curves", key, *names), lambda: curve_figure(profile, names)), "rd-curve-fig")
 
     @app.callback(Output("rd-matrix-graph", "children"), Input("rd-matrix", "value"), Input("rd-profile", "value"))
     def show_matrix(name, key):
@@ -83,4 +83,4 @@ def register(app, state):
         if not name or name not in profile.scores:
             return missing("layer × layer matrix",
                            "lensbench profile MODEL --out DIR --analyses redundancy,skip_effect")
-        return graph(matrix_figure(profile, name), "rd-matrix-fig")
+        return graph(state.memo(("matrix", key, name), lambda: matrix_figure(profile, name)), "rd-matrix-fig")
