@@ -252,7 +252,9 @@ class ChannelGraph:
         fig.add_trace(go.Scatter(x=[g[0] for g in grid], y=[g[1] for g in grid], mode="markers", name="heads",
                                  marker={"size": 6, "color": "#555"}, text=[f"head {a}.{b}" for a, b in grid],
                                  hoverinfo="text"))
-        fig.update_layout(title="SVD communication channels", xaxis_title="layer", yaxis_title="head")
+        shown = min(top, len(self.edges))
+        fig.update_layout(title=f"SVD communication channels: the {shown} strongest writer-component → reader edges "
+                                "by z (colour: composition mode)", xaxis_title="layer", yaxis_title="head")
         return fig
 
     def __repr__(self) -> str:
@@ -285,6 +287,10 @@ class Channels(Analyzer):
         out: list = [LayerScores(f"composition_{m.lower()}", c.scores, None, axes=axes, analysis=self.name,
                                  params=self.params(), description=f"{m}-composition score, writer -> later reader")
                      for m, c in comps.items()]
+        spectra = next(iter(comps.values())).writer_singular_values  # W_OV's, the same for every mode
+        out.append(LayerScores("ov_singular_values", spectra, None, axes=("layer", "head", "component"),
+                               analysis=self.name, params=self.params(),
+                               description="singular values of each head's W_OV (input norm folded in), descending"))
         edges = sorted((e for c in comps.values() for e in c.channels(self.z)), key=lambda e: -e["z"])
         out.append(Table("channels", edges[: self.max_edges], analysis=self.name,
                          description=f"writer singular components above the {self.null} null by z > {self.z}",

@@ -118,15 +118,21 @@ def test_concept_depth_metric_switch(browser, served):
 def test_channels_row_selection_shows_components(browser, served):
     from selenium.webdriver.common.by import By
 
-    browser.get(served + "/channels")
-    wait_for(browser, "ch-detail-box")
-    first = browser.find_element(By.ID, "ch-detail-box").text
-    radios = browser.find_elements(By.CSS_SELECTOR, "#ch-edges input[type='radio']")
-    radios[3].click()
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(browser, 20).until(lambda d: d.find_element(By.ID, "ch-detail-box").text != first)
-    assert "composition" in browser.find_element(By.ID, "ch-detail-box").text
+    def detail(d):  # read in the page: the box is replaced when the selection changes
+        return d.execute_script("const b = document.getElementById('ch-detail-box'); return b ? b.innerText : '';")
+
+    browser.get(served + "/channels")
+    wait_for(browser, "ch-detail-box")
+    first = detail(browser)
+    radios = browser.find_elements(By.CSS_SELECTOR, "#ch-edges input[type='radio']")
+    radios[3].click()
+    WebDriverWait(browser, 20).until(lambda d: detail(d) not in ("", first))
+    text = detail(browser)
+    assert "composition" in text and "σ =" in text
+    wait_for(browser, "ch-detail-fig")  # the writer's and reader's spectra and the pair's components
+    WebDriverWait(browser, 20).until(lambda d: "W_OV singular values" in d.find_element(By.ID, "ch-detail-fig").text)
 
 
 @needs_browser
@@ -162,10 +168,27 @@ def test_plan_explorer_makes_evaluates_and_exports(browser, served):
     wait_for(browser, "pl-make").click()
     wait_for(browser, "pl-plan-box")
     assert "removes:" in browser.find_element(By.ID, "pl-plan-box").text
+    wait_for(browser, "pl-predicted-fig")  # the policy's predicted ladder, drawn at once
     browser.find_element(By.ID, "pl-eval").click()
     wait_for(browser, "pl-front-fig", timeout=420)
     assert "KL" in browser.find_element(By.ID, "pl-status").text
     assert console_errors(browser) == []
+
+
+def test_predicted_plan_quality_is_the_sum_of_single_unit_ablation_kls(workbench):
+    from lensbench.app.pages.plans import LADDER, predicted_figure, predicted_kl
+    from lensbench.policies import make_plan
+    from lensbench.profile import Profile
+
+    profile = Profile.load(workbench)
+    plan = make_plan("drop-attn", profile, 3)
+    kl = profile.scores["ablation_kl_attn"].values
+    assert predicted_kl(profile, plan) == pytest.approx(sum(kl[u.layer] for u in plan.units()))
+    fig = predicted_figure(profile, "drop-block")
+    assert len(fig.data[0].x) == LADDER and list(fig.data[0].y) == sorted(fig.data[0].y)  # more removed, more KL
+    assert predicted_figure(profile, "bits-rank") is None  # quantisation plans are measured, not predicted here
+    del profile.scores["ablation_kl_block"]
+    assert predicted_figure(profile, "drop-block") is None
 
 
 def test_the_real_profiles_are_committed():

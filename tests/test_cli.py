@@ -1,6 +1,7 @@
 """The CLI in-process through main(argv): happy paths and one-line errors for bad input."""
 import json
 
+import numpy as np
 import pytest
 
 from lensbench.cli import main
@@ -168,6 +169,10 @@ def test_channels_merges_into_the_same_models_profile(capsys, tmp_path, tiny_dir
     assert profile["composition_q"].values.shape == (3, 4, 3, 4)
     graph = ChannelGraph.from_profile(profile)
     assert all(e["z"] > 1.5 for e in graph.edges)
+    spectra = profile["ov_singular_values"].values  # each head's W_OV spectrum, descending
+    assert spectra.shape[:2] == (3, 4) and (np.diff(spectra, axis=-1) <= 1e-6).all()
+    e = graph.edges[0]
+    assert np.isclose(spectra[e["writer"][0], e["writer"][1], e["component"]], e["sigma"], rtol=1e-5)
     assert len(graph.plot().data) == 4  # Q, K, V edge traces and the head grid
     code, out, _ = run(capsys, "summary", str(out_dir))
     assert code == 0 and "most redundant" in out and "channels:" in out
