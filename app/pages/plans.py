@@ -1,6 +1,7 @@
-"""Plan explorer: a policy and a budget make a Plan from the profile (predicted cost shown at once);
-"Evaluate" applies it for real in a background job and adds the measured point to the quality vs
-compression vs speed chart (Pareto front over everything evaluated in this session); "Export"
+"""Plan explorer: a policy and a budget make a Plan from the profile, shown at once with the
+policy's predicted quality vs compression vs speed over a ladder of budgets (from the profile's
+single-unit ablation KLs); "Evaluate" applies it for real in a background job and adds the measured
+point to the measured chart (Pareto front over everything evaluated in this session); "Export"
 downloads the Plan as JSON."""
 from __future__ import annotations
 
@@ -9,21 +10,25 @@ import json
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html, no_update
 
+from lensbench.errors import LensbenchError
 from lensbench.policies import POLICIES, make_plan
 
 from ..components import graph, notice, opened_or_notice, profile_picker, progress_bar
 
 PATH, TITLE = "/plans", "Plan explorer"
 PROFILE_ONLY = [n for n, p in POLICIES.items() if not p.needs_model]
+INLINE = {"display": "inline-block", "verticalAlign": "bottom", "marginRight": "12px"}
+LADDER = 12  # budgets drawn on the predicted chart
 
 
 def layout(state):
     return html.Div([
         html.H2("Plan explorer"),
         html.Label(["Profile ", profile_picker(state, "pl-profile")]),
-        html.Div([dcc.Dropdown(id="pl-policy", options=PROFILE_ONLY, value="drop-block", clearable=False,
-                               className="picker"),
-                  dcc.Input(id="pl-budget", type="number", value=4, min=0, step=0.5),
+        html.Div([html.Label(["Policy ", dcc.Dropdown(id="pl-policy", options=PROFILE_ONLY, value="drop-block",
+                                                       clearable=False)], style=INLINE | {"width": "260px"}),
+                  html.Label(["Budget ", dcc.Input(id="pl-budget", type="number", value=4, min=0, step=0.5,
+                                                   style={"width": "90px"})], style=INLINE),
                   html.Button("Make plan", id="pl-make", n_clicks=0),
                   html.Button("Evaluate", id="pl-eval", n_clicks=0),
                   html.Button("Export plan", id="pl-export", n_clicks=0)], className="row"),
@@ -45,6 +50,70 @@ def _plan(state, key, policy, budget):
     return make_plan(policy, profile, float(budget)), None
 
 
+def profile_of(state, key):
+    return state.get(key).profile
+
+
+def predicted_kl(profile, plan) -> float | None:
+    """Additive estimate: the sum of each removed unit's single-unit ablation KL (None without them)."""
+    total = 0.0
+    for u in plan.units():
+        s = profile.scores.get(f"ablation_kl_{u.kind}")
+        if s is None:
+            return None
+        total += float(s.values[u.layer])
+    return total
+
+
+def ladder(policy: str, L: int) -> list[float]:
+    if policy.startswith("drop-"):
+        return list(range(1, min(LADDER, L - 1) + 1))
+    if policy.endswith("-skip"):
+        return [L / keep for keep in range(L - 1, max(L - 1 - LADDER, 1), -1)]
+    return []
+
+
+def predicted_figure(profile, policy: str) -> go.Figure | None:
+    """The policy's plans over a ladder of budgets: layer compute removed vs predicted KL, coloured by
+    the layer-count speed-up estimate. None for policies this does not cover or without ablation KLs."""
+    L = int(profile.model["n_layers"])
+    pts = []
+    for b in ladder(policy, L):
+        try:
+            plan = make_plan(policy, profile, b)
+        except LensbenchError:
+            continue
+        kl = predicted_kl(profile, plan)
+        if kl is None:
+            return None
+        frac = plan.summary()["layer_fraction_removed"]
+        pts.append((frac, kl, 1 / (1 - frac), f"budget {b:.3g}: " + ", ".join(map(str, plan.units()))))
+    if not pts:
+        return None
+    fig = go.Figure(go.Scatter(
+        x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers", name=f"{policy}, budgets",
+        text=[p[3] for p in pts], customdata=[p[2] for p in pts],
+        marker={"size": 9, "color": [p[2] for p in pts], "colorscale": "Viridis", "showscale": True,
+                "colorbar": {"title": "predicted speed-up ×<br>(layer count)"}},
+        hovertemplate="%{text}<br>layer compute removed %{x:.3f}<br>predicted KL %{y:.3f} nats<br>"
+                      "speed-up ×%{customdata:.2f} (layer count)<extra></extra>"))
+    fig.update_layout(title=f"Predicted by the profile: {policy} over budgets (KL = sum of single-unit ablation "
+                            f"KLs, an additive estimate)", xaxis_title="layer compute removed (attention or MLP "
+                            "= half a layer), fraction of the layers", yaxis_title="predicted KL to dense (nats)",
+                      yaxis_type="log", height=400, legend={"orientation": "h", "y": -0.3})
+    return fig
+
+
+def _with_current(fig: go.Figure, plan, kl: float | None) -> go.Figure:
+    """A copy of the (memoised) ladder figure with the current plan marked."""
+    fig = go.Figure(fig)
+    if kl is not None:
+        fig.add_trace(go.Scatter(x=[plan.summary()["layer_fraction_removed"]], y=[kl], mode="markers",
+                                 name="this plan", marker={"symbol": "star", "size": 16, "color": "#d62728"},
+                                 hovertemplate="this plan: predicted KL %{y:.3f} nats<extra></extra>"))
+    return fig
+
+
 def front_figure(points: list[dict]) -> go.Figure:
     fig = go.Figure()
     if points:
@@ -64,7 +133,7 @@ def front_figure(points: list[dict]) -> go.Figure:
                                                "<extra></extra>"))
         fig.add_trace(go.Scatter(x=[p["weight_fraction"] for p in front], y=[p["kl"] for p in front],
                                  mode="lines", name="Pareto front", line={"dash": "dot"}))
-    fig.update_layout(title="Measured quality vs compression (colour: decode speed-up vs dense)",
+    fig.update_layout(title="Measured in this session: quality vs compression (colour: decode speed-up vs dense)",
                       xaxis_title="weight bytes, fraction of dense", yaxis_title="held-out KL to dense (nats)",
                       height=420)
     return fig
@@ -85,10 +154,14 @@ def register(app, state):
         if plan is None:
             return note
         units = ", ".join(str(u) for u in plan.units()) or "nothing"
-        pred = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                         for k, v in (plan.predicted or {}).items() if k != "rounds")
-        return html.Div([html.P(f"{plan!r}"), html.P(f"removes: {units}"),
-                         html.P(f"predicted: {pred or '—'}")], id="pl-plan-box")
+        kl = predicted_kl(profile_of(state, key), plan)
+        estimate = f"predicted KL to dense {kl:.3f} nats (sum of single-unit ablation KLs)" if kl is not None else \
+            "no predicted KL (the profile has no ablation scores for these units)"
+        fig = state.memo(("predicted", key, policy), lambda: predicted_figure(profile_of(state, key), policy))
+        return html.Div([html.P(f"{plan!r}"), html.P(f"removes: {units}"), html.P(estimate),
+                         graph(_with_current(fig, plan, kl), "pl-predicted-fig") if fig is not None else
+                         notice("The predicted chart covers drop and skip policies; evaluate bit plans to measure "
+                                "them.")], id="pl-plan-box")
 
     @app.callback(Output("pl-download", "data"), Input("pl-export", "n_clicks"), State("pl-profile", "value"),
                   State("pl-policy", "value"), State("pl-budget", "value"), prevent_initial_call=True)
@@ -112,6 +185,7 @@ def register(app, state):
         if plan is None:
             return None, True, note
         profile = state.get(key).profile
+        predicted = predicted_kl(profile, plan)
 
         def job(progress):
             from lensbench.evaluate import EvalConfig, evaluate
@@ -122,7 +196,7 @@ def register(app, state):
             progress(0.2, "applying the plan and measuring quality and speed")
             cfg = EvalConfig(texts=8, seq_len=64, cities=20, speed_rounds=2, prompt_tokens=32, decode_tokens=8)
             result = evaluate(model, plan, cfg, texts=bbc_news("heldout", limit=8))
-            return {"label": f"{policy} {budget}", "kl": result["kl_to_dense"],
+            return {"label": f"{policy} {budget}", "kl": result["kl_to_dense"], "predicted_kl": predicted,
                     "weight_fraction": result["weight_bytes"] / result["dense_weight_bytes"],
                     "decode_speedup": result["decode_speed_ratio"]}
 
@@ -142,5 +216,6 @@ def register(app, state):
         state.evaluations.append(job.result)
         r = job.result
         return graph(front_figure(state.evaluations), "pl-front-fig"), True, \
-            notice(f"{r['label']}: KL {r['kl']:.4f} nats, weights {r['weight_fraction']:.3f} of dense, decode "
-                   f"×{r['decode_speedup']:.2f}", "info")
+            notice(f"{r['label']}: KL {r['kl']:.4f} nats" + (
+                f" (predicted {r['predicted_kl']:.4f})" if r["predicted_kl"] is not None else "")
+                + f", weights {r['weight_fraction']:.3f} of dense, decode ×{r['decode_speedup']:.2f}", "info")
