@@ -62,6 +62,7 @@ class ConceptDepthView:
 
     def plot(self, condition: str = "clean", metric: str = "accuracy"):
         import plotly.graph_objects as go
+        from plotly.colors import qualitative
         from plotly.subplots import make_subplots
 
         from .tasks import FAMILIES
@@ -71,6 +72,8 @@ class ConceptDepthView:
             sorted({r["family"] for r in rows} - set(FAMILIES))
         fig = make_subplots(1, len(fams), subplot_titles=fams, shared_yaxes=True)
         L = int(self.profile.model["n_layers"])
+        palette = qualitative.D3 + qualitative.Dark2  # one colour per task, its marker included
+        colour = {t: palette[i % len(palette)] for i, t in enumerate(dict.fromkeys(r["task"] for r in rows))}
         for col, fam in enumerate(fams, 1):
             for r in (r for r in rows if r["family"] == fam):
                 tag = r["task"] if condition == "clean" else f"{r['task']}@{condition}"
@@ -78,14 +81,19 @@ class ConceptDepthView:
                 ci = self.profile.scores.get(f"probe_accuracy_ci_{tag}")
                 err = {"type": "data", "array": ci.values, "visible": True} if ci is not None and metric == "accuracy" \
                     else None
-                fig.add_trace(go.Scatter(x=list(range(L)), y=y, mode="lines", name=r["task"], error_y=err), 1, col)
+                c = colour[r["task"]]
+                fig.add_trace(go.Scatter(x=list(range(L)), y=y, mode="lines", name=r["task"], error_y=err,
+                                         line={"color": c}, legendgroup=r["task"]), 1, col)
                 if r.get("converging") is not None:
                     fig.add_trace(go.Scatter(x=[r["converging"]], y=[y[r["converging"]]], mode="markers",
-                                             marker={"symbol": "diamond", "size": 10}, showlegend=False,
+                                             marker={"symbol": "diamond", "size": 11, "color": c,
+                                                     "line": {"width": 1, "color": "black"}},
+                                             showlegend=False, legendgroup=r["task"],
                                              hovertext=f"{r['task']}: converging point {r['converging_rel']:.2f}"),
                                   1, col)
             fig.update_xaxes(title_text="layer", row=1, col=col)
         fig.update_yaxes(title_text=f"probe test {metric}", row=1, col=1)
         fig.update_layout(title=f"{self.profile.model.get('name')}: probe {metric} vs layer ({condition}); "
-                                f"diamonds = converging points", height=420, width=420 * len(fams) + 200)
+                                f"diamonds = converging points", height=500, width=420 * len(fams) + 200,
+                          legend={"orientation": "h", "y": -0.22})
         return fig

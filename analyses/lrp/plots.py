@@ -16,11 +16,13 @@ def token_heatmap(rel):
     labels = [f"{i}:{t}" for i, t in enumerate(rel.tokens)]
     fig = go.Figure(go.Heatmap(z=[rel.scores], x=labels, y=["relevance"], zmid=0, zmin=-m, zmax=m,
                                colorscale="RdBu_r", text=[[f"{t}" for t in rel.tokens]], texttemplate="%{text}",
-                               colorbar={"title": "relevance"},
+                               colorbar={"title": {"text": "relevance", "side": "right"}, "len": 1.15,
+                                         "thickness": 14, "nticks": 5},
                                hovertemplate="token %{x}<br>relevance %{z:.4f}<extra></extra>"))
     fig.update_layout(title=f"DynamicLRP relevance per input token for {rel.target!r} "
                             f"(start {rel.start:.2f}, {rel.model})",
-                      height=260, xaxis={"title": "input token (position:text)", "tickangle": -45})
+                      height=300, margin={"t": 60, "b": 90},
+                      xaxis={"title": "input token (position:text)", "tickangle": -45})
     return fig
 
 
