@@ -99,7 +99,6 @@ def open_dropdown(driver, dropdown_id: str, text: str) -> None:
 def interactions(driver):
     """page path -> (main element id, is a figure, interaction returning (round trip in the page,
     seconds including WebDriver's own steps such as opening a dropdown))."""
-    from selenium.webdriver.common.by import By
 
     def choose(dropdown_id, graph_id, a, b):
         choice = b if a in title(driver, graph_id) else a
@@ -114,11 +113,14 @@ def interactions(driver):
         return rt, time.perf_counter() - t0
 
     def channels():
-        first = driver.find_element(By.ID, "ch-detail-box").text
+        cells = driver.execute_script(
+            "return Array.from(document.querySelectorAll('#ch-edges tr')[3].querySelectorAll('td'))"
+            ".map(c => c.innerText.trim());")  # the third edge: [radio, mode, writer, component, reader, ...]
+        expected = f"writer {cells[2]}, reader {cells[4]}"
         t0 = time.perf_counter()
         rt = trip(driver, "#ch-edges input[type='radio']", index=2, condition=(
-            "const b = document.getElementById('ch-detail-box');"
-            f"return !!b && b.innerText !== {json.dumps(first)};"))
+            "return Array.from(document.querySelectorAll('#ch-detail-fig .annotation-text'))"
+            f".some(t => t.textContent.includes({json.dumps(expected)}));"))
         return rt, time.perf_counter() - t0
 
     def plans():
