@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -347,13 +348,15 @@ def cmd_concept_depth(args) -> int:
     conditions = [c for c in args.conditions.split(",") if c]
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "activations"
+    checkpoint = out / ".concept-depth-partial"  # finished tasks; a rerun of an interrupted run resumes here
     prof = concept_depth_profile(model, tasks, cache, site=site, conditions=conditions, cfg=cfg,
-                                 seq_len=resolve_seq_len(model, args.seq_len or 256))
+                                 seq_len=resolve_seq_len(model, args.seq_len or 256), checkpoint=checkpoint)
     if (out / "profile.json").is_file():
         old = Profile.load(out, model=model)
         old.merge(prof)
         prof = old
     prof.save(out)
+    shutil.rmtree(checkpoint, ignore_errors=True)
     table = prof.tables["concept_depth"].to_frame()
     table.to_csv(out / "concept_depth.csv", index=False)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
@@ -523,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("model")
     cd.add_argument("--tasks", default="all", help="comma-separated task names (see lensbench.probes.tasks), 'all', "
                     "or CSV/JSONL files with text,label columns")
-    cd.add_argument("--out", required=True, help="directory for profile.json and concept_depth.csv")
+    cd.add_argument("--out", required=True, help="directory for profile.json and concept_depth.csv; finished tasks "
+                    "are kept in OUT/.concept-depth-partial until the run ends: rerun an interrupted run to resume")
     cd.add_argument("--site", choices=("paper", "resid"), help="representation (default: paper for causal LMs)")
     cd.add_argument("--conditions", default="clean", help="comma-separated: clean, noise, int8, int4")
     cd.add_argument("--n-per-class", type=int, default=1000)

@@ -17,6 +17,7 @@ seed only); selectivity = task accuracy - control accuracy, per layer.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import replace
 import sys
 from contextlib import nullcontext
@@ -128,29 +129,69 @@ def probe_task(model: Model, task: Task, cache: Path, *, site: str = "paper", co
     return scores, rows
 
 
+def run_key(model: Model, task: Task, site: str, conditions: Sequence[str], cfg: ProbeConfig, seq_len: int,
+            depth_params: dict | None) -> str:
+    """What a task's results depend on: weights, texts, labels and every setting."""
+    doc = {"model": model.fingerprint(), "texts": hashlib.sha256("\x00".join(task.texts).encode()).hexdigest(),
+           "labels": [int(v) for v in task.labels], "site": site, "conditions": list(conditions),
+           "cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()}, "seq_len": seq_len,
+           "depth": depth_params or {}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def concept_depth_profile(model: Model, tasks: Sequence[Task], cache: Path, *, site: str = "paper",
                           conditions: Sequence[str] = ("clean",), cfg: ProbeConfig = DEFAULT_PROBES,
-                          seq_len: int = 256, depth_params: dict | None = None, progress: bool = True):
-    """A Profile with every task's curves and a `concept_depth` table."""
+                          seq_len: int = 256, depth_params: dict | None = None, progress: bool = True,
+                          checkpoint: Path | None = None):
+    """A Profile with every task's curves and a `concept_depth` table.
+
+    With `checkpoint` (a directory), each finished task is saved there at once (atomically), and a
+    rerun with the same model, task data and settings reads it back instead of probing again, so an
+    interrupted run resumes at the first unfinished task. The caller removes it when done."""
     import datetime
 
     from lensbench import __version__
     from lensbench.profile import Profile
     from lensbench.profiling import model_card
 
-    prof = Profile(model=model_card(model), data={"tasks": {t.name: t.provenance for t in tasks}},
-                   meta={"lensbench": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                         "analyses": {"concept_depth": {"site": site, "conditions": list(conditions),
-                                                        "probe": cfg.__dict__}}})
-    rows = []
+    def fresh(extra: dict | None = None) -> Profile:
+        return Profile(model=model_card(model), data={"tasks": {t.name: t.provenance for t in tasks}},
+                       meta={"lensbench": __version__,
+                             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                             "analyses": {"concept_depth": {"site": site, "conditions": list(conditions),
+                                                            "probe": cfg.__dict__}}, **(extra or {})})
+
+    def table(rows: list[dict]) -> Table:
+        return Table("concept_depth", rows, "concept_depth",
+                     "jump and converging points per task and condition (layer index and index / L)",
+                     {"depth": depth_params or {}})
+
+    saved = None
+    if checkpoint is not None and (Path(checkpoint) / "profile.json").is_file():
+        try:
+            saved = Profile.load(checkpoint)
+        except (LensbenchError, ValueError, OSError) as exc:  # a damaged checkpoint only costs the time it saved
+            print(f"lensbench: ignoring the unreadable checkpoint {checkpoint} ({exc}); probing every task",
+                  file=sys.stderr)
+    finished: dict[str, str] = dict(saved.meta.get("finished", {})) if saved is not None else {}
+    prof, rows = fresh(), []
+    part = fresh({"finished": {}})
     bar = tqdm(tasks, desc="probing", unit="task", disable=not progress, file=sys.stderr, leave=False)
     for task in bar:
         bar.set_postfix(task=task.name)
-        s, r = probe_task(model, task, cache, site=site, conditions=conditions, cfg=cfg, seq_len=seq_len,
-                          depth_params=depth_params)
+        key = run_key(model, task, site, conditions, cfg, seq_len, depth_params)
+        if saved is not None and finished.get(task.name) == key:
+            s = [v for v in saved.scores.values() if v.params.get("task") == task.name]
+            r = [row for row in saved.tables["concept_depth"].rows if row["task"] == task.name]
+        else:
+            s, r = probe_task(model, task, cache, site=site, conditions=conditions, cfg=cfg, seq_len=seq_len,
+                              depth_params=depth_params)
         prof.add(*s)
         rows += r
-    prof.add(Table("concept_depth", rows, "concept_depth",
-                   "jump and converging points per task and condition (layer index and index / L)",
-                   {"depth": depth_params or {}}))
+        if checkpoint is not None:
+            part.add(*s)
+            part.meta["finished"][task.name] = key
+            part.add(table(rows))
+            part.save(checkpoint)
+    prof.add(table(rows))
     return prof

@@ -218,3 +218,15 @@ def test_profile_param_option(capsys, tmp_path, tiny_dir, text_file):
     code, _, err = run(capsys, "profile", str(tiny_dir("llama")), "--out", str(out), "--texts", str(text_file),
                        "--param", "bits=4")
     assert_one_line_error(code, err, "ANALYSIS.KEY=VALUE")
+
+
+def test_concept_depth_writes_the_profile_and_clears_its_checkpoint(capsys, tmp_path, tiny_dir):
+    from lensbench import Profile
+
+    out = tmp_path / "cd"
+    code, text, err = run(capsys, "concept-depth", str(tiny_dir("llama")), "--tasks", "coinflip,cities",
+                          "--n-per-class", "20", "--folds", "3", "--seeds", "0", "--seq-len", "128", "--out", str(out))
+    assert code == 0, err
+    assert "coinflip" in text and "cities" in text and (out / "concept_depth.csv").is_file()
+    assert len(Profile.load(out).tables["concept_depth"].rows) == 2
+    assert not (out / ".concept-depth-partial").exists()  # only an interrupted run leaves it, to resume from

@@ -117,3 +117,37 @@ def test_report_tables_and_family_ordering(tiny, tmp_path, monkeypatch):
     assert "| cities | factual |" in text and "| coinflip | inferential |" in text
     assert "factual < emotional" in text and ("confirmed" in text or "not reproduced" in text)
     assert "| cities | noise |" in text
+
+
+def test_an_interrupted_run_resumes_at_the_first_unfinished_task(tiny, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from lensbench.probes import run
+
+    model = tiny("llama")
+    tasks = [load_task("coinflip", 20), load_task("cities", 20)]
+    cfg = ProbeConfig(seeds=(0,), Cs=(1.0,), folds=3)
+    kw = dict(site="resid", seq_len=128, progress=False)
+    cache, ck = tmp_path / "cache", tmp_path / "checkpoint"
+    whole = concept_depth_profile(model, tasks, cache, cfg=cfg, **kw)
+
+    calls, real = [], run.probe_task
+
+    def interrupted_once(model, task, *a, **k):
+        calls.append(task.name)
+        if calls == ["coinflip", "cities"]:
+            raise KeyboardInterrupt  # the run is stopped during the second task
+        return real(model, task, *a, **k)
+
+    monkeypatch.setattr(run, "probe_task", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        run.concept_depth_profile(model, tasks, cache, cfg=cfg, checkpoint=ck, **kw)
+    resumed = run.concept_depth_profile(model, tasks, cache, cfg=cfg, checkpoint=ck, **kw)
+    assert calls == ["coinflip", "cities", "cities"]  # coinflip came back from the checkpoint
+    assert resumed.tables["concept_depth"].rows == whole.tables["concept_depth"].rows
+    assert set(resumed.scores) == set(whole.scores)
+    assert all(np.allclose(resumed.scores[n].values, whole.scores[n].values) for n in whole.scores)
+
+    calls.clear()  # other settings do not reuse it
+    run.concept_depth_profile(model, tasks[:1], cache, cfg=replace(cfg, folds=4), checkpoint=ck, **kw)
+    assert calls == ["coinflip"]
