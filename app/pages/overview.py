@@ -64,13 +64,16 @@ def agreement_figure(profile) -> go.Figure | None:
 
 
 def register(app, state):
+    def ranking_names(key, profile) -> list[str]:
+        return state.memo(("ranking-names", key), lambda: sorted(rankings(profile)))
+
     @app.callback(Output("ov-card", "children"), Output("ov-ranking", "options"), Output("ov-ranking", "value"),
                   Output("ov-agreement", "children"), Input("ov-profile", "value"))
     def show_profile(key):
         profile, note = opened_or_notice(state, key)
         if profile is None:
             return note, [], None, None
-        names = state.memo(("ranking-names", key), lambda: sorted(rankings(profile)))
+        names = ranking_names(key, profile)
         fig = state.memo(("agreement", key), lambda: agreement_figure(profile))
         agree = graph(fig, "ov-agreement-graph") if fig is not None else \
             missing("pair of layer rankings", "lensbench profile MODEL --out DIR")
@@ -82,7 +85,7 @@ def register(app, state):
         profile, note = opened_or_notice(state, key)
         if profile is None:
             return note
-        if not name or name not in state.memo(("ranking-names", key), lambda: sorted(rankings(profile))):
+        if not name or name not in ranking_names(key, profile):
             return missing("layer ranking", "lensbench profile MODEL --out DIR")
         out = [graph(state.memo(("strip", key, name), lambda: strip_figure(profile, name)), "ov-strip-graph")]
         if other and other != key:
