@@ -8,7 +8,9 @@ callbacks are plain functions of keys. Run with `lensbench app PROFILE_DIR ... [
 from __future__ import annotations
 
 from dash import Dash, Input, Output, dcc, html
+from flask import send_file
 
+from . import plotly_bundle
 from .pages import PAGES
 from .state import State
 
@@ -26,11 +28,21 @@ label { display: block; margin: 8px 0; }
 """
 
 
-def create_app(paths=(), model_loader=None) -> Dash:
+def create_app(paths=(), model_loader=None, partial_plotly: bool = True) -> Dash:
+    """`partial_plotly`: serve plotly.js's cartesian bundle when `./run` has fetched it (see
+    `plotly_bundle`); dcc.Graph then uses it instead of loading the full bundle."""
     state = State(list(paths), model_loader)
     app = Dash(__name__, title="lensbench", suppress_callback_exceptions=True,
                update_title=None)
-    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
+    head = f"<style>{CSS}</style>"
+    bundle = plotly_bundle.available() if partial_plotly else None
+    if bundle is not None:
+        route = f"/_lensbench/{bundle.name}"
+        app.server.add_url_rule(route, "plotly_bundle", lambda: send_file(
+            bundle, mimetype="application/javascript", max_age=365 * 24 * 3600))
+        head += f'<script defer src="{app.get_relative_path(route)}"></script>'  # defines window.Plotly
+    app.index_string = app.index_string.replace("{%css%}", "{%css%}" + head)
+    app.lensbench_plotly = "cartesian partial bundle" if bundle is not None else "plotly's full bundle"
     routes = {p.PATH: p for p in PAGES}
     app.layout = html.Div([
         dcc.Location(id="url"),

@@ -237,3 +237,68 @@ def test_state_memo_reuses_and_bounds_derived_values():
     state.memo(("fig", "a"), lambda: build("a"))
     state.memo(("fig", "b"), lambda: build("b"))
     assert built == ["a", "b", "c", "b"]
+
+
+def test_the_app_draws_only_trace_types_the_partial_plotly_bundle_has():
+    import re
+
+    from lensbench.app.plotly_bundle import TRACES
+
+    root = Path(__file__).resolve().parent.parent
+    used = {m.lower() for d in ("app", "analyses", "probes", "lensbench") for f in (root / d).rglob("*.py")
+            for m in re.findall(r"\bgo\.([A-Z][A-Za-z]+)\(", f.read_text())} - {"figure"}
+    assert used and used <= TRACES, used - TRACES
+
+
+def test_plotly_bundle_fetch_checks_the_pinned_digest(tmp_path, monkeypatch):
+    import base64
+    import hashlib
+    import io
+    import tarfile
+
+    from lensbench.app import plotly_bundle
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        body = b"window.Plotly = {};"
+        info = tarfile.TarInfo(plotly_bundle.FILE)
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    data = buf.getvalue()
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(plotly_bundle.urllib.request, "urlopen", lambda url, timeout: Response(data))
+    version = plotly_bundle.version()
+    with pytest.raises(RuntimeError, match="does not match its pinned sha512"):
+        plotly_bundle.fetch()
+    assert plotly_bundle.available() is None
+    digest = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
+    monkeypatch.setitem(plotly_bundle.PINNED, version, digest)
+    assert plotly_bundle.fetch().read_bytes() == body and plotly_bundle.available() is not None
+    monkeypatch.delitem(plotly_bundle.PINNED, version)
+    with pytest.raises(RuntimeError, match="no pinned cartesian bundle"):
+        plotly_bundle.fetch()
+
+
+@needs_browser
+def test_pages_use_the_partial_plotly_bundle_when_fetched(browser, served):
+    from lensbench.app import plotly_bundle
+
+    if plotly_bundle.available() is None:
+        pytest.skip("plotly.js's cartesian bundle is not fetched (./run fetches it; offline the full bundle is used)")
+    browser.get(served + "/redundancy")
+    wait_for(browser, "rd-matrix-fig")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda d: figure_title(d, "rd-matrix-fig"))  # plotly has drawn it
+    assert browser.execute_script("return window.Plotly.version") == plotly_bundle.version()
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert any("plotly-cartesian" in u for u in loaded)
+    assert not any("package_data/plotly.min.js" in u for u in loaded)  # the full bundle was never fetched
