@@ -37,10 +37,10 @@ def create_app(paths=(), model_loader=None, partial_plotly: bool = True) -> Dash
     head = f"<style>{CSS}</style>"
     bundle = plotly_bundle.available() if partial_plotly else None
     if bundle is not None:
-        route = f"/_lensbench/{bundle.name}"
-        app.server.add_url_rule(route, "plotly_bundle", lambda: send_file(
+        bundle_url = f"/_lensbench/{bundle.name}"
+        app.server.add_url_rule(bundle_url, "plotly_bundle", lambda: send_file(
             bundle, mimetype="application/javascript", max_age=365 * 24 * 3600))
-        head += f'<script defer src="{app.get_relative_path(route)}"></script>'  # defines window.Plotly
+        head += f'<script defer src="{app.get_relative_path(bundle_url)}"></script>'  # defines window.Plotly
     app.index_string = app.index_string.replace("{%css%}", "{%css%}" + head)
     app.lensbench_plotly = "cartesian partial bundle" if bundle is not None else "plotly's full bundle"
     routes = {p.PATH: p for p in PAGES}
