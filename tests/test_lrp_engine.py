@@ -210,3 +210,18 @@ def test_rule_table_lists_at_least_the_papers_47_operations():
 def test_bad_config_is_refused():
     with pytest.raises(LRPError, match="bilinear"):
         LRPConfig(bilinear="half")
+
+
+def test_reindexing_forwards_rebuild_unsaved_values():
+    torch.manual_seed(2)
+    x = torch.randn(4, 6).requires_grad_(True)
+    idx = torch.tensor([3, 0, 2])
+    W = torch.randn(6, 6)
+    with torch.enable_grad():
+        h = x @ W
+        a = h.index_select(0, idx)  # the Add below saves neither operand: promises replay these re-indexings
+        b = h.t().unsqueeze(0).permute(0, 2, 1).reshape(4, 6)[idx]
+        out = a + b
+    report, _ = propagate(out, torch.randn(3, 6), EPS, inputs=[x])
+    assert report.unresolved == {} and report.replays >= 2
+    assert report.end_to_end_error < 1e-5

@@ -153,7 +153,7 @@ def _fwd_gather(ctx, node, k):
 
 def _fwd_index_select(ctx, node, k):
     x = ctx.input(node, 0)
-    return None if x is None else x.index.select(_dim(node._saved_dim), _dim(node._saved_index))
+    return None if x is None else x.index_select(_dim(node._saved_dim), node._saved_index)
 
 
 def _fwd_masked_fill(ctx, node, k):
