@@ -58,7 +58,6 @@ class LRPConfig:
 @dataclass
 class Graph:
     order: list  # nodes, consumers before producers
-    consumers: Counter
     live: set
 
     @classmethod
@@ -90,7 +89,7 @@ class Graph:
                 live.add(node)
             elif any(c in live for c, _ in node.next_functions if c is not None):
                 live.add(node)
-        return cls(order, consumers, live)
+        return cls(order, live)
 
 
 @dataclass
@@ -102,7 +101,6 @@ class Report:
     sink_nodes: dict = field(default_factory=dict)
     absorbed: Counter = field(default_factory=Counter)  # category -> relevance
     op_error: dict = field(default_factory=lambda: defaultdict(float))  # op -> max relative error
-    op_count: Counter = field(default_factory=Counter)
     uncovered: Counter = field(default_factory=Counter)
     unresolved: Counter = field(default_factory=Counter)  # op -> times an operand could not be rebuilt
     n_nodes: int = 0
@@ -248,7 +246,6 @@ def propagate(output: torch.Tensor, relevance: torch.Tensor | float | None = Non
                 slots[k] = r if slots[k] is None else slots[k] + r
             err = abs(out_total - in_total - absorbed) / (_mass(R) + 1e-30)
             report.op_error[name] = max(report.op_error[name], err)
-            report.op_count[name] += 1
             ctx.values.release(node)
     finally:
         sys.setrecursionlimit(limit)

@@ -60,55 +60,18 @@ def _reindex(forward, saved=None, doc="re-indexing: R_x = backward(R), exactly c
     return Rule(relevance=lambda ctx, node, R: _backward(node, R), forward=forward, saved=saved, doc=doc)
 
 
-def _fwd_reshape(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.reshape(ctx.out_shape(node))
+def _of_input(op):
+    """A forward replay `op(ctx, node, x, k)` from the node's one input (None while that is unknown)."""
+    def forward(ctx, node, k):
+        x = ctx.input(node, 0)
+        return None if x is None else op(ctx, node, x, k)
+    return forward
 
 
-def _fwd_same(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.to(node._input_metadata[0].dtype)
-
-
-def _fwd_transpose(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.transpose(_dim(node._saved_dim0), _dim(node._saved_dim1))
-
-
-def _fwd_t(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.t()
-
-
-def _fwd_permute(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.permute(*[_dim(d) for d in node._saved_dims])
-
-
-def _fwd_expand(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.expand(ctx.out_shape(node))
-
-
-def _fwd_unsqueeze(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.unsqueeze(_dim(node._saved_dim))
-
-
-def _fwd_slice(ctx, node, k):
-    x = ctx.input(node, 0)
-    if x is None:
-        return None
+def _slice(ctx, node, x, k):
     idx = [slice(None)] * x.dim()
-    dim = _dim(node._saved_dim) % x.dim()
-    start, end = _dim(node._saved_start), _dim(node._saved_end)
-    idx[dim] = slice(start, end, node._saved_step)
+    idx[_dim(node._saved_dim) % x.dim()] = slice(_dim(node._saved_start), _dim(node._saved_end), node._saved_step)
     return x[tuple(idx)]
-
-
-def _fwd_select(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.select(_dim(node._saved_dim), _dim(node._saved_index))
 
 
 def _fwd_cat(ctx, node, k):
@@ -121,66 +84,44 @@ def _fwd_stack(ctx, node, k):
     return None if any(x is None for x in xs) else torch.stack(xs, _dim(node._saved_dim))
 
 
-def _fwd_split(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.split(node._saved_split_size, _dim(node._saved_dim))[k]
-
-
-def _fwd_split_sizes(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.split(list(node._saved_split_sizes), _dim(node._saved_dim))[k]
-
-
-def _fwd_unbind(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.unbind(_dim(node._saved_dim))[k]
-
-
-def _fwd_index(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x[tuple(slice(None) if i is None else i for i in node._saved_indices)]
-
-
-def _fwd_repeat(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.repeat(*node._saved_repeats)
-
-
-def _fwd_gather(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.gather(_dim(node._saved_dim), node._saved_index)
-
-
-def _fwd_index_select(ctx, node, k):
-    x = ctx.input(node, 0)
-    return None if x is None else x.index_select(_dim(node._saved_dim), node._saved_index)
-
-
 def _fwd_masked_fill(ctx, node, k):
     return None  # the fill value is not saved; consumers fall back
 
 
 register_rule(("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0",
                "SqueezeBackward1", "SqueezeBackward2", "SqueezeBackward3", "SqueezeBackward4",
-               "ViewAsRealBackward0", "FlattenBackward0"), _reindex(_fwd_reshape))
+               "ViewAsRealBackward0", "FlattenBackward0"),
+              _reindex(_of_input(lambda ctx, n, x, k: x.reshape(ctx.out_shape(n)))))
 register_rule(("AliasBackward0", "CloneBackward0", "ToCopyBackward0", "LiftFreshBackward0",
-               "DetachBackward0", "ContiguousBackward0"), _reindex(_fwd_same))
-register_rule(("TransposeBackward0", "TransposeBackward1"), _reindex(_fwd_transpose))
-register_rule("TBackward0", _reindex(_fwd_t))
-register_rule("PermuteBackward0", _reindex(_fwd_permute))
-register_rule(("ExpandBackward0", "ExpandBackward1"), _reindex(_fwd_expand))
-register_rule(("UnsqueezeBackward0", "UnsqueezeBackward1"), _reindex(_fwd_unsqueeze))
-register_rule("SliceBackward0", _reindex(_fwd_slice))
-register_rule(("SelectBackward0", "SelectBackward1"), _reindex(_fwd_select))
+               "DetachBackward0", "ContiguousBackward0"),
+              _reindex(_of_input(lambda ctx, n, x, k: x.to(n._input_metadata[0].dtype))))
+register_rule(("TransposeBackward0", "TransposeBackward1"),
+              _reindex(_of_input(lambda ctx, n, x, k: x.transpose(_dim(n._saved_dim0), _dim(n._saved_dim1)))))
+register_rule("TBackward0", _reindex(_of_input(lambda ctx, n, x, k: x.t())))
+register_rule("PermuteBackward0", _reindex(_of_input(lambda ctx, n, x, k: x.permute(*map(_dim, n._saved_dims)))))
+register_rule(("ExpandBackward0", "ExpandBackward1"),
+              _reindex(_of_input(lambda ctx, n, x, k: x.expand(ctx.out_shape(n)))))
+register_rule(("UnsqueezeBackward0", "UnsqueezeBackward1"),
+              _reindex(_of_input(lambda ctx, n, x, k: x.unsqueeze(_dim(n._saved_dim)))))
+register_rule("SliceBackward0", _reindex(_of_input(_slice)))
+register_rule(("SelectBackward0", "SelectBackward1"),
+              _reindex(_of_input(lambda ctx, n, x, k: x.select(_dim(n._saved_dim), _dim(n._saved_index)))))
 register_rule("CatBackward0", _reindex(_fwd_cat))
 register_rule("StackBackward0", _reindex(_fwd_stack))
-register_rule(("SplitBackward0", "SplitBackward1"), _reindex(_fwd_split))
-register_rule(("SplitWithSizesBackward0", "SplitWithSizesBackward1"), _reindex(_fwd_split_sizes))
-register_rule(("UnbindBackward0", "UnbindBackward1"), _reindex(_fwd_unbind))
-register_rule("IndexBackward0", _reindex(_fwd_index))
-register_rule("RepeatBackward0", _reindex(_fwd_repeat))
-register_rule("GatherBackward0", _reindex(_fwd_gather, saved_inputs(self=0)))
-register_rule("IndexSelectBackward0", _reindex(_fwd_index_select, saved_inputs(self=0)))
+register_rule(("SplitBackward0", "SplitBackward1"),
+              _reindex(_of_input(lambda ctx, n, x, k: x.split(n._saved_split_size, _dim(n._saved_dim))[k])))
+register_rule(("SplitWithSizesBackward0", "SplitWithSizesBackward1"), _reindex(_of_input(
+    lambda ctx, n, x, k: x.split(list(n._saved_split_sizes), _dim(n._saved_dim))[k])))
+register_rule(("UnbindBackward0", "UnbindBackward1"),
+              _reindex(_of_input(lambda ctx, n, x, k: x.unbind(_dim(n._saved_dim))[k])))
+register_rule("IndexBackward0", _reindex(_of_input(
+    lambda ctx, n, x, k: x[tuple(slice(None) if i is None else i for i in n._saved_indices)])))
+register_rule("RepeatBackward0", _reindex(_of_input(lambda ctx, n, x, k: x.repeat(*n._saved_repeats))))
+register_rule("GatherBackward0", _reindex(_of_input(lambda ctx, n, x, k: x.gather(_dim(n._saved_dim),
+                                                                                    n._saved_index)),
+                                          saved_inputs(self=0)))
+register_rule("IndexSelectBackward0", _reindex(_of_input(
+    lambda ctx, n, x, k: x.index_select(_dim(n._saved_dim), n._saved_index)), saved_inputs(self=0)))
 register_rule(("MaxBackward0", "MaxBackward1", "AmaxBackward0", "MinBackward0", "MinBackward1",
                "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0", "MaxPool1DWithIndicesBackward0"),
               _reindex(None, saved_inputs(self=0),
