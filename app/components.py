@@ -1,7 +1,7 @@
 """Small shared pieces of page layouts."""
 from __future__ import annotations
 
-from dash import dcc, html
+from dash import dcc, html, no_update
 
 GRAPH_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -42,3 +42,14 @@ def progress_bar(id_: str, job=None) -> html.Div:
     if job is None:
         return html.Div(html.Progress(id=id_, value="0", max="1"))
     return html.Div([html.Progress(id=id_, value=str(job.fraction), max="1"), html.Span(f" {job.message}")])
+
+
+def polled(state, job_id, bar_id: str):
+    """One poll of a background job: (the job once it is done, else None; stop polling?; the status to
+    show meanwhile: its progress bar, or no_update for an unknown job)."""
+    job = state.jobs.get(job_id or "")
+    if job is None:
+        return None, True, no_update
+    if not job.done:
+        return None, False, progress_bar(bar_id, job)
+    return job, True, None

@@ -13,7 +13,7 @@ from dash import Input, Output, State, dcc, html, no_update
 from lensbench.errors import LensbenchError
 from lensbench.policies import POLICIES, make_plan
 
-from ..components import graph, notice, opened_or_notice, profile_picker, progress_bar
+from ..components import graph, notice, opened_or_notice, polled, profile_picker, progress_bar
 
 PATH, TITLE = "/plans", "Plan explorer"
 PROFILE_ONLY = [n for n, p in POLICIES.items() if not p.needs_model]
@@ -42,16 +42,17 @@ def layout(state):
 
 
 def _plan(state, key, policy, budget):
+    """(the Plan, None) or (None, a notice saying why there is none: no profile, no choice, or the
+    policy's one-line refusal of the budget)."""
     profile, note = opened_or_notice(state, key)
     if profile is None:
         return None, note
     if policy not in PROFILE_ONLY or budget is None:
         return None, notice("Choose a policy and a budget.", "warn")
-    return make_plan(policy, profile, float(budget)), None
-
-
-def profile_of(state, key):
-    return state.get(key).profile
+    try:
+        return make_plan(policy, profile, float(budget)), None
+    except Exception as exc:  # a budget the policy refuses: its one-line message
+        return None, notice(str(exc), "error")
 
 
 def predicted_kl(profile, plan) -> float | None:
@@ -147,17 +148,15 @@ def register(app, state):
     @app.callback(Output("pl-plan", "children"), Input("pl-make", "n_clicks"), State("pl-profile", "value"),
                   State("pl-policy", "value"), State("pl-budget", "value"), prevent_initial_call=True)
     def make(_, key, policy, budget):
-        try:
-            plan, note = _plan(state, key, policy, budget)
-        except Exception as exc:  # a budget the policy refuses: its one-line message
-            return notice(str(exc), "error")
+        plan, note = _plan(state, key, policy, budget)
         if plan is None:
             return note
+        profile = state.get(key).profile
         units = ", ".join(str(u) for u in plan.units()) or "nothing"
-        kl = predicted_kl(profile_of(state, key), plan)
+        kl = predicted_kl(profile, plan)
         estimate = f"predicted KL to dense {kl:.3f} nats (sum of single-unit ablation KLs)" if kl is not None else \
             "no predicted KL (the profile has no ablation scores for these units)"
-        fig = state.memo(("predicted", key, policy), lambda: predicted_figure(profile_of(state, key), policy))
+        fig = state.memo(("predicted", key, policy), lambda: predicted_figure(profile, policy))
         return html.Div([html.P(f"{plan!r}"), html.P(f"removes: {units}"), html.P(estimate),
                          graph(_with_current(fig, plan, kl), "pl-predicted-fig") if fig is not None else
                          notice("The predicted chart covers drop and skip policies; evaluate bit plans to measure "
@@ -166,10 +165,7 @@ def register(app, state):
     @app.callback(Output("pl-download", "data"), Input("pl-export", "n_clicks"), State("pl-profile", "value"),
                   State("pl-policy", "value"), State("pl-budget", "value"), prevent_initial_call=True)
     def export(_, key, policy, budget):
-        try:
-            plan, _ = _plan(state, key, policy, budget)
-        except Exception:
-            return no_update
+        plan, _ = _plan(state, key, policy, budget)
         if plan is None:
             return no_update
         return {"content": json.dumps(plan.to_dict(), indent=1), "filename": f"{policy}-{budget}.plan.json"}
@@ -178,10 +174,7 @@ def register(app, state):
                   Input("pl-eval", "n_clicks"), State("pl-profile", "value"), State("pl-policy", "value"),
                   State("pl-budget", "value"), prevent_initial_call=True)
     def evaluate_start(_, key, policy, budget):
-        try:
-            plan, note = _plan(state, key, policy, budget)
-        except Exception as exc:
-            return None, True, notice(str(exc), "error")
+        plan, note = _plan(state, key, policy, budget)
         if plan is None:
             return None, True, note
         profile = state.get(key).profile
@@ -206,11 +199,9 @@ def register(app, state):
                   Output("pl-status", "children", allow_duplicate=True), Input("pl-poll", "n_intervals"),
                   State("pl-job", "data"), prevent_initial_call=True)
     def evaluate_poll(_, job_id):
-        job = state.jobs.get(job_id or "")
+        job, stop, status = polled(state, job_id, "pl-progress")
         if job is None:
-            return no_update, True, no_update
-        if not job.done:
-            return no_update, False, progress_bar("pl-progress", job)
+            return no_update, stop, status
         if job.error:
             return no_update, True, notice(job.error, "error")
         state.evaluations.append(job.result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dash import Input, Output, State, dcc, html, no_update
 
-from ..components import graph, notice, opened_or_notice, profile_picker, progress_bar
+from ..components import graph, notice, opened_or_notice, polled, profile_picker, progress_bar
 
 PATH, TITLE = "/relevance", "Relevance"
 
@@ -54,11 +54,9 @@ def register(app, state):
                   Output("rl-status", "children", allow_duplicate=True), Input("rl-poll", "n_intervals"),
                   State("rl-job", "data"), prevent_initial_call=True)
     def poll(_, job_id):
-        job = state.jobs.get(job_id or "")
+        job, stop, status = polled(state, job_id, "rl-progress")
         if job is None:
-            return no_update, True, no_update
-        if not job.done:
-            return no_update, False, progress_bar("rl-progress", job)
+            return no_update, stop, status
         if job.error:
             return notice(job.error, "error"), True, None
         rel = job.result
