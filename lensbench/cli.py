@@ -66,6 +66,18 @@ def _existing_profile(out: Path, model, overwrite: bool):
     return old
 
 
+def _merged(previous, profile):
+    """`profile`'s results merged into the profile already in the output directory (if any), with the
+    agreement between all its rankings refreshed."""
+    from .analyses.agreement import refresh
+
+    if previous is not None:
+        previous.merge(profile)
+        profile = previous
+    refresh(profile)
+    return profile
+
+
 def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int | None = None,
                 max_tokens: int | None = None, batch_size: int = 8, analyses: Sequence[str] = ("redundancy",),
                 overwrite: bool = False, data: dict | None = None, progress: bool = True,
@@ -85,12 +97,7 @@ def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int
     texts = _select_texts(model, texts, seq, max_tokens)
     profile = profile_model(model, texts, analyses=analyses, analysis_params=analysis_params,
                             batch_size=batch_size, seq_len=seq, data=data, progress=progress)
-    if previous is not None:
-        from .analyses.agreement import refresh
-
-        previous.merge(profile)
-        refresh(previous)
-        profile = previous
+    profile = _merged(previous, profile)
     path = profile.save(out)
     if not profile.to_frame().empty:
         profile.to_table(out / "layers.csv")
@@ -347,14 +354,12 @@ def cmd_concept_depth(args) -> int:
     site = args.site or ("paper" if model.is_causal_lm else "resid")
     conditions = [c for c in args.conditions.split(",") if c]
     out = Path(args.out)
+    previous = Profile.load(out, model=model) if (out / "profile.json").is_file() else None  # checked first
     cache = Path(args.cache) if args.cache else out / "activations"
     checkpoint = out / ".concept-depth-partial"  # finished tasks; a rerun of an interrupted run resumes here
     prof = concept_depth_profile(model, tasks, cache, site=site, conditions=conditions, cfg=cfg,
                                  seq_len=resolve_seq_len(model, args.seq_len or 256), checkpoint=checkpoint)
-    if (out / "profile.json").is_file():
-        old = Profile.load(out, model=model)
-        old.merge(prof)
-        prof = old
+    prof = _merged(previous, prof)
     prof.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)
     table = prof.tables["concept_depth"].to_frame()
@@ -365,7 +370,6 @@ def cmd_concept_depth(args) -> int:
 
 
 def cmd_relevance(args) -> int:
-    from .analyses.agreement import refresh
     from .analyses.lrp import LRPConfig
     from .analyses.lrp.attribute import attribute, unit_scores
     from .analyses.lrp.plots import write_html
@@ -383,19 +387,16 @@ def cmd_relevance(args) -> int:
     model = load(args.model)
     rules = {"eps": {"attn_lrp": False}, "attnlrp": {"attn_lrp": True}, "cp": {"cp_lrp": True}}[args.rule]
     cfg = LRPConfig(eps=args.eps, gamma=args.gamma, strict=not args.lenient, **rules)
-    rels = [attribute(model, t, target=args.target, contrast=args.contrast, cfg=cfg) for t in texts]
     out = Path(args.out)
+    previous = Profile.load(out, model=model) if (out / "profile.json").is_file() else None  # checked first
+    rels = [attribute(model, t, target=args.target, contrast=args.contrast, cfg=cfg) for t in texts]
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "relevance.json", json.dumps([r.to_dict() for r in rels], indent=1))
     write_html(rels[0], out / "relevance.html")
     prof = Profile(model=model_card(model), data={"relevance_prompts": texts[:50]},
                    meta={"analyses": {"relevance": cfg.__dict__}})
     prof.add(*unit_scores(rels))
-    if (out / "profile.json").is_file():
-        old = Profile.load(out, model=model)
-        old.merge(prof)
-        prof = old
-    refresh(prof)  # the relevance rankings join the agreement matrix
+    prof = _merged(previous, prof)  # the relevance rankings join the agreement matrix
     prof.save(out)
     for r in rels[:5]:
         print(r)
