@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lensbench.profile import Profile
-
+from lensbench.atomic import write_text
 from lensbench.browser import render_png
+from lensbench.profile import Profile
 
 from .depth import ConceptDepthView
 from .tasks import FAMILIES
@@ -24,6 +24,11 @@ from .tasks import FAMILIES
 
 def _fmt(v, digits=2):
     return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def figure(fig, png: Path, alt: str, root: Path) -> list[str]:
+    """Markdown lines for `fig` rendered to `png` (none when no browser is installed)."""
+    return [f"![{alt}]({png.relative_to(root.parent).as_posix()})", ""] if render_png(fig, png) else []
 
 
 def task_table(profile: Profile) -> list[str]:
@@ -102,12 +107,9 @@ def write(root: Path) -> Path:
             lines, _ = family_ordering(prof, key)
             out += lines + [""]
         view = ConceptDepthView(prof)
-        png = model_dir / "curves.png"
-        if render_png(view.plot("clean"), png):
-            out += [f"![{name} probe accuracy vs layer]({png.relative_to(root.parent).as_posix()})", ""]
-        sel_png = model_dir / "selectivity.png"
-        if render_png(view.plot("clean", "selectivity"), sel_png):
-            out += [f"![{name} selectivity vs layer]({sel_png.relative_to(root.parent).as_posix()})", ""]
+        out += figure(view.plot("clean"), model_dir / "curves.png", f"{name} probe accuracy vs layer", root)
+        out += figure(view.plot("clean", "selectivity"), model_dir / "selectivity.png", f"{name} selectivity vs layer",
+                      root)
         robust = root / f"{model_dir.name}-robust"
         if (robust / "profile.json").is_file():
             rp = Profile.load(robust)
@@ -119,11 +121,9 @@ def write(root: Path) -> Path:
             for cond in rmeta.get("conditions", []):
                 if cond == "clean":
                     continue
-                p = robust / f"curves-{cond}.png"
-                if render_png(rview.plot(cond), p):
-                    out += [f"![{name} {cond}]({p.relative_to(root.parent).as_posix()})", ""]
+                out += figure(rview.plot(cond), robust / f"curves-{cond}.png", f"{name} {cond}", root)
     path = root.parent / "CONCEPT_DEPTH.md"
-    path.write_text("\n".join(out) + "\n")
+    write_text(path, "\n".join(out) + "\n")
     return path
 
 
