@@ -1,7 +1,7 @@
 """plotly.js's cartesian partial bundle for the app (npm `plotly.js-cartesian-dist-min`, MIT licence):
 1.5 MB instead of the 4.8 MB full bundle that dcc.Graph loads, with every trace type the app's pages
-draw (`TRACES`). A browser compiles it about three times faster, which is what a first visit with an
-empty cache waits for (benchmarks/app.py measures both).
+draw (`TRACES`). A first visit with an empty cache waits for the browser to compile plotly.js;
+benchmarks/app.py times that first paint with either bundle.
 
 `./run` fetches it once into the lensbench cache (`python -m lensbench.app.plotly_bundle`): the
 version plotly's Python package bundles, checked against a pinned sha512. It is never committed.

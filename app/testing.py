@@ -22,6 +22,16 @@ def serving(app, host: str = "127.0.0.1"):
         thread.join(timeout=5)
 
 
+def open_dropdown(driver, dropdown_id: str, text: str, timeout: float = 10.0):
+    """Open a dcc.Dropdown; returns its first option whose label contains `text`, once it is shown."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.ID, dropdown_id).click()
+    return WebDriverWait(driver, timeout, poll_frequency=0.01).until(
+        lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "[role='option']") if text in o.text), None))
+
+
 REAL_PROFILES = ("plans-smollm2/profile", "channels-smollm2", "concept-depth/smollm2", "lrp-smollm2/profile")
 
 

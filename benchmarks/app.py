@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, machine, versions  # noqa: E402
 
 from lensbench.app import create_app  # noqa: E402
-from lensbench.app.testing import chromium, console_errors, serving, workbench_profile  # noqa: E402
+from lensbench.app.testing import chromium, console_errors, open_dropdown, serving, workbench_profile  # noqa: E402
 
 warnings.filterwarnings("ignore")
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -90,13 +90,6 @@ def title(driver, graph_id: str) -> str:
     return driver.execute_script(
         f"const t = document.querySelector({json.dumps('#' + graph_id + ' .gtitle')});"
         "return t ? t.textContent : '';") or ""
-
-
-def open_dropdown(driver, dropdown_id: str, text: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    driver.find_element(By.ID, dropdown_id).click()
-    wait(lambda: any(text in o.text for o in driver.find_elements(By.CSS_SELECTOR, "[role='option']")), 10)
 
 
 def interactions(driver):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from lensbench.app.testing import (CHROMIUM, DRIVER, REAL_PROFILES, chromium, console_errors, serving,
-                                   workbench_profile)
+from lensbench.app.testing import (CHROMIUM, DRIVER, REAL_PROFILES, chromium, console_errors, open_dropdown,
+                                   serving, workbench_profile)
 from lensbench.cli import build_parser, main
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -61,17 +61,6 @@ def figure_title(driver, graph_id) -> str:
         "return g && g.layout && g.layout.title ? (g.layout.title.text || '') : '';")
 
 
-def choose(driver, dropdown_id, text):
-    """Open a dcc.Dropdown and click the option whose label contains `text`."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    driver.find_element(By.ID, dropdown_id).click()
-    option = WebDriverWait(driver, 10).until(
-        lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "[role='option']") if text in o.text), None))
-    option.click()
-
-
 @needs_browser
 @pytest.mark.parametrize("path", list(PAGES))
 def test_every_page_loads_without_console_errors(browser, served, path):
@@ -86,7 +75,7 @@ def test_overview_ranking_choice_recolours_the_strip(browser, served):
     browser.get(served + "/")
     wait_for(browser, "ov-strip-graph")
     before = figure_title(browser, "ov-strip-graph")
-    choose(browser, "ov-ranking", "ablation_kl_block")
+    open_dropdown(browser, "ov-ranking", "ablation_kl_block").click()
     wait_text(browser, "ov-strip", "ablation_kl_block")
     assert figure_title(browser, "ov-strip-graph") != before
     wait_for(browser, "ov-agreement-graph")
@@ -96,7 +85,7 @@ def test_overview_ranking_choice_recolours_the_strip(browser, served):
 def test_redundancy_matrix_choice(browser, served):
     browser.get(served + "/redundancy")
     wait_for(browser, "rd-matrix-fig")
-    choose(browser, "rd-matrix", "skip_effect")
+    open_dropdown(browser, "rd-matrix", "skip_effect").click()
     wait_text(browser, "rd-matrix-graph", "skip_effect")
 
 
@@ -139,7 +128,7 @@ def test_channels_row_selection_shows_components(browser, served):
 def test_foreign_profile_shows_a_message_not_a_trace(browser, served):
     browser.get(served + "/")
     wait_for(browser, "ov-strip-graph")
-    choose(browser, "ov-profile", "cannot be opened")
+    open_dropdown(browser, "ov-profile", "cannot be opened").click()
     wait_text(browser, "ov-card", "cannot be opened")
     from selenium.webdriver.common.by import By
 
