@@ -18,6 +18,7 @@ import torch
 from ..apply import apply_units
 from ..model import Batch, Model
 from ..plan import Unit
+from ..numeric import wide
 from ..profile import LayerScores
 from ..replay import STATE_SITES, DenseRun, removed_states, token_scores
 from .base import Analyzer, register
@@ -75,11 +76,11 @@ class Ablation(Analyzer):
 def naive_scan(model: Model, batch: Batch, units: Sequence[Unit]) -> np.ndarray:
     """Mean KL per unit, one full forward of the model per removed unit (the reference twin)."""
     inputs = batch.model_inputs()
-    logp = torch.log_softmax(model.module(**inputs).logits[batch.content_mask].float(), -1)
+    logp = torch.log_softmax(wide(model.module(**inputs).logits[batch.content_mask]), -1)
     p = logp.exp()
     out = []
     for unit in units:
         with apply_units(model, [unit]):
-            logq = torch.log_softmax(model.module(**inputs).logits[batch.content_mask].float(), -1)
+            logq = torch.log_softmax(wide(model.module(**inputs).logits[batch.content_mask]), -1)
         out.append(float((p * (logp - logq)).sum(-1).mean()))
     return np.array(out)

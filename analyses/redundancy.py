@@ -23,6 +23,7 @@ import torch
 
 from ..model import Model
 from ..profile import LayerScores
+from ..numeric import wide
 from ..trace import Trace
 from .base import Analyzer, register
 
@@ -166,12 +167,12 @@ class Redundancy(Analyzer):
         states = self.sample_[:, : self.logit_lens_tokens]  # [L+1, n, d]
         L, n = states.shape[0] - 1, states.shape[1]
         dtype = next(self.model_.module.parameters()).dtype
-        final = torch.log_softmax(adapter.unembed(states[-1].to(dtype)).float(), -1)  # [n, vocab]
+        final = torch.log_softmax(wide(adapter.unembed(states[-1].to(dtype))), -1)  # [n, vocab]
         top_final = final.topk(5, dim=-1).indices
         kl, overlap = [], []
         for start in range(0, L, layers_per_matmul):  # several layers per GEMM against the vocabulary
             group = states[start:min(start + layers_per_matmul, L)]
-            logp = torch.log_softmax(adapter.unembed(group.reshape(-1, group.shape[-1]).to(dtype)).float(), -1)
+            logp = torch.log_softmax(wide(adapter.unembed(group.reshape(-1, group.shape[-1]).to(dtype))), -1)
             logp = logp.reshape(group.shape[0], n, -1)
             kl.extend((logp.exp() * (logp - final)).sum(-1).double().mean(-1).tolist())
             top = logp.topk(5, dim=-1).indices

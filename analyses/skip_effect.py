@@ -27,6 +27,7 @@ from ..apply import _Surgery
 from ..capture import Hooks
 from ..model import Model
 from ..profile import LayerScores
+from ..numeric import wide
 from ..replay import STATE_SITES, DenseRun, replaying
 from .base import Analyzer, register
 
@@ -110,7 +111,7 @@ class SkipEffect(Analyzer):
 
     def _probs(self, resid: torch.Tensor) -> torch.Tensor:
         ad = self.model_.adapter
-        return torch.softmax(ad.head(ad.final_normed(resid)).float(), dim=-1)
+        return torch.softmax(wide(ad.head(ad.final_normed(resid))), dim=-1)
 
     def _skipped_run(self, dense: DenseRun, s: int, stop: int) -> tuple[dict, dict]:
         """Block inputs and outputs of layers >= s with layer s skipped at positions [1, stop)."""

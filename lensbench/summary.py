@@ -77,6 +77,7 @@ def sensitivity_summary(profile: Profile, k: int = 3) -> str:
         a = profile["ranking_agreement"]
         names = a.params["rankings"]
         pick = [n for n in ("block_cosine", "ablation_kl_block", "skip_output_effect", "geometry_error") if n in names]
+        pick += [n for n in names if n.startswith("quant_kl_block_int")][:1]
         pairs = [(x, y) for i, x in enumerate(pick) for y in pick[i + 1:]]
         if pairs:
             lines.append("  ranking agreement (Spearman): " + ", ".join(

@@ -57,3 +57,19 @@ def read_text_file(path: str | Path) -> list[str]:
     if not texts:
         raise LensbenchError(f"text file {path} is empty: give at least one line of text")
     return texts
+
+
+def select_texts(model, texts: list[str], seq_len: int, max_tokens: int | None) -> list[str]:
+    """Texts in order until `max_tokens` tokens (after truncation to seq_len) are reached."""
+    if max_tokens is None:
+        return texts
+    if max_tokens <= 0:
+        raise LensbenchError(f"--max-tokens must be positive, got {max_tokens}")
+    chosen, total = [], 0
+    for text in texts:
+        if total >= max_tokens:
+            break
+        n = min(len(model.tokenizer(text)["input_ids"]), seq_len)
+        chosen.append(text)
+        total += n
+    return chosen

@@ -1,6 +1,5 @@
 import functools
 import os
-import warnings
 
 import pytest
 import torch
@@ -9,21 +8,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors only in its interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore", module="transformers")
+# warnings.filterwarnings("ignore", module="transformers")
 torch.set_num_threads(2)
 
 from lensbench.testing import SAMPLE_TEXTS, tiny_model  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
-def _tiny(arch):
-    return tiny_model(arch)
+def _tiny(arch, dtype=torch.float32):
+    return tiny_model(arch, dtype=dtype)
 
 
 @pytest.fixture
 def tiny():
     """tiny(arch) -> a cached tiny random lensbench Model."""
     return _tiny
+
+
+@pytest.fixture
+def tiny64():
+    """tiny64(arch) -> the same tiny random model in float64: for tests that two methods compute the same
+    number (a KL of 1e-4 is a difference of O(log vocab) terms, so float32 rounding alone moves it by ~1e-3
+    relative; in float64 the methods agree to ~1e-8)."""
+    return lambda arch: _tiny(arch, torch.float64)
 
 
 @pytest.fixture

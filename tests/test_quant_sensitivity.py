@@ -20,24 +20,26 @@ def naive_block_kl(model, texts, layer, bits, gs):
     for batch in batches(model, texts, 4, 32):
         inputs, mask = batch.model_inputs(), batch.content_mask
         with torch.no_grad():
-            logp = torch.log_softmax(model.module(**inputs).logits[mask].float(), -1)
+            logp = torch.log_softmax(model.module(**inputs).logits[mask].double(), -1)
             with simulated(model, targets):
-                logq = torch.log_softmax(model.module(**inputs).logits[mask].float(), -1)
+                logq = torch.log_softmax(model.module(**inputs).logits[mask].double(), -1)
         total += float((logp.exp() * (logp - logq)).sum())
         n += int(mask.sum())
     return total / n
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_block_sensitivity_equals_naive_full_forwards(tiny, texts, arch):
-    model = tiny(arch)
+def test_block_sensitivity_equals_naive_full_forwards(tiny64, texts, arch):
+    model = tiny64(arch)
     prof = profile_model(model, texts, analyses=["quant_sensitivity"], batch_size=4, seq_len=32, progress=False,
                          analysis_params={"quant_sensitivity": {"bits": (2, 8), "group_size": 32,
                                                                            "per_linear": True}})
     kl2 = prof.scores["quant_kl_block_int2"].values
     kl8 = prof.scores["quant_kl_block_int8"].values
     for layer in range(model.n_layers):
-        assert kl2[layer] == pytest.approx(naive_block_kl(model, texts, layer, 2, 32), rel=1e-3, abs=1e-7)
+        # float64 on both sides; the replayed prefix states pass through float32 capture storage, which
+        # moves the KL by ~1e-8 relative
+        assert kl2[layer] == pytest.approx(naive_block_kl(model, texts, layer, 2, 32), rel=1e-6, abs=1e-12)
     assert (kl8 < kl2).all()  # 8 bits hurt less than 2
     lin = prof.scores["quant_kl_linear_int2"]
     assert lin.values.shape == (model.n_layers, len(block_linears(model))) and lin.axes == ("layer", "linear")

