@@ -56,8 +56,12 @@ class Ablation(Analyzer):
             kl, nll = token_scores(self.model_, dense, removed_states(self.model_, dense, [unit]))
             self.kl_[j] += float(kl.sum())
             self.dloss_[j] += float((nll - base_nll)[has_next].sum())
+            self.step()
         self.n_kl_ += dense.n_tokens
         self.n_loss_ += int(has_next.sum())
+
+    def steps_per_batch(self) -> int:
+        return len(self.units_)
 
     def finish(self) -> list[LayerScores]:
         out = []

@@ -4,6 +4,9 @@ An analyzer is a dataclass registered by name: its parameters are explicit keywo
 logic in `__init__`), declares the capture sites it needs, and streams: `start(model)` sets up state
 (attributes with a trailing underscore), `update(trace)` folds in one batch, `finish()` returns
 LayerScores. Memory therefore stays bounded by one batch, however much text is analysed.
+
+A scan (one forward per unit, as ablation) declares `steps_per_batch()` and calls `self.step()` after each
+unit, so the progress bar moves per unit rather than per batch.
 """
 from __future__ import annotations
 
@@ -33,6 +36,16 @@ class Analyzer:
 
     def finish(self) -> list[LayerScores]:
         raise NotImplementedError
+
+    def steps_per_batch(self) -> int:
+        """Progress steps `update` reports per batch with `step()` (after `start`; 0: one step per batch)."""
+        return 0
+
+    def step(self) -> None:
+        """One unit of this batch's work is done (moves the progress bar that profile_model attached)."""
+        on_step = getattr(self, "on_step_", None)
+        if on_step is not None:
+            on_step()
 
 
 _REGISTRY: dict[str, type[Analyzer]] = {}

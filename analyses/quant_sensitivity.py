@@ -61,7 +61,11 @@ class QuantSensitivity(Analyzer):
                 if self.per_linear:
                     for j, name in enumerate(self.linears_):
                         self.kl_linear_[bi, i, j] += self._kl(dense, i, [name], b)
+                self.step()
         self.n_ += dense.n_tokens
+
+    def steps_per_batch(self) -> int:
+        return len(self.bits) * self.model_.n_layers
 
     def finish(self) -> list[LayerScores]:
         n = max(self.n_, 1)

@@ -75,6 +75,10 @@ class SkipEffect(Analyzer):
         self.count_ = 0
         self.rng_ = random.Random(self.seed)
 
+    def steps_per_batch(self) -> int:
+        """One per skipped layer and position (short batches may have fewer positions)."""
+        return self.model_.n_layers * (1 if self.mode == "all" else self.n_positions)
+
     def _positions(self, T: int) -> list[tuple[int, int]]:
         """(skip before, measure from) pairs: positions [1, stop) are skipped, [start, T) measured."""
         if self.mode == "all":
@@ -107,6 +111,7 @@ class SkipEffect(Analyzer):
                 dist = (p - self._probs(post[L - 1][measured])).norm(dim=-1)
                 self.out_max_[s] = max(self.out_max_[s], float(dist.max()))
                 self.out_sum_[s] += float(dist.sum())
+                self.step()
             self.count_ += n
 
     def _probs(self, resid: torch.Tensor) -> torch.Tensor:

@@ -78,10 +78,12 @@ def _publish(staging: Path, out: Path) -> None:
 def _ranking_lines(profile) -> list[str]:
     from .analyses.agreement import rankings
 
+    ranks = sorted(rankings(profile).items())
+    width = max(len(name) for name, _ in ranks)
     lines = []
-    for name, importance in sorted(rankings(profile).items()):
+    for name, importance in ranks:
         order = [int(i) for i in (-importance).argsort(kind="stable")]
-        lines.append(f"  {name:26s} most important {order[:5]}  least {order[::-1][:5]}")
+        lines.append(f"  {name:{width}s}  most important {order[:5]}  least {order[::-1][:5]}")
     return lines
 
 
@@ -117,7 +119,7 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
             profile.to_table(staging / "smollm2-135m" / "layers.csv")
         print(redundancy_summary(profile))
         print(sensitivity_summary(profile))
-        print("rankings (block indices by importance):")
+        print("rankings (layer indices, by importance):")
         print("\n".join(_ranking_lines(profile)))
 
         plans = {

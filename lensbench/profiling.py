@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import sys
 from typing import Sequence
 
@@ -37,15 +38,22 @@ def _stream(model: Model, texts, analyzers, spec: CaptureSpec, batch_size: int, 
             progress: bool) -> dict:
     """One capture per batch, folded into every analyzer; returns what was read."""
     n_tokens = 0
-    bar = tqdm(total=len(texts), desc=f"profiling {model.name}", unit="text", disable=not progress,
-               file=sys.stderr, leave=False)
-    for batch in batches(model, texts, batch_size, seq_len):
-        trace, _ = capture_batch(model, spec, batch)
+    per_batch = 1 + sum(a.steps_per_batch() for a in analyzers)  # the capture, then each scanned unit
+    bar = tqdm(total=math.ceil(len(texts) / batch_size) * per_batch, desc=f"profiling {model.name}", unit="step",
+               disable=not progress, file=sys.stderr, leave=False)
+    for a in analyzers:
+        a.on_step_ = lambda: bar.update(1)
+    try:
+        for batch in batches(model, texts, batch_size, seq_len):
+            trace, _ = capture_batch(model, spec, batch)
+            bar.update(1)
+            for a in analyzers:
+                a.update(trace)
+            n_tokens += batch.n_tokens
+    finally:
         for a in analyzers:
-            a.update(trace)
-        n_tokens += batch.n_tokens
-        bar.update(batch.input_ids.shape[0])
-    bar.close()
+            a.on_step_ = None
+        bar.close()
     return {"n_texts": len(texts), "n_tokens": n_tokens, "seq_len": seq_len, "batch_size": batch_size}
 
 

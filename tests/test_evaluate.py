@@ -86,7 +86,12 @@ def test_plan_and_evaluate_commands(tmp_path, tiny_dir, capsys):
                  "--cities", "4", "--speed-rounds", "1", "--decode-tokens", "2"]) == 0
     doc = json.loads(out.read_text())
     assert {"kl_to_dense", "perplexity", "dense_perplexity", "speed_ratio", "weight_bytes"} <= set(doc)
+    html = tmp_path / "report.html"
+    assert main(["report", str(prof), "--out", str(html), "--eval", str(out)]) == 0  # the Plans section
+    assert "<h2>Plans</h2>" in html.read_text() and f"{doc['kl_to_dense']:.4f}" in html.read_text()
     capsys.readouterr()
+    assert main(["report", str(prof), "--out", str(html), "--eval", str(texts)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
     assert main(["plan", str(prof), "--policy", "drop-block", "--budget", "3", "--out", str(plan)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "at most 2 of 3" in err

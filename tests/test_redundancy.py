@@ -51,12 +51,13 @@ def test_logit_lens_matches_manual(tiny, texts):
     prof = lensbench.profile_model(m, texts[:2], progress=False,
                                    analysis_params={"redundancy": {"logit_lens_tokens": 10_000}})
     batch = m.tokenize(texts[:2])
-    out = m.module(**batch.model_inputs(), output_hidden_states=True)
+    with torch.no_grad():
+        out = m.module(**batch.model_inputs(), output_hidden_states=True)
     mask = batch.content_mask.clone()
     mask[:, 0] = False
     final = torch.log_softmax(out.logits[mask].double(), -1)
     for i in range(m.n_layers):
-        logits = m.module.lm_head(m.module.model.norm(out.hidden_states[i]))[mask]
+        logits = m.module.lm_head(m.module.model.norm(out.hidden_states[i]))[mask].detach()
         logp = torch.log_softmax(logits.double(), -1)
         kl = float((logp.exp() * (logp - final)).sum(-1).mean())
         assert prof["logit_lens_kl_nats"].values[i] == pytest.approx(kl, rel=1e-4)
