@@ -571,10 +571,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Smallest value each numeric option takes (checked before any model is loaded).
+MINIMUM = {"batch_size": 1, "n_texts": 1, "seq_len": 1, "max_tokens": 1, "speed_rounds": 1, "decode_tokens": 1,
+           "folds": 2, "n_per_class": 1, "count": 1, "edit_n": 2, "cities": 0, "interventions": 0, "generations": 1,
+           "group_size": 1}
+FILE_OUTPUT = {"plan", "evaluate", "report", "export"}  # --out is a file; the other commands write a directory
+
+
+def check_args(args) -> None:
+    """Numeric ranges, the port and the kind of --out, before any work."""
+    for name, least in MINIMUM.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise LensbenchError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    port = getattr(args, "port", None)
+    if port is not None and not 1 <= port <= 65535:
+        raise LensbenchError(f"--port must be between 1 and 65535, got {port}")
+    out = getattr(args, "out", None)
+    if out is None:
+        return
+    out = Path(out)
+    if args.command in FILE_OUTPUT and out.is_dir():
+        raise LensbenchError(f"--out {out} is a directory; give a file name, e.g. {out / 'out.json'}")
+    if args.command not in FILE_OUTPUT and out.exists() and not out.is_dir():
+        raise LensbenchError(f"--out {out} is a file; give a directory (it is created if missing)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet()
     try:
+        check_args(args)
         return args.fn(args)
     except LensbenchError as exc:
         print(f"lensbench: error: {exc}", file=sys.stderr)

@@ -1,14 +1,18 @@
 """`LayerScores` and `Profile`: analysis results with provenance, saved as versioned JSON.
 
 On disk a Profile is `profile.json` (schema `lensbench.profile/1`; 1-D scores inline so people
-and other tools can read them) plus `profile.arrays.safetensors` for matrices. Writes are atomic;
-loading validates everything and never executes code (JSON + safetensors, no pickle).
+and other tools can read them) plus `profile.arrays-<content hash>.safetensors` for matrices, named by the
+JSON's stem so two profiles in one directory never share a file. The sidecar is written first, the JSON last
+(naming the sidecar and its hash), and the previous sidecar is removed only after that: a kill at any point
+leaves the old profile or the new one. Loading validates everything and never executes code (JSON +
+safetensors, no pickle).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,6 @@ from .atomic import write_json, write_with, write_text
 from .errors import ProfileError
 
 SCHEMA = "lensbench.profile/1"
-SIDECAR = "profile.arrays.safetensors"
 INLINE_MAX = 4096  # arrays up to this many elements are written inline in the JSON
 
 
@@ -200,14 +203,15 @@ class Profile:
         doc = {"schema": SCHEMA, "model": self.model, "data": self.data, "meta": self.meta,
                "scores": {n: s.to_dict(arrays) for n, s in self.scores.items()},
                "tables": {n: t.to_dict() for n, t in self.tables.items()}}
-        sidecar = path.parent / SIDECAR
+        keep = None
         if arrays:
-            from safetensors.numpy import save_file
-
-            write_with(sidecar, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()},
-                                                      str(tmp)))
-            doc["sidecar"] = {"file": SIDECAR, "sha256": _sha256(sidecar)}
-        write_json(path, doc)  # last: the JSON names the sidecar's hash, so a torn pair is detected
+            keep = _write_sidecar(path, arrays)
+            doc["sidecar"] = {"file": keep.name, "sha256": _sha256(keep)}
+        write_json(path, doc)  # last: the JSON names its sidecar and the sidecar's hash
+        # Only now that the new JSON is in place: this JSON's earlier sidecars (and any a killed save left).
+        for old in path.parent.glob(f"{path.stem}.arrays-*.safetensors"):
+            if old != keep:
+                old.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -268,6 +272,18 @@ class Profile:
     def __repr__(self) -> str:
         tables = f", tables: {', '.join(self.tables)}" if self.tables else ""
         return f"Profile({self.model.get('name')!r}, {len(self.scores)} scores: {', '.join(self.scores)}{tables})"
+
+
+def _write_sidecar(json_path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """The arrays in `<json stem>.arrays-<content hash>.safetensors` beside the JSON: two profiles in one
+    directory never share a file, and a new save never overwrites the sidecar the current JSON names."""
+    from safetensors.numpy import save_file
+
+    tmp = json_path.parent / f".{json_path.stem}.arrays.tmp"
+    write_with(tmp, lambda t: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(t)))
+    final = json_path.parent / f"{json_path.stem}.arrays-{_sha256(tmp)[:16]}.safetensors"
+    os.replace(tmp, final)
+    return final
 
 
 def _sha256(path: Path) -> str:

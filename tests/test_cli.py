@@ -230,3 +230,29 @@ def test_concept_depth_writes_the_profile_and_clears_its_checkpoint(capsys, tmp_
     assert "coinflip" in text and "cities" in text and (out / "concept_depth.csv").is_file()
     assert len(Profile.load(out).tables["concept_depth"].rows) == 2
     assert not (out / ".concept-depth-partial").exists()  # only an interrupted run leaves it, to resume from
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["profile", "M", "--out", "D", "--batch-size", "0"], r"--batch-size must be at least 1, got 0"),
+    (["evaluate", "M", "--plan", "p.json", "--out", "e.json", "--n-texts", "0"], r"--n-texts must be at least 1"),
+    (["capture", "M", "--texts", "t.txt", "--out", "S", "--seq-len", "-3"], r"--seq-len must be at least 1"),
+    (["concept-depth", "M", "--out", "D", "--folds", "1"], r"--folds must be at least 2"),
+    (["app", "D", "--port", "99999"], r"--port must be between 1 and 65535"),
+])
+def test_numeric_options_are_checked_before_any_work(capsys, argv, pattern):
+    code, _, err = run(capsys, *argv)  # "M" is no model: the range is refused before loading one
+    assert_one_line_error(code, err, pattern)
+
+
+def test_out_of_the_wrong_kind_is_refused_before_any_work(capsys, tmp_path):
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("x")
+    for argv in (["profile", "M", "--out", str(a_file)], ["capture", "M", "--texts", "t", "--out", str(a_file)],
+                 ["relevance", "M", "--text", "hi", "--out", str(a_file)]):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, r"is a file; give a directory")
+    for argv in (["evaluate", "M", "--plan", "p.json", "--out", str(tmp_path)], ["report", "P", "--out", str(tmp_path)],
+                 ["plan", "P", "--policy", "drop-block", "--budget", "1", "--out", str(tmp_path)]):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, r"is a directory; give a file name")
+    assert a_file.read_text() == "x"

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def test_other_schema_version(tmp_path):
 
 def test_torn_sidecar(tmp_path):
     make_profile().save(tmp_path)
-    side = tmp_path / "profile.arrays.safetensors"
+    (side,) = tmp_path.glob("profile.arrays-*.safetensors")
     side.write_bytes(side.read_bytes()[:-8] + b"\x00" * 8)
     with pytest.raises(ProfileError, match="does not match profile.json"):
         Profile.load(tmp_path)
@@ -121,7 +122,48 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         p.save(tmp_path)
     assert (tmp_path / "profile.json").read_bytes() == before
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["profile.arrays.safetensors", "profile.json"]
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert len(names) == 2 and names[0].startswith("profile.arrays-") and names[1] == "profile.json"
+
+
+def test_two_profiles_in_one_directory_keep_their_own_arrays(tmp_path):
+    a, b = make_profile(), make_profile()
+    b.scores["cka"].values[0, 1] = 0.5  # different arrays
+    a.save(tmp_path / "a.json")
+    b.save(tmp_path / "b.json")
+    assert Profile.load(tmp_path / "a.json").scores["cka"].values[0, 1] != 0.5
+    assert Profile.load(tmp_path / "b.json").scores["cka"].values[0, 1] == 0.5
+    b.scores["cka"].values[0, 1] = 0.25  # a resave replaces b's sidecar and leaves a's alone
+    b.save(tmp_path / "b.json")
+    assert len(list(tmp_path.glob("a.arrays-*"))) == 1 and len(list(tmp_path.glob("b.arrays-*"))) == 1
+    assert Profile.load(tmp_path / "b.json").scores["cka"].values[0, 1] == 0.25
+
+
+def test_a_save_killed_between_sidecar_and_json_leaves_the_previous_profile(tmp_path):
+    """A real SIGKILL after the new sidecar is written, before the JSON: the old pair still loads, and the
+    next save removes the orphaned sidecar."""
+    import subprocess
+    import sys
+
+    make_profile().save(tmp_path)
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_profile_io import make_profile
+import lensbench.profile as lp
+def killed(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+lp.write_json = killed
+p = make_profile()
+p.scores["cka"].values[0, 1] = 0.5
+p.save({str(tmp_path)!r})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert proc.returncode == -9
+    assert len(list(tmp_path.glob("profile.arrays-*"))) == 2  # the new sidecar, orphaned
+    assert Profile.load(tmp_path).scores["cka"].values[0, 1] != 0.5  # the previous profile, whole
+    make_profile().save(tmp_path)
+    assert len(list(tmp_path.glob("profile.arrays-*"))) == 1 and not list(tmp_path.glob(".*tmp"))
 
 
 def test_written_files_have_normal_permissions(tmp_path):
