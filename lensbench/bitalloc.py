@@ -31,6 +31,8 @@ RANKINGS = {"lim": "block_cosine", "zd": "zd"}
 
 
 def _levels(text, n: int | None = None) -> list[int]:
+    if isinstance(text, (list, tuple)):  # levels=(8, 4) from Python, "8,4" from the command line
+        text = ",".join(str(b) for b in text)
     try:
         levels = [int(b) for b in str(text).split(",")]
     except ValueError:
@@ -84,6 +86,7 @@ def _average(profile: Profile, bits_of: dict[tuple[int, str | None], int]) -> fl
 
 
 def _check_budget(budget: float, lo: int, hi: int) -> None:
+    lo, hi = min(lo, hi), max(lo, hi)
     if not lo <= budget <= hi:
         raise PlanError(f"average bits {budget} cannot be met with levels {hi} and {lo}: give a budget between "
                         f"{lo} and {hi}")
@@ -117,7 +120,7 @@ def block_order(profile: Profile, ranking: str, lo: int, seed: int = 0) -> list[
           "LayerwiseQuant: the least important blocks by a ranking at the low bit-width, the rest high")
 def bits_rank(profile: Profile, budget: float, *, ranking: str = "lim", levels: str = "4,2", reverse: bool = False,
               group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, **_):
-    hi, lo = _levels(levels, 2)
+    hi, lo = sorted(_levels(levels, 2), reverse=True)  # "4,2" or "2,4": the higher level is the high one
     _check_budget(budget, lo, hi)
     _check_group(group_size)
     L = int(profile.model["n_layers"])

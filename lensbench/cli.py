@@ -257,7 +257,7 @@ def cmd_plan(args) -> int:
         model = load(args.model or model_source(profile.model))
         texts = read_text_file(args.texts) if args.texts else bbc_news("calibration")
         texts = select_texts(model, texts, 128, args.max_tokens)
-        options["progress"] = args.policy == "evo"
+        options["progress"] = True  # searches that take it show a bar
     plan = make_plan(args.policy, profile, args.budget, model=model, texts=texts, **options)
     path = plan.save(args.out)
     print(repr(plan))
@@ -415,9 +415,19 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _default(policy: str, option: str):
+    """A policy's default for an option, read from its signature (so the help cannot drift)."""
+    import inspect
+
+    from .policies import POLICIES
+
+    return inspect.signature(POLICIES[policy].fn).parameters[option].default
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import SITES
     from .analyses.channels import NULLS
+    from .policies import POLICIES
 
     p = argparse.ArgumentParser(prog="lensbench", description="What every layer does, and which layers matter.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -485,8 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="turn a profile into a plan (what to drop or skip) under a budget")
     pl.add_argument("profile", help="profile directory or profile.json")
-    pl.add_argument("--policy", required=True, help="drop-block, drop-attn, drop-mlp, drop-joint, balanced-skip, "
-                    "ranking-skip, evo, bits-rank, bits-dp or bits-bisect (see lensbench.policies, .bitalloc)")
+    pl.add_argument("--policy", required=True, help="; ".join(f"{n}: {p.description}" for n, p in POLICIES.items()))
     pl.add_argument("--budget", type=float, required=True,
                     help="drop/evo: units to remove (count, or fraction below 1); skip policies: target speed-up; "
                     "bits-rank/bits-dp: average bits; bits-bisect: calibration KL bound")
@@ -495,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "lim, zd, quant, random or score:NAME")
     pl.add_argument("--iterative", action="store_true", help="drop one unit per round and re-score (runs the model)")
     pl.add_argument("--kind", choices=("block", "sublayer"), help="evo: search over blocks or attention+MLP sublayers")
-    pl.add_argument("--generations", type=int, help="evo: generations (default 30)")
+    pl.add_argument("--generations", type=int, help="evo, evo-bits: generations (default: the policy's own, "
+                    f"{_default('evo', 'generations')} and {_default('evo-bits', 'generations')})")
     pl.add_argument("--seed", type=int)
     pl.add_argument("--model", help="model for searches (default: where the profile's model came from)")
     pl.add_argument("--texts", help="calibration text file for searches (default: BBC news calibration split)")

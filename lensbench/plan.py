@@ -187,7 +187,8 @@ class Plan:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path, model=None) -> "Plan":
+        """Read and validate a plan; with `model`, also check it was made for that model (as `Profile.load`)."""
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan {path} does not exist: make one with `lensbench plan PROFILE --out {path}`")
@@ -203,6 +204,8 @@ class Plan:
         plan = cls(doc["actions"], doc["model"], doc.get("policy", {}), doc.get("predicted", {}), doc.get("meta", {}))
         plan.units()  # validates names and ops against the plan's own card
         plan.quant_actions()
+        if model is not None:
+            plan.resolve(model)
         return plan
 
 

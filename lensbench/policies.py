@@ -22,6 +22,7 @@ Rankings are read from the Profile by name: `redundancy`, `ablation`, `geometry`
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -67,6 +68,16 @@ def make_plan(name: str, profile: Profile, budget: float, *, model=None, texts: 
     if name not in POLICIES:
         raise PlanError(f"unknown policy {name!r}: use one of {', '.join(POLICIES)}")
     policy = POLICIES[name]
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        raise PlanError(f"budget {budget!r} is not a number: {policy.budget}") from None
+    accepted = options_of(policy.fn)
+    unknown = sorted(k for k, v in options.items() if k not in accepted and k != "progress" and v is not None)
+    if unknown:
+        raise PlanError(f"policy {name!r} does not take {', '.join('--' + k.replace('_', '-') for k in unknown)}; "
+                        f"it takes {', '.join('--' + k.replace('_', '-') for k in sorted(accepted)) or 'no options'}")
+    options = {k: v for k, v in options.items() if k in accepted}
     needs = policy.needs_model or options.get("iterative")
     if needs and model is None:
         raise PlanError(f"policy {name!r}{' (iterative)' if options.get('iterative') else ''} runs the model: "
@@ -77,6 +88,12 @@ def make_plan(name: str, profile: Profile, budget: float, *, model=None, texts: 
     plan.policy = {"name": name, "budget": budget,
                    **{k: v for k, v in options.items() if v is not None and k != "progress"}}
     return plan
+
+
+def options_of(fn: Callable[..., Plan]) -> set[str]:
+    """The options a policy takes: its keyword-only parameters besides the model and the texts."""
+    return {p.name for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("model", "texts")}
 
 
 # --- rankings ---------------------------------------------------------------------------------------

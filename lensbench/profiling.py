@@ -70,6 +70,8 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
 
     Each text is truncated to `seq_len` tokens (default: 128, or the model's context if shorter).
     """
+    if isinstance(texts, str):  # one text, as capture() takes it; never one text per character
+        texts = [texts]
     seq_len = resolve_seq_len(model, seq_len)
     params = analysis_params or {}
     analyzers = [make(name, **params.get(name, {})) for name in analyses]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lensbench.apply import apply_units
+from lensbench.cli import main
 from lensbench.errors import PlanError
 from lensbench.evo import EvoConfig, evo_search, make_state, seeds_from_profile
 from lensbench.iterative import layer_cosines
@@ -159,3 +160,23 @@ def test_evo_policy_plan_round_trips(tmp_path):
 
 def test_make_state_is_canonical():
     assert make_state({"mlp": [3, 1], "attn": [2]}) == make_state({"attn": [2], "mlp": [1, 3]})
+
+
+def test_an_option_a_policy_does_not_take_is_refused_before_work():
+    with pytest.raises(PlanError, match=r"policy 'balanced-skip' does not take --rankng; it takes no options"):
+        make_plan("balanced-skip", deep_profile(), 1.5, rankng="ablation")
+    with pytest.raises(PlanError, match=r"'drop-block' does not take --levels; it takes --iterative, --ranking, --seed"):
+        make_plan("drop-block", deep_profile(), 2, levels="4,2")
+    with pytest.raises(PlanError, match=r"budget 'two' is not a number"):
+        make_plan("drop-block", deep_profile(), "two")
+    assert make_plan("drop-block", deep_profile(), "2").units() == make_plan("drop-block", deep_profile(), 2).units()
+
+
+def test_plan_command_with_an_option_the_policy_does_not_take(tmp_path, capsys):
+    deep_profile().save(tmp_path)
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path), "--policy", "drop-block", "--budget", "2", "--levels", "4,2",
+                 "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not take --levels" in err and "Traceback" not in err
+    assert not (tmp_path / "p.json").exists()

@@ -175,3 +175,21 @@ def test_written_files_have_normal_permissions(tmp_path):
     os.umask(mask)
     for f in tmp_path.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_string_is_one_text(tiny):
+    m = tiny("llama")
+    one = lensbench.profile_model(m, "The city of Paris is in France.", progress=False)
+    assert one.data["n_texts"] == 1
+
+
+def test_plan_load_checks_the_model(tmp_path, tiny):
+    from lensbench.errors import PlanError
+    from lensbench.plan import Plan, Unit
+    from lensbench.profiling import model_card
+
+    a, b = tiny("llama"), tiny("qwen2")
+    path = Plan.drop(model_card(a), [Unit(0, "block")]).save(tmp_path / "p.json")
+    assert Plan.load(path, model=a).units() == [Unit(0, "block")]
+    with pytest.raises(PlanError, match="made for 'tiny-llama'.*not for 'tiny-qwen2'"):
+        Plan.load(path, model=b)
