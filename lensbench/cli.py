@@ -124,6 +124,12 @@ def cmd_profile(args) -> int:
     from .summary import redundancy_summary, sensitivity_summary
     from .texts import read_text_file
 
+    from .analyses import registered
+
+    unknown = [a for a in args.analyses.split(",") if a not in registered()]
+    if unknown:  # before the model is loaded
+        raise LensbenchError(f"unknown analysis {', '.join(map(repr, unknown))}: available are "
+                             f"{', '.join(sorted(registered()))}")
     texts, data = None, None
     if args.texts:
         texts = read_text_file(args.texts)
@@ -384,11 +390,27 @@ def cmd_relevance(args) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        raise LensbenchError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass another --port, "
+                             f"or stop what is using it") from None
+
+
 def cmd_app(args) -> int:
     from .app import create_app
 
     if not args.profiles:
         raise LensbenchError("no profile to open: lensbench app PROFILE_DIR [PROFILE_DIR ...]")
+    _check_port_free(args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"lensbench: warning: --host {args.host} makes the app reachable from other machines; it has no "
+              f"authentication: anyone who can reach this port can open the profiles on its command line",
+              file=sys.stderr)
     app = create_app(args.profiles)
     bad = [o for o in app.lensbench_state.opened.values() if o.profile is None]
     for o in bad:  # shown in the app too; a typo should not need a browser to be seen

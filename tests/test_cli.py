@@ -256,3 +256,20 @@ def test_out_of_the_wrong_kind_is_refused_before_any_work(capsys, tmp_path):
         code, _, err = run(capsys, *argv)
         assert_one_line_error(code, err, r"is a directory; give a file name")
     assert a_file.read_text() == "x"
+
+
+def test_app_port_in_use_is_one_line_and_no_banner(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        code, out, err = run(capsys, "app", str(tmp_path), "--port", str(port))
+    assert_one_line_error(code, err, rf"cannot listen on 127.0.0.1:{port}.*another --port")
+    assert "lensbench app on" not in out
+
+
+def test_unknown_analysis_is_refused_before_loading(capsys):
+    code, _, err = run(capsys, "profile", "no/such/model", "--out", "x", "--analyses", "redundancy,nope")
+    assert_one_line_error(code, err, r"unknown analysis 'nope'")
