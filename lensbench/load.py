@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,15 @@ def _load_gguf(path: Path, *, dtype, device) -> Model:
             "local_dir": str(target)}  # the converted copy: a plain HF directory other tools can load
     if not (target / "lensbench-cache.json").is_file():
         _convert_gguf(path, target, sha)
-    return _load_hf_dir(target, dtype=dtype, device=device, card=card)
+        return _load_hf_dir(target, dtype=dtype, device=device, card=card)
+    try:
+        return _load_hf_dir(target, dtype=dtype, device=device, card=card)
+    except LensbenchError:  # the cached copy is damaged (a full disk, an edit): convert once more from the GGUF
+        print(f"lensbench: the converted copy of {path.name} in {target} is damaged; converting it again",
+              file=sys.stderr)
+        shutil.rmtree(target, ignore_errors=True)
+        _convert_gguf(path, target, sha)
+        return _load_hf_dir(target, dtype=dtype, device=device, card=card)
 
 
 def _convert_gguf(path: Path, target: Path, sha: str) -> None:

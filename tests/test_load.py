@@ -92,3 +92,34 @@ def test_bbc_splits_are_disjoint_and_complete():
     assert bbc_news("calibration", limit=5) == cal[:5]
     with pytest.raises(LensbenchError, match="unknown split"):
         bbc_news("test")
+
+
+def test_a_damaged_gguf_cache_is_converted_again(tmp_path, monkeypatch, tiny):
+    """A truncated converted copy is detected on load and rebuilt from the GGUF file (the conversion itself is
+    replaced by saving a tiny model: converting a real GGUF takes ~40 s)."""
+    import sys
+
+    from lensbench.atomic import write_json
+
+    ld = sys.modules["lensbench.load"]  # the module (lensbench.load is also the function's name)
+
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    calls = []
+
+    def convert(path, target, sha):
+        calls.append(target)
+        m = tiny("llama")
+        m.module.save_pretrained(target)
+        m.tokenizer.save_pretrained(target)
+        write_json(target / "lensbench-cache.json", {"gguf": str(path), "sha256": sha})
+
+    monkeypatch.setattr(ld, "_convert_gguf", convert)
+    expected = ld.load(gguf).fingerprint()
+    (weights,) = calls[0].glob("*.safetensors")
+    head = weights.read_bytes()[:100]
+    weights.unlink()  # a new file: the loaded model may still map the old one
+    weights.write_bytes(head)  # truncated
+    again = ld.load(gguf)
+    assert len(calls) == 2 and again.fingerprint() == expected
