@@ -131,6 +131,11 @@ def _load_hf_dir(path: Path, *, dtype, device, card: dict) -> Model:
     try:
         config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError, json.JSONDecodeError) as exc:
+        if "does not recognize this architecture" in str(exc):
+            model_type = _model_type(path / "config.json")
+            raise LensbenchError(f"{path}: transformers {_transformers_version()} has no model type {model_type!r}; "
+                                 f"use a transformers release that has it, or a model of a supported family "
+                                 f"(lensbench models lists them)") from None
         raise LensbenchError(f"{path}/config.json cannot be read ({_first_line(exc)}): restore the file") from None
     _check_adapter_for_config(config)
     try:
@@ -144,6 +149,19 @@ def _load_hf_dir(path: Path, *, dtype, device, card: dict) -> Model:
     module.to(device).eval()
     info = {"name": card.get("name", path.name), **describe(module), **card}
     return Model(module, tokenizer, adapter_for(module), info)
+
+
+def _model_type(config_path: Path) -> str:
+    try:
+        return str(json.loads(config_path.read_text()).get("model_type", "?"))
+    except (OSError, ValueError, AttributeError):
+        return "?"
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _check_adapter_for_config(config) -> None:

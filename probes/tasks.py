@@ -199,7 +199,9 @@ def load_task_file(path: str | Path, family: str = "custom", n_per_class: int | 
             rows = pd.read_csv(path).to_dict("records")
     except Exception as exc:  # noqa: BLE001 — any parse failure is the same user error
         raise TaskError(f"cannot read {path} as {'JSONL' if path.suffix == '.jsonl' else 'CSV'}: {exc}") from None
-    if not rows or not all(isinstance(r, dict) and {"text", "label"} <= set(r) for r in rows):
+    if not rows:
+        raise TaskError(f"{path} has no rows: give at least one text,label row per class")
+    if not all(isinstance(r, dict) and {"text", "label"} <= set(r) for r in rows):
         raise TaskError(f"{path} needs the columns 'text' and 'label' in every row")
     try:
         labels = [int(r["label"]) for r in rows]

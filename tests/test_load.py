@@ -123,3 +123,9 @@ def test_a_damaged_gguf_cache_is_converted_again(tmp_path, monkeypatch, tiny):
     weights.write_bytes(head)  # truncated
     again = ld.load(gguf)
     assert len(calls) == 2 and again.fingerprint() == expected
+
+
+def test_unknown_model_type_names_it(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "foo_bar_arch", "architectures": ["FooBar"]}')
+    with pytest.raises(LensbenchError, match=r"has no model type 'foo_bar_arch'; use a transformers release"):
+        lensbench.load(tmp_path)

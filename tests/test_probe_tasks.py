@@ -52,6 +52,7 @@ def test_user_task_files(tmp_path):
     ("text,label\na,1\nb,1\n", "only one class"),
     ("text,label\na,0\nb,1\nc,2\n", "binary"),
     ("text,label\na,yes\nb,no\n", "0 or 1"),
+    ("text,label\n", "has no rows"),
 ])
 def test_bad_task_files_are_refused(tmp_path, content, msg):
     f = tmp_path / "bad.csv"
