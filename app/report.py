@@ -28,9 +28,13 @@ def _plans_section(evaluations: dict[str, dict]) -> str:
     rows, points = [], []
     for label, r in evaluations.items():
         plan = r.get("plan", {})
-        what = ", ".join(f"{k} {v}" for k, v in plan.items() if k not in ("policy", "units") and v) or "nothing"
+        quant = ", ".join(f"{n} × {kind}" for kind, n in sorted(plan.get("quant_entries", {}).items()))
+        units = plan.get("units", [])
+        what = "; ".join(x for x in (f"removes {', '.join(units)}" if units else "",
+                                     quant + (f" ({plan['average_bits']} average bits)" if "average_bits" in plan
+                                              else "")) if x)
         frac = r["weight_bytes"] / r["dense_weight_bytes"]
-        rows.append(f"<tr><td>{_html.escape(label)}</td><td>{_html.escape(what)}</td>"
+        rows.append(f"<tr><td>{_html.escape(label)}</td><td>{_html.escape(what or 'nothing')}</td>"
                     f"<td>{r['kl_to_dense']:.4f}</td><td>{r['perplexity']:.1f} ({r['dense_perplexity']:.1f})</td>"
                     f"<td>{r.get('prefill_speed_ratio', float('nan')):.2f}</td>"
                     f"<td>{r.get('decode_speed_ratio', float('nan')):.2f}</td><td>{frac:.3f}</td></tr>")

@@ -125,7 +125,7 @@ def front_figure(points: list[dict]) -> go.Figure:
             if p["kl"] < best:
                 best = p["kl"]
                 front.append(p)
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name="evaluated plans",
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", name="evaluated plans", textposition="top center",
                                  marker={"size": 12, "color": [p["decode_speedup"] for p in points],
                                          "colorscale": "Viridis", "colorbar": {"title": "decode speed-up ×"},
                                          "showscale": True},
@@ -136,7 +136,7 @@ def front_figure(points: list[dict]) -> go.Figure:
                                  mode="lines", name="Pareto front", line={"dash": "dot"}))
     fig.update_layout(title="Measured in this session: quality vs compression (colour: decode speed-up vs dense)",
                       xaxis_title="weight bytes, fraction of dense", yaxis_title="held-out KL to dense (nats)",
-                      height=420)
+                      height=420, legend={"orientation": "h", "y": -0.25})
     return fig
 
 
