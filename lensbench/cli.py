@@ -17,7 +17,6 @@ from .errors import LensbenchError
 from .profiling import model_source, resolve_seq_len
 
 
-
 def _quiet() -> None:
     """Keep third-party chatter (HF progress bars, advisory warnings) off the user's terminal."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -121,10 +120,9 @@ def _analysis_params(items: Sequence[str] | None) -> dict[str, dict]:
 
 
 def cmd_profile(args) -> int:
+    from .analyses import registered
     from .summary import redundancy_summary, sensitivity_summary
     from .texts import read_text_file
-
-    from .analyses import registered
 
     unknown = [a for a in args.analyses.split(",") if a not in registered()]
     if unknown:  # before the model is loaded
@@ -425,12 +423,13 @@ def cmd_report(args) -> int:
 
     evals = {}
     for f in args.eval or []:
+        label = Path(f).name.removesuffix(".json").removesuffix(".eval")
         try:
-            evals[Path(f).stem] = json.loads(Path(f).read_text())
+            evals[label] = json.loads(Path(f).read_text())
         except (OSError, ValueError) as exc:
             raise LensbenchError(f"--eval {f}: not a readable evaluation record ({exc}); give a file that "
                                  f"lensbench evaluate wrote") from None
-        if "kl_to_dense" not in evals[Path(f).stem]:
+        if not isinstance(evals[label], dict) or "kl_to_dense" not in evals[label]:
             raise LensbenchError(f"--eval {f} is not an evaluation record: give a file that lensbench evaluate wrote")
     path = write_report(args.profile, args.out, evals)
     print(f"wrote {path}")
