@@ -60,9 +60,16 @@ def registered() -> dict[str, type[Analyzer]]:
     return dict(_REGISTRY)
 
 
+def check_names(names) -> None:
+    """Refuse analysis names that are not registered (all of them in one line)."""
+    unknown = [n for n in names if n not in _REGISTRY]
+    if unknown:
+        raise LensbenchError(f"unknown analysis {', '.join(map(repr, unknown))}: available are "
+                             f"{', '.join(sorted(_REGISTRY))}")
+
+
 def make(name: str, **params) -> Analyzer:
-    if name not in _REGISTRY:
-        raise LensbenchError(f"unknown analysis {name!r}: available are {', '.join(sorted(_REGISTRY))}")
+    check_names([name])
     try:
         return _REGISTRY[name](**params)
     except TypeError as exc:

@@ -11,7 +11,7 @@ from lensbench.atomic import write_text
 from lensbench.profile import Profile
 
 from .pages.overview import agreement_figure, strip_figure
-from .pages.plans import front_figure
+from .pages.plans import front_figure, front_point
 from .pages.redundancy import curve_figure, curves, matrices, matrix_figure
 
 
@@ -33,13 +33,13 @@ def _plans_section(evaluations: dict[str, dict]) -> str:
         what = "; ".join(x for x in (f"removes {', '.join(units)}" if units else "",
                                      quant + (f" ({plan['average_bits']} average bits)" if "average_bits" in plan
                                               else "")) if x)
-        frac = r["weight_bytes"] / r["dense_weight_bytes"]
+        point = front_point(label, r)
         rows.append(f"<tr><td>{_html.escape(label)}</td><td>{_html.escape(what or 'nothing')}</td>"
                     f"<td>{r['kl_to_dense']:.4f}</td><td>{r['perplexity']:.1f} ({r['dense_perplexity']:.1f})</td>"
                     f"<td>{r.get('prefill_speed_ratio', float('nan')):.2f}</td>"
-                    f"<td>{r.get('decode_speed_ratio', float('nan')):.2f}</td><td>{frac:.3f}</td></tr>")
-        points.append({"label": label, "kl": r["kl_to_dense"], "weight_fraction": frac,
-                       "decode_speedup": r.get("decode_speed_ratio", float("nan"))})
+                    f"<td>{r.get('decode_speed_ratio', float('nan')):.2f}</td>"
+                    f"<td>{point['weight_fraction']:.3f}</td></tr>")
+        points.append(point)
     note = ("Each plan applied for real and measured against the dense model on held-out text "
             "(lensbench evaluate); speed ratios are medians of interleaved rounds, batch 1.")
     fig = front_figure(points).update_layout(title="Quality vs compression (colour: decode speed-up vs dense)")

