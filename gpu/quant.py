@@ -7,7 +7,12 @@ A weight W [N, K] (N outputs, K inputs; an embedding table is [vocab, d]) is cut
     w_hat = q * scale + min
 
 `scale` and `min` are stored as float16 (the "float zero-point" of tinygemm/torchao int4, so no
-integer zero is rounded). K is padded with zero columns to a multiple of 8 only; when the group
+integer zero is rounded). With `symmetric=True` the grid is the signed one of GPTQ and
+compressed-tensors: scale = max|w| / ((2^bits - 1) / 2), q = clamp(round(w / scale), -2^(bits-1),
+2^(bits-1) - 1), stored as code q + 2^(bits-1) with min = -2^(bits-1) * scale (exact in float16), so
+the same kernels run it and a symmetric integer format holds exactly the same values.
+
+K is padded with zero columns to a multiple of 8 only; when the group
 size does not divide it, the last group of each row is shorter (576 inputs in groups of 128 are
 four groups of 128 and one of 64), so no storage is spent on a padded group. Padded columns hold
 code 0 and meet zero activations in the kernels.
@@ -111,8 +116,10 @@ class PackedWeight:
 
 
 @torch.no_grad()
-def quantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE, pad: bool = True) -> PackedWeight:
-    """Round-to-nearest, group-wise asymmetric quantisation of `weight` [N, K] into the packed format."""
+def quantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE, pad: bool = True,
+             symmetric: bool = False) -> PackedWeight:
+    """Round-to-nearest, group-wise quantisation of `weight` [N, K] into the packed format: asymmetric
+    min-max by default, the signed symmetric grid with `symmetric=True` (module docstring)."""
     if weight.dim() != 2:
         raise QuantError(f"only 2-D weights can be quantised, got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -134,9 +141,15 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SI
         wg, rg = w[:, g0:g0 + gs], real[g0:g0 + gs]
         lo = wg[:, rg].amin(-1) if rg.any() else torch.zeros(n)
         hi = wg[:, rg].amax(-1) if rg.any() else torch.zeros(n)
-        s16 = ((hi - lo) / qmax).clamp_min(1e-8).to(torch.float16)
-        m16 = lo.to(torch.float16)
-        q = torch.round((wg - m16.float()[:, None]) / s16.float().clamp_min(6e-8)[:, None]).clamp_(0, qmax)
+        if symmetric:
+            half = 1 << (bits - 1)
+            s16 = (torch.maximum(hi, -lo) / (qmax / 2)).clamp_min(1e-8).to(torch.float16)
+            m16 = (-half * s16.float()).to(torch.float16)  # exact: a power of two times a float16
+            q = torch.round(wg / s16.float().clamp_min(6e-8)[:, None]).clamp_(-half, half - 1) + half
+        else:
+            s16 = ((hi - lo) / qmax).clamp_min(1e-8).to(torch.float16)
+            m16 = lo.to(torch.float16)
+            q = torch.round((wg - m16.float()[:, None]) / s16.float().clamp_min(6e-8)[:, None]).clamp_(0, qmax)
         codes.append(_pack(torch.where(rg, q, 0).to(torch.uint8)[:, None, :], bits)[:, 0])
         scales.append(s16)
         mins.append(m16)

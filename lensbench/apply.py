@@ -13,7 +13,8 @@ exists), with `config.layer_types` remapped to match.
 
 Quantising swaps each named nn.Linear / nn.Embedding for a `gpu.modules` QuantLinear /
 QuantEmbedding holding packed codes; a tied LM head quantised like its embedding shares the
-embedding's packed table. Packed weights are cached on the Model (keyed by the weight tensor and
+embedding's packed table. The `gguf` scheme has no kernels here: its weights are overwritten with
+the values a GGUF reader computes with (so quality is exact; bytes and speed come from the file). Packed weights are cached on the Model (keyed by the weight tensor and
 its version), so re-entering a plan, as interleaved speed rounds do, does not quantise again.
 """
 from __future__ import annotations
@@ -25,7 +26,8 @@ import torch
 from torch import nn
 
 from .model import Model
-from .plan import Plan, Unit, _is_conv1d
+from .plan import Plan, QuantSpec, Unit, _is_conv1d
+from .simquant import dequantised
 
 Target = Plan | Sequence[Unit]
 
@@ -97,43 +99,53 @@ def _remove(model: Model, units: list[Unit], surgery: _Surgery) -> None:
         surgery.set(cfg, "num_hidden_layers", len(kept))
 
 
-def _packed(model: Model, name: str, weight: torch.Tensor, bits: int, group_size: int):
+def _packed(model: Model, name: str, weight: torch.Tensor, spec: QuantSpec):
     from lensbench.gpu.quant import QuantError, quantize
 
     cache = model.__dict__.setdefault("_packed_cache", {})
-    key = (name, bits, group_size, weight.data_ptr(), weight._version, weight.stride())
+    key = (name, spec, weight.data_ptr(), weight._version, weight.stride())
     if key not in cache:
         try:
-            cache[key] = quantize(weight, bits, group_size).to(weight.device)
+            cache[key] = quantize(weight, spec.bits, spec.group_size, symmetric=spec.scheme == "sym").to(weight.device)
         except QuantError as exc:
             raise QuantError(f"{name}: {exc}") from None
     return cache[key]
 
 
-def _quantise(model: Model, targets: dict[str, tuple[int, int]], surgery: _Surgery) -> None:
+def _quantise(model: Model, targets: dict[str, QuantSpec], surgery: _Surgery) -> None:
     from lensbench.gpu.modules import QuantEmbedding, QuantLinear
     from lensbench.gpu.quant import QuantError
 
     root = model.module
-    by_weight: dict[tuple, object] = {}  # (data_ptr, bits, group) -> packed, for tied tables
+    by_weight: dict[tuple, object] = {}  # (data_ptr, spec) -> packed, for tied tables
     for name in sorted(targets, key=lambda n: not isinstance(root.get_submodule(n), nn.Embedding)):
-        module, (bits, gs) = root.get_submodule(name), targets[name]
+        module, spec = root.get_submodule(name), targets[name]
+        if not isinstance(module, nn.Embedding) and not isinstance(module, nn.Linear) and not _is_conv1d(module):
+            raise QuantError(f"{name} is a {type(module).__name__}, not a linear layer")
         w = module.weight
-        tied = by_weight.get((w.data_ptr(), bits, gs))
+        if spec.scheme == "gguf":  # no GGML kernels here: the weight holds exactly what a GGUF reader computes with
+            _overwrite(surgery, w, dequantised(w, spec, _is_conv1d(module)))
+            continue
+        tied = by_weight.get((w.data_ptr(), spec))
         if isinstance(module, nn.Embedding):
             QuantEmbedding.check(module, name)
-            pw = _packed(model, name, w, bits, gs)
+            pw = _packed(model, name, w, spec)
             new = QuantEmbedding(pw, w.dtype)
         else:
             if isinstance(module, nn.Linear):
-                pw = tied if tied is not None else _packed(model, name, w, bits, gs)
-            elif _is_conv1d(module):  # GPT-2's Conv1D keeps its weight [in, out]
-                pw = _packed(model, name, w.T, bits, gs)
-            else:
-                raise QuantError(f"{name} is a {type(module).__name__}, not a linear layer")
+                pw = tied if tied is not None else _packed(model, name, w, spec)
+            else:  # GPT-2's Conv1D keeps its weight [in, out]
+                pw = _packed(model, name, w.T, spec)
             new = QuantLinear(pw, module.bias, w.dtype)
-        by_weight[(w.data_ptr(), bits, gs)] = pw
+        by_weight[(w.data_ptr(), spec)] = pw
         surgery.swap(root, name, new)
+
+
+@torch.no_grad()
+def _overwrite(surgery: _Surgery, weight: torch.Tensor, values: torch.Tensor) -> None:
+    original = weight.detach().clone()
+    surgery.undo.append(lambda: weight.data.copy_(original))
+    weight.data.copy_(values)
 
 
 @contextlib.contextmanager

@@ -132,7 +132,7 @@ def _state_of(plan, units, profile) -> dict:
     for i, n in units:
         key = block.format(i=i) + (f".{n}" if n else "")
         if key in actions:
-            out[(i, n)] = actions[key][0]
+            out[(i, n)] = actions[key].bits
         else:  # a per-linear state seeded from a per-block plan
-            out[(i, n)] = actions[block.format(i=i)][0]
+            out[(i, n)] = actions[block.format(i=i)].bits
     return out

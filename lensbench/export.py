@@ -47,6 +47,10 @@ def export(plan: Plan, model, fmt: str) -> tuple[object, str]:
     if not targets:
         raise PlanError("this plan quantises nothing; the exports describe mixed-precision plans (make one with "
                         "lensbench plan --policy bits-rank|bits-dp|bits-bisect)")
+    schemes = {s.scheme for s in targets.values()}
+    if "gguf" in schemes or len(schemes) > 1:
+        raise PlanError("this plan uses the gguf scheme or mixes schemes, which these tools' configs cannot "
+                        "express; save it with lensbench compress --format gguf")
     if plan.units():
         raise PlanError("this plan also removes layers, which these quantisation tools cannot express; export a "
                         "plan that only quantises")
@@ -58,18 +62,22 @@ def _head_name(model) -> str | None:
     return next((n for n, m in model.module.named_modules() if m is head), None)
 
 
+def _mapping(scheme: str) -> str:
+    return "SYMMETRIC" if scheme == "sym" else "ASYMMETRIC"
+
+
 @register("torchao")
 def to_torchao(plan: Plan, model, targets: dict[str, tuple[int, int]]):
     configs = {name: {"_type": "IntxWeightOnlyConfig", "weight_dtype": f"torch.int{b}",
-                      "granularity": {"_type": "PerGroup", "group_size": g}, "mapping_type": "ASYMMETRIC"}
-               for name, (b, g) in targets.items()}
+                      "granularity": {"_type": "PerGroup", "group_size": g}, "mapping_type": _mapping(s)}
+               for name, (b, g, s) in targets.items()}
     lines = ["import torch",
              "from torchao.quantization import FqnToConfig, IntxWeightOnlyConfig, quantize_",
              "from torchao.quantization.granularity import PerGroup",
              "from torchao.quantization.quant_primitives import MappingType",
              "", "config = FqnToConfig({"]
     lines += [f"    {name!r}: IntxWeightOnlyConfig(weight_dtype=torch.int{b}, granularity=PerGroup({g}), "
-              f"mapping_type=MappingType.ASYMMETRIC)," for name, (b, g) in targets.items()]
+              f"mapping_type=MappingType.{_mapping(s)})," for name, (b, g, s) in targets.items()]
     lines += ["})", "quantize_(model, config, filter_fn=None)"]
     return {"tool": "torchao", "FqnToConfig": configs, "python": "\n".join(lines),
             "source_plan": plan.policy}, "torchao.json"
@@ -82,9 +90,9 @@ def to_llm_compressor(plan: Plan, model, targets: dict[str, tuple[int, int]]):
         groups.setdefault(spec, []).append(name)
     config_groups = {
         f"group_{i}": {"targets": [f"re:^{_escape(n)}$" for n in names],
-                       "weights": {"num_bits": b, "type": "int", "symmetric": False, "strategy": "group",
+                       "weights": {"num_bits": b, "type": "int", "symmetric": sch == "sym", "strategy": "group",
                                    "group_size": g}}
-        for i, ((b, g), names) in enumerate(sorted(groups.items()))}
+        for i, ((b, g, sch), names) in enumerate(sorted(groups.items()))}
     head = _head_name(model)
     modifier = {"config_groups": config_groups}
     if head and head not in targets:
@@ -96,9 +104,9 @@ def to_llm_compressor(plan: Plan, model, targets: dict[str, tuple[int, int]]):
 def to_gptqmodel(plan: Plan, model, targets: dict[str, tuple[int, int]]):
     from .simquant import block_linears
 
-    (base_bits, base_group), _ = Counter(targets.values()).most_common(1)[0]
+    (base_bits, base_group, scheme), _ = Counter(targets.values()).most_common(1)[0]
     dynamic = {f"+:^{_escape(n)}$": {"bits": b, "group_size": g}
-               for n, (b, g) in targets.items() if (b, g) != (base_bits, base_group)}
+               for n, (b, g, _) in targets.items() if (b, g) != (base_bits, base_group)}
     ad = model.adapter
     for i in range(ad.n_layers):
         for rel in block_linears(model):
@@ -106,7 +114,7 @@ def to_gptqmodel(plan: Plan, model, targets: dict[str, tuple[int, int]]):
             if name not in targets:
                 dynamic[f"-:^{_escape(name)}$"] = {}
     head = _head_name(model)
-    return {"bits": base_bits, "group_size": base_group, "sym": False, "desc_act": False,
+    return {"bits": base_bits, "group_size": base_group, "sym": scheme == "sym", "desc_act": False,
             "lm_head": bool(head and head in targets), "dynamic": dynamic, "quant_method": "gptq"}, \
         "quantize_config.json"
 

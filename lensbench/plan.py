@@ -3,7 +3,10 @@
 A plan is an ordered mapping `{module name or "re:<regex>": action}`. The action `{"op": "drop"}`
 removes that unit (a whole block, or its attention or MLP sublayer); `{"op": "quant", "bits": 4,
 "group_size": 128}` stores the weights of the named linear layers (a block or sublayer name means
-every linear inside it; an embedding only when named itself) packed at that bit-width. As in
+every linear inside it; an embedding only when named itself) packed at that bit-width. An optional
+`"scheme"` names the grid: `"asym"` (the default: min-max with a float zero point), `"sym"` (the
+signed symmetric grid that compressed-tensors and GPTQ store) or `"gguf"` (the GGML type the bits
+map to, `gpu.ggml.ggml_type`; `group_size` does not apply). As in
 torchao's `FqnToConfig`, a later entry overrides an earlier one for the modules both name. It carries the model it was
 made for (fingerprint), the policy and budget that produced it, and what the policy predicted.
 On disk: JSON, schema `lensbench.plan/1`, written atomically; loading executes nothing.
@@ -17,7 +20,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 from .atomic import write_json
 from .errors import PlanError
@@ -25,6 +28,39 @@ from .errors import PlanError
 SCHEMA = "lensbench.plan/1"
 KINDS = ("block", "attn", "mlp")
 OPS = ("drop", "quant")
+SCHEMES = ("asym", "sym", "gguf")
+
+
+class QuantSpec(NamedTuple):
+    """How one module is quantised: bit-width, group size (asym/sym) and grid (`SCHEMES`)."""
+
+    bits: int
+    group_size: int
+    scheme: str = "asym"
+
+    def action(self) -> dict:
+        out = {"op": "quant", "bits": int(self.bits)}
+        if self.scheme != "gguf":
+            out["group_size"] = int(self.group_size)
+        if self.scheme != "asym":
+            out["scheme"] = self.scheme
+        return out
+
+
+def check_quant(bits, group_size, scheme: str = "asym") -> QuantSpec:
+    """A validated QuantSpec; raises QuantError (gpu.quant) or GGMLError naming the nearest choice."""
+    from lensbench.gpu.quant import QuantError, check_spec
+
+    if scheme not in SCHEMES:
+        raise QuantError(f"scheme {scheme!r} is not known; use one of {', '.join(SCHEMES)}")
+    if scheme == "gguf":
+        from lensbench.gpu.ggml import GGUF_BITS
+
+        if isinstance(bits, bool) or bits not in GGUF_BITS:
+            raise QuantError(f"bits={bits!r} has no GGUF type here; use one of {', '.join(map(str, GGUF_BITS))}")
+        return QuantSpec(int(bits), 0, scheme)
+    check_spec(bits, group_size)
+    return QuantSpec(bits, group_size, scheme)
 
 
 @dataclass(frozen=True, order=True)
@@ -72,10 +108,10 @@ class Plan:
                    predicted or {})
 
     @classmethod
-    def quantize(cls, card: dict, specs: dict[str, tuple[int, int]], *, policy: dict | None = None,
+    def quantize(cls, card: dict, specs: dict[str, tuple], *, policy: dict | None = None,
                  predicted: dict | None = None) -> "Plan":
-        """A plan that stores each named module (`{name: (bits, group_size)}`) packed."""
-        actions = {name: {"op": "quant", "bits": int(b), "group_size": int(g)} for name, (b, g) in specs.items()}
+        """A plan that stores each named module (`{name: (bits, group_size[, scheme])}`) packed."""
+        actions = {name: QuantSpec(*spec).action() for name, spec in specs.items()}
         plan = cls.drop(card, [], policy=policy, predicted=predicted)
         plan.actions = actions
         plan.quant_actions()  # validates bits and group sizes
@@ -90,23 +126,22 @@ class Plan:
     def n_layers(self) -> int:
         return int(self.model["n_layers"])
 
-    def quant_actions(self) -> dict[str, tuple[int, int]]:
-        """`{name or pattern: (bits, group_size)}` of the quantisation actions, checked for the format."""
-        from lensbench.gpu.quant import QuantError, check_spec
+    def quant_actions(self) -> dict[str, QuantSpec]:
+        """`{name or pattern: QuantSpec}` of the quantisation actions, checked for the format."""
+        from lensbench.gpu.quant import QuantError
 
         out = {}
         for key, action in self.actions.items():
             if isinstance(action, dict) and action.get("op") == "quant":
                 try:
-                    bits, gs = action.get("bits"), action.get("group_size", 128)
-                    check_spec(bits, gs)
+                    out[key] = check_quant(action.get("bits"), action.get("group_size", 128),
+                                           action.get("scheme", "asym"))
                 except QuantError as exc:
                     raise PlanError(f"plan entry {key!r}: {exc}") from None
-                out[key] = (bits, gs)
         return out
 
-    def quant_targets(self, model) -> dict[str, tuple[int, int]]:
-        """`{module name: (bits, group_size)}` for every linear or embedding this plan quantises in
+    def quant_targets(self, model) -> dict[str, QuantSpec]:
+        """`{module name: QuantSpec}` for every linear or embedding this plan quantises in
         `model`. Raises PlanError for a name or pattern that matches no such module."""
         from torch import nn
 
@@ -115,7 +150,7 @@ class Plan:
             return {}
         modules = dict(model.module.named_modules())
         leaves = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding)) or _is_conv1d(m)}
-        out: dict[str, tuple[int, int]] = {}
+        out: dict[str, QuantSpec] = {}
         for key, spec in actions.items():
             if key.startswith("re:"):
                 rx = _regex(key)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .model import Model
-from .plan import _is_conv1d
+from .plan import QuantSpec, _is_conv1d
 
 
 def block_linears(model: Model) -> list[str]:
@@ -28,29 +28,38 @@ def linear_params(model: Model, layer: int) -> dict[str, int]:
     return {n: block.get_submodule(n).weight.numel() for n in block_linears(model)}
 
 
-def dequantised(weight: torch.Tensor, bits: int, group_size: int, conv1d: bool = False) -> torch.Tensor:
-    from lensbench.gpu.quant import quantize
-    from lensbench.gpu.reference import dequantize
+def dequantised(weight: torch.Tensor, spec: QuantSpec, conv1d: bool = False) -> torch.Tensor:
+    """The values a reader of the quantised weight computes with, in the weight's dtype and layout."""
+    w = weight.T if conv1d else weight
+    if spec.scheme == "gguf":
+        from lensbench.gpu import ggml
 
-    if conv1d:
-        return dequantize(quantize(weight.T, bits, group_size)).T.to(weight.dtype)
-    return dequantize(quantize(weight, bits, group_size)).to(weight.dtype)
+        arr = w.detach().to(torch.float32).cpu().numpy()
+        q = torch.from_numpy(ggml.roundtrip(arr, ggml.ggml_type(spec.bits, arr.shape[1])))
+    else:
+        from lensbench.gpu.quant import quantize
+        from lensbench.gpu.reference import dequantize
+
+        q = dequantize(quantize(w, spec.bits, spec.group_size, symmetric=spec.scheme == "sym"))
+    q = q.to(device=weight.device, dtype=weight.dtype)
+    return q.T if conv1d else q
 
 
 @contextlib.contextmanager
 @torch.no_grad()
-def simulated(model: Model, targets: dict[str, tuple[int, int]], cache: dict | None = None) -> Iterator[Model]:
-    """Inside the block, the weights named in `targets` ({module name: (bits, group size)}) hold their
-    quantised values. `cache` ({(name, bits, group): dense tensor}) avoids quantising again."""
+def simulated(model: Model, targets: dict[str, tuple], cache: dict | None = None) -> Iterator[Model]:
+    """Inside the block, the weights named in `targets` ({module name: QuantSpec or (bits, group
+    size)}) hold their quantised values. `cache` ({(name, spec): dense tensor}) avoids quantising again."""
     root = model.module
     saved = []
     try:
-        for name, (bits, gs) in targets.items():
+        for name, spec in targets.items():
+            spec = QuantSpec(*spec)
             module = root.get_submodule(name)
-            key = (name, bits, gs)
+            key = (name, spec)
             q = cache.get(key) if cache is not None else None
             if q is None:
-                q = dequantised(module.weight, bits, gs, _is_conv1d(module))
+                q = dequantised(module.weight, spec, _is_conv1d(module))
                 if cache is not None:
                     cache[key] = q
             saved.append((module.weight, module.weight.detach().clone()))

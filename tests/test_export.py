@@ -37,7 +37,7 @@ def test_torchao_lists_every_linear_with_its_config(mixed):
     doc, suffix = export(plan, model, "torchao")
     targets = plan.quant_targets(model)
     assert suffix == "torchao.json" and set(doc["FqnToConfig"]) == set(targets)
-    for name, (b, g) in targets.items():
+    for name, (b, g, _) in targets.items():
         cfg = doc["FqnToConfig"][name]
         assert cfg["weight_dtype"] == f"torch.int{b}" and cfg["granularity"]["group_size"] == g
         assert f"{name!r}: IntxWeightOnlyConfig(weight_dtype=torch.int{b}, granularity=PerGroup({g})" in doc["python"]
@@ -57,7 +57,7 @@ def test_llm_compressor_recipe_groups_by_bits(mixed):
             name = t[len("re:^"):-1].replace("\\.", ".")
             assert re.fullmatch(t[3:], name)
             seen[name] = (w["num_bits"], w["group_size"])
-    assert seen == plan.quant_targets(model)
+    assert seen == {n: (s.bits, s.group_size) for n, s in plan.quant_targets(model).items()}
 
 
 def test_gptqmodel_dynamic_overrides_differences_and_skips_the_rest(mixed):
@@ -65,7 +65,7 @@ def test_gptqmodel_dynamic_overrides_differences_and_skips_the_rest(mixed):
     doc, _ = export(plan, model, "gptqmodel")
     targets = plan.quant_targets(model)
     assert (doc["bits"], doc["group_size"]) == (4, 32)
-    for name, (b, g) in targets.items():
+    for name, (b, g, _) in targets.items():
         rule = f"+:^{name.replace('.', chr(92) + '.')}$"
         if (b, g) == (4, 32):
             assert rule not in doc["dynamic"]

@@ -22,12 +22,12 @@ def fake_quant(model, targets):
     """The same network the obvious way: each targeted weight replaced by its dequantised copy."""
     module = copy.deepcopy(model.module)
     with torch.no_grad():
-        for name, (bits, gs) in targets.items():
+        for name, (bits, gs, scheme) in targets.items():
             w = module.get_submodule(name).weight
             if type(module.get_submodule(name)).__name__ == "Conv1D":  # weight stored [in, out]
-                w.copy_(reference.dequantize(quantize(w.T, bits, gs)).T)
+                w.copy_(reference.dequantize(quantize(w.T, bits, gs, symmetric=scheme == "sym")).T)
             else:
-                w.copy_(reference.dequantize(quantize(w, bits, gs)))
+                w.copy_(reference.dequantize(quantize(w, bits, gs, symmetric=scheme == "sym")))
     return module
 
 
