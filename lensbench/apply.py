@@ -112,7 +112,7 @@ def _packed(model: Model, name: str, weight: torch.Tensor, spec: QuantSpec):
     return cache[key]
 
 
-def _quantise(model: Model, targets: dict[str, QuantSpec], surgery: _Surgery) -> None:
+def _quantise(model: Model, targets: dict[str, QuantSpec], surgery: _Surgery, packed: bool = True) -> None:
     from lensbench.gpu.modules import QuantEmbedding, QuantLinear
     from lensbench.gpu.quant import QuantError
 
@@ -123,7 +123,7 @@ def _quantise(model: Model, targets: dict[str, QuantSpec], surgery: _Surgery) ->
         if not isinstance(module, nn.Embedding) and not isinstance(module, nn.Linear) and not _is_conv1d(module):
             raise QuantError(f"{name} is a {type(module).__name__}, not a linear layer")
         w = module.weight
-        if spec.scheme == "gguf":  # no GGML kernels here: the weight holds exactly what a GGUF reader computes with
+        if spec.scheme == "gguf" or not packed:  # the weight holds exactly the values a reader computes with
             _overwrite(surgery, w, dequantised(w, spec, _is_conv1d(module)))
             continue
         tied = by_weight.get((w.data_ptr(), spec))
@@ -149,14 +149,16 @@ def _overwrite(surgery: _Surgery, weight: torch.Tensor, values: torch.Tensor) ->
 
 
 @contextlib.contextmanager
-def apply(model: Model, plan: Plan) -> Iterator[Model]:
+def apply(model: Model, plan: Plan, *, packed: bool = True) -> Iterator[Model]:
     """Run `model` with `plan` applied inside the block; the dense model is back afterwards, also
-    after an exception. The plan is checked against the model before anything changes."""
+    after an exception. The plan is checked against the model before anything changes. With
+    `packed=False` quantised weights stay ordinary tensors holding their dequantised values (what a
+    saved checkpoint stores for a reader that dequantises)."""
     units = plan.resolve(model)
     targets = plan.quant_targets(model)
     surgery = _Surgery()
     try:
-        _quantise(model, targets, surgery)  # before removal: removed sublayers' names vanish
+        _quantise(model, targets, surgery, packed)  # before removal: removed sublayers' names vanish
         _remove(model, units, surgery)
         yield model
     finally:
@@ -177,6 +179,11 @@ def apply_units(model: Model, units: Sequence[Unit]) -> Iterator[Model]:
         yield model
     finally:
         surgery.restore()
+
+
+def remove_for_good(model: Model, units: Sequence[Unit]) -> None:
+    """Remove `units` from a model that will not be restored (one rebuilt from a saved pruned checkpoint)."""
+    _remove(model, list(units), _Surgery())
 
 
 @torch.no_grad()
