@@ -9,6 +9,8 @@ from .trace import Trace  # noqa: E402
 from .capture import capture  # noqa: E402
 from .profile import LayerScores, Profile  # noqa: E402
 from .profiling import profile_model  # noqa: E402
+from .compress import compress  # noqa: E402
 
-__all__ = ["Batch", "LayerScores", "LensbenchError", "Model", "Profile", "Trace", "capture", "load",
+
+__all__ = ["compress", "Batch", "LayerScores", "LensbenchError", "Model", "Profile", "Trace", "capture", "load",
            "profile_model", "__version__"]

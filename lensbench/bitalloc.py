@@ -23,23 +23,26 @@ import math
 import numpy as np
 
 from .errors import PlanError
-from .gpu.quant import BITS, DEFAULT_GROUP_SIZE, QuantError, check_spec
+from .gpu.ggml import GGUF_BITS
+from .gpu.quant import BITS, DEFAULT_GROUP_SIZE, QuantError
 from .policies import _ranking_scores, register
 from .profile import Profile
 
 RANKINGS = {"lim": "block_cosine", "zd": "zd"}
 
 
-def _levels(text, n: int | None = None) -> list[int]:
+def _levels(text, n: int | None = None, scheme: str = "asym") -> list[int]:
     if isinstance(text, (list, tuple)):  # levels=(8, 4) from Python, "8,4" from the command line
         text = ",".join(str(b) for b in text)
     try:
         levels = [int(b) for b in str(text).split(",")]
     except ValueError:
         raise PlanError(f"levels {text!r} must be bit-widths separated by commas, e.g. 4,2") from None
+    allowed = GGUF_BITS if scheme == "gguf" else BITS
     for b in levels:
-        if b not in BITS:
-            raise PlanError(f"level {b} is not a supported bit-width; use {', '.join(map(str, BITS))}")
+        if b not in allowed:
+            raise PlanError(f"level {b} is not a supported bit-width{' for the gguf scheme' if scheme == 'gguf' else ''}"
+                            f"; use {', '.join(map(str, allowed))}")
     if n is not None and len(levels) != n:
         raise PlanError(f"levels {text!r} must name {n} bit-widths (high,low)")
     return levels
@@ -62,7 +65,8 @@ def _linears(profile: Profile) -> dict[str, int]:
                     "--analyses quant_sensitivity (or weight_outliers)")
 
 
-def _plan(profile: Profile, bits_of: dict[tuple[int, str | None], int], group_size: int, predicted: dict):
+def _plan(profile: Profile, bits_of: dict[tuple[int, str | None], int], group_size: int, predicted: dict,
+          scheme: str = "asym"):
     """A quant Plan from {(layer, linear name or None for the whole block): bits}."""
     from .plan import Plan, unit_templates
 
@@ -70,7 +74,7 @@ def _plan(profile: Profile, bits_of: dict[tuple[int, str | None], int], group_si
     specs = {}
     for (layer, name), b in sorted(bits_of.items(), key=lambda t: (t[0][0], t[0][1] or "")):
         key = block.format(i=layer) + (f".{name}" if name else "")
-        specs[key] = (b, group_size)
+        specs[key] = (b, group_size, scheme)
     return Plan.quantize(profile.model, specs, predicted=predicted)
 
 
@@ -92,9 +96,12 @@ def _check_budget(budget: float, lo: int, hi: int) -> None:
                         f"{lo} and {hi}")
 
 
-def _check_group(group_size: int) -> int:
+def _check_group(group_size: int, scheme: str = "asym") -> int:
+    """The group size and scheme, checked (the gguf scheme's types fix their own blocks)."""
+    from .plan import check_quant
+
     try:
-        check_spec(BITS[0], group_size)
+        check_quant(GGUF_BITS[0] if scheme == "gguf" else BITS[0], group_size, scheme)
     except QuantError as exc:
         raise PlanError(str(exc)) from None
     return group_size
@@ -119,10 +126,10 @@ def block_order(profile: Profile, ranking: str, lo: int, seed: int = 0) -> list[
 @register("bits-rank", "average weight bits over the blocks' linears, between the two levels",
           "LayerwiseQuant: the least important blocks by a ranking at the low bit-width, the rest high")
 def bits_rank(profile: Profile, budget: float, *, ranking: str = "lim", levels: str = "4,2", reverse: bool = False,
-              group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, **_):
-    hi, lo = sorted(_levels(levels, 2), reverse=True)  # "4,2" or "2,4": the higher level is the high one
+              group_size: int = DEFAULT_GROUP_SIZE, scheme: str = "asym", seed: int = 0, **_):
+    _check_group(group_size, scheme)
+    hi, lo = sorted(_levels(levels, 2, scheme), reverse=True)  # "4,2" or "2,4": the higher level is the high one
     _check_budget(budget, lo, hi)
-    _check_group(group_size)
     L = int(profile.model["n_layers"])
     n_lo = math.ceil((hi - budget) / (hi - lo) * L - 1e-9) if hi != lo else 0  # never above the budget
     order = block_order(profile, ranking, lo, seed)
@@ -131,18 +138,18 @@ def bits_rank(profile: Profile, budget: float, *, ranking: str = "lim", levels: 
     low = set(order[:n_lo])
     bits_of = {(i, None): (lo if i in low else hi) for i in range(L)}
     return _plan(profile, bits_of, group_size, {"average_bits": _average(profile, bits_of), "n_low": n_lo,
-                                                "low_blocks": sorted(low)})
+                                                "low_blocks": sorted(low)}, scheme)
 
 
 @register("bits-dp", "average weight bits over the blocks' linears",
           "knapsack dynamic programming on the measured per-unit KL at each bit-width (EvoPress DP baseline)")
 def bits_dp(profile: Profile, budget: float, *, levels: str = "2,3,4,8", unit: str = "block",
-            group_size: int = DEFAULT_GROUP_SIZE, resolution: int = 4000, **_):
+            group_size: int = DEFAULT_GROUP_SIZE, scheme: str = "asym", resolution: int = 4000, **_):
     if unit not in ("block", "linear"):
         raise PlanError(f"bits-dp allocates per 'block' or per 'linear', not {unit!r}")
-    opts = sorted(_levels(levels))
+    _check_group(group_size, scheme)
+    opts = sorted(_levels(levels, None, scheme))
     _check_budget(budget, opts[0], opts[-1])
-    _check_group(group_size)
     L = int(profile.model["n_layers"])
     sizes = _linears(profile)
     names = list(sizes) if unit == "linear" else [None]
@@ -157,7 +164,8 @@ def bits_dp(profile: Profile, budget: float, *, levels: str = "2,3,4,8", unit: s
     choice = knapsack(err, np.outer(n_params, opts), budget * n_params.sum(), resolution)
     bits_of = {units[u]: opts[c] for u, c in enumerate(choice)}
     return _plan(profile, bits_of, group_size, {"average_bits": _average(profile, bits_of),
-                                                "sum_of_unit_kl": float(err[np.arange(len(units)), choice].sum())})
+                                                "sum_of_unit_kl": float(err[np.arange(len(units)), choice].sum())},
+                 scheme)
 
 
 def knapsack(err: np.ndarray, cost: np.ndarray, budget: float, resolution: int = 4000) -> list[int]:
@@ -194,18 +202,19 @@ def knapsack(err: np.ndarray, cost: np.ndarray, budget: float, resolution: int =
           "bisection for the most blocks (least sensitive first) at the low bit-width within the bound",
           needs_model=True)
 def bits_bisect(profile: Profile, budget: float, *, model=None, texts=None, ranking: str = "quant",
-                levels: str = "4,2", group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, **_):
+                levels: str = "4,2", group_size: int = DEFAULT_GROUP_SIZE, scheme: str = "asym", seed: int = 0,
+                **_):
     from .simquant import block_linears
     from .texts import bbc_news
 
-    hi, lo = _levels(levels, 2)
+    _check_group(group_size, scheme)
+    hi, lo = _levels(levels, 2, scheme)
     if not budget > 0:
         raise PlanError(f"the budget of bits-bisect is a KL bound above 0 (e.g. 0.1), got {budget}")
-    _check_group(group_size)
     L = model.n_layers
     order = block_order(profile, ranking, lo, seed)
     texts = list(texts) if texts else bbc_news("calibration", limit=8)
-    kl_of = CalibrationKL(model, texts, group_size)
+    kl_of = CalibrationKL(model, texts, group_size, scheme)
     names = block_linears(model)
 
     def bits_for(n: int) -> dict[tuple[int, str | None], int]:
@@ -226,7 +235,7 @@ def bits_bisect(profile: Profile, budget: float, *, model=None, texts=None, rank
         a, b = (mid, b) if trail[mid] <= budget else (a, mid - 1)
     bits_of = bits_for(a)
     plan = _plan(profile, bits_of, group_size, {"average_bits": _average(profile, bits_of), "n_low": a,
-                                                "calibration_kl": trail[a]})
+                                                "calibration_kl": trail[a]}, scheme)
     plan.meta = {"search": {"evaluations": len(trail), "kl_by_n_low": {str(k): v for k, v in sorted(trail.items())},
                             "tokens": kl_of.n_tokens}}
     return plan
@@ -246,11 +255,11 @@ class CalibrationKL:
     """KL(dense || quantised) per token on calibration text for a bits assignment
     {(layer, linear name): bits}, with the quantisation simulated and the unchanged prefix replayed."""
 
-    def __init__(self, model, texts, group_size: int, batch_size: int = 4, seq_len: int = 128):
+    def __init__(self, model, texts, group_size: int, scheme: str = "asym", batch_size: int = 4, seq_len: int = 128):
         from .capture import batches
         from .replay import DenseRun
 
-        self.model, self.group_size = model, group_size
+        self.model, self.group_size, self.scheme = model, group_size, scheme
         self.runs = [DenseRun.from_batch(model, b) for b in batches(model, texts, batch_size, seq_len)]
         self.cache: dict = {}  # dequantised weights, shared across evaluations
         self.n_tokens = 0
@@ -261,7 +270,8 @@ class CalibrationKL:
         from .simquant import simulated
 
         ad = self.model.adapter
-        targets = {f"{ad.block_path(i)}.{n}": (b, self.group_size) for (i, n), b in bits_of.items() if b < 16}
+        targets = {f"{ad.block_path(i)}.{n}": (b, self.group_size, self.scheme) for (i, n), b in bits_of.items()
+                   if b < 16}
         first = min((i for (i, _), b in bits_of.items() if b < 16), default=self.model.n_layers)
         total, n = 0.0, 0
         with simulated(self.model, targets, self.cache):

@@ -252,7 +252,7 @@ def cmd_plan(args) -> int:
     options = {k: v for k, v in {"ranking": args.ranking, "iterative": args.iterative or None, "seed": args.seed,
                                  "kind": args.kind, "generations": args.generations, "levels": args.levels,
                                  "reverse": args.reverse or None, "unit": args.unit,
-                                 "group_size": args.group_size}.items() if v is not None}
+                                 "group_size": args.group_size, "scheme": args.scheme}.items() if v is not None}
     model = texts = None
     if POLICIES[args.policy].needs_model or args.iterative:
         model = load(args.model or model_source(profile.model))
@@ -308,6 +308,25 @@ def cmd_export(args) -> int:
     out = Path(args.out) if args.out else Path(args.plan).with_suffix("").with_suffix(f".{suffix}")
     write(doc, out)
     print(f"wrote {out}" + (f" and {out.with_suffix('.py')}" if args.format == "torchao" else ""))
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .compress import check_out, compress
+    from .load import load
+    from .plan import Plan
+
+    check_out(args.out, args.overwrite)
+    plan = Plan.load(args.plan)
+    model = load(args.model)
+    saved = compress(model, plan, format=args.format, out=args.out, dtype=args.dtype, overwrite=args.overwrite)
+    r = saved.record
+    if r.get("note") and r.get("layout") == "lensbench":
+        print(f"lensbench: {r['note']}")
+    types = ", ".join(f"{n} {t}" for t, n in r.get("tensor_types", {}).items())
+    print(f"{plan!r}\n  {len(r['layers_kept'])} of {model.n_layers} layers kept; {r['files_bytes'] / 1e6:.1f} MB; "
+          f"{r['bits_per_weight']:.3f} bits per weight" + (f"; tensors: {types}" if types else ""))
+    print(f"wrote {saved.path}")
     return 0
 
 
@@ -441,6 +460,7 @@ def _default(policy: str, option: str):
 def build_parser() -> argparse.ArgumentParser:
     from .adapters import SITES
     from .analyses.channels import NULLS
+    from .plan import SCHEMES
     from .policies import POLICIES
 
     p = argparse.ArgumentParser(prog="lensbench", description="What every layer does, and which layers matter.")
@@ -528,7 +548,22 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--reverse", action="store_true", help="bits-rank: most important blocks low (a control)")
     pl.add_argument("--unit", choices=("block", "linear"), help="bits-dp: allocate per block or per linear")
     pl.add_argument("--group-size", type=int, help="bit policies: quantisation group size (default 128)")
+    pl.add_argument("--scheme", choices=SCHEMES, help="bit policies: the grid measured and saved: asym (default; "
+                    "lensbench's packed format), sym (what compress --format compressed-tensors stores), gguf "
+                    "(levels 4,5,6,8 become Q4_K,Q5_K,Q6_K,Q8_0; rows not a multiple of 256 fall back to Q4_0/"
+                    "Q5_0/Q8_0)")
     pl.set_defaults(fn=cmd_plan)
+
+    co = sub.add_parser("compress", help="save a plan applied to its model as a checkpoint transformers, llama.cpp "
+                        "or vLLM load")
+    co.add_argument("model", help="the plan's model (bundled name, directory, .gguf file or hub name)")
+    co.add_argument("--plan", required=True, help="plan JSON made by lensbench plan")
+    co.add_argument("--format", required=True, choices=("hf", "gguf", "compressed-tensors"))
+    co.add_argument("--out", required=True, help="folder to write (refused if it holds files, unless --overwrite)")
+    co.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                    help="unquantised weights (default: the model's own dtype)")
+    co.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    co.set_defaults(fn=cmd_compress)
 
     ex = sub.add_parser("export", help="write a mixed-precision plan for torchao, llm-compressor or GPTQModel")
     ex.add_argument("plan")

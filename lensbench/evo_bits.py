@@ -29,15 +29,15 @@ Key = tuple[int, str]
 @register("evo-bits", "average weight bits over the blocks' linears",
           "evolutionary search over bit-widths scored by calibration KL (EvoPress, quantisation)", needs_model=True)
 def evo_bits(profile, budget: float, *, model=None, texts=None, levels: str = "2,3,4,8", unit: str = "block",
-             group_size: int = DEFAULT_GROUP_SIZE, generations: int = 20, offspring: int = 8, seed: int = 0,
+             group_size: int = DEFAULT_GROUP_SIZE, scheme: str = "asym", generations: int = 20, offspring: int = 8, seed: int = 0,
              progress: bool = False, **_):
     from .bitalloc import CalibrationKL, _check_budget, _check_group, _levels, _plan, make_plan_quiet
     from .simquant import block_linears, linear_params
     from .texts import bbc_news
 
-    opts = sorted(_levels(levels))
+    _check_group(group_size, scheme)
+    opts = sorted(_levels(levels, None, scheme))
     _check_budget(budget, opts[0], opts[-1])
-    _check_group(group_size)
     if unit not in ("block", "linear"):
         raise PlanError(f"evo-bits searches per 'block' or per 'linear', not {unit!r}")
     L, names = model.n_layers, block_linears(model)
@@ -51,7 +51,7 @@ def evo_bits(profile, budget: float, *, model=None, texts=None, levels: str = "2
 
     rng = random.Random(seed)
     texts = list(texts) if texts else bbc_news("calibration", limit=8)
-    fit = CalibrationKL(model, texts, group_size, batch_size=2)
+    fit = CalibrationKL(model, texts, group_size, scheme, batch_size=2)
 
     def expand(state: dict) -> dict[Key, int]:
         return {(i, n): b for (i, u), b in state.items() for n in (names if u is None else [u])}
@@ -87,7 +87,7 @@ def evo_bits(profile, budget: float, *, model=None, texts=None, levels: str = "2
     seeds: dict[str, dict] = {}
     for name, kw in (("dp", {"unit": unit}), ("rank-quant", {"ranking": "quant", "levels": f"{opts[-1]},{opts[0]}"})):
         plan = make_plan_quiet("bits-dp" if name == "dp" else "bits-rank", profile, budget, group_size=group_size,
-                               **kw)
+                               scheme=scheme, **kw)
         if plan is not None:
             seeds[name] = _state_of(plan, units, profile)
     flat = max((b for b in opts if b <= budget + 1e-9), default=None)
@@ -118,7 +118,7 @@ def evo_bits(profile, budget: float, *, model=None, texts=None, levels: str = "2
         parent = min([*scored, parent], key=full)
         history.append(full(parent))
         bar.set_postfix(kl=f"{history[-1]:.4f}")
-    plan = _plan(profile, parent, group_size, {"average_bits": avg(parent), "calibration_kl": history[-1]})
+    plan = _plan(profile, parent, group_size, {"average_bits": avg(parent), "calibration_kl": history[-1]}, scheme)
     plan.meta = {"search": {"calibration_kl_by_generation": history, "start_calibration_kl": start,
                             "full_evaluations": len(cache), "minibatch_evaluations": n_mini,
                             "tokens_forwarded": fit.n_tokens}}

@@ -64,7 +64,10 @@ def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
 def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, dtype: str | None = None,
              overwrite: bool = False) -> Saved:
     """Write `plan` applied to `model` as a `format` checkpoint at `out`; see the module docstring."""
-    from . import gguf, hf  # noqa: F401  (register the writers)
+    from ..load import load
+    from . import ctensors, gguf, hf  # noqa: F401  (register the writers)
+
+    model = load(model)
 
     if format not in FORMATS:
         raise LensbenchError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")

@@ -1,0 +1,294 @@
+"""Saved checkpoints, checked by loading them in the consumer (transformers, llama.cpp) in a process that
+never imports lensbench, against the logits of lensbench's in-memory plan."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import lensbench
+from lensbench.apply import apply
+from lensbench.cli import main
+from lensbench.compress import compress
+from lensbench.errors import LensbenchError, PlanError
+from lensbench.plan import Plan, Unit
+from lensbench.profiling import model_card
+
+def consume(tmp_path, body: str, ids: torch.Tensor) -> np.ndarray:
+    """Run `body` (which sets `logits` from `ids`) in a fresh Python and return the logits."""
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    code = (f"import sys, numpy as np, torch\nids = torch.from_numpy(np.load({str(tmp_path / 'ids.npy')!r}))\n"
+            + textwrap.dedent(body) + f"\nnp.save({str(tmp_path / 'got.npy')!r}, logits)\n"
+            + "assert 'lensbench' not in sys.modules\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(tmp_path / "got.npy")
+
+
+def planned_logits(model, plan, ids) -> np.ndarray:
+    with torch.no_grad(), apply(model, plan):
+        return model.module(ids).logits.float().numpy()
+
+
+def ids_for(model, n=2, t=12):
+    return torch.randint(5, model.module.config.vocab_size, (n, t), generator=torch.Generator().manual_seed(0))
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
+    lp = p_logits - np.logaddexp.reduce(p_logits, -1, keepdims=True)
+    lq = q_logits - np.logaddexp.reduce(q_logits, -1, keepdims=True)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+HF_LOAD = """
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({path!r})
+with torch.no_grad():
+    logits = m(ids).logits.float().numpy()
+"""
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_hf_checkpoint_of_drop_and_quant_plan_loads_in_transformers_with_the_same_logits(tiny, tmp_path, arch):
+    model = tiny(arch)
+    block = model.adapter.block_path(0)[:-1]
+    plan = Plan.drop(model_card(model), [Unit(1, "block")])
+    plan.actions[f"{block}2"] = {"op": "quant", "bits": 4, "group_size": 16}
+    plan.actions[f"{block}0"] = {"op": "quant", "bits": 3, "group_size": 16, "scheme": "sym"}
+    saved = compress(model, plan, format="hf", out=tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg.get("num_hidden_layers", cfg.get("n_layer")) == 2 and saved.record["layers_kept"] == [0, 2]
+    if "layer_types" in cfg:  # per-layer lists keep the kept layers' entries
+        assert cfg["layer_types"] == [model.module.config.layer_types[i] for i in (0, 2)]
+    ids = ids_for(model)
+    got = consume(tmp_path, HF_LOAD.format(path=str(tmp_path / "ck")), ids)
+    assert np.abs(got - planned_logits(model, plan, ids)).max() <= 1e-3
+
+
+def test_sublayer_plan_is_saved_in_lensbench_layout_and_reloads(tiny, tmp_path):
+    model = tiny("llama")
+    plan = Plan.drop(model_card(model), [Unit(0, "attn"), Unit(1, "block"), Unit(2, "mlp")])
+    saved = compress(model, plan, format="hf", out=tmp_path / "ck")
+    assert saved.record["layout"] == "lensbench" and "lensbench.load" in saved.record["note"]
+    assert not (tmp_path / "ck" / "config.json").exists()  # no stock loader builds the full architecture
+    back = lensbench.load(tmp_path / "ck")
+    ids = ids_for(model)
+    with torch.no_grad():
+        got = back.module(ids).logits.numpy()
+        with apply(model, plan):
+            want = model.module(ids).logits.numpy()
+            gen_want = model.module.generate(ids, max_new_tokens=4, do_sample=False)
+        gen_got = back.module.generate(ids, max_new_tokens=4, do_sample=False)
+    assert np.abs(got - want).max() <= 1e-5 and torch.equal(gen_got, gen_want)
+
+
+def test_compressed_tensors_checkpoint_loads_in_transformers(tiny, tmp_path):
+    model = tiny("llama")
+    plan = Plan.drop(model_card(model), [Unit(1, "block")])
+    plan.actions["model.layers.0"] = {"op": "quant", "bits": 4, "group_size": 16, "scheme": "sym"}
+    plan.actions["model.layers.2.mlp"] = {"op": "quant", "bits": 8, "group_size": 32, "scheme": "sym"}
+    saved = compress(model, plan, format="compressed-tensors", out=tmp_path / "ck")
+    qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and saved.record["groups"] == {"int4/g16": 7, "int8/g32": 3}
+    targets = sorted(t for g in qc["config_groups"].values() for t in g["targets"])
+    assert "model.layers.1.mlp.down_proj" in targets  # block 2 renumbered to 1
+    ids = ids_for(model)
+    got = consume(tmp_path, HF_LOAD.format(path=str(tmp_path / "ck")), ids)
+    assert np.abs(got - planned_logits(model, plan, ids)).max() <= 1e-3
+
+
+def test_compressed_tensors_refuses_what_it_cannot_hold(tiny, tmp_path):
+    model = tiny("llama")
+    asym = Plan.quantize(model_card(model), {"model.layers.0": (4, 16)})
+    with pytest.raises(PlanError, match="--scheme sym"):
+        compress(model, asym, format="compressed-tensors", out=tmp_path / "a")
+    uneven = Plan.quantize(model_card(model), {"model.layers.0.mlp.down_proj": (4, 48, "sym")})  # 64 inputs
+    with pytest.raises(PlanError, match="--group-size 32"):
+        compress(model, uneven, format="compressed-tensors", out=tmp_path / "b")
+    sub = Plan.drop(model_card(model), [Unit(0, "mlp")])
+    with pytest.raises(PlanError, match="mlp0.*--format hf"):
+        compress(model, sub, format="gguf", out=tmp_path / "c")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_plan_of_another_model_and_non_empty_out_are_refused(tiny, tmp_path):
+    llama, qwen = tiny("llama"), tiny("qwen2")
+    plan = Plan.drop(model_card(llama), [Unit(1, "block")])
+    with pytest.raises(PlanError, match="made for"):
+        compress(qwen, plan, format="hf", out=tmp_path / "x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(LensbenchError, match="--overwrite"):
+        compress(llama, plan, format="hf", out=tmp_path / "full")
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    compress(llama, plan, format="hf", out=tmp_path / "full", overwrite=True)
+    assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "config.json").exists()
+
+
+KILLED_WRITER = """
+import sys, time
+from lensbench.compress import hf
+from lensbench.compress import compress
+from lensbench.plan import Plan
+from lensbench.testing import tiny_model
+
+save = hf.save_weights
+def slow(*a, **k):
+    n = save(*a, **k)
+    print("written", flush=True)
+    time.sleep(60)
+    return n
+hf.save_weights = slow
+m = tiny_model("llama")
+compress(m, Plan.load(sys.argv[1]), format="hf", out=sys.argv[2], overwrite=True)
+"""
+
+
+def test_sigkill_mid_write_leaves_the_old_checkpoint_whole(tiny, tmp_path):
+    model = tiny("llama")
+    plan = Plan.drop(model_card(model), [Unit(1, "block")])
+    plan.save(tmp_path / "plan.json")
+    out = tmp_path / "ck"
+    compress(model, plan, format="hf", out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "plan.json"), str(out)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"  # the new weights are on disk, in the staging folder
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]  # the dead writer's staging, never at out
+    compress(model, plan, format="hf", out=out, overwrite=True)  # a rerun works
+    assert {p.name: p.read_bytes() for p in out.iterdir()}.keys() == before.keys()
+
+
+def test_cli_compress_writes_and_refuses_in_one_line(tiny_dir, tmp_path, capsys):
+    src = tiny_dir("llama")
+    model = lensbench.load(src)
+    Plan.drop(model_card(model), [Unit(1, "block")]).save(tmp_path / "plan.json")
+    assert main(["compress", str(src), "--plan", str(tmp_path / "plan.json"), "--format", "hf",
+                 "--out", str(tmp_path / "ck")]) == 0
+    assert "2 of 3 layers kept" in capsys.readouterr().out
+    assert main(["compress", str(src), "--plan", str(tmp_path / "plan.json"), "--format", "hf",
+                 "--out", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert main(["compress", str(src), "--plan", str(tmp_path / "plan.json"), "--format", "gguf",
+                 "--out", str(tmp_path / "g")]) == 2
+    assert "not loaded from a .gguf file" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["compress", str(src), "--plan", str(tmp_path / "plan.json"), "--format", "hf", "--out",
+              str(tmp_path / "z"), "--levels", "4"])
+    assert exc.value.code == 2
+
+
+# --- GGUF, on the bundled SmolLM2 (a Q4_1 GGUF) -----------------------------------------------
+GGUF_LOAD = """
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({dir!r}, gguf_file={file!r})
+with torch.no_grad():
+    logits = m(ids).logits.float().numpy()
+"""
+
+LLAMA_CPP = """
+from llama_cpp import Llama
+llm = Llama({path!r}, logits_all=True, verbose=False, n_ctx=128)
+llm.eval(ids[0].tolist())
+logits = np.array(llm.scores[: ids.shape[1]])[None]
+llm.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def smollm_gguf(smollm, tmp_path_factory):
+    """SmolLM2 with blocks 21 and 25 dropped, even blocks at Q4_K (rows of 576 fall back to Q4_0), odd
+    blocks' down_proj at Q6_K, saved as GGUF."""
+    plan = Plan.drop(model_card(smollm), [Unit(21, "block"), Unit(25, "block")])
+    for i in range(0, 30, 2):
+        plan.actions[f"model.layers.{i}"] = {"op": "quant", "bits": 4, "scheme": "gguf"}
+    for i in range(1, 30, 2):
+        plan.actions[f"model.layers.{i}.mlp.down_proj"] = {"op": "quant", "bits": 6, "scheme": "gguf"}
+    out = tmp_path_factory.mktemp("gguf") / "ck"
+    saved = compress(smollm, plan, format="gguf", out=out)
+    ids = smollm.tokenize(["The city council approved the new budget on Tuesday after a long debate."]).input_ids
+    return saved, plan, ids, planned_logits(smollm, plan, ids)
+
+
+def test_gguf_types_metadata_and_bits(smollm_gguf):
+    import gguf
+
+    saved, _, _, _ = smollm_gguf
+    r = saved.record
+    reader = gguf.GGUFReader(saved.path / r["file"])
+    assert reader.fields["llama.block_count"].contents() == 28
+    assert "blk.27.ffn_down.weight" in {t.name for t in reader.tensors}
+    assert "blk.28.attn_q.weight" not in {t.name for t in reader.tensors}
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_K"  # 1536 inputs: a K-quant fits
+    assert types["blk.0.attn_q.weight"] == "Q4_0"  # 576 inputs: the documented fallback
+    assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["blk.1.attn_q.weight"] == "Q4_1"  # source type kept
+    assert r["tensor_types"] == {k: sum(v == k for v in types.values()) for k in set(types.values())}
+    assert 4.5 < r["bits_per_weight"] < 8.5
+
+
+def test_gguf_reads_back_in_transformers_with_the_plans_distribution(smollm_gguf, tmp_path):
+    saved, _, ids, want = smollm_gguf
+    got = consume(tmp_path, GGUF_LOAD.format(dir=str(saved.path), file=saved.record["file"]), ids)
+    assert kl(want, got) < 1e-6 and np.abs(got - want).max() <= 1e-3
+
+
+def test_gguf_runs_in_llama_cpp(smollm_gguf, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (./run installs it from source)")
+    saved, _, ids, want = smollm_gguf
+    got = consume(tmp_path, LLAMA_CPP.format(path=str(saved.path / saved.record["file"])), ids)
+    # llama.cpp quantises activations to 8 bits for its quantised matmuls, so it is close, not equal
+    assert kl(want, got) < 0.05 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_gguf_refuses_other_schemes(smollm, tmp_path):
+    plan = Plan.quantize(model_card(smollm), {"model.layers.0": (4, 32)})
+    with pytest.raises(PlanError, match="--scheme gguf"):
+        compress(smollm, plan, format="gguf", out=tmp_path / "x")
+
+
+# --- the K-quant quantisers, byte for byte against gguf's dequantiser ----------------------------
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_decode_in_gguf_to_their_own_grid(qtype):
+    from gguf import quants
+
+    from lensbench.gpu import ggml
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((8, 512)) * rng.uniform(0.01, 1, (8, 1))).astype(np.float32)
+    w[0, :256] = 0.0  # an all-zero super-block
+    w[1, 5] = 40.0  # an outlier
+    data = ggml.quantize(w, qtype)
+    assert data.shape == (8, 512 // 256 * {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype])
+    back = quants.dequantize(data, ggml._qtype(qtype))
+    assert np.all(back[0, :256] == 0)
+    levels = {"Q4_K": 16, "Q5_K": 32, "Q6_K": 64}[qtype]
+    err = np.abs(back - w).reshape(8, -1, 256)
+    span = np.abs(w.reshape(err.shape)).max(-1, keepdims=True)
+    # each value within two grid steps of its super-block's (the sub-block scales are themselves quantised)
+    assert np.all(err <= 2 * 2 * span / (levels - 1) + 1e-6)
+    rel = np.sqrt(((back - w) ** 2).mean() / (w ** 2).mean())
+    legacy = {"Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}[qtype]
+    ref = np.sqrt(((ggml.roundtrip(w[:, :], legacy) - w) ** 2).mean() / (w ** 2).mean())
+    assert rel < {"Q4_K": 1.3, "Q5_K": 1.3, "Q6_K": 4.5}[qtype] * ref  # same order of error as gguf's own types
+
+
+def test_ggml_type_choice_and_refusals():
+    from lensbench.gpu import ggml
+
+    assert ggml.ggml_type(4, 1536) == "Q4_K" and ggml.ggml_type(4, 576) == "Q4_0"
+    assert ggml.ggml_type(6, 576) == "Q8_0" and ggml.ggml_type(5, 512) == "Q5_K"
+    with pytest.raises(ggml.GGMLError, match="use one of 4, 5, 6, 8"):
+        ggml.ggml_type(3, 512)
+    assert ggml.bits_per_weight("Q4_K") == 4.5 and ggml.bits_per_weight("Q6_K") == 6.5625
