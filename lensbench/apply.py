@@ -14,8 +14,9 @@ exists), with `config.layer_types` remapped to match.
 Quantising swaps each named nn.Linear / nn.Embedding for a `gpu.modules` QuantLinear /
 QuantEmbedding holding packed codes; a tied LM head quantised like its embedding shares the
 embedding's packed table. The `gguf` scheme has no kernels here: its weights are overwritten with
-the values a GGUF reader computes with (so quality is exact; bytes and speed come from the file). Packed weights are cached on the Model (keyed by the weight tensor and
-its version), so re-entering a plan, as interleaved speed rounds do, does not quantise again.
+the values a GGUF reader computes with (so quality is exact; bytes and speed come from the file).
+Packed weights are cached on the Model (keyed by the weight tensor and its version), so re-entering a
+plan, as interleaved speed rounds do, does not quantise again.
 """
 from __future__ import annotations
 

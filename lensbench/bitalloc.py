@@ -41,8 +41,8 @@ def _levels(text, n: int | None = None, scheme: str = "asym") -> list[int]:
     allowed = GGUF_BITS if scheme == "gguf" else BITS
     for b in levels:
         if b not in allowed:
-            raise PlanError(f"level {b} is not a supported bit-width{' for the gguf scheme' if scheme == 'gguf' else ''}"
-                            f"; use {', '.join(map(str, allowed))}")
+            where = " for the gguf scheme" if scheme == "gguf" else ""
+            raise PlanError(f"level {b} is not a supported bit-width{where}; use {', '.join(map(str, allowed))}")
     if n is not None and len(levels) != n:
         raise PlanError(f"levels {text!r} must name {n} bit-widths (high,low)")
     return levels

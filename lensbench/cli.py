@@ -264,7 +264,8 @@ def cmd_plan(args) -> int:
     print(repr(plan))
     quant = plan.quant_actions()
     if quant:
-        print("quantises " + ", ".join(f"{k} int{s.bits}" + ("" if s.scheme == "asym" else f" {s.scheme}") for k, s in quant.items()))
+        print("quantises " + ", ".join(f"{k} int{s.bits}" + ("" if s.scheme == "asym" else f" {s.scheme}")
+                                       for k, s in quant.items()))
     else:
         print("removes " + (", ".join(str(u) for u in plan.units()) or "nothing"))
     if plan.predicted:

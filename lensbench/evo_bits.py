@@ -29,8 +29,8 @@ Key = tuple[int, str]
 @register("evo-bits", "average weight bits over the blocks' linears",
           "evolutionary search over bit-widths scored by calibration KL (EvoPress, quantisation)", needs_model=True)
 def evo_bits(profile, budget: float, *, model=None, texts=None, levels: str = "2,3,4,8", unit: str = "block",
-             group_size: int = DEFAULT_GROUP_SIZE, scheme: str = "asym", generations: int = 20, offspring: int = 8, seed: int = 0,
-             progress: bool = False, **_):
+             group_size: int = DEFAULT_GROUP_SIZE, scheme: str = "asym", generations: int = 20, offspring: int = 8,
+             seed: int = 0, progress: bool = False, **_):
     from .bitalloc import CalibrationKL, _check_budget, _check_group, _levels, _plan, make_plan_quiet
     from .simquant import block_linears, linear_params
     from .texts import bbc_news

@@ -30,7 +30,7 @@ def _check(model, targets) -> None:
     bad = sorted(n for n, s in targets.items() if s.scheme != "sym")
     if bad:
         raise PlanError(f"the plan quantises {bad[0]} (and {len(bad) - 1} more) with the {targets[bad[0]].scheme} "
-                        f"scheme; compressed-tensors stores the symmetric integer grid: make the plan with --scheme sym")
+                        f"scheme; compressed-tensors stores the symmetric grid: make the plan with --scheme sym")
     root = model.module
     for name, spec in targets.items():
         module = root.get_submodule(name)
@@ -70,9 +70,9 @@ def write_compressed_tensors(model, plan, staging: Path, dtype) -> dict:
         tensors = state_dict(model.module, dtype)
         for name, s in targets.items():
             new = rename(name)
-            packed = PackedQuantizationCompressor.compress(
-                {"weight": tensors.pop(f"{new}.weight").float(), "weight_scale": scales[name].float(),
-                 "weight_zero_point": torch.zeros_like(scales[name], dtype=torch.int8)}, schemes[(s.bits, s.group_size)])
+            module = {"weight": tensors.pop(f"{new}.weight").float(), "weight_scale": scales[name].float(),
+                      "weight_zero_point": torch.zeros_like(scales[name], dtype=torch.int8)}
+            packed = PackedQuantizationCompressor.compress(module, schemes[(s.bits, s.group_size)])
             packed["weight_scale"] = packed["weight_scale"].to(stored)  # float16 scales: exact in any of the dtypes
             tensors.update({f"{new}.{k}": v.contiguous() for k, v in packed.items()})
         dense = sorted(n for n, m in root.named_modules() if isinstance(m, nn.Linear) and n not in targets)
