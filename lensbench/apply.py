@@ -30,7 +30,7 @@ from .model import Model
 from .plan import Plan, QuantSpec, Unit, _is_conv1d
 from .simquant import dequantised
 
-Target = Plan | Sequence[Unit]
+Target = Plan | Sequence[Unit] | Model  # a Model: another loaded model (a saved checkpoint) run in its place
 
 
 class _Removed(nn.Module):
@@ -167,8 +167,22 @@ def apply(model: Model, plan: Plan, *, packed: bool = True) -> Iterator[Model]:
 
 
 def applied(model: Model, target: Target):
-    """`apply` for a Plan, `apply_units` for units already resolved."""
+    """`apply` for a Plan, `apply_units` for units already resolved, `swapped` for a saved model."""
+    if isinstance(target, Model):
+        return swapped(model, target)
     return apply(model, target) if isinstance(target, Plan) else apply_units(model, target)
+
+
+@contextlib.contextmanager
+def swapped(model: Model, other: Model) -> Iterator[Model]:
+    """Inside the block `model` runs `other`'s network (a saved checkpoint of it, loaded back), so the
+    evaluation code that compares a model with its plan compares it with the saved model instead."""
+    old = model.module, model.adapter
+    model.module, model.adapter = other.module, other.adapter
+    try:
+        yield model
+    finally:
+        model.module, model.adapter = old
 
 
 @contextlib.contextmanager

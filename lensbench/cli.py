@@ -283,15 +283,30 @@ def cmd_evaluate(args) -> int:
     from .summary import evaluation_summary
     from .texts import read_text_file
 
-    plan = Plan.load(args.plan)
-    model = load(args.model)
-    plan.resolve(model)
+    saved = None
+    if args.dense:  # MODEL is a folder lensbench compress wrote; its plan is in its record
+        if args.plan:
+            raise LensbenchError("--plan and --dense do not go together: a saved model carries its plan (give the "
+                                 "folder lensbench compress wrote, and its dense source with --dense)")
+        plan = saved_plan(Path(args.model))
+        model = load(args.dense)
+        plan.resolve(model)  # the saved model's plan must be of this dense model
+        saved = load(args.model)
+    else:
+        if not args.plan:
+            raise LensbenchError("give --plan PLAN.json (or, for a saved model, --dense MODEL)")
+        plan = Plan.load(args.plan)
+        model = load(args.model)
+        plan.resolve(model)
     texts = read_text_file(args.texts) if args.texts else None
     cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
                      speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
-    result = evaluate(model, plan, cfg, texts=texts, progress=True)
+    result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved)
     write_json(Path(args.out), result)
     print(f"{plan!r}\n  {evaluation_summary(result)}")
+    if saved is not None:
+        mem = result["in_memory_plan"]
+        print(f"  the same plan in memory: KL {mem['kl_to_dense']:.4f}, perplexity {mem['perplexity']:.2f}")
     print(f"wrote {args.out}")
     return 0
 
@@ -310,6 +325,19 @@ def cmd_export(args) -> int:
     write(doc, out)
     print(f"wrote {out}" + (f" and {out.with_suffix('.py')}" if args.format == "torchao" else ""))
     return 0
+
+
+def saved_plan(path: Path):
+    """The plan recorded in a folder that lensbench compress wrote."""
+    from .compress import RECORD
+    from .plan import Plan
+
+    try:
+        doc = json.loads((path / RECORD).read_text(encoding="utf-8"))
+        return Plan(doc["plan"]["actions"], doc["plan"]["model"], doc["plan"].get("policy", {}),
+                    doc["plan"].get("predicted", {}), doc["plan"].get("meta", {}))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LensbenchError(f"{path} has no readable {RECORD}: give a folder that lensbench compress wrote") from None
 
 
 def cmd_compress(args) -> int:
@@ -618,8 +646,9 @@ def build_parser() -> argparse.ArgumentParser:
     rl.set_defaults(fn=cmd_relevance)
 
     ev = sub.add_parser("evaluate", help="apply a plan for real and measure quality, speed and memory vs dense")
-    ev.add_argument("model")
-    ev.add_argument("--plan", required=True)
+    ev.add_argument("model", help="the dense model, or with --dense a folder lensbench compress wrote")
+    ev.add_argument("--plan", help="plan JSON to apply (not with --dense: a saved model carries its plan)")
+    ev.add_argument("--dense", help="MODEL is a saved checkpoint: measure it against this dense source model")
     ev.add_argument("--out", required=True, help="eval JSON file to write")
     ev.add_argument("--texts", help="held-out text file (default: BBC news held-out split)")
     ev.add_argument("--n-texts", type=int, default=32, help="held-out BBC articles (default 32)")

@@ -118,10 +118,12 @@ def _load_local(path: Path, *, dtype, device) -> Model:
         if path.suffix.lower() != ".gguf":
             raise LensbenchError(f"{path} is a file but not a .gguf file: give a GGUF file or a model directory")
         return _load_gguf(path, dtype=dtype, device=device)
-    from .compress.hf import is_own_layout, load_own_layout
+    from .compress.hf import is_own_layout, load_own_layout, saved_gguf
 
     if is_own_layout(path):
         return load_own_layout(path, dtype=_dtype(dtype), device=device)
+    if saved_gguf(path) is not None:  # a folder lensbench compress --format gguf wrote
+        return _load_gguf(saved_gguf(path), dtype=dtype, device=device)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""

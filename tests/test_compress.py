@@ -352,3 +352,24 @@ def test_gguf_from_an_unsupported_hugging_face_family_is_refused(tiny, tmp_path)
     with pytest.raises(LensbenchError, match="'gpt2' model is not written yet.*convert_hf_to_gguf"):
         compress(model, plan, format="gguf", out=tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_evaluate_a_saved_model_against_its_dense_source(tiny_dir, tmp_path, capsys, fmt):
+    src = tiny_dir("llama")
+    model = lensbench.load(src)
+    plan = Plan.drop(model_card(model), [Unit(1, "block")])
+    plan.actions["model.layers.0"] = {"op": "quant", "bits": 8, "scheme": "gguf"}
+    plan.save(tmp_path / "plan.json")
+    assert main(["compress", str(src), "--plan", str(tmp_path / "plan.json"), "--format", fmt,
+                 "--out", str(tmp_path / "ck")]) == 0
+    args = ["evaluate", str(tmp_path / "ck"), "--dense", str(src), "--out", str(tmp_path / "e.json"), "--n-texts", "2",
+            "--cities", "4", "--speed-rounds", "1", "--decode-tokens", "2"]
+    assert main(args) == 0
+    assert "the same plan in memory" in capsys.readouterr().out
+    r = json.loads((tmp_path / "e.json").read_text())
+    assert r["kl_to_dense"] > 0 and r["kl_to_dense"] == pytest.approx(r["in_memory_plan"]["kl_to_dense"], rel=1e-3)
+    other = tiny_dir("qwen2")
+    assert main(args[:3] + [str(other)] + args[4:]) == 2  # the saved model's plan is of another model
+    assert "made for" in capsys.readouterr().err
+    assert main(args + ["--plan", str(tmp_path / "plan.json")]) == 2

@@ -104,6 +104,18 @@ def write_hf(model, plan, staging: Path, dtype) -> dict:
     return record
 
 
+def saved_gguf(path: Path) -> Path | None:
+    """The .gguf file in a folder that `lensbench compress --format gguf` wrote, else None."""
+    from . import RECORD
+
+    try:
+        record = json.loads((path / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    file = path / str(record.get("file", "")) if isinstance(record, dict) and record.get("format") == "gguf" else None
+    return file if file is not None and file.is_file() else None
+
+
 def is_own_layout(path: Path) -> bool:
     return (path / OWN_MANIFEST).is_file() and (path / OWN_CONFIG).is_file()
 
