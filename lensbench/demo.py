@@ -3,7 +3,8 @@
 Profile SmolLM2-135M (redundancy, the block ablation KL and the int4 sensitivity that the plans read) and
 MiniLM-L6 (redundancy: an encoder has no next-token KL); print the rankings and how they agree; make a
 layer-drop plan and a mixed-precision plan, apply both for real and evaluate them on held-out text against the
-dense model; write the HTML report; say how to open the app on the results.
+dense model; save the layer-drop plan as a GGUF file llama.cpp and transformers load; write the HTML report; say
+how to open the app on the results.
 
 The demo is written into a hidden sibling folder and moved into place at the end, so its folder holds one
 complete run: a rerun replaces the previous results (an interrupted one leaves them as they were).
@@ -129,6 +130,16 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
                 evals[label] = evaluate(lm, plan, ecfg, progress=True)
             write_json(staging / "plans" / f"{label}.eval.json", evals[label])
             print(f"  {label:16s} {evaluation_summary(evals[label])}")
+        with steps("save the layer-drop plan as a GGUF file"):
+            from .compress import compress
+
+            saved = compress(lm, plans["layer-drop"], format="gguf", out=staging / "saved" / "smollm2-135m-layer-drop")
+            r, file = saved.record, out / "saved" / saved.path.name / saved.record["file"]
+            types = ", ".join(f"{n} {t}" for t, n in r["tensor_types"].items())
+            print(f"  {len(r['layers_kept'])} of {lm.n_layers} layers, {r['files_bytes'] / 1e6:.1f} MB, "
+                  f"{r['bits_per_weight']:.2f} bits per weight ({types})")
+            print(f"  loads in llama.cpp (llama-cli -m {file}), transformers (AutoModelForCausalLM.from_pretrained("
+                  f"'{file.parent}', gguf_file='{file.name}')) and lensbench.load('{file.parent}')")
         del lm
 
         with steps("profile MiniLM-L6: redundancy"):
@@ -154,7 +165,7 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
         raise
     print("\n" + steps.table())
     print(f"\nreport: {out / 'report.html'}")
-    print(f"plans and their evaluations: {out / 'plans'}")
+    print(f"plans and their evaluations: {out / 'plans'}; the saved GGUF model: {out / 'saved'}")
     print(f"open the app on these results: ./run lensbench app {out / 'smollm2-135m'} {out / 'minilm-l6'}")
     sys.stdout.flush()
     return out / "report.html"

@@ -150,7 +150,7 @@ def test_relevance_page_runs_dynamic_lrp_in_the_background(browser, served):
 
 @needs_browser
 @pytest.mark.real
-def test_plan_explorer_makes_evaluates_and_exports(browser, served):
+def test_plan_explorer_makes_evaluates_saves_and_exports(browser, served):
     from selenium.webdriver.common.by import By
 
     browser.get(served + "/plans")
@@ -161,6 +161,12 @@ def test_plan_explorer_makes_evaluates_and_exports(browser, served):
     browser.find_element(By.ID, "pl-eval").click()
     wait_for(browser, "pl-front-fig", timeout=420)
     assert "KL" in browser.find_element(By.ID, "pl-status").text
+    browser.find_element(By.ID, "pl-save").click()  # the default format: a transformers checkpoint
+    wait_for(browser, "pl-saved", timeout=240)
+    text = browser.find_element(By.ID, "pl-saved").text
+    assert "saved " in text and "loads in transformers" in text
+    saved = Path(text.split("saved ", 1)[1].split(":", 1)[0])
+    assert (saved / "config.json").is_file() and (saved / "lensbench-compress.json").is_file()
     assert console_errors(browser) == []
 
 

@@ -109,3 +109,53 @@ def test_cli_export_writes_each_format(capsys, tmp_path, tiny_dir):
     assert (tmp_path / "a.py").is_file()
     code, _, err = run_cli(capsys, "export", str(path), "--format", "onnx", "--model", str(model_dir))
     assert code == 2 and "unknown export format" in err
+
+
+@pytest.mark.parametrize("scheme", ["asym", "sym"])
+def test_torchao_export_runs_in_torchao_on_cpu(tiny, scheme):
+    """The exported FqnToConfig, executed as written, quantises exactly the plan's linears with torchao's
+    own rounding: each weight lands within one quantisation step of lensbench's (the grids differ: torchao
+    rounds an integer zero point, lensbench keeps a float minimum)."""
+    import copy
+
+    import torch
+
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
+    from lensbench.simquant import dequantised
+
+    model = tiny("llama")
+    card = model_card(model)
+    plan = Plan.quantize(card, {"model.layers.0": (4, 32, scheme), "model.layers.2.mlp": (8, 32, scheme)})
+    doc, _ = export(plan, model, "torchao")
+    module = copy.deepcopy(model.module)
+    exec(doc["python"], {"model": module})  # noqa: S102 - the export's own code, as a user runs it
+    targets = plan.quant_targets(model)
+    for name, m in module.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        w = m.weight
+        if name not in targets:
+            assert type(w) is torch.nn.Parameter and torch.equal(w, model.module.get_submodule(name).weight)
+            continue
+        assert "torchao" in type(w).__module__, name
+        theirs = w.dequantize().float()
+        dense = model.module.get_submodule(name).weight.detach()
+        ours = dequantised(dense, targets[name])
+        groups = dense.unflatten(1, (-1, 32))
+        span = (groups.amax(-1) - groups.amin(-1)) if scheme == "asym" else 2 * groups.abs().amax(-1)
+        step = (span / (2 ** targets[name].bits - 1)).repeat_interleave(32, 1)
+        assert ((theirs - ours).abs() <= step * 1.01 + 1e-6).all(), name
+
+
+def test_llm_compressor_recipe_groups_validate_as_compressed_tensors_schemes(mixed):
+    """llm-compressor itself cannot be installed beside this stack (0.14 needs transformers <= 5.17); its
+    QuantizationModifier's config_groups are compressed-tensors QuantizationSchemes, which validate here."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    model, plan = mixed
+    doc, _ = export(plan, model, "llm-compressor")
+    groups = doc["quant_stage"]["quant_modifiers"]["QuantizationModifier"]["config_groups"]
+    for group in groups.values():
+        scheme = QuantizationScheme.model_validate(group)
+        assert scheme.weights.num_bits in (2, 4, 8) and scheme.weights.strategy == "group"
+        assert scheme.weights.symmetric is False and scheme.weights.group_size in (32, 64)

@@ -89,7 +89,11 @@ def test_demo_runs_the_whole_story_and_replaces_its_previous_results(tmp_path, c
     assert "Plans" in report.read_text() and "step times:" in text and "total" in text
     assert f"./run lensbench app {out / 'smollm2-135m'} {out / 'minilm-l6'}" in text
     summary = json.loads((out / "demo.json").read_text())
-    assert set(summary["plans"]) == {"layer-drop", "mixed-precision"} and len(summary["steps"]) == 6
+    assert set(summary["plans"]) == {"layer-drop", "mixed-precision"} and len(summary["steps"]) == 7
+    saved = out / "saved" / "smollm2-135m-layer-drop"
+    record = json.loads((saved / "lensbench-compress.json").read_text())
+    assert (saved / record["file"]).is_file() and len(record["layers_kept"]) == 30 - small.drop_blocks
+    assert f"loads in llama.cpp (llama-cli -m {saved / record['file']})" in text
 
     (out / "stale.txt").write_text("from an older demo")  # a rerun replaces the folder as a whole
     run_demo(out, small)

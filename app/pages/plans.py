@@ -2,10 +2,12 @@
 policy's predicted quality vs compression vs speed over a ladder of budgets (from the profile's
 single-unit ablation KLs); "Evaluate" applies it for real in a background job and adds the measured
 point to the measured chart (Pareto front over everything evaluated in this session); "Export"
-downloads the Plan as JSON."""
+downloads the Plan as JSON; "Save model" writes the planned model as a checkpoint in the chosen format
+(`lensbench compress`) into `saved/` beside the profile, in a background job."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html, no_update
@@ -19,6 +21,10 @@ PATH, TITLE = "/plans", "Plan explorer"
 PROFILE_ONLY = [n for n, p in POLICIES.items() if not p.needs_model]
 INLINE = {"display": "inline-block", "verticalAlign": "bottom", "marginRight": "12px"}
 LADDER = 12  # budgets drawn on the predicted chart
+SAVE_FORMATS = ["hf", "gguf", "compressed-tensors"]
+LOADERS = {"hf": "transformers (AutoModelForCausalLM.from_pretrained), lensbench.load",
+           "gguf": "llama.cpp, transformers (from_pretrained(DIR, gguf_file=...)), lensbench.load",
+           "compressed-tensors": "vLLM, transformers with compressed-tensors, lensbench.load"}
 
 
 def layout(state):
@@ -31,12 +37,17 @@ def layout(state):
                                                    style={"width": "90px"})], style=INLINE),
                   html.Button("Make plan", id="pl-make", n_clicks=0),
                   html.Button("Evaluate", id="pl-eval", n_clicks=0),
-                  html.Button("Export plan", id="pl-export", n_clicks=0)], className="row"),
+                  html.Button("Export plan", id="pl-export", n_clicks=0),
+                  html.Label(["Format ", dcc.Dropdown(id="pl-format", options=SAVE_FORMATS, value="hf",
+                                                      clearable=False)], style=INLINE | {"width": "200px"}),
+                  html.Button("Save model", id="pl-save", n_clicks=0)], className="row"),
         html.Div(id="pl-budget-help"),
         html.Div(id="pl-plan"),
         dcc.Store(id="pl-job"), dcc.Download(id="pl-download"),
         dcc.Interval(id="pl-poll", interval=500, disabled=True),
         html.Div(id="pl-status"),
+        dcc.Store(id="pl-save-job"), dcc.Interval(id="pl-save-poll", interval=500, disabled=True),
+        html.Div(id="pl-save-status"),
         html.Div(id="pl-front"),
     ])
 
@@ -214,3 +225,48 @@ def register(app, state):
             notice(f"{r['label']}: KL {r['kl']:.4f} nats" + (
                 f" (predicted {r['predicted_kl']:.4f})" if r["predicted_kl"] is not None else "")
                 + f", weights {r['weight_fraction']:.3f} of dense, decode ×{r['decode_speedup']:.2f}", "info")
+
+    @app.callback(Output("pl-save-job", "data"), Output("pl-save-poll", "disabled"),
+                  Output("pl-save-status", "children"), Input("pl-save", "n_clicks"), State("pl-profile", "value"),
+                  State("pl-policy", "value"), State("pl-budget", "value"), State("pl-format", "value"),
+                  prevent_initial_call=True)
+    def save_start(_, key, policy, budget, fmt):
+        plan, note = _plan(state, key, policy, budget)
+        if plan is None:
+            return None, True, note
+        opened = state.get(key)
+        out = saved_dir(opened.path, f"{policy}-{budget}-{fmt}")
+
+        def job(progress):
+            from lensbench.compress import compress
+
+            progress(0.05, "loading the model")
+            model = state.model_for(opened.profile)
+            progress(0.3, f"writing {fmt} to {out}")
+            saved = compress(model, plan, format=fmt, out=out, overwrite=True)
+            r = saved.record
+            return {"path": str(saved.path), "MB": r["files_bytes"] / 1e6, "bits": r["bits_per_weight"],
+                    "note": r.get("note", ""), "loaders": LOADERS[fmt] if r.get("layout") != "lensbench"
+                    else "lensbench.load (lensbench's own layout)"}
+
+        return state.submit("compress", job), False, progress_bar("pl-save-progress")
+
+    @app.callback(Output("pl-save-status", "children", allow_duplicate=True),
+                  Output("pl-save-poll", "disabled", allow_duplicate=True), Input("pl-save-poll", "n_intervals"),
+                  State("pl-save-job", "data"), prevent_initial_call=True)
+    def save_poll(_, job_id):
+        job, stop, status = polled(state, job_id, "pl-save-progress")
+        if job is None:
+            return status, stop
+        if job.error:
+            return notice(job.error, "error"), True
+        r = job.result
+        return html.Div([notice(f"saved {r['path']}: {r['MB']:.1f} MB, {r['bits']:.2f} bits per weight; loads in "
+                                f"{r['loaders']}", "info")] + ([html.Small(r["note"])] if r["note"] else []),
+                        id="pl-saved"), True
+
+
+def saved_dir(profile_path: str, name: str) -> Path:
+    """Where the app saves a model: `saved/NAME` beside the profile file."""
+    base = Path(profile_path)
+    return (base if base.is_dir() else base.parent) / "saved" / name
