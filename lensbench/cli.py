@@ -579,8 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--group-size", type=int, help="bit policies: quantisation group size (default 128)")
     pl.add_argument("--scheme", choices=SCHEMES, help="bit policies: the grid measured and saved: asym (default; "
                     "lensbench's packed format), sym (what compress --format compressed-tensors stores), gguf "
-                    "(levels 4,5,6,8 become Q4_K,Q5_K,Q6_K,Q8_0; rows not a multiple of 256 fall back to Q4_0/"
-                    "Q5_0/Q8_0)")
+                    "(levels 2,3,4,5,6,8 become Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0; rows not a multiple of 256 fall back "
+                    "to Q4_0/Q5_0/Q8_0)")
     pl.set_defaults(fn=cmd_plan)
 
     co = sub.add_parser("compress", help="save a plan applied to its model as a checkpoint transformers, llama.cpp "

@@ -261,7 +261,7 @@ def test_gguf_refuses_other_schemes(smollm, tmp_path):
 
 
 # --- the K-quant quantisers, byte for byte against gguf's dequantiser ----------------------------
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quants_decode_in_gguf_to_their_own_grid(qtype):
     from gguf import quants
 
@@ -272,18 +272,20 @@ def test_k_quants_decode_in_gguf_to_their_own_grid(qtype):
     w[0, :256] = 0.0  # an all-zero super-block
     w[1, 5] = 40.0  # an outlier
     data = ggml.quantize(w, qtype)
-    assert data.shape == (8, 512 // 256 * {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype])
+    assert data.shape == (8, 512 // 256 * {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[qtype])
     back = quants.dequantize(data, ggml._qtype(qtype))
     assert np.all(back[0, :256] == 0)
-    levels = {"Q4_K": 16, "Q5_K": 32, "Q6_K": 64}[qtype]
+    levels = {"Q2_K": 4, "Q3_K": 8, "Q4_K": 16, "Q5_K": 32, "Q6_K": 64}[qtype]
     err = np.abs(back - w).reshape(8, -1, 256)
     span = np.abs(w.reshape(err.shape)).max(-1, keepdims=True)
     # each value within two grid steps of its super-block's (the sub-block scales are themselves quantised)
     assert np.all(err <= 2 * 2 * span / (levels - 1) + 1e-6)
     rel = np.sqrt(((back - w) ** 2).mean() / (w ** 2).mean())
-    legacy = {"Q4_K": "Q4_1", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}[qtype]
-    ref = np.sqrt(((ggml.roundtrip(w[:, :], legacy) - w) ** 2).mean() / (w ** 2).mean())
-    assert rel < {"Q4_K": 1.3, "Q5_K": 1.3, "Q6_K": 4.5}[qtype] * ref  # same order of error as gguf's own types
+    # the error of gguf's own 32-value types, scaled by the grid's levels: a wrong layout is far off
+    legacy, factor = {"Q2_K": ("Q4_0", 4.5), "Q3_K": ("Q4_0", 2.5), "Q4_K": ("Q4_1", 1.3), "Q5_K": ("Q5_1", 1.3),
+                      "Q6_K": ("Q8_0", 4.5)}[qtype]
+    ref = np.sqrt(((ggml.roundtrip(w, legacy) - w) ** 2).mean() / (w ** 2).mean())
+    assert rel < factor * ref
 
 
 def test_ggml_type_choice_and_refusals():
@@ -291,8 +293,9 @@ def test_ggml_type_choice_and_refusals():
 
     assert ggml.ggml_type(4, 1536) == "Q4_K" and ggml.ggml_type(4, 576) == "Q4_0"
     assert ggml.ggml_type(6, 576) == "Q8_0" and ggml.ggml_type(5, 512) == "Q5_K"
-    with pytest.raises(ggml.GGMLError, match="use one of 4, 5, 6, 8"):
-        ggml.ggml_type(3, 512)
+    assert ggml.ggml_type(3, 512) == "Q3_K" and ggml.ggml_type(2, 576) == "Q4_0"
+    with pytest.raises(ggml.GGMLError, match="use one of 2, 3, 4, 5, 6, 8"):
+        ggml.ggml_type(7, 512)
     assert ggml.bits_per_weight("Q4_K") == 4.5 and ggml.bits_per_weight("Q6_K") == 6.5625
 
 

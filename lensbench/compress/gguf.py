@@ -7,7 +7,7 @@ own type). Tensor names are the source file's, found for each Hugging Face weigh
 package's tensor-name map; Llama's q/k rows are permuted back to llama.cpp's rotary layout.
 
 Types: a weight the plan quantises with the `gguf` scheme gets `gpu.ggml.ggml_type(bits, row length)`
-(Q8_0/Q6_K/Q5_K/Q4_K, with the documented fallbacks for rows that are not multiples of 256). A tensor
+(Q8_0/Q6_K/Q5_K/Q4_K/Q3_K/Q2_K, with the documented fallbacks for rows that are not multiples of 256). A tensor
 the plan leaves alone keeps the source file's type when that type holds its values exactly (checked by
 a round trip, as for a dequantised Q4_1 file), and is otherwise stored at `dtype` (the model's own by
 default); norms and other vectors stay F32.
@@ -51,7 +51,7 @@ def write_gguf(model, plan, staging: Path, dtype) -> dict:
     if other:
         raise PlanError(f"the plan quantises {other[0]} (and {len(other) - 1} more) with the "
                         f"{targets[other[0]].scheme} scheme, which GGUF does not store: make the plan with "
-                        f"--scheme gguf (bits 4, 5, 6, 8 become Q4_K, Q5_K, Q6_K, Q8_0)")
+                        f"--scheme gguf (bits 2, 3, 4, 5, 6, 8 become Q2_K ... Q6_K, Q8_0)")
     kept = kept_layers(model, plan)
     src = source_gguf(model)
     header = GGUFHeader.from_file(src, model) if src else GGUFHeader.from_hf(model)
