@@ -1,16 +1,14 @@
 """`gguf`: llama.cpp's file, one GGML type per tensor, dropped blocks gone and the rest renumbered.
 
-The source's header is copied from the GGUF file the model was loaded from (architecture, tokenizer,
-chat template), with `block_count` lowered and every per-layer array shortened to the kept layers;
-`general.file_type` is left out because the file mixes types (llama.cpp then reads each tensor's
-own type). Tensor names are the source file's, found for each Hugging Face weight through the `gguf`
-package's tensor-name map; Llama's q/k rows are permuted back to llama.cpp's rotary layout.
+The header and the tensor list come from `gguf_header`: copied from the GGUF file the model was loaded
+from, or built from a Hugging Face model's config and tokenizer. Llama's q/k rows are permuted back to
+llama.cpp's rotary layout (a row permutation: the per-row blocks quantise the same).
 
 Types: a weight the plan quantises with the `gguf` scheme gets `gpu.ggml.ggml_type(bits, row length)`
-(Q8_0/Q6_K/Q5_K/Q4_K/Q3_K/Q2_K, with the documented fallbacks for rows that are not multiples of 256). A tensor
-the plan leaves alone keeps the source file's type when that type holds its values exactly (checked by
-a round trip, as for a dequantised Q4_1 file), and is otherwise stored at `dtype` (the model's own by
-default); norms and other vectors stay F32.
+(Q8_0/Q6_K/Q5_K/Q4_K/Q3_K/Q2_K, with the documented fallbacks for rows that are not multiples of 256).
+A tensor the plan leaves alone keeps the source file's type when that type holds its values exactly
+(checked by a round trip, as for a dequantised Q4_1 file), and is otherwise stored at `dtype` (the
+model's own by default); norms and other vectors stay F32.
 """
 from __future__ import annotations
 
