@@ -22,7 +22,7 @@ from ..gpu.quant import check_spec
 from ..model import Model
 from ..profile import LayerScores
 from ..replay import STATE_SITES, DenseRun, states_from, token_scores
-from ..simquant import block_linears, linear_params, simulated
+from ..simquant import block_linears, linear_inputs, linear_params, simulated
 from .base import Analyzer, register
 
 
@@ -69,7 +69,8 @@ class QuantSensitivity(Analyzer):
 
     def finish(self) -> list[LayerScores]:
         n = max(self.n_, 1)
-        params = self.params() | {"linears": list(self.linears_), "linear_params": linear_params(self.model_, 0)}
+        params = self.params() | {"linears": list(self.linears_), "linear_params": linear_params(self.model_, 0),
+                                  "linear_inputs": linear_inputs(self.model_, 0)}
         out = []
         for bi, b in enumerate(self.bits):
             out.append(LayerScores(f"quant_kl_block_int{b}", self.kl_block_[bi] / n, True, ("layer",), self.name,
@@ -104,7 +105,8 @@ class WeightOutliers(Analyzer):
         ad, names = self.model_.adapter, block_linears(self.model_)
         zd = [np.mean([zd_score(ad.blocks[i].get_submodule(n).weight) for n in names])
               for i in range(self.model_.n_layers)]
-        params = {"linears": names, "linear_params": linear_params(self.model_, 0)}
+        params = {"linears": names, "linear_params": linear_params(self.model_, 0),
+                  "linear_inputs": linear_inputs(self.model_, 0)}
         return [LayerScores("zd", np.array(zd), False, ("layer",), self.name,
                             "ZD: mean over the block's linear weights of the fraction of |z| > 1 (LayerwiseQuant); "
                             "lower = more important", params)]

@@ -5,8 +5,9 @@ model at about the same size (`llama_model_quantize`).
 
 Plans (from a redundancy + weight-outlier profile, made here in ~1 min):
   drop      drop-block, 3 blocks by redundancy
-  mixed     bits-rank --scheme gguf, levels 6,4 at 5.0 average bits (ranking lim)
-  combined  both
+  uniform4  every block linear at 4 bits, --scheme gguf (Q4_K where rows allow, else Q4_0)
+  mixed     bits-rank --scheme gguf, levels 8,4 at 5.0 real bits per weight (ranking lim)
+  combined  drop + mixed
 
 The dense reference is lensbench's float32 model (SmolLM2's Q4_1 file dequantised); held-out BBC text
 never seen by the profile. Writes reports/COMPRESS.md and appends to reports/BENCHMARKS.md.
@@ -110,9 +111,10 @@ def main() -> None:
     profile = profile_model(model, select_texts(model, bbc_news("calibration"), 128, 2048),
                             analyses=["redundancy", "weight_outliers"], seq_len=128)
     drop = make_plan("drop-block", profile, 3, ranking="redundancy")
-    mixed = make_plan("bits-rank", profile, 5.0, levels="6,4", ranking="lim", scheme="gguf")
+    mixed = make_plan("bits-rank", profile, 5.0, levels="8,4", ranking="lim", scheme="gguf")
+    uniform = make_plan("bits-rank", profile, 4.5, levels="8,4", ranking="lim", scheme="gguf")  # all at 4 bits
     combined = Plan({**mixed.actions, **drop.actions}, drop.model, {"name": "drop-block + bits-rank"})
-    plans = {"drop": drop, "mixed": mixed, "combined": combined}
+    plans = {"drop": drop, "uniform4": uniform, "mixed": mixed, "combined": combined}
 
     held = select_texts(model, bbc_news("heldout"), args.seq_len, args.texts * args.seq_len)[: args.texts]
     ids = [model.tokenize([t], max_length=args.seq_len).input_ids[0].numpy() for t in held]

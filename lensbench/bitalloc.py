@@ -78,20 +78,52 @@ def _plan(profile: Profile, bits_of: dict[tuple[int, str | None], int], group_si
     return Plan.quantize(profile.model, specs, predicted=predicted)
 
 
-def _average(profile: Profile, bits_of: dict[tuple[int, str | None], int]) -> float:
-    sizes = _linears(profile)
-    block = sum(sizes.values())
-    total = num = 0
-    for (_, name), b in bits_of.items():
-        n = sizes[name] if name else block
-        num += b * n
-        total += n
-    return num / total
+class Costs:
+    """Bits per weight of a unit (a linear, or a whole block: None) at each bit-width. Nominal for the asym and
+    sym schemes (the budget counts code bits, as the papers do); for the gguf scheme the real bits of the GGML
+    type each linear becomes, scales included, so the budget is what the saved file holds (a 576-wide row at
+    6 bits is Q8_0: 8.5 bits)."""
+
+    def __init__(self, sizes: dict[str, int], inputs: dict[str, int] | None, scheme: str = "asym"):
+        if scheme == "gguf" and not inputs:
+            raise PlanError("the profile does not record the linears' input widths, which the gguf scheme's real "
+                            "bits need: re-run lensbench profile MODEL --analyses quant_sensitivity (or "
+                            "weight_outliers)")
+        self.sizes, self.inputs, self.scheme = sizes, inputs or {}, scheme
+        self.block = sum(sizes.values())
+
+    @classmethod
+    def of(cls, profile: Profile, scheme: str = "asym") -> "Costs":
+        inputs = next((dict(s.params["linear_inputs"]) for s in profile.scores.values()
+                       if "linear_inputs" in s.params), None)
+        return cls(_linears(profile), inputs, scheme)
+
+    def linear(self, name: str, bits: int) -> float:
+        if self.scheme != "gguf":
+            return float(bits)
+        from .gpu.ggml import bits_per_weight, ggml_type
+
+        return bits_per_weight(ggml_type(bits, self.inputs[name]))
+
+    def __call__(self, name: str | None, bits: int) -> float:
+        """Bits per weight of one linear, or of a whole block (None), at `bits`."""
+        if name is not None:
+            return self.linear(name, bits)
+        return sum(self.linear(n, bits) * k for n, k in self.sizes.items()) / self.block
+
+    def size(self, name: str | None) -> int:
+        return self.sizes[name] if name else self.block
+
+    def average(self, bits_of: dict[tuple[int, str | None], int]) -> float:
+        num = sum(self(name, b) * self.size(name) for (_, name), b in bits_of.items())
+        return num / sum(self.size(name) for (_, name) in bits_of)
 
 
-def _check_budget(budget: float, lo: int, hi: int) -> None:
+
+def _check_budget(budget: float, lo: float, hi: float) -> None:
     lo, hi = min(lo, hi), max(lo, hi)
-    if not lo <= budget <= hi:
+    if not lo - 1e-9 <= budget <= hi + 1e-9:
+        lo, hi = f"{lo:.4g}", f"{hi:.4g}"
         raise PlanError(f"average bits {budget} cannot be met with levels {hi} and {lo}: give a budget between "
                         f"{lo} and {hi}")
 
@@ -129,15 +161,17 @@ def bits_rank(profile: Profile, budget: float, *, ranking: str = "lim", levels: 
               group_size: int = DEFAULT_GROUP_SIZE, scheme: str = "asym", seed: int = 0, **_):
     _check_group(group_size, scheme)
     hi, lo = sorted(_levels(levels, 2, scheme), reverse=True)  # "4,2" or "2,4": the higher level is the high one
-    _check_budget(budget, lo, hi)
+    cost = Costs.of(profile, scheme)
+    c_hi, c_lo = cost(None, hi), cost(None, lo)  # bits per weight of a block at each level
+    _check_budget(budget, c_lo, c_hi)
     L = int(profile.model["n_layers"])
-    n_lo = math.ceil((hi - budget) / (hi - lo) * L - 1e-9) if hi != lo else 0  # never above the budget
+    n_lo = math.ceil((c_hi - budget) / (c_hi - c_lo) * L - 1e-9) if c_hi != c_lo else 0  # never above the budget
     order = block_order(profile, ranking, lo, seed)
     if reverse:
         order = order[::-1]
     low = set(order[:n_lo])
     bits_of = {(i, None): (lo if i in low else hi) for i in range(L)}
-    return _plan(profile, bits_of, group_size, {"average_bits": _average(profile, bits_of), "n_low": n_lo,
+    return _plan(profile, bits_of, group_size, {"average_bits": cost.average(bits_of), "n_low": n_lo,
                                                 "low_blocks": sorted(low)}, scheme)
 
 
@@ -149,21 +183,23 @@ def bits_dp(profile: Profile, budget: float, *, levels: str = "2,3,4,8", unit: s
         raise PlanError(f"bits-dp allocates per 'block' or per 'linear', not {unit!r}")
     _check_group(group_size, scheme)
     opts = sorted(_levels(levels, None, scheme))
-    _check_budget(budget, opts[0], opts[-1])
+    cost = Costs.of(profile, scheme)
+    _check_budget(budget, cost(None, opts[0]), cost(None, opts[-1]))
     L = int(profile.model["n_layers"])
-    sizes = _linears(profile)
+    sizes = cost.sizes
     names = list(sizes) if unit == "linear" else [None]
     units = [(i, n) for i in range(L) for n in names]
-    n_params = np.array([sizes[n] if n else sum(sizes.values()) for _, n in units], dtype=np.float64)
+    n_params = np.array([cost.size(n) for _, n in units], dtype=np.float64)
     err = np.zeros((len(units), len(opts)))
     for o, b in enumerate(opts):
         s = _sensitivity(profile, b, unit)
         linear_names = s.params.get("linears", list(sizes))
         for u, (i, n) in enumerate(units):
             err[u, o] = s.values[i] if n is None else s.values[i, linear_names.index(n)]
-    choice = knapsack(err, np.outer(n_params, opts), budget * n_params.sum(), resolution)
+    bits = np.array([[cost(n, b) for b in opts] for _, n in units])
+    choice = knapsack(err, n_params[:, None] * bits, budget * n_params.sum(), resolution)
     bits_of = {units[u]: opts[c] for u, c in enumerate(choice)}
-    return _plan(profile, bits_of, group_size, {"average_bits": _average(profile, bits_of),
+    return _plan(profile, bits_of, group_size, {"average_bits": cost.average(bits_of),
                                                 "sum_of_unit_kl": float(err[np.arange(len(units)), choice].sum())},
                  scheme)
 
@@ -234,7 +270,7 @@ def bits_bisect(profile: Profile, budget: float, *, model=None, texts=None, rank
         trail[mid] = kl(mid)
         a, b = (mid, b) if trail[mid] <= budget else (a, mid - 1)
     bits_of = bits_for(a)
-    plan = _plan(profile, bits_of, group_size, {"average_bits": _average(profile, bits_of), "n_low": a,
+    plan = _plan(profile, bits_of, group_size, {"average_bits": Costs.of(profile, scheme).average(bits_of), "n_low": a,
                                                 "calibration_kl": trail[a]}, scheme)
     plan.meta = {"search": {"evaluations": len(trail), "kl_by_n_low": {str(k): v for k, v in sorted(trail.items())},
                             "tokens": kl_of.n_tokens}}

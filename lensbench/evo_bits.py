@@ -31,23 +31,22 @@ Key = tuple[int, str]
 def evo_bits(profile, budget: float, *, model=None, texts=None, levels: str = "2,3,4,8", unit: str = "block",
              group_size: int = DEFAULT_GROUP_SIZE, scheme: str = "asym", generations: int = 20, offspring: int = 8,
              seed: int = 0, progress: bool = False, **_):
-    from .bitalloc import CalibrationKL, _check_budget, _check_group, _levels, _plan, make_plan_quiet
-    from .simquant import block_linears, linear_params
+    from .bitalloc import CalibrationKL, Costs, _check_budget, _check_group, _levels, _plan, make_plan_quiet
+    from .simquant import block_linears, linear_inputs, linear_params
     from .texts import bbc_news
 
     _check_group(group_size, scheme)
     opts = sorted(_levels(levels, None, scheme))
-    _check_budget(budget, opts[0], opts[-1])
     if unit not in ("block", "linear"):
         raise PlanError(f"evo-bits searches per 'block' or per 'linear', not {unit!r}")
     L, names = model.n_layers, block_linears(model)
-    sizes = linear_params(model, 0)
+    cost = Costs(linear_params(model, 0), linear_inputs(model, 0), scheme)
+    _check_budget(budget, cost(None, opts[0]), cost(None, opts[-1]))
     units = [(i, None) for i in range(L)] if unit == "block" else [(i, n) for i in range(L) for n in names]
-    n_params = {u: (sum(sizes.values()) if u[1] is None else sizes[u[1]]) for u in units}
-    total = sum(n_params.values())
+    n_params = {u: cost.size(u[1]) for u in units}
 
     def avg(state: dict) -> float:
-        return sum(state[u] * n_params[u] for u in units) / total
+        return cost.average(state)
 
     rng = random.Random(seed)
     texts = list(texts) if texts else bbc_news("calibration", limit=8)

@@ -28,6 +28,13 @@ def linear_params(model: Model, layer: int) -> dict[str, int]:
     return {n: block.get_submodule(n).weight.numel() for n in block_linears(model)}
 
 
+def linear_inputs(model: Model, layer: int) -> dict[str, int]:
+    """{relative name: input features} of block `layer`'s linear layers (the row length a format packs)."""
+    block = model.adapter.blocks[layer]
+    return {n: int(block.get_submodule(n).weight.shape[0 if _is_conv1d(block.get_submodule(n)) else 1])
+            for n in block_linears(model)}
+
+
 def dequantised(weight: torch.Tensor, spec: QuantSpec, conv1d: bool = False) -> torch.Tensor:
     """The values a reader of the quantised weight computes with, in the weight's dtype and layout."""
     w = weight.T if conv1d else weight

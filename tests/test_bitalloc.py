@@ -117,3 +117,22 @@ def test_evo_bits_never_ends_worse_than_its_seeds_and_keeps_the_budget(quant_pro
     assert {"dp", "rank-quant"} <= set(search["start_calibration_kl"])
     with apply(model, plan):
         pass
+
+
+def test_gguf_scheme_budgets_count_the_real_bits_of_the_saved_file(quant_profile, tmp_path):
+    """With --scheme gguf the budget is the GGML types' real bits per weight (scales included): the tiny model's
+    rows (32 and 64 inputs) are not multiples of 256, so 8 bits are Q8_0 (8.5) and 4 bits fall back to Q4_0 (4.5);
+    the saved GGUF file holds exactly the predicted average over the blocks' linears."""
+    from lensbench.compress import compress
+
+    model, prof = quant_profile
+    plan = make_plan("bits-rank", prof, 6.5, ranking="lim", levels="8,4", scheme="gguf")
+    assert sorted(_bits(plan).values()) == [4, 4, 8, 8] and plan.predicted["average_bits"] == pytest.approx(6.5)
+    with pytest.raises(PlanError, match="between 4.5 and 8.5"):
+        make_plan("bits-rank", prof, 4.25, ranking="lim", levels="8,4", scheme="gguf")
+    saved = compress(model, plan, format="gguf", out=tmp_path / "ck")
+    linears = [t for t in saved.record["tensors"] if t["name"].startswith("blk.") and len(t["shape"]) == 2]
+    bits = sum(t["bits_per_weight"] * np.prod(t["shape"]) for t in linears) / sum(np.prod(t["shape"]) for t in linears)
+    assert bits == pytest.approx(plan.predicted["average_bits"])
+    dp = make_plan("bits-dp", prof, 6.5, levels="4,8", scheme="gguf")
+    assert dp.predicted["average_bits"] <= 6.5 + 1e-9

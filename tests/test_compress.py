@@ -357,12 +357,13 @@ def test_gguf_from_an_unsupported_hugging_face_family_is_refused(tiny, tmp_path)
     assert not (tmp_path / "ck").exists()
 
 
-@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+@pytest.mark.parametrize("fmt", ["hf", "gguf", "compressed-tensors"])
 def test_evaluate_a_saved_model_against_its_dense_source(tiny_dir, tmp_path, capsys, fmt):
     src = tiny_dir("llama")
     model = lensbench.load(src)
     plan = Plan.drop(model_card(model), [Unit(1, "block")])
-    plan.actions["model.layers.0"] = {"op": "quant", "bits": 8, "scheme": "gguf"}
+    plan.actions["model.layers.0"] = {"op": "quant", "bits": 8, "scheme": "gguf"} if fmt != "compressed-tensors" \
+        else {"op": "quant", "bits": 4, "group_size": 16, "scheme": "sym"}
     plan.save(tmp_path / "plan.json")
     assert main(["compress", str(src), "--plan", str(tmp_path / "plan.json"), "--format", fmt,
                  "--out", str(tmp_path / "ck")]) == 0
