@@ -164,8 +164,25 @@ def test_sigkill_mid_write_leaves_the_old_checkpoint_whole(tiny, tmp_path):
     proc.wait()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name]  # the dead writer's staging, never at out
-    compress(model, plan, format="hf", out=out, overwrite=True)  # a rerun works
+    compress(model, plan, format="hf", out=out, overwrite=True)  # a rerun works and tidies up
     assert {p.name: p.read_bytes() for p in out.iterdir()}.keys() == before.keys()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".ck.")]
+
+
+def test_a_kill_between_the_two_renames_is_recovered(tiny, tmp_path):
+    """_publish moves the old checkpoint aside, then the new one in; killed in between, `out` is missing for a
+    moment: the next run puts the old checkpoint back before anything else."""
+    model = tiny("llama")
+    plan = Plan.drop(model_card(model), [Unit(1, "block")])
+    out = tmp_path / "ck"
+    compress(model, plan, format="hf", out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    out.rename(tmp_path / ".ck.old-12345")
+    (tmp_path / ".ck.partial-12345").mkdir()
+    with pytest.raises(LensbenchError, match="--overwrite"):  # the old checkpoint is back, so out is not empty
+        compress(model, plan, format="hf", out=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
 def test_cli_compress_writes_and_refuses_in_one_line(tiny_dir, tmp_path, capsys):

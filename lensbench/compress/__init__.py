@@ -67,18 +67,18 @@ def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, d
     from ..load import load
     from . import ctensors, gguf, hf  # noqa: F401  (register the writers)
 
-    model = load(model)
-
     if format not in FORMATS:
         raise LensbenchError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise LensbenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    out = Path(out)
+    _recover(out)
     out = check_out(out, overwrite)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    model = load(model)
     plan.resolve(model)  # another model's plan, unknown names: refused before anything is written
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         with torch.no_grad():
@@ -92,6 +92,18 @@ def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, d
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Saved(out, format, record)
+
+
+def _recover(out: Path) -> None:
+    """Tidy what a killed run left beside `out`: a previous checkpoint moved aside by `_publish` goes back
+    when nothing took its place; staging folders are removed."""
+    if not out.parent.is_dir():
+        return
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if olds and not out.exists():
+        os.replace(olds.pop(), out)
+    for left in olds + sorted(out.parent.glob(f".{out.name}.partial-*")):
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def _publish(staging: Path, out: Path) -> None:
