@@ -6,6 +6,8 @@ model at about the same size (`llama_model_quantize`).
 Plans (from a redundancy + weight-outlier profile, made here in ~1 min):
   drop      drop-block, 3 blocks by redundancy
   uniform4  every block linear at 4 bits, --scheme gguf (Q4_K where rows allow, else Q4_0)
+  uniform5  every block linear at 5 bits (Q5_K / Q5_0): about the size of llama.cpp's Q4_K_M, whose
+            576-wide rows fall back to 5-bit types
   mixed     bits-rank --scheme gguf, levels 8,4 at 5.0 real bits per weight (ranking lim)
   combined  drop + mixed
 
@@ -114,7 +116,8 @@ def main() -> None:
     mixed = make_plan("bits-rank", profile, 5.0, levels="8,4", ranking="lim", scheme="gguf")
     uniform = make_plan("bits-rank", profile, 4.5, levels="8,4", ranking="lim", scheme="gguf")  # all at 4 bits
     combined = Plan({**mixed.actions, **drop.actions}, drop.model, {"name": "drop-block + bits-rank"})
-    plans = {"drop": drop, "uniform4": uniform, "mixed": mixed, "combined": combined}
+    uniform5 = make_plan("bits-rank", profile, 5.5, levels="8,5", ranking="lim", scheme="gguf")  # all at 5 bits
+    plans = {"drop": drop, "uniform4": uniform, "uniform5": uniform5, "mixed": mixed, "combined": combined}
 
     held = select_texts(model, bbc_news("heldout"), args.seq_len, args.texts * args.seq_len)[: args.texts]
     ids = [model.tokenize([t], max_length=args.seq_len).input_ids[0].numpy() for t in held]
