@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, NamedTuple
 
 from .atomic import write_json
+from . import jsonio
 from .errors import PlanError
 
 SCHEMA = "lensbench.plan/1"
@@ -228,7 +229,10 @@ class Plan:
         if not path.is_file():
             raise PlanError(f"plan {path} does not exist: make one with `lensbench plan PROFILE --out {path}`")
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = jsonio.read(path)
+        except jsonio.NonFinite as exc:
+            raise PlanError(f"{path}: {exc.field} is {exc.literal}, which lensbench never writes: the plan was "
+                            f"edited or made elsewhere; make it again with lensbench plan") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"{path} is not valid JSON ({exc}); it may be truncated: make the plan again") from None
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:

@@ -125,6 +125,10 @@ def _ranking_scores(profile: Profile, ranking: str, kind: str):
     s = profile.scores[name]
     if s.higher_is_more_important is None or s.values.ndim != 1:
         raise PlanError(f"score {name!r} is descriptive (no importance direction): choose a ranking score")
+    missing = [int(i) for i in np.flatnonzero(~np.isfinite(s.values))]
+    if missing:  # a ranking with holes would silently keep or drop those layers
+        raise PlanError(f"score {name!r} has no value for layer(s) {missing}: re-run the analysis that makes it "
+                        f"({s.analysis or 'see lensbench models'}) or choose another ranking")
     return s
 
 

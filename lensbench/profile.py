@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import write_json, write_with, write_text
+from . import jsonio
 from .errors import ProfileError
 
 SCHEMA = "lensbench.profile/1"
@@ -223,7 +224,11 @@ class Profile:
         if not path.is_file():
             raise ProfileError(f"profile {path} does not exist: run `lensbench profile MODEL --out DIR` first")
         try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
+            doc = jsonio.read(path)
+        except jsonio.NonFinite as exc:
+            raise ProfileError(f"{path}: {exc.field} is {exc.literal}, which lensbench never writes (a missing "
+                               f"value is null): the file was edited or made elsewhere; re-run lensbench "
+                               f"profile") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ProfileError(f"{path} is not valid JSON ({exc}); it may be truncated: "
                                f"re-run lensbench profile") from None

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .adapters import SITES
 from .atomic import write_json, write_with
 from .capture import CaptureSpec, capture_batch, batches
+from . import jsonio
 from .errors import LensbenchError
 from .model import Model
 
@@ -39,8 +40,11 @@ class ActivationStore:
         if not path.is_file():
             raise LensbenchError(f"{self.root} is not an activation store (no manifest.json)")
         try:
-            self.manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            self.manifest = jsonio.read(path)
+        except jsonio.NonFinite as exc:
+            raise LensbenchError(f"{path}: {exc.field} is {exc.literal}, which lensbench never writes: delete the "
+                                 f"store and capture again") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise LensbenchError(f"{path} is not valid JSON ({exc}): delete the store and capture again") from None
         if self.manifest.get("schema") != SCHEMA:
             raise LensbenchError(f"{path} has schema {self.manifest.get('schema')!r}, expected {SCHEMA!r}")
@@ -55,8 +59,13 @@ class ActivationStore:
                                                 "chunks": {}, "complete": False})
         store = cls(root)
         if store.manifest["config_sha256"] != digest:
-            raise LensbenchError(f"the store at {root} was captured with other settings (model, texts or sites); "
-                                 f"use another --out directory or delete this one")
+            old = store.manifest.get("config", {})
+            diff = [k for k in sorted(set(config) | set(old)) if config.get(k) != old.get(k)]
+            shown = "; ".join(f"{k} {_short(old.get(k))} there, {_short(config.get(k))} here" for k in diff[:3])
+            raise LensbenchError(f"the store at {root} was captured with other settings ({shown}): use another "
+                                 f"--out directory, the same settings, or delete this one")
+        for left in root.glob(".chunk-*.tmp"):  # a chunk a killed run was writing: never in the manifest
+            left.unlink(missing_ok=True)
         return store
 
     @property
@@ -93,6 +102,11 @@ class ActivationStore:
     def load(self, name: str) -> torch.Tensor:
         """One tensor concatenated over all chunks (mind the size)."""
         return torch.cat([c[name] for c in self.chunks([name])])
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def capture_to_store(model: Model, texts: Sequence[str], root: str | Path, *, sites: Sequence[str] = SITES,

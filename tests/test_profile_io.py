@@ -193,3 +193,26 @@ def test_plan_load_checks_the_model(tmp_path, tiny):
     assert Plan.load(path, model=a).units() == [Unit(0, "block")]
     with pytest.raises(PlanError, match="made for 'tiny-llama'.*not for 'tiny-qwen2'"):
         Plan.load(path, model=b)
+
+
+def test_a_nan_literal_is_refused_with_its_field_and_a_ranking_hole_is_refused_by_plan(tmp_path):
+    """lensbench writes null for a missing value; a NaN literal means the file was edited or made elsewhere. A
+    null inside a ranking would make a plan silently keep or drop that layer: refused, naming the layers."""
+    from lensbench.errors import PlanError
+    from lensbench.policies import make_plan
+
+    path = make_profile().save(tmp_path / "p.json")
+    text = path.read_text()
+    doc = json.loads(text)
+    name = "influence"
+    doc["model"] |= {"n_layers": 3, "units": {"block": "model.layers.{i}", "attn": "model.layers.{i}.self_attn",
+                                              "mlp": "model.layers.{i}.mlp"}}
+    doc["scores"][name]["values"][1] = float("nan")
+    path.write_text(json.dumps(doc))  # json.dumps writes the literal NaN
+    with pytest.raises(ProfileError, match=rf"scores\.{name}\.values\[1\] is NaN, which lensbench never writes"):
+        Profile.load(path)
+    doc["scores"][name]["values"][1] = None  # what lensbench itself writes for a missing value
+    path.write_text(json.dumps(doc))
+    profile = Profile.load(path)
+    with pytest.raises(PlanError, match=rf"{name}' has no value for layer\(s\) \[1\]"):
+        make_plan("drop-block", profile, 1, ranking=f"score:{name}")

@@ -55,8 +55,23 @@ def test_resume_after_interruption(tmp_path, tiny, texts):
 def test_other_settings_refuse_to_mix(tmp_path, tiny, texts):
     m = tiny("llama")
     capture_to_store(m, texts, tmp_path, progress=False)
-    with pytest.raises(LensbenchError, match="captured with other settings"):
+    with pytest.raises(LensbenchError, match="captured with other settings") as exc:
         capture_to_store(m, texts[:3], tmp_path, progress=False)
+    assert "n_texts 6 there, 3 here" in str(exc.value)  # the setting that differs, named
+    with pytest.raises(LensbenchError, match="batch_size 8 there, 2 here"):
+        capture_to_store(m, texts, tmp_path, batch_size=2, progress=False)
+
+
+def test_a_chunk_left_half_written_is_removed_and_nan_in_a_manifest_is_named(tmp_path, tiny, texts):
+    m = tiny("llama")
+    capture_to_store(m, texts, tmp_path, progress=False)
+    (tmp_path / ".chunk-000001.safetensors.abc123.tmp").write_bytes(b"\0" * 1000)  # what a kill mid-chunk leaves
+    capture_to_store(m, texts, tmp_path, progress=False)  # the same run again: reopened, tidied
+    assert not list(tmp_path.glob(".chunk-*.tmp"))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"n_tokens": ', '"n_tokens": NaN, "was": ', 1))
+    with pytest.raises(LensbenchError, match=r"chunks\.0\.n_tokens is NaN, which lensbench never writes"):
+        ActivationStore(tmp_path)
 
 
 KILL_SCRIPT = textwrap.dedent("""

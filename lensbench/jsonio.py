@@ -1,0 +1,45 @@
+"""Reading lensbench's JSON files strictly: a NaN or Infinity literal (which lensbench never writes; it
+writes null for a missing value) is refused with the field that holds it, instead of flowing into
+rankings and plans as a number."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class NonFinite(ValueError):
+    """A NaN/Infinity literal at `field` (a JSON path such as scores.ablation_kl_block.values[3])."""
+
+    def __init__(self, field: str, literal: str):
+        super().__init__(f"{field} is {literal}")
+        self.field, self.literal = field, literal
+
+
+class _Marker:
+    def __init__(self, literal: str):
+        self.literal = literal
+
+
+def loads(text: str) -> Any:
+    """`json.loads`, raising NonFinite naming the first field that holds NaN, Infinity or -Infinity."""
+    doc = json.loads(text, parse_constant=_Marker)
+    hit = _find(doc, "")
+    if hit is not None:
+        raise NonFinite(*hit)
+    return doc
+
+
+def read(path: str | Path) -> Any:
+    return loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _find(node: Any, where: str) -> tuple[str, str] | None:
+    if isinstance(node, _Marker):
+        return where or "the document", node.literal
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        hit = _find(child, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key))
+        if hit is not None:
+            return hit
+    return None
