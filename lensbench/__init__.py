@@ -2,6 +2,14 @@
 skipping or quantising them costs."""
 __version__ = "0.1.0"
 
+import logging as _logging  # noqa: E402
+
+# transformers imports torchao when it is installed (the dev extra has it); torchao then logs, on every
+# import, that its CUDA-only extensions do not load on this CPU build, and torch logs enum-registration
+# deprecations. Neither says anything about the user's run.
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
 from .errors import LensbenchError  # noqa: E402
 from .load import load  # noqa: E402
 from .model import Batch, Model  # noqa: E402

@@ -127,7 +127,7 @@ def cmd_profile(args) -> int:
     check_names(args.analyses.split(","))  # before the model is loaded
     texts, data = None, None
     if args.texts:
-        texts = read_text_file(args.texts)
+        texts = read_text_file(args.texts, args.encoding)
         data = {"source": str(Path(args.texts).resolve())}
     profile, path = run_profile(args.model, Path(args.out), texts, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                 batch_size=args.batch_size, analyses=args.analyses.split(","),
@@ -232,7 +232,7 @@ def cmd_capture(args) -> int:
     from .texts import read_text_file
 
     model = load(args.model)
-    texts = read_text_file(args.texts)
+    texts = read_text_file(args.texts, args.encoding)
     store = capture_to_store(model, texts, args.out, sites=args.sites.split(","), positions=args.positions,
                              batch_size=args.batch_size, seq_len=resolve_seq_len(model, args.seq_len),
                              dtype=getattr(torch, args.dtype))
@@ -256,7 +256,7 @@ def cmd_plan(args) -> int:
     model = texts = None
     if POLICIES[args.policy].needs_model or args.iterative:
         model = load(args.model or model_source(profile.model))
-        texts = read_text_file(args.texts) if args.texts else bbc_news("calibration")
+        texts = read_text_file(args.texts, args.encoding) if args.texts else bbc_news("calibration")
         texts = select_texts(model, texts, 128, args.max_tokens)
         options["progress"] = True  # searches that take it show a bar
     plan = make_plan(args.policy, profile, args.budget, model=model, texts=texts, **options)
@@ -298,7 +298,7 @@ def cmd_evaluate(args) -> int:
         plan = Plan.load(args.plan)
         model = load(args.model)
         plan.resolve(model)
-    texts = read_text_file(args.texts) if args.texts else None
+    texts = read_text_file(args.texts, args.encoding) if args.texts else None
     cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
                      speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
     result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved)
@@ -405,7 +405,7 @@ def cmd_relevance(args) -> int:
 
     texts = list(args.text or [])
     if args.texts:
-        texts += read_text_file(args.texts)
+        texts += read_text_file(args.texts, args.encoding)
     if not texts:
         raise LensbenchError("no prompt: give --text \"...\" (repeatable) or --texts FILE")
     model = load(args.model)
@@ -452,6 +452,8 @@ def cmd_app(args) -> int:
               file=sys.stderr)
     app = create_app(args.profiles)
     bad = [o for o in app.lensbench_state.opened.values() if o.profile is None]
+    if len(bad) == len(app.lensbench_state.opened):  # nothing to show: say so instead of serving empty pages
+        raise LensbenchError(f"no profile could be opened ({bad[0].path}: {bad[0].error})")
     for o in bad:  # shown in the app too; a typo should not need a browser to be seen
         print(f"lensbench: warning: {o.path}: {o.error}", file=sys.stderr)
     print(f"lensbench app on http://{args.host}:{args.port}/ (Ctrl-C to stop)")
@@ -501,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model", help="bundled name, local HF directory, .gguf file or hub name")
     pr.add_argument("--out", required=True, help="output directory")
     pr.add_argument("--texts", help="text file, one text per line (default: BBC news calibration split)")
+    pr.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
     pr.add_argument("--max-tokens", type=int, help="stop adding texts after this many tokens")
     pr.add_argument("--seq-len", type=int, help="truncate each text to this many tokens (default 128)")
     pr.add_argument("--batch-size", type=int, default=8)
@@ -548,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca = sub.add_parser("capture", help="stream activations of a text file into a resumable on-disk store")
     ca.add_argument("model")
     ca.add_argument("--texts", required=True)
+    ca.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
     ca.add_argument("--out", required=True)
     ca.add_argument("--sites", default=",".join(SITES))
     ca.add_argument("--positions", default="all", choices=("all", "last", "mean"))
@@ -572,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int)
     pl.add_argument("--model", help="model for searches (default: where the profile's model came from)")
     pl.add_argument("--texts", help="calibration text file for searches (default: BBC news calibration split)")
+    pl.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
     pl.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens for searches")
     pl.add_argument("--levels", help="bit policies: bit-widths, e.g. 4,2 (high,low) or 2,3,4,8 (bits-dp)")
     pl.add_argument("--reverse", action="store_true", help="bits-rank: most important blocks low (a control)")
@@ -633,6 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("model")
     rl.add_argument("--text", action="append", help="prompt (repeatable)")
     rl.add_argument("--texts", help="file of prompts (one per line)")
+    rl.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
     rl.add_argument("--target", help="token to explain (default: the model's own next-token prediction)")
     rl.add_argument("--contrast", help="second token: explain logit[target] - logit[contrast]")
     rl.add_argument("--rule", choices=("attnlrp", "eps", "cp"), default="attnlrp",
@@ -651,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dense", help="MODEL is a saved checkpoint: measure it against this dense source model")
     ev.add_argument("--out", required=True, help="eval JSON file to write")
     ev.add_argument("--texts", help="held-out text file (default: BBC news held-out split)")
+    ev.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
     ev.add_argument("--n-texts", type=int, default=32, help="held-out BBC articles (default 32)")
     ev.add_argument("--seq-len", type=int)
     ev.add_argument("--cities", type=int, default=200, help="city facts for the zero-shot accuracy")
@@ -673,6 +680,8 @@ def check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < least:
             raise LensbenchError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    if getattr(args, "encoding", None) and not getattr(args, "texts", None):
+        raise LensbenchError("--encoding applies to the file given with --texts: give --texts FILE, or drop --encoding")
     port = getattr(args, "port", None)
     if port is not None and not 1 <= port <= 65535:
         raise LensbenchError(f"--port must be between 1 and 65535, got {port}")

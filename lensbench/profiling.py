@@ -82,9 +82,13 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
     sites = tuple(dict.fromkeys(s for a in analyzers for s in a.sites))
     if sites and not texts:
         raise LensbenchError("no texts to profile on: give a non-empty text file")
+    skipped = 0
     if sites:
+        texts, skipped = scorable(model, texts)
         data = {**(data or {}), **_stream(model, texts, analyzers, CaptureSpec(sites=sites).validate(model),
                                            batch_size, seq_len, progress)}
+        if skipped:
+            data["skipped_too_short"] = skipped
     else:  # weight-only analyses: no forward pass, and no text to describe
         data = {}
     profile = Profile(
@@ -97,6 +101,24 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
         profile.add(*a.finish())
     refresh(profile)
     return profile
+
+
+def scorable(model: Model, texts: Sequence[str]) -> tuple[list[str], int]:
+    """(texts with at least two content tokens, how many were left out). A causal model's statistics skip
+    the first token (the attention sink) and a next-token score needs a second one, so a shorter text adds
+    nothing; it is skipped with a count on stderr rather than ending the run."""
+    import sys
+
+    enc = model.tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True)
+    keep = [t for t, m in zip(texts, enc["special_tokens_mask"], strict=True) if len(m) - sum(m) >= 2]
+    skipped = len(texts) - len(keep)
+    if not keep:
+        raise LensbenchError(f"none of the {len(texts)} texts has two or more tokens to score: give longer texts "
+                             f"(a sentence or more each)")
+    if skipped:
+        print(f"lensbench: skipped {skipped} of {len(texts)} texts with fewer than two tokens to score",
+              file=sys.stderr)
+    return keep, skipped
 
 
 def model_source(card: dict) -> str:

@@ -47,12 +47,26 @@ def _clean(text: str) -> str:
     return " ".join(line for line in lines if line)
 
 
-def read_text_file(path: str | Path) -> list[str]:
-    """One text per non-empty line (a `.txt` file), or per paragraph when lines are blank-separated."""
+def read_text_file(path: str | Path, encoding: str | None = None) -> list[str]:
+    """One text per non-empty line (a `.txt` file), or per paragraph when lines are blank-separated.
+
+    UTF-8 unless `encoding` names another; a file that is not text (NUL bytes) or does not decode is
+    refused, never read as replacement characters."""
     path = Path(path)
     if not path.is_file():
         raise LensbenchError(f"text file {path} does not exist: check the path")
-    raw = path.read_text(encoding="utf-8", errors="replace")
+    data = path.read_bytes()
+    if b"\0" in data[:65536] and not (encoding or "").lower().startswith("utf-16"):
+        raise LensbenchError(f"{path} is not a text file (it holds NUL bytes): give a text file, one text per line")
+    try:
+        raw = data.decode(encoding or "utf-8")
+    except LookupError:
+        raise LensbenchError(f"unknown encoding {encoding!r}: use a Python codec name such as utf-8 or "
+                             f"latin-1") from None
+    except UnicodeDecodeError as exc:
+        raise LensbenchError(f"{path} is not {encoding or 'UTF-8'} (byte 0x{data[exc.start]:02x} at offset "
+                             f"{exc.start}): convert it, or pass --encoding with the file's encoding "
+                             f"(e.g. latin-1)") from None
     blocks = [b.strip() for b in raw.split("\n\n")] if "\n\n" in raw.strip() else raw.splitlines()
     texts = [" ".join(b.split()) for b in blocks if b.strip()]
     if not texts:
