@@ -77,10 +77,12 @@ def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int
         if max_tokens is None:
             max_tokens = 2048
     texts = select_texts(model, texts, seq, max_tokens)
+    resume = out / ".profile-partial.safetensors"  # the scans' running state: a killed run continues from it
     profile = profile_model(model, texts, analyses=analyses, analysis_params=analysis_params,
-                            batch_size=batch_size, seq_len=seq, data=data, progress=progress)
+                            batch_size=batch_size, seq_len=seq, data=data, progress=progress, resume=resume)
     profile = _merged(previous, profile)
     path = profile.save(out)
+    resume.unlink(missing_ok=True)
     if not profile.to_frame().empty:
         profile.to_table(out / "layers.csv")
     return profile, path

@@ -4,6 +4,8 @@ from __future__ import annotations
 import datetime
 import math
 import sys
+import time
+from pathlib import Path
 from typing import Sequence
 
 from tqdm import tqdm
@@ -35,21 +37,41 @@ def resolve_seq_len(model: Model, requested: int | None) -> int:
 
 
 def _stream(model: Model, texts, analyzers, spec: CaptureSpec, batch_size: int, seq_len: int,
-            progress: bool) -> dict:
-    """One capture per batch, folded into every analyzer; returns what was read."""
-    n_tokens = 0
+            progress: bool, resume: Path | None = None, every: float = 20.0) -> dict:
+    """One capture per batch, folded into every analyzer; returns what was read. With `resume`, the
+    analyzers' state is saved there at most every `every` seconds and a saved state of this same run is
+    picked up, so a killed run continues after its last saved batch (see `checkpoint`)."""
+    from . import checkpoint
+
+    n_tokens, done = 0, 0
     per_batch = 1 + sum(a.steps_per_batch() for a in analyzers)  # the capture, then each scanned unit
     bar = tqdm(total=math.ceil(len(texts) / batch_size) * per_batch, desc=f"profiling {model.name}", unit="step",
                disable=not progress, file=sys.stderr, leave=False)
+    base = [checkpoint.derived(a) for a in analyzers]
+    key = checkpoint.run_key(model, texts, analyzers, batch_size, seq_len) if resume else ""
+    if resume is not None:
+        found = checkpoint.load(resume, key, analyzers)
+        if found is not None:
+            done, n_tokens = found
+            bar.update(done * per_batch)
+            print(f"lensbench: resuming after {done} finished batches ({resume.name})", file=sys.stderr)
     for a in analyzers:
         a.on_step_ = lambda: bar.update(1)
+    last = time.monotonic()
     try:
-        for batch in batches(model, texts, batch_size, seq_len):
+        for index, batch in enumerate(batches(model, texts, batch_size, seq_len)):
+            if index < done:
+                continue
             trace, _ = capture_batch(model, spec, batch)
             bar.update(1)
             for a in analyzers:
                 a.update(trace)
             n_tokens += batch.n_tokens
+            if resume is not None and time.monotonic() - last >= every:
+                state = checkpoint.snapshot(analyzers, base)
+                if state is not None:
+                    checkpoint.save(resume, key, index + 1, n_tokens, state)
+                last = time.monotonic()
     finally:
         for a in analyzers:
             a.on_step_ = None
@@ -65,10 +87,14 @@ def model_card(model: Model) -> dict:
 
 def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str] = DEFAULT_ANALYSES,
                   analysis_params: dict[str, dict] | None = None, batch_size: int = 8, seq_len: int | None = None,
-                  data: dict | None = None, progress: bool = True) -> Profile:
+                  data: dict | None = None, progress: bool = True, resume: str | Path | None = None,
+                  resume_every: float = 20.0) -> Profile:
     """Profile `model` on `texts` with the named analyses.
 
-    Each text is truncated to `seq_len` tokens (default: 128, or the model's context if shorter).
+    Each text is truncated to `seq_len` tokens (default: 128, or the model's context if shorter). With
+    `resume` (a file path), the running state is saved there as batches finish (at most every
+    `resume_every` seconds) and a run killed part-way continues from it; remove the file once the profile is
+    saved (the CLI does).
     """
     if isinstance(texts, str):  # one text, as capture() takes it; never one text per character
         texts = [texts]
@@ -86,7 +112,8 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
     if sites:
         texts, skipped = scorable(model, texts)
         data = {**(data or {}), **_stream(model, texts, analyzers, CaptureSpec(sites=sites).validate(model),
-                                           batch_size, seq_len, progress)}
+                                           batch_size, seq_len, progress, Path(resume) if resume else None,
+                                           resume_every)}
         if skipped:
             data["skipped_too_short"] = skipped
     else:  # weight-only analyses: no forward pass, and no text to describe
