@@ -209,10 +209,13 @@ class Profile:
             keep, sha = _write_sidecar(path, arrays)
             doc["sidecar"] = {"file": keep.name, "sha256": sha}
         write_json(path, doc)  # last: the JSON names its sidecar and the sidecar's hash
-        # Only now that the new JSON is in place: this JSON's earlier sidecars (and any a killed save left).
+        # Only now that the new JSON is in place: this JSON's earlier sidecars, and the temporaries a killed
+        # save left (`.profile.json.*.tmp`, `.profile.arrays.tmp` and its own temporary).
         for old in path.parent.glob(f"{path.stem}.arrays-*.safetensors"):
             if old != keep:
                 old.unlink(missing_ok=True)
+        for left in [*path.parent.glob(f".{path.stem}.*tmp"), *path.parent.glob(f"..{path.stem}.*tmp")]:
+            left.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -64,8 +64,8 @@ class ActivationStore:
             shown = "; ".join(f"{k} {_short(old.get(k))} there, {_short(config.get(k))} here" for k in diff[:3])
             raise LensbenchError(f"the store at {root} was captured with other settings ({shown}): use another "
                                  f"--out directory, the same settings, or delete this one")
-        for left in root.glob(".chunk-*.tmp"):  # a chunk a killed run was writing: never in the manifest
-            left.unlink(missing_ok=True)
+        for left in [*root.glob(".chunk-*.tmp"), *root.glob(".manifest.json.*.tmp")]:  # what a killed run was
+            left.unlink(missing_ok=True)  # writing: never named by the manifest, which is replaced whole
         return store
 
     @property
