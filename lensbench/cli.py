@@ -301,7 +301,7 @@ def cmd_evaluate(args) -> int:
         model = load(args.model)
         plan.resolve(model)
     texts = read_text_file(args.texts, args.encoding) if args.texts else None
-    cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
+    cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities, topics=args.topics,
                      speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
     result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved)
     write_json(Path(args.out), result)
@@ -663,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-texts", type=int, default=32, help="held-out BBC articles (default 32)")
     ev.add_argument("--seq-len", type=int)
     ev.add_argument("--cities", type=int, default=200, help="city facts for the zero-shot accuracy")
+    ev.add_argument("--topics", type=int, default=40, help="BBC topic multiple-choice items, scored as "
+                    "lm-evaluation-harness's acc_norm (0 skips it)")
     ev.add_argument("--speed-rounds", type=int, default=7)
     ev.add_argument("--decode-tokens", type=int, default=32)
     ev.set_defaults(fn=cmd_evaluate)
@@ -671,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Smallest value each numeric option takes (checked before any model is loaded).
 MINIMUM = {"batch_size": 1, "n_texts": 1, "seq_len": 1, "max_tokens": 1, "speed_rounds": 1, "decode_tokens": 1,
-           "folds": 2, "n_per_class": 1, "count": 1, "edit_n": 2, "cities": 0, "interventions": 0, "generations": 1,
+           "folds": 2, "n_per_class": 1, "count": 1, "edit_n": 2, "cities": 0, "topics": 0, "interventions": 0, "generations": 1,
            "group_size": 1}
 FILE_OUTPUT = {"plan", "evaluate", "report", "export"}  # --out is a file; the other commands write a directory
 

@@ -32,6 +32,7 @@ class DemoConfig:
     average_bits: float = 6.0  # the mixed-precision plan: int8/int4 over the blocks' linears, by int4 sensitivity
     eval_texts: int = 8  # held-out BBC articles
     eval_cities: int = 50
+    eval_topics: int = 20
     speed_rounds: int = 3
     decode_tokens: int = 16
 
@@ -121,8 +122,8 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
             "mixed-precision": make_plan("bits-rank", profile, cfg.average_bits, levels="8,4", ranking="quant"),
         }
         evals = {}
-        ecfg = EvalConfig(texts=cfg.eval_texts, cities=cfg.eval_cities, speed_rounds=cfg.speed_rounds,
-                          decode_tokens=cfg.decode_tokens)
+        ecfg = EvalConfig(texts=cfg.eval_texts, cities=cfg.eval_cities, topics=cfg.eval_topics,
+                          speed_rounds=cfg.speed_rounds, decode_tokens=cfg.decode_tokens)
         for label, plan in plans.items():
             plan.save(staging / "plans" / f"{label}.json")
             with steps(f"evaluate the {label} plan on held-out text (applied for real)"):

@@ -1,8 +1,9 @@
 """Evaluate a Plan for real: quality, speed and memory of the reduced model next to the dense one, in one run.
 
 * quality: KL(p_dense || p_plan) per token and perplexity on held-out BBC news (never the
-  calibration split), and zero-shot accuracy on city facts ("The city of X is in" + true vs a
-  wrong country, by the model's own log-probabilities);
+  calibration split), zero-shot accuracy on city facts ("The city of X is in" + true vs a
+  wrong country, by the model's own log-probabilities), and BBC topic multiple choice scored as
+  lm-evaluation-harness scores it (`zeroshot`), with its chance and shuffled-label floors;
 * speed: prefill and greedy decode (batch 1, KV cache) tokens/s, dense and plan measured in
   interleaved rounds; ratios are the median of per-round ratios (plan speed / dense speed);
 * memory: bytes of the weights the model holds with the plan applied, and the process's peak RSS.
@@ -34,6 +35,7 @@ class EvalConfig:
     seq_len: int = 128
     batch_size: int = 4
     cities: int = 200  # city facts (pairs)
+    topics: int = 40  # BBC topic multiple choice (lm-eval-style acc_norm); 0 skips it
     speed_rounds: int = 7
     prompt_tokens: int = 128
     decode_tokens: int = 32
@@ -64,6 +66,8 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
                      "saved": {"name": saved.name, "source": saved.card.get("source")}}
         steps.update()
     cities = city_accuracy(model, target, cfg.cities) if model.is_causal_lm else {}
+    if model.is_causal_lm and cfg.topics:
+        cities |= topic_accuracy(model, target, cfg.topics)
     steps.update()
     speed = speed_ratios(model, target, texts[0], cfg)
     steps.update()
@@ -116,10 +120,13 @@ def continuation_logprob(model: Model, prefixes: Sequence[str], continuations: S
                          batch_size: int = 64) -> torch.Tensor:
     """Sum of log p(continuation tokens | prefix) for each pair, from the model's own logits."""
     tok = model.tokenizer
+    ctx = model.max_context
     seqs = []
     for p, c in zip(prefixes, continuations, strict=True):
         a = tok(p)["input_ids"]
         b = tok(c, add_special_tokens=False)["input_ids"]
+        if ctx is not None and len(a) + len(b) > ctx:  # keep the end of the prompt, next to the continuation
+            a = a[len(a) + len(b) - ctx:]
         seqs.append((a + b, len(a)))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = []
@@ -154,6 +161,19 @@ def city_accuracy(model: Model, target: Target, n: int) -> dict:
     with applied(model, target):
         reduced = acc()
     return {"city_accuracy": reduced, "dense_city_accuracy": dense, "city_facts": len(facts)}
+
+
+def topic_accuracy(model: Model, target: Target, n: int) -> dict:
+    """BBC topic multiple choice (see `zeroshot`), dense and with the plan, with its floors."""
+    from .zeroshot import bbc_topics, topic_task
+
+    items = bbc_topics(n)
+    dense = topic_task(model, n, items=items)
+    with applied(model, target):
+        reduced = topic_task(model, n, items=items)
+    return {"topic_accuracy": reduced["accuracy"], "dense_topic_accuracy": dense["accuracy"],
+            "topic_shuffled_label_accuracy": dense["shuffled_label_accuracy"], "topic_chance": dense["chance"],
+            "topic_items": dense["items"]}
 
 
 @torch.no_grad()

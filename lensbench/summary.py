@@ -91,6 +91,9 @@ def evaluation_summary(r: dict) -> str:
              f"perplexity {r['perplexity']:.1f} (dense {r['dense_perplexity']:.1f})"]
     if "city_accuracy" in r:
         parts.append(f"city facts {r['city_accuracy']:.3f} (dense {r['dense_city_accuracy']:.3f})")
+    if "topic_accuracy" in r:
+        parts.append(f"topics {r['topic_accuracy']:.2f} (dense {r['dense_topic_accuracy']:.2f}, chance "
+                     f"{r['topic_chance']:.2f})")
     if "decode_speed_ratio" in r:
         parts.append(f"prefill x{r['prefill_speed_ratio']:.2f}, decode x{r['decode_speed_ratio']:.2f} vs dense")
     parts.append(f"weights {r['weight_bytes'] / 2**20:.0f} MiB ({r['weight_bytes'] / r['dense_weight_bytes']:.2f} "

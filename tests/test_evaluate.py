@@ -12,7 +12,7 @@ from lensbench.probes.cities import city_facts
 from lensbench.profiling import model_card
 from lensbench.testing import SAMPLE_TEXTS
 
-FAST = EvalConfig(cities=6, speed_rounds=1, decode_tokens=2, prompt_tokens=16)
+FAST = EvalConfig(cities=6, topics=5, speed_rounds=1, decode_tokens=2, prompt_tokens=16)
 
 
 def test_city_facts_are_real_and_balanced():

@@ -115,7 +115,7 @@ def test_smollm2_plan_evaluated_on_heldout_text(smollm):
     from lensbench.texts import bbc_news
 
     plan = Plan.drop(model_card(smollm), [Unit(20, "attn"), Unit(22, "attn"), Unit(25, "block")])
-    cfg = EvalConfig(texts=4, cities=40, speed_rounds=1, decode_tokens=4, prompt_tokens=32)
+    cfg = EvalConfig(texts=4, cities=40, topics=0, speed_rounds=1, decode_tokens=4, prompt_tokens=32)
     r = evaluate(smollm, plan, cfg, texts=bbc_news("heldout", limit=4))
     assert 5 < r["dense_perplexity"] < 60 and r["perplexity"] > r["dense_perplexity"] * 0.95
     assert 0 < r["kl_to_dense"] < 1
@@ -168,3 +168,17 @@ def test_dynamic_lrp_on_minilm(minilm):
     rel = attribute(minilm, "The cat sat on the mat.")
     assert rel.conservation["coverage"] == 1.0 and rel.conservation["end_to_end_error"] < 1e-3
     assert rel.heads.shape == (6, 12)
+
+
+def test_topic_multiple_choice_separates_the_model_from_a_destroyed_one(smollm):
+    """The lm-eval-style topic task: SmolLM2 well above chance and above the shuffled-label floor; with every
+    sublayer but the first attention and MLP removed it falls to chance (city facts did not: 0.855 vs 0.990)."""
+    from lensbench.evaluate import topic_accuracy
+    from lensbench.plan import Plan, Unit
+    from lensbench.profiling import model_card
+
+    units = [Unit(i, "attn") for i in range(1, 30)] + [Unit(i, "mlp") for i in range(1, 30)]
+    r = topic_accuracy(smollm, Plan.drop(model_card(smollm), units), 30)
+    assert r["topic_items"] == 30 and r["topic_chance"] == 0.2
+    assert r["dense_topic_accuracy"] >= 0.35 and r["dense_topic_accuracy"] > r["topic_shuffled_label_accuracy"] + 0.1
+    assert r["topic_accuracy"] <= 0.3

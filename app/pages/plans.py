@@ -204,7 +204,8 @@ def register(app, state):
             progress(0.05, "loading the model")
             model = state.model_for(profile)
             progress(0.2, "applying the plan and measuring quality and speed")
-            cfg = EvalConfig(texts=8, seq_len=64, cities=20, speed_rounds=2, prompt_tokens=32, decode_tokens=8)
+            cfg = EvalConfig(texts=8, seq_len=64, cities=20, topics=10, speed_rounds=2, prompt_tokens=32,
+                             decode_tokens=8)
             result = evaluate(model, plan, cfg, texts=bbc_news("heldout", limit=8))
             return front_point(f"{policy} {budget}", result, predicted_kl=predicted)
 
