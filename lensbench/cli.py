@@ -301,8 +301,8 @@ def cmd_evaluate(args) -> int:
         model = load(args.model)
         plan.resolve(model)
     texts = read_text_file(args.texts, args.encoding) if args.texts else None
-    cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities, topics=args.topics,
-                     speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
+    cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
+                     topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
     result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved)
     write_json(Path(args.out), result)
     print(f"{plan!r}\n  {evaluation_summary(result)}")
@@ -673,8 +673,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Smallest value each numeric option takes (checked before any model is loaded).
 MINIMUM = {"batch_size": 1, "n_texts": 1, "seq_len": 1, "max_tokens": 1, "speed_rounds": 1, "decode_tokens": 1,
-           "folds": 2, "n_per_class": 1, "count": 1, "edit_n": 2, "cities": 0, "topics": 0, "interventions": 0, "generations": 1,
-           "group_size": 1}
+           "folds": 2, "n_per_class": 1, "count": 1, "edit_n": 2, "cities": 0, "topics": 0, "interventions": 0,
+           "generations": 1, "group_size": 1}
 FILE_OUTPUT = {"plan", "evaluate", "report", "export"}  # --out is a file; the other commands write a directory
 
 
