@@ -22,6 +22,9 @@ def _quiet() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore")
+    import logging
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task advisory warnings, on every run
     try:
         from transformers.utils import logging as hf_logging
 
@@ -286,6 +289,13 @@ def cmd_evaluate(args) -> int:
     from .texts import read_text_file
 
     saved = None
+    if args.lm_eval_task:  # checked before any model loads
+        from .lmeval import check_installed, task_name
+
+        check_installed()
+        task_name(Path(args.lm_eval_task))
+    elif args.lm_eval_limit is not None:
+        raise LensbenchError("--lm-eval-limit applies to --lm-eval-task: give the task YAML, or drop the limit")
     if args.dense:  # MODEL is a folder lensbench compress wrote; its plan is in its record
         if args.plan:
             raise LensbenchError("--plan and --dense do not go together: a saved model carries its plan (give the "
@@ -303,12 +313,17 @@ def cmd_evaluate(args) -> int:
     texts = read_text_file(args.texts, args.encoding) if args.texts else None
     cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
                      topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
-    result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved)
+    result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved, lm_eval_task=args.lm_eval_task,
+                      lm_eval_limit=args.lm_eval_limit)
     write_json(Path(args.out), result)
     print(f"{plan!r}\n  {evaluation_summary(result)}")
     if saved is not None:
         mem = result["in_memory_plan"]
         print(f"  the same plan in memory: KL {mem['kl_to_dense']:.4f}, perplexity {mem['perplexity']:.2f}")
+    if "lm_eval" in result:
+        le = result["lm_eval"]
+        print(f"  lm-eval {le['task']}: " + ", ".join(f"{k.split(',')[0]} {v:.3f} (dense {le['dense'][k]:.3f})"
+                                                     for k, v in le["plan"].items() if "stderr" not in k))
     print(f"wrote {args.out}")
     return 0
 
@@ -663,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n-texts", type=int, default=32, help="held-out BBC articles (default 32)")
     ev.add_argument("--seq-len", type=int)
     ev.add_argument("--cities", type=int, default=200, help="city facts for the zero-shot accuracy")
+    ev.add_argument("--lm-eval-task", help="also run this local lm-evaluation-harness task YAML on the dense model "
+                    "and the plan (needs pip install 'lensbench[lm-eval]')")
+    ev.add_argument("--lm-eval-limit", type=int, help="at most this many documents of the lm-eval task")
     ev.add_argument("--topics", type=int, default=40, help="BBC topic multiple-choice items, scored as "
                     "lm-evaluation-harness's acc_norm (0 skips it)")
     ev.add_argument("--speed-rounds", type=int, default=7)
@@ -674,7 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Smallest value each numeric option takes (checked before any model is loaded).
 MINIMUM = {"batch_size": 1, "n_texts": 1, "seq_len": 1, "max_tokens": 1, "speed_rounds": 1, "decode_tokens": 1,
            "folds": 2, "n_per_class": 1, "count": 1, "edit_n": 2, "cities": 0, "topics": 0, "interventions": 0,
-           "generations": 1, "group_size": 1}
+           "generations": 1, "group_size": 1, "lm_eval_limit": 1}
 FILE_OUTPUT = {"plan", "evaluate", "report", "export"}  # --out is a file; the other commands write a directory
 
 

