@@ -715,6 +715,10 @@ def check_args(args) -> None:
         raise LensbenchError(f"--out {out} is a directory; give a file name, e.g. {out / 'out.json'}")
     if args.command not in FILE_OUTPUT and out.exists() and not out.is_dir():
         raise LensbenchError(f"--out {out} is a file; give a directory (it is created if missing)")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())  # where the first write lands
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise LensbenchError(f"--out {out} cannot be written ({existing} is not a writable folder): choose another "
+                             f"place")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,8 @@ def make_plan(name: str, profile: Profile, budget: float, *, model=None, texts: 
     if name not in POLICIES:
         raise PlanError(f"unknown policy {name!r}: use one of {', '.join(POLICIES)}")
     policy = POLICIES[name]
+    if isinstance(texts, str):  # one calibration text, never one text per character
+        texts = [texts]
     try:
         budget = float(budget)
     except (TypeError, ValueError):

@@ -46,6 +46,8 @@ CASES = [  # (argv, pattern in the one line)
     (["evaluate", "{model}", "--plan", "{plan}", "--out", "{tmp}"], "is a directory"),
     (["report", "{profile}", "--out", "{tmp}"], "is a directory"),
     (["export", "{qplan}", "--format", "torchao", "--out", "{tmp}"], "is a directory"),
+    (["profile", "{model}", "--out", "{text}/sub"], "cannot be written"),
+    (["plan", "{profile}", "--policy", "drop-block", "--budget", "1", "--out", "{text}/p.json"], "cannot be written"),
     # analyses
     (["profile", "{model}", "--analyses", "redundancy,nope", "--out", "{out}"], "unknown analysis"),
     (["profile", "{model}", "--analyses", "", "--out", "{out}"], "analys"),
