@@ -76,7 +76,8 @@ def test_demo_runs_the_whole_story_and_replaces_its_previous_results(tmp_path, c
     from lensbench.demo import DemoConfig, run_demo
 
     out = tmp_path / "demo"
-    small = DemoConfig(calibration_tokens=256, eval_texts=2, eval_cities=8, speed_rounds=1, decode_tokens=4)
+    small = DemoConfig(calibration_tokens=256, eval_texts=2, eval_cities=8, eval_topics=5, speed_rounds=1,
+                       decode_tokens=4)
     report = run_demo(out, small)
     text = capsys.readouterr().out
     for name in ("smollm2-135m", "minilm-l6"):
