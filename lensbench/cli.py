@@ -716,6 +716,8 @@ def check_args(args) -> None:
     if args.command not in FILE_OUTPUT and out.exists() and not out.is_dir():
         raise LensbenchError(f"--out {out} is a file; give a directory (it is created if missing)")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())  # where the first write lands
+    if existing == out and args.command in FILE_OUTPUT:  # a file written again: it is replaced in its folder
+        existing = out.absolute().parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise LensbenchError(f"--out {out} cannot be written ({existing} is not a writable folder): choose another "
                              f"place")
