@@ -346,15 +346,13 @@ def cmd_export(args) -> int:
 
 def saved_plan(path: Path):
     """The plan recorded in a folder that lensbench compress wrote."""
-    from .compress import RECORD
+    from .compress import RECORD, read_record
     from .plan import Plan
 
-    try:
-        doc = json.loads((path / RECORD).read_text(encoding="utf-8"))
-        return Plan(doc["plan"]["actions"], doc["plan"]["model"], doc["plan"].get("policy", {}),
-                    doc["plan"].get("predicted", {}), doc["plan"].get("meta", {}))
-    except (OSError, ValueError, KeyError, TypeError):
-        raise LensbenchError(f"{path} has no readable {RECORD}: give a folder that lensbench compress wrote") from None
+    record = read_record(path)
+    if record is None or "plan" not in record:
+        raise LensbenchError(f"{path} has no readable {RECORD}: give a folder that lensbench compress wrote")
+    return Plan.from_dict(record["plan"], f"{path / RECORD}")
 
 
 def cmd_compress(args) -> int:

@@ -12,14 +12,13 @@ complete run: a rerun replaces the previous results (an interrupted one leaves t
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import write_json
+from .atomic import publish_dir, staging_dir, write_json
 from .errors import LensbenchError
 
 MARKER = "demo.json"  # written last; a folder with it holds a finished demo
@@ -61,20 +60,7 @@ def _staging(out: Path) -> Path:
         raise LensbenchError(f"--out {out} is a file: give a directory for the demo's results")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise LensbenchError(f"--out {out} holds files that are not a lensbench demo: give an empty or new directory")
-    for old in out.parent.glob(f".{out.name}.partial-*"):  # left by an interrupted demo
-        shutil.rmtree(old, ignore_errors=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    staging.mkdir(parents=True)
-    return staging
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Replace `out` by `staging` (two renames; the old results are removed only after the new are in place)."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    staging.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    return staging_dir(out)
 
 
 def _ranking_lines(profile) -> list[str]:
@@ -160,7 +146,7 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
             "config": cfg.__dict__, "steps": dict(steps.times),
             "plans": {k: {"file": f"plans/{k}.json", **{m: v for m, v in e.items() if isinstance(v, (int, float))}}
                       for k, e in evals.items()}})
-        _publish(staging, out)
+        publish_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

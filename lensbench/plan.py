@@ -235,16 +235,22 @@ class Plan:
                             f"edited or made elsewhere; make it again with lensbench plan") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"{path} is not valid JSON ({exc}); it may be truncated: make the plan again") from None
+        plan = cls.from_dict(doc, str(path))
+        if model is not None:
+            plan.resolve(model)
+        return plan
+
+    @classmethod
+    def from_dict(cls, doc, where: str) -> "Plan":
+        """A plan from its JSON document (`to_dict`), validated; `where` names it in errors."""
         if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-            raise PlanError(f"{path} is not a lensbench plan (schema {SCHEMA!r} expected)")
+            raise PlanError(f"{where} is not a lensbench plan (schema {SCHEMA!r} expected)")
         if not isinstance(doc.get("actions"), dict) or not isinstance(doc.get("model"), dict) \
                 or not {"units", "n_layers"} <= set(doc["model"]):
-            raise PlanError(f"{path} is missing its actions or model section: make the plan again")
+            raise PlanError(f"{where} is missing its actions or model section: make the plan again")
         plan = cls(doc["actions"], doc["model"], doc.get("policy", {}), doc.get("predicted", {}), doc.get("meta", {}))
         plan.units()  # validates names and ops against the plan's own card
         plan.quant_actions()
-        if model is not None:
-            plan.resolve(model)
         return plan
 
 

@@ -170,7 +170,7 @@ def test_sigkill_mid_write_leaves_the_old_checkpoint_whole(tiny, tmp_path):
 
 
 def test_a_kill_between_the_two_renames_is_recovered(tiny, tmp_path):
-    """_publish moves the old checkpoint aside, then the new one in; killed in between, `out` is missing for a
+    """publish_dir moves the old checkpoint aside, then the new one in; killed in between, `out` is missing for a
     moment: the next run puts the old checkpoint back before anything else."""
     model = tiny("llama")
     plan = Plan.drop(model_card(model), [Unit(1, "block")])

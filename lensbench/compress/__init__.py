@@ -13,6 +13,7 @@ the source model, and per tensor the type stored and its bits per weight.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from ..atomic import write_json
+from ..atomic import publish_dir, staging_dir, tidy_beside, write_json
 from ..errors import LensbenchError, PlanError
 from ..plan import Plan
 
@@ -51,6 +52,15 @@ class Saved:
                 f"{r.get('bits_per_weight', 0):.3g} bits per weight)")
 
 
+def read_record(path: Path) -> dict | None:
+    """The `lensbench-compress.json` of a folder `compress` wrote, or None when there is none or it is unreadable."""
+    try:
+        record = json.loads((Path(path) / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -72,14 +82,13 @@ def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, d
     if dtype is not None and dtype not in DTYPES:
         raise LensbenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     out = Path(out)
-    _recover(out)
+    tidy_beside(out)  # a checkpoint moved aside by a killed run goes back before `out` is checked
     out = check_out(out, overwrite)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     model = load(model)
     plan.resolve(model)  # another model's plan, unknown names: refused before anything is written
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    staging.mkdir(parents=True)
+    staging = staging_dir(out)
     try:
         with torch.no_grad():
             record = FORMATS[format](model, plan, staging, DTYPES[dtype] if dtype else None)
@@ -88,31 +97,10 @@ def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, d
                   "source": {k: model.card.get(k) for k in ("name", "source", "fingerprint") if model.card.get(k)},
                   "plan": plan.to_dict(), "files": files, "files_bytes": sum(files.values()), **record}
         write_json(staging / RECORD, record)
-        _publish(staging, out)
+        publish_dir(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Saved(out, format, record)
-
-
-def _recover(out: Path) -> None:
-    """Tidy what a killed run left beside `out`: a previous checkpoint moved aside by `_publish` goes back
-    when nothing took its place; staging folders are removed."""
-    if not out.parent.is_dir():
-        return
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
-    if olds and not out.exists():
-        os.replace(olds.pop(), out)
-    for left in olds + sorted(out.parent.glob(f".{out.name}.partial-*")):
-        shutil.rmtree(left, ignore_errors=True)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Put the staged folder at `out` with renames: `out` holds the old checkpoint or the new one."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def kept_layers(model, plan: Plan) -> list[int]:

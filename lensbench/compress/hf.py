@@ -106,13 +106,10 @@ def write_hf(model, plan, staging: Path, dtype) -> dict:
 
 def saved_gguf(path: Path) -> Path | None:
     """The .gguf file in a folder that `lensbench compress --format gguf` wrote, else None."""
-    from . import RECORD
+    from . import read_record
 
-    try:
-        record = json.loads((path / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    file = path / str(record.get("file", "")) if isinstance(record, dict) and record.get("format") == "gguf" else None
+    record = read_record(path) or {}
+    file = path / str(record.get("file", "")) if record.get("format") == "gguf" else None
     return file if file is not None and file.is_file() else None
 
 
