@@ -1,7 +1,8 @@
 """Ablation sensitivity: what removing each block, attention sublayer or MLP sublayer alone does to the output.
 
 For every unit u, on the calibration text: KL(p_dense || p_without_u) averaged over scored tokens (the
-EvoPress fitness, METHODS.md §8.3) and the change of next-token loss. Higher = more important.
+fitness of EvoPress: Sieberling et al., 2024, arXiv 2410.14649) and the change of next-token loss. Higher = more
+important.
 
 The scan reuses the dense prefix (`lensbench.replay`): removing a unit at layer i leaves layers < i
 unchanged, so only the suffix is computed; `naive_scan` is the plain one-forward-per-unit twin it is
@@ -15,13 +16,13 @@ from typing import ClassVar, Sequence
 import numpy as np
 import torch
 
-from ..apply import apply_units
+from ..surgery import apply_units
 from ..model import Batch, Model
-from ..plan import Unit
+from ..units import Unit
 from ..numeric import wide
-from ..profile import LayerScores
-from ..replay import STATE_SITES, DenseRun, removed_states, token_scores
-from .base import Analyzer, register
+from ..profiles import LayerScores
+from ..replay import STATE_SITES, DenseRun, removal_scores
+from ..analyzer import Analyzer, register
 
 KIND_WORDS = {"block": "block", "attn": "attention sublayer", "mlp": "MLP sublayer"}
 
@@ -53,7 +54,7 @@ class Ablation(Analyzer):
         base_nll = dense.dense_nll
         has_next = ~torch.isnan(base_nll)
         for j, unit in enumerate(self.units_):
-            kl, nll = token_scores(self.model_, dense, removed_states(self.model_, dense, [unit]))
+            kl, nll = removal_scores(self.model_, dense, [unit])
             self.kl_[j] += float(kl.sum())
             self.dloss_[j] += float((nll - base_nll)[has_next].sum())
             self.step()

@@ -1,4 +1,5 @@
-"""SVD communication channels between attention heads (Talking Heads; METHODS.md §2).
+"""SVD communication channels between attention heads (Talking Heads: Merullo, Eickhoff & Pavlick, 2024, arXiv
+2406.09519).
 
 Per head, in TransformerLens's row-vector convention and with each head's input norm folded in
 (LayerNorm: its weight folded and reading/writing weights centred, as TransformerLens's
@@ -25,8 +26,8 @@ import torch
 
 from ..errors import LensbenchError
 from ..model import Model
-from ..profile import LayerScores, Table
-from .base import Analyzer, register
+from ..profiles import LayerScores, Table
+from ..analyzer import Analyzer, register
 
 MODES = ("Q", "K", "V")
 
@@ -229,13 +230,13 @@ class ChannelGraph:
         return cls(table.rows, int(profile.model["n_layers"]), int(table.params["n_heads"]))
 
     def to_frame(self):
-        import pandas as pd
+        import pandas as pd  # heavy: pandas, only for tables
 
         return pd.DataFrame(self.edges)
 
     def plot(self, top: int = 200):
         """Interactive figure: heads on a layer x head grid, the `top` strongest edges by z."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # heavy: plotly, only for figures
 
         fig = go.Figure()
         colours = {"Q": "#1f77b4", "K": "#2ca02c", "V": "#d62728"}

@@ -1,5 +1,6 @@
-"""Geometry of layer updates (Yoo 2026, METHODS.md §6): how much of each layer's update Δ = h' − h a
-tokenwise map T(x) = A(x)·x explains, and whether what it misses predicts the layer's effect on the output.
+"""Geometry of layer updates (Yoo, 2026, "On the Geometric Structure of Layer Updates in Deep Language Models",
+arXiv 2604.02459): how much of each layer's update Δ = h' − h a tokenwise map T(x) = A(x)·x explains, and
+whether what it misses predicts the layer's effect on the output.
 
 For every sampled token x_i, A_i is fitted by least squares on its k nearest neighbours (cosine on
 mean-centred states, the token itself left out) among a reservoir of calibration tokens:
@@ -26,10 +27,10 @@ import torch
 
 from ..errors import LensbenchError
 from ..model import Model
-from ..profile import LayerScores, Table
+from ..profiles import LayerScores, Table
 from ..replay import STATE_SITES, DenseRun, replaying, token_scores
 from ..stats import spearman
-from .base import Analyzer, register
+from ..analyzer import Analyzer, register
 
 CLASSES = ("lowrank", "diagonal")
 _CHUNK = 256

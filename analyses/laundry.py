@@ -1,4 +1,5 @@
-"""The Laundry List task (Talking Heads, METHODS.md §2): recall the one list item not yet mentioned.
+"""The Laundry List task (Talking Heads: Merullo, Eickhoff & Pavlick, 2024, arXiv 2406.09519): recall the one
+list item not yet mentioned.
 
 A prompt lists N distinct single-token items, then repeats all but one; the model should name the
 missing one next. Accuracy falls as N grows and depends on the missing item's position. The weight
@@ -14,6 +15,9 @@ import torch
 
 from ..errors import LensbenchError
 from ..model import Model
+import contextlib
+from .channels import distinct_channels, head_circuits
+from .interventions import edit_component
 
 CANDIDATE_ITEMS = (
     "milk", "eggs", "bread", "butter", "cheese", "apples", "rice", "tea", "coffee", "sugar", "salt", "flour",
@@ -112,10 +116,6 @@ def weight_edit_study(model: Model, channels: Sequence[dict], n_items: int = 5, 
        pick the best alpha on the tuning split;
     3. report held-out accuracy (other prompts, other seed) with and without that edit.
     """
-    import contextlib
-
-    from .channels import distinct_channels, head_circuits
-    from .interventions import edit_component
 
     vt = head_circuits(model).ov().Vt
     tune, held = make_prompts(model, n_items, count, seed=1), make_prompts(model, n_items, count, seed=2)

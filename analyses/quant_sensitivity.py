@@ -1,4 +1,5 @@
-"""Quantisation sensitivity (METHODS.md §7, §8.3-8.4): how much quantising one unit alone moves the output.
+"""Quantisation sensitivity (Layer-Wise Quantization, arXiv 2406.17415; EvoPress, arXiv 2410.14649;
+Schaefer et al., 2023, arXiv 2306.04879): how much quantising one unit alone moves the output.
 
 * `quant_sensitivity` — for every block, and with `per_linear=True` every linear layer of every block, and every
   bit-width: KL(p_dense || p_quantised) per token on calibration text when only that unit's weights
@@ -20,10 +21,10 @@ import torch
 
 from ..gpu.quant import check_spec
 from ..model import Model
-from ..profile import LayerScores
-from ..replay import STATE_SITES, DenseRun, states_from, token_scores
+from ..profiles import LayerScores
+from ..replay import STATE_SITES, DenseRun, change_scores
 from ..simquant import block_linears, linear_inputs, linear_params, simulated
-from .base import Analyzer, register
+from ..analyzer import Analyzer, register
 
 
 @register
@@ -50,7 +51,7 @@ class QuantSensitivity(Analyzer):
     def _kl(self, dense: DenseRun, layer: int, names: list[str], bits: int) -> float:
         block = self.model_.adapter.block_path(layer)
         with simulated(self.model_, {f"{block}.{n}": (bits, self.group_size) for n in names}):
-            kl, _ = token_scores(self.model_, dense, states_from(self.model_, dense, layer))
+            kl, _ = change_scores(self.model_, dense, layer)
         return float(kl.sum())
 
     def update(self, trace) -> None:

@@ -1,4 +1,6 @@
-"""Layer redundancy from one capture pass (METHODS.md §4, §5, §7, §9).
+"""Layer redundancy from one capture pass (LLM-Drop: He et al., 2024, arXiv 2406.15786; Csordás et al., 2025,
+arXiv 2505.13898; Layer-Wise Quantization: Dumitru et al., 2024, arXiv 2406.17415; ShortGPT: Men et al., 2024,
+arXiv 2403.03853).
 
 Per layer l, with h = resid_pre, a = attn_out, mid = resid_mid, m = mlp_out, h' = resid_post,
 averaged per token over content tokens (padding and special tokens excluded; for causal LMs the
@@ -22,10 +24,10 @@ import numpy as np
 import torch
 
 from ..model import Model
-from ..profile import LayerScores
+from ..profiles import LayerScores
 from ..numeric import wide
 from ..trace import Trace
-from .base import Analyzer, register
+from ..analyzer import Analyzer, register
 
 EPS = 1e-6
 

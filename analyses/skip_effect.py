@@ -1,4 +1,5 @@
-"""Effect of skipping a layer on later layers and on the output (Csordás et al., METHODS.md §5.2).
+"""Effect of skipping a layer on later layers and on the output (Csordás, Manning & Potts, 2025, "Do Language
+Models Use Their Depth Efficiently?", arXiv 2505.13898).
 
 For each skipped layer s, its output is replaced by its input (h_{s+1} := h_s) at positions
 [1, t) — the first token is never skipped — and the change is measured at positions >= t:
@@ -23,13 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..apply import _Surgery
+from ..surgery import Surgery
 from ..capture import Hooks
 from ..model import Model
-from ..profile import LayerScores
+from ..profiles import LayerScores
 from ..numeric import wide
 from ..replay import STATE_SITES, DenseRun, replaying
-from .base import Analyzer, register
+from ..analyzer import Analyzer, register
+from ..errors import LensbenchError
 
 MODES = ("all", "future")
 
@@ -62,7 +64,6 @@ class SkipEffect(Analyzer):
     seed: int = 0
 
     def start(self, model: Model) -> None:
-        from ..errors import LensbenchError
 
         if self.mode not in MODES:
             raise LensbenchError(f"skip_effect mode must be one of {', '.join(MODES)}, not {self.mode!r}")
@@ -123,7 +124,7 @@ class SkipEffect(Analyzer):
         ad = self.model_.adapter
         blocks = list(ad.blocks)
         pre, post = {}, {}
-        surgery = _Surgery()
+        surgery = Surgery()
         skip = _SkipBefore(blocks[s], stop)
         try:
             surgery.swap(ad.base, f"{ad.layers}.{s}", skip)

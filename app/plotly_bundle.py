@@ -28,7 +28,7 @@ REGISTRY = "https://registry.npmjs.org"
 
 
 def version() -> str:
-    from plotly.offline import get_plotlyjs_version
+    from plotly.offline import get_plotlyjs_version  # heavy: plotly, only for figures
 
     return get_plotlyjs_version()
 

@@ -6,13 +6,15 @@ from __future__ import annotations
 import html as _html
 from pathlib import Path
 
-from lensbench.analyses.agreement import rankings
+from lensbench.agreement import rankings
 from lensbench.atomic import write_text
-from lensbench.profile import Profile
+from lensbench.profiles import Profile
 
 from .pages.overview import agreement_figure, strip_figure
 from .pages.plans import front_figure, front_point
 from .pages.redundancy import curve_figure, curves, matrices, matrix_figure
+from lensbench.analyses.channels import ChannelGraph
+from lensbench.probes.depth import ConceptDepthView
 
 
 def _section(title: str, figs: list, note: str | None = None) -> str:
@@ -49,7 +51,7 @@ def _plans_section(evaluations: dict[str, dict]) -> str:
 
 def report_html(profile: Profile, evaluations: dict[str, dict] | None = None) -> str:
     """The report of `profile`; `evaluations` ({label: evaluate() record}) adds a Plans section."""
-    import plotly.offline
+    import plotly.offline  # heavy: plotly, only for figures
 
     m = profile.model
     parts = []
@@ -63,16 +65,12 @@ def report_html(profile: Profile, evaluations: dict[str, dict] | None = None) ->
                           ([curve_figure(profile, c[:6])] if c else []) + [matrix_figure(profile, n) for n in mats[:3]],
                           None if c else "No per-layer scores."))
     if "concept_depth" in profile.tables:
-        from lensbench.probes.depth import ConceptDepthView
-
         view = ConceptDepthView(profile)
         conds = list(dict.fromkeys(r["condition"] for r in view.rows))
         parts.append(_section("Concept depth", [view.plot(cond) for cond in conds]))
     else:
         parts.append(_section("Concept depth", [], "No concept-depth results (run lensbench concept-depth)."))
     if "channels" in profile.tables:
-        from lensbench.analyses.channels import ChannelGraph
-
         parts.append(_section("Channels", [ChannelGraph.from_profile(profile).plot()]))
     else:
         parts.append(_section("Channels", [], "No channel graph (run lensbench channels)."))

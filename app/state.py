@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lensbench.errors import LensbenchError
-from lensbench.profile import Profile
+from lensbench.profiles import Profile
+from lensbench.load import load
+from lensbench.profiling import model_source
 
 
 @dataclass
@@ -95,9 +97,6 @@ class State:
     # --- models ----------------------------------------------------------------------------
     def model_for(self, profile: Profile):
         """The profile's model (bundled name, directory or hub name from its card), loaded once."""
-        from lensbench.load import load
-
-        from lensbench.profiling import model_source
 
         source = model_source(profile.model)
         with self._model_lock:

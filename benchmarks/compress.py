@@ -34,9 +34,9 @@ from _common import append_report, machine, versions  # noqa: E402
 
 import lensbench  # noqa: E402
 from lensbench import bundled  # noqa: E402
-from lensbench.compress import compress  # noqa: E402
-from lensbench.plan import Plan  # noqa: E402
-from lensbench.policies import make_plan  # noqa: E402
+from lensbench.compress.save import compress  # noqa: E402
+from lensbench.compress.plan import Plan  # noqa: E402
+from lensbench.compress.policies import make_plan  # noqa: E402
 from lensbench.profiling import profile_model  # noqa: E402
 from lensbench.texts import bbc_news, select_texts  # noqa: E402
 

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, machine, versions  # noqa: E402
 
 import lensbench  # noqa: E402
-from lensbench.evaluate import EvalConfig, speed_ratios, text_quality  # noqa: E402
-from lensbench.plan import Plan  # noqa: E402
-from lensbench.policies import make_plan  # noqa: E402
-from lensbench.profile import Profile  # noqa: E402
+from lensbench.compress.evaluate import EvalConfig, speed_ratios, text_quality  # noqa: E402
+from lensbench.compress.plan import Plan  # noqa: E402
+from lensbench.compress.policies import make_plan  # noqa: E402
+from lensbench.profiles import Profile  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
 
 warnings.filterwarnings("ignore")

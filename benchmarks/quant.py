@@ -35,13 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, machine, versions  # noqa: E402
 
 import lensbench  # noqa: E402
-from lensbench.apply import apply, weight_bytes  # noqa: E402
-from lensbench.bitalloc import block_order  # noqa: E402
+from lensbench.compress.apply import apply  # noqa: E402
+from lensbench.surgery import weight_bytes  # noqa: E402
+from lensbench.compress.policies.bits import block_order  # noqa: E402
 from lensbench.capture import batches  # noqa: E402
-from lensbench.evaluate import EvalConfig, batch_scores, speed_ratios, text_quality  # noqa: E402
-from lensbench.plan import Plan  # noqa: E402
-from lensbench.policies import make_plan  # noqa: E402
-from lensbench.profile import Profile  # noqa: E402
+from lensbench.compress.evaluate import EvalConfig, batch_scores, speed_ratios, text_quality  # noqa: E402
+from lensbench.compress.plan import Plan  # noqa: E402
+from lensbench.compress.policies import make_plan  # noqa: E402
+from lensbench.profiles import Profile  # noqa: E402
 from lensbench.profiling import model_card, profile_model  # noqa: E402
 from lensbench.simquant import block_linears, simulated  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402

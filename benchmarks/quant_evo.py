@@ -15,9 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lensbench  # noqa: E402
-from lensbench.evaluate import EvalConfig, text_quality  # noqa: E402
-from lensbench.policies import make_plan  # noqa: E402
-from lensbench.profile import Profile  # noqa: E402
+from lensbench.compress.evaluate import EvalConfig, text_quality  # noqa: E402
+from lensbench.compress.policies import make_plan  # noqa: E402
+from lensbench.profiles import Profile  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
 
 warnings.filterwarnings("ignore")

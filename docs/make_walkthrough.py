@@ -16,7 +16,7 @@ CELLS = [
     ("code", "profile['block_cosine']"),
     ("code", "profile['block_cosine'].plot()"),
     ("md", "## A plan: drop the two most redundant blocks"),
-    ("code", "from lensbench.policies import make_plan\n\nplan = make_plan('drop-block', profile, 2, "
+    ("code", "from lensbench.compress.policies import make_plan\n\nplan = make_plan('drop-block', profile, 2, "
              "ranking='score:block_cosine')\nplan"),
     ("md", "## Relevance: why ' France'?"),
     ("code", "from lensbench.analyses.lrp.attribute import attribute\n\n"
@@ -24,7 +24,7 @@ CELLS = [
     ("code", "rel.plot('tokens')"),
     ("code", "rel.plot('layers')"),
     ("md", "## Saved results: concept depth and channels"),
-    ("code", "from pathlib import Path\nfrom lensbench.profile import Profile\nfrom lensbench.probes.depth import "
+    ("code", "from pathlib import Path\nfrom lensbench.profiles import Profile\nfrom lensbench.probes.depth import "
              "ConceptDepthView\n\nreports = Path.cwd().parent / 'reports' if Path.cwd().name == 'docs' else "
              "Path('reports')\ndepth = ConceptDepthView(Profile.load(reports / 'concept-depth' / 'smollm2'))\ndepth"),
     ("code", "depth.plot()"),

@@ -22,7 +22,7 @@ def _have(module: str) -> bool:
 
 CPU_KERNELS = _have("numba")
 if CPU_KERNELS:
-    from .cpu_kernels import matmul as cpu_matmul  # noqa: E402
+    from .cpu_kernels import matmul as cpu_matmul  # optional: numba; compiles its kernels on first use
 else:  # pragma: no cover
     cpu_matmul = reference.matmul
 
@@ -40,10 +40,10 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     """x [..., K] @ W_hat.T (+ bias), on the fastest implementation available for x's device."""
     kind = kernel_for(x, pw)
     if kind == "triton":
-        from . import triton_kernels
+        from . import triton_kernels  # optional: triton (the gpu extra), on CUDA tensors only
         return triton_kernels.matmul(x, pw, bias)
     if kind == "cpu":
-        from . import cpu_kernels
+        from . import cpu_kernels  # optional: numba
         return cpu_kernels.matmul(x, pw, bias)
     return reference.matmul(x, pw, bias)
 
@@ -52,7 +52,7 @@ def embedding(ids: torch.Tensor, pw: PackedWeight, dtype: torch.dtype) -> torch.
     """Rows `ids` of a packed embedding table, dequantised: [*ids.shape, d]."""
     flat = ids.reshape(-1)
     if not ids.is_cuda and _have("numba"):
-        from . import cpu_kernels
+        from . import cpu_kernels  # optional: numba
         rows = cpu_kernels.dequantize_rows(pw, flat)
     else:
         rows = reference.dequantize(pw, flat)

@@ -17,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from .quant import QuantError
+from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES
+from gguf import quants
 
 GGUF_BITS = (2, 3, 4, 5, 6, 8)
 K_TYPE = {8: "Q8_0", 6: "Q6_K", 5: "Q5_K", 4: "Q4_K", 3: "Q3_K", 2: "Q2_K"}
@@ -43,14 +46,12 @@ def ggml_type(bits: int, row_length: int) -> str:
 
 
 def _qtype(name: str):
-    from gguf import GGMLQuantizationType
 
     return GGMLQuantizationType[name]
 
 
 def bits_per_weight(name: str) -> float:
     """Bits per weight of a GGML type, from the block size and bytes that `gguf` declares."""
-    from gguf import GGML_QUANT_SIZES
 
     block, nbytes = GGML_QUANT_SIZES[_qtype(name)]
     return 8 * nbytes / block
@@ -67,14 +68,12 @@ def quantize(w: np.ndarray, name: str) -> np.ndarray:
             raise GGMLError(f"{name} needs rows that are multiples of {QK_K} values, got {k}")
         blocks = _OWN[name](w.reshape(-1, QK_K))
         return blocks.reshape(n, -1)
-    from gguf import quants
 
     return quants.quantize(w, _qtype(name))
 
 
 def dequantize(data: np.ndarray, name: str) -> np.ndarray:
     """Raw GGML bytes of type `name` -> float32 values, with `gguf`'s own dequantiser."""
-    from gguf import quants
 
     return quants.dequantize(data, _qtype(name)).astype(np.float32, copy=False)
 

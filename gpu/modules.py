@@ -8,6 +8,7 @@ from torch import nn
 
 from . import dispatch
 from .quant import PackedWeight, QuantError, quantize
+from .reference import dequantize
 
 
 class _Packed(nn.Module):
@@ -44,7 +45,6 @@ class QuantLinear(_Packed):
     @property
     def weight(self) -> torch.Tensor:
         """A dense copy of the quantised weight, for code that reads `.weight` (the forward never does)."""
-        from .reference import dequantize
         return dequantize(self.pw, dtype=self.dtype).to(self.packed.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,6 @@ class QuantEmbedding(_Packed):
 
     @property
     def weight(self) -> torch.Tensor:
-        from .reference import dequantize
         return dequantize(self.pw, dtype=self.dtype).to(self.packed.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

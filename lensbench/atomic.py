@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
+import shutil
 
 
 @contextlib.contextmanager
@@ -49,7 +50,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def tidy_beside(out: Path) -> None:
     """Undo what a killed `staging_dir`/`publish_dir` run left beside folder `out`: a previous folder moved
     aside goes back when nothing took its place, and staging folders are removed."""
-    import shutil
 
     if not out.parent.is_dir():
         return
@@ -72,7 +72,6 @@ def staging_dir(out: Path) -> Path:
 def publish_dir(staging: Path, out: Path) -> None:
     """Put the staged folder at `out` with two renames; the old folder is removed only after the new one is in
     place (a kill between the renames is undone by the next `staging_dir`)."""
-    import shutil
 
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():

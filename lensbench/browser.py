@@ -14,8 +14,8 @@ DRIVER = shutil.which("chromedriver") or next((p for p in ("/usr/bin/chromedrive
 
 def chromium(width: int = 1400, height: int = 1000):
     """A headless Chromium WebDriver with the browser console log enabled."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    from selenium import webdriver  # optional: selenium (the dev extra), for the browser
+    from selenium.webdriver.chrome.service import Service  # optional: selenium (the dev extra), for the browser
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM

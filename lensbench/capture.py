@@ -140,8 +140,8 @@ def _envoys_by_path(wrapped) -> dict[str, object]:
 
 def _capture_nnsight(model: Model, spec: CaptureSpec, batch: Batch) -> tuple[Trace, object]:
     try:
-        import nnsight
-        from nnsight import NNsight
+        import nnsight  # optional: nnsight (the peers extra)
+        from nnsight import NNsight  # optional: nnsight (the peers extra)
     except ImportError:
         raise LensbenchError("the nnsight backend needs nnsight: pip install 'lensbench[peers]'") from None
     with warnings.catch_warnings():  # submodules named `output` (BERT) are reached by path below

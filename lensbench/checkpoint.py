@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from .atomic import write_with
+from safetensors.torch import save_file
+from safetensors import safe_open
 
 SKIP = {"model_", "on_step_"}
 
@@ -65,7 +67,6 @@ def snapshot(analyzers, derived_keys: list[set[str]]) -> tuple[dict, dict] | Non
 
 
 def save(path: Path, key: str, batches_done: int, n_tokens: int, state: tuple[dict, dict]) -> None:
-    from safetensors.torch import save_file
 
     tensors, meta = state
     header = {"key": key, "batches_done": str(batches_done), "n_tokens": str(n_tokens), "state": json.dumps(meta)}
@@ -74,7 +75,6 @@ def save(path: Path, key: str, batches_done: int, n_tokens: int, state: tuple[di
 
 def load(path: Path, key: str, analyzers) -> tuple[int, int] | None:
     """Restore the analyzers from a checkpoint of this run: (batches done, tokens seen), or None."""
-    from safetensors import safe_open
 
     if not path.is_file():
         return None

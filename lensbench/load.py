@@ -27,6 +27,8 @@ from .adapters import adapter_for
 from .atomic import write_json
 from .errors import LensbenchError
 from .model import Model, describe
+from .saved import is_own_layout, load_own_layout, saved_gguf
+from .adapters import registered
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -96,7 +98,7 @@ def from_module(obj: Any, tokenizer: Any = None, card: dict | None = None) -> Mo
 
 
 def _auto_class(config):
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM  # heavy: transformers, imported when a model is loaded
 
     archs = getattr(config, "architectures", None) or []
     return AutoModelForCausalLM if any(a.endswith(CAUSAL_SUFFIXES) for a in archs) else AutoModel
@@ -118,8 +120,6 @@ def _load_local(path: Path, *, dtype, device) -> Model:
         if path.suffix.lower() != ".gguf":
             raise LensbenchError(f"{path} is a file but not a .gguf file: give a GGUF file or a model directory")
         return _load_gguf(path, dtype=dtype, device=device)
-    from .compress.hf import is_own_layout, load_own_layout, saved_gguf
-
     if is_own_layout(path):
         return load_own_layout(path, dtype=_dtype(dtype), device=device)
     if saved_gguf(path) is not None:  # a folder lensbench compress --format gguf wrote
@@ -132,8 +132,8 @@ def _load_local(path: Path, *, dtype, device) -> Model:
 
 
 def _load_hf_dir(path: Path, *, dtype, device, card: dict) -> Model:
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
+    import transformers  # heavy: transformers, imported when a model is loaded
+    from transformers import AutoConfig, AutoTokenizer  # heavy: transformers, imported when a model is loaded
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -167,7 +167,6 @@ def _model_type(config_path: Path) -> str:
 
 def _check_adapter_for_config(config) -> None:
     """Fail before loading any weights when no adapter could handle the model."""
-    from .adapters import registered
 
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a in registered() for a in archs):
@@ -212,6 +211,7 @@ def _load_gguf(path: Path, *, dtype, device) -> Model:
 
 
 def _convert_gguf(path: Path, target: Path, sha: str) -> None:
+    # heavy: transformers, imported when a model is loaded
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf_header(path)
@@ -254,7 +254,7 @@ def _check_gguf_header(path: Path) -> None:
 def _load_hub(name: str, *, revision, dtype, device) -> Model:
     """A Hugging Face hub name: downloads (or reads the HF cache) then loads like a local directory."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy: the hub client, only for hub names
 
         local = snapshot_download(name, revision=revision,
                                   allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"])

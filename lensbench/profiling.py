@@ -10,14 +10,16 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from . import __version__
-from .analyses import make
-from .analyses.agreement import refresh
+from .version import __version__
+from .analyzer import make
+from .agreement import refresh
 from .capture import CaptureSpec, capture_batch, batches
 from .errors import LensbenchError
 from .model import Model
-from .plan import templates_of
-from .profile import Profile
+from .units import templates_of
+from .profiles import Profile
+from . import checkpoint
+from .bundled import NAMES
 
 DEFAULT_ANALYSES = ("redundancy",)
 DEFAULT_SEQ_LEN = 128
@@ -41,7 +43,6 @@ def _stream(model: Model, texts, analyzers, spec: CaptureSpec, batch_size: int, 
     """One capture per batch, folded into every analyzer; returns what was read. With `resume`, the
     analyzers' state is saved there at most every `every` seconds and a saved state of this same run is
     picked up, so a killed run continues after its last saved batch (see `checkpoint`)."""
-    from . import checkpoint
 
     n_tokens, done = 0, 0
     per_batch = 1 + sum(a.steps_per_batch() for a in analyzers)  # the capture, then each scanned unit
@@ -134,7 +135,6 @@ def scorable(model: Model, texts: Sequence[str]) -> tuple[list[str], int]:
     """(texts with at least two content tokens, how many were left out). A causal model's statistics skip
     the first token (the attention sink) and a next-token score needs a second one, so a shorter text adds
     nothing; it is skipped with a count on stderr rather than ending the run."""
-    import sys
 
     enc = model.tokenizer(list(texts), add_special_tokens=True, return_special_tokens_mask=True)
     keep = [t for t, m in zip(texts, enc["special_tokens_mask"], strict=True) if len(m) - sum(m) >= 2]
@@ -150,7 +150,6 @@ def scorable(model: Model, texts: Sequence[str]) -> tuple[list[str], int]:
 
 def model_source(card: dict) -> str:
     """Where a profile's model can be loaded from again: its bundled name, local path or hub name."""
-    from .bundled import NAMES
 
     if card.get("name") in NAMES:
         return card["name"]

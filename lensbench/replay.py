@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from .adapters import site_name
-from .apply import _Surgery, apply_units
+from .surgery import Surgery, apply_units
 from .capture import CaptureSpec, capture_batch
 from .model import Batch, Model
 from .numeric import wide
-from .plan import Unit
+from .units import Unit
 
 STATE_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 _CHUNK = 256  # tokens per chunk when scoring against the vocabulary
@@ -109,7 +109,7 @@ def _pick_nll(logq: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def replaying(model: Model, outputs: dict[int, torch.Tensor]) -> Iterator[None]:
     """Blocks at the given positions of the current layer list return the given outputs."""
-    surgery = _Surgery()
+    surgery = Surgery()
     try:
         for j, out in outputs.items():
             surgery.swap(model.adapter.base, f"{model.adapter.layers}.{j}", _Replay(out))
@@ -167,3 +167,14 @@ def token_scores(model: Model, dense: DenseRun, normed: torch.Tensor) -> tuple[t
         z_t = z.gather(1, tgt.clamp(min=0)[:, None])[:, 0]
         nlls.append(torch.where(tgt >= 0, lse - z_t, torch.nan))
     return torch.cat(kls), torch.cat(nlls)
+
+
+def removal_scores(model: Model, dense: DenseRun, units: Sequence[Unit]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored token, KL to the dense model and next-token loss with `units` removed (dense prefix replayed)."""
+    return token_scores(model, dense, removed_states(model, dense, units))
+
+
+def change_scores(model: Model, dense: DenseRun, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scored token, KL to the dense model and next-token loss of the model as it is now (changed in place
+    from layer `first` on; the layers before are replayed from the dense run)."""
+    return token_scores(model, dense, states_from(model, dense, first))

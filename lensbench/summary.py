@@ -1,7 +1,7 @@
 """Short human-readable summaries of a Profile (what the CLI prints)."""
 from __future__ import annotations
 
-from .profile import Profile
+from .profiles import Profile
 
 
 def _fmt(layers: list[int], values) -> str:

@@ -10,6 +10,7 @@ import functools
 from typing import Iterator
 
 import torch
+from .load import from_module
 
 SAMPLE_TEXTS = [
     "The city council approved the new budget on Tuesday after a long debate.",
@@ -26,7 +27,7 @@ _ITEM_TEXT = "We bought milk, eggs, bread, tea, rice, salt, soap, socks, cake an
 
 
 def _configs(n_layers: int = _L):
-    import transformers as T
+    import transformers as T  # heavy: transformers, imported when a model is loaded
 
     common = dict(vocab_size=_VOCAB, max_position_embeddings=_CTX, hidden_size=_D, num_attention_heads=_H,
                   num_hidden_layers=n_layers, intermediate_size=_FF)
@@ -52,8 +53,9 @@ TINY_ARCHS = ("gpt2", "llama", "qwen2", "mistral", "gemma", "gemma2", "phi", "gp
 @functools.lru_cache(maxsize=2)
 def tiny_tokenizer(encoder: bool = False):
     """A 600-token byte-level BPE; causal ones add a BOS token, encoders add [CLS] ... [SEP]."""
+    # heavy: transformers' tokenizers, imported when a tiny model is built
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers, imported when a model is loaded
 
     specials = ["<pad>", "<bos>", "<eos>", "[CLS]", "[SEP]"]
     tok = Tokenizer(models.BPE())
@@ -75,7 +77,7 @@ def tiny_tokenizer(encoder: bool = False):
 
 def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager",
                   n_layers: int = _L):
-    import transformers as T
+    import transformers as T  # heavy: transformers, imported when a model is loaded
 
     config = _configs(n_layers)[arch]()
     config._attn_implementation = attn
@@ -88,7 +90,6 @@ def tiny_hf_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, attn: str = "eager",
                n_layers: int = _L):
     """A lensbench Model of family `arch` (see TINY_ARCHS) with random weights and `n_layers` layers."""
-    from .load import from_module
 
     module = tiny_hf_model(arch, seed, dtype, attn, n_layers)
     return from_module(module, tokenizer=tiny_tokenizer(encoder=arch == "bert"), card={"name": f"tiny-{arch}"})
@@ -116,7 +117,7 @@ ENCODER_DECODERS = ("t5", "bart")
 def more_tiny_hf_models() -> dict:
     """Builders of tiny random HF models of families without a lensbench adapter (for graph-level tools
     such as DynamicLRP that need no adapter): encoder-decoders and more decoders/encoders."""
-    import transformers as T
+    import transformers as T  # heavy: transformers, imported when a model is loaded
 
     return {
         "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=_VOCAB, d_model=32, d_kv=8, d_ff=64,

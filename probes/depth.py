@@ -1,4 +1,5 @@
-"""Concept depth from a probe-accuracy curve (METHODS.md §1): the jump point and the converging point.
+"""Concept depth from a probe-accuracy curve (Jin et al., 2025, "Exploring Concept Depth", arXiv 2404.07066):
+the jump point and the converging point.
 
 The paper's repository has no code for these points, so the rules are explicit parameters here:
 
@@ -13,6 +14,8 @@ as in the paper. A curve that never rises above chance + `min_rise` has no conce
 from __future__ import annotations
 
 import numpy as np
+from .tasks import FAMILIES
+from lensbench.errors import ProfileError
 
 
 def concept_depth(acc, rule: str = "half-rise", delta: float = 0.05, eps: float = 0.01, smooth: int = 1,
@@ -47,8 +50,6 @@ class ConceptDepthView:
 
     def __init__(self, profile):
         if "concept_depth" not in profile.tables:
-            from lensbench.errors import ProfileError
-
             raise ProfileError("this profile has no concept-depth results: run lensbench concept-depth MODEL --out DIR")
         self.profile = profile
         self.rows = profile.tables["concept_depth"].rows
@@ -61,11 +62,9 @@ class ConceptDepthView:
         return f"ConceptDepthView({len(tasks)} tasks, conditions {sorted({r['condition'] for r in self.rows})})"
 
     def plot(self, condition: str = "clean", metric: str = "accuracy"):
-        import plotly.graph_objects as go
-        from plotly.colors import qualitative
-        from plotly.subplots import make_subplots
-
-        from .tasks import FAMILIES
+        import plotly.graph_objects as go  # heavy: plotly, only for figures
+        from plotly.colors import qualitative  # heavy: plotly, only for figures
+        from plotly.subplots import make_subplots  # heavy: plotly, only for figures
 
         rows = [r for r in self.rows if r["condition"] == condition]
         fams = [f for f in FAMILIES if any(r["family"] == f for r in rows)] + \

@@ -16,7 +16,7 @@ import numpy as np
 
 from lensbench.atomic import write_text
 from lensbench.browser import render_png
-from lensbench.profile import Profile
+from lensbench.profiles import Profile
 
 from .depth import ConceptDepthView
 from .tasks import FAMILIES

@@ -16,10 +16,11 @@ seed only); selectivity = task accuracy - control accuracy, per layer.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
-from dataclasses import replace
 import sys
+from dataclasses import replace
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
@@ -28,10 +29,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lensbench.adapters import site_name
-from lensbench.errors import LensbenchError
-from lensbench.model import Model
-from lensbench.profile import LayerScores, Table
+from ..adapters import site_name
+from ..errors import LensbenchError
+from ..model import Model
+from ..profiles import LayerScores, Profile, Table
+from ..profiling import model_card
+from ..simquant import Grid, block_linears, simulated
+from ..store import capture_to_store
+from ..version import __version__
 
 from .depth import concept_depth
 from .tasks import Task
@@ -50,14 +55,9 @@ def noisy(texts: Sequence[str], seed: int = 0) -> list[str]:
 def _quant_context(model: Model, condition: str):
     if condition not in ("int8", "int4"):
         return nullcontext()
-    from lensbench.apply import apply
-    from lensbench.plan import Plan
-    from lensbench.profiling import model_card
-
-    card = model_card(model)
-    bits = int(condition[3:])
-    plan = Plan.quantize(card, {card["units"]["block"].format(i=i): (bits, 128) for i in range(model.n_layers)})
-    return apply(model, plan)
+    bits = int(condition[3:])  # every block linear at this bit-width, group 128, as a packed plan would store
+    return simulated(model, {f"{model.adapter.block_path(i)}.{n}": Grid(bits, 128)
+                             for i in range(model.n_layers) for n in block_linears(model)})
 
 
 def check_lengths(model: Model, task: Task, seq_len: int) -> None:
@@ -72,8 +72,6 @@ def check_lengths(model: Model, task: Task, seq_len: int) -> None:
 def features(model: Model, task: Task, cache: Path, site: str = "paper", condition: str = "clean",
              seq_len: int = 256, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
     """[L, n, d] representations of the task's texts, captured once into a store under `cache`."""
-    from lensbench.store import capture_to_store
-
     if site not in SITES:
         raise LensbenchError(f"unknown representation {site!r}: use {' or '.join(SITES)}")
     if condition not in CONDITIONS:
@@ -148,11 +146,6 @@ def concept_depth_profile(model: Model, tasks: Sequence[Task], cache: Path, *, s
     With `checkpoint` (a directory), each finished task is saved there at once (atomically), and a
     rerun with the same model, task data and settings reads it back instead of probing again, so an
     interrupted run resumes at the first unfinished task. The caller removes it when done."""
-    import datetime
-
-    from lensbench import __version__
-    from lensbench.profile import Profile
-    from lensbench.profiling import model_card
 
     def fresh(extra: dict | None = None) -> Profile:
         return Profile(model=model_card(model), data={"tasks": {t.name: t.provenance for t in tasks}},

@@ -1,4 +1,4 @@
-"""Probe tasks for concept depth (METHODS.md §1), built from packaged real data, never from a hub.
+"""Probe tasks for concept depth (Jin et al., 2025, arXiv 2404.07066), built from packaged real data, never from a hub.
 
 Each task is a balanced binary set of short texts with a family — factual, emotional or
 inferential, the three families of "Exploring Concept Depth" — and its provenance. Sampling is
@@ -33,6 +33,7 @@ import numpy as np
 
 from lensbench.bundled import package_dir
 from lensbench.errors import LensbenchError
+from .cities import city_facts
 
 FAMILIES = ("factual", "emotional", "inferential")
 
@@ -106,7 +107,7 @@ def _balanced(name: str, family: str, texts: list[str], labels: list[int], n: in
 
 @lru_cache(maxsize=None)
 def _sae_csv(stem: str):
-    import pandas as pd
+    import pandas as pd  # heavy: pandas, only for tables
 
     root = package_dir("sae_probes", "sae-probes") / "data" / "cleaned_data"
     path = root / f"{stem}.csv.zst"
@@ -140,7 +141,6 @@ _sae_task("commonsenseqa", "inferential", "54_cs_tf", "yes", "CommonsenseQA 2.0"
 
 @register("cities", "factual")
 def cities(n: int, seed: int) -> Task:
-    from .cities import city_facts
 
     facts = city_facts(min_population=100_000, seed=seed)
     texts, labels = [], []
@@ -194,7 +194,7 @@ def load_task_file(path: str | Path, family: str = "custom", n_per_class: int | 
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
-            import pandas as pd
+            import pandas as pd  # heavy: pandas, only for tables
 
             rows = pd.read_csv(path).to_dict("records")
     except Exception as exc:  # noqa: BLE001 — any parse failure is the same user error

@@ -1,4 +1,5 @@
-"""Layer-wise logistic-regression probes, all layers at once (METHODS.md §1).
+"""Layer-wise logistic-regression probes, all layers at once (Jin et al., 2025, "Exploring Concept Depth", arXiv
+2404.07066).
 
 For each seed: a stratified train/test split; features standardised per layer with the training
 statistics; L2-regularised logistic regression (sklearn's objective: C * sum of log-losses + ||w||^2/2,
@@ -217,8 +218,8 @@ def fit_probes(features: torch.Tensor, labels, cfg: ProbeConfig = ProbeConfig())
 
 def sklearn_reference(features, labels, cfg: ProbeConfig = ProbeConfig()) -> ProbeCurves:
     """The same protocol as `fit_probes`, one scikit-learn LogisticRegression per layer, fold and C."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score, roc_auc_score
+    from sklearn.linear_model import LogisticRegression  # optional: scikit-learn (the dev extra), the reference twin
+    from sklearn.metrics import f1_score, roc_auc_score  # optional: scikit-learn (the dev extra), the reference twin
 
     labels = np.asarray(labels, dtype=np.int64)
     check_task_size(labels, cfg.folds, cfg.test_fraction)

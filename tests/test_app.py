@@ -172,8 +172,8 @@ def test_plan_explorer_makes_evaluates_saves_and_exports(browser, served):
 
 def test_predicted_plan_quality_is_the_sum_of_single_unit_ablation_kls(workbench):
     from lensbench.app.pages.plans import LADDER, predicted_figure, predicted_kl
-    from lensbench.policies import make_plan
-    from lensbench.profile import Profile
+    from lensbench.compress.policies import make_plan
+    from lensbench.profiles import Profile
 
     profile = Profile.load(workbench)
     plan = make_plan("drop-attn", profile, 3)

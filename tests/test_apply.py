@@ -5,9 +5,11 @@ import copy
 import pytest
 import torch
 
-from lensbench.apply import apply, weight_bytes
+from lensbench.compress.apply import apply
+from lensbench.surgery import weight_bytes
 from lensbench.errors import PlanError
-from lensbench.plan import Plan, Unit, templates_of
+from lensbench.compress.plan import Plan
+from lensbench.units import Unit, templates_of
 from lensbench.profiling import model_card
 from lensbench.testing import TINY_ARCHS
 

@@ -108,9 +108,10 @@ CASES = [  # (argv, pattern in the one line)
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from lensbench.compress import compress
+    from lensbench.compress.save import compress
     from lensbench.load import load
-    from lensbench.plan import Plan, Unit
+    from lensbench.compress.plan import Plan
+    from lensbench.units import Unit
     from lensbench.profiling import profile_model
     from lensbench.testing import SAMPLE_TEXTS, tiny_model
 

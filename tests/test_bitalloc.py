@@ -5,11 +5,11 @@ import itertools
 import numpy as np
 import pytest
 
-from lensbench.apply import apply
-from lensbench.bitalloc import knapsack
+from lensbench.compress.apply import apply
+from lensbench.compress.policies.bits import knapsack
 from lensbench.errors import PlanError
 from lensbench.gpu.modules import QuantLinear
-from lensbench.policies import make_plan
+from lensbench.compress.policies import make_plan
 from lensbench.profiling import profile_model
 
 
@@ -123,7 +123,7 @@ def test_gguf_scheme_budgets_count_the_real_bits_of_the_saved_file(quant_profile
     """With --scheme gguf the budget is the GGML types' real bits per weight (scales included): the tiny model's
     rows (32 and 64 inputs) are not multiples of 256, so 8 bits are Q8_0 (8.5) and 4 bits fall back to Q4_0 (4.5);
     the saved GGUF file holds exactly the predicted average over the blocks' linears."""
-    from lensbench.compress import compress
+    from lensbench.compress.save import compress
 
     model, prof = quant_profile
     plan = make_plan("bits-rank", prof, 6.5, ranking="lim", levels="8,4", scheme="gguf")

@@ -132,7 +132,7 @@ def test_truncated_and_foreign_profiles(capsys, tmp_path, tiny_dir, text_file):
     code, _, err = run(capsys, "summary", str(out_dir), "--model", str(other))
     assert_one_line_error(code, err, "measured on .*not on")
     code, _, err = run(capsys, "profile", str(other), "--out", str(out_dir), "--texts", str(text_file))
-    assert_one_line_error(code, err, "is a profile of .*--overwrite")
+    assert_one_line_error(code, err, "measured on .*--overwrite")
     assert (out_dir / "profile.json").read_text() == good  # nothing was replaced
 
 

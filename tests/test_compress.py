@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import lensbench
-from lensbench.apply import apply
+from lensbench.compress.apply import apply
 from lensbench.cli import main
-from lensbench.compress import compress
+from lensbench.compress.save import compress
 from lensbench.errors import LensbenchError, PlanError
-from lensbench.plan import Plan, Unit
+from lensbench.compress.plan import Plan, Quant
+from lensbench.units import Unit
 from lensbench.profiling import model_card
 
 def consume(tmp_path, body: str, ids: torch.Tensor) -> np.ndarray:
@@ -59,8 +60,8 @@ def test_hf_checkpoint_of_drop_and_quant_plan_loads_in_transformers_with_the_sam
     model = tiny(arch)
     block = model.adapter.block_path(0)[:-1]
     plan = Plan.drop(model_card(model), [Unit(1, "block")])
-    plan.actions[f"{block}2"] = {"op": "quant", "bits": 4, "group_size": 16}
-    plan.actions[f"{block}0"] = {"op": "quant", "bits": 3, "group_size": 16, "scheme": "sym"}
+    plan.actions[f"{block}2"] = Quant(4, group_size=16)
+    plan.actions[f"{block}0"] = Quant(3, group_size=16, scheme="sym")
     saved = compress(model, plan, format="hf", out=tmp_path / "ck")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg.get("num_hidden_layers", cfg.get("n_layer")) == 2 and saved.record["layers_kept"] == [0, 2]
@@ -91,8 +92,8 @@ def test_sublayer_plan_is_saved_in_lensbench_layout_and_reloads(tiny, tmp_path):
 def test_compressed_tensors_checkpoint_loads_in_transformers(tiny, tmp_path):
     model = tiny("llama")
     plan = Plan.drop(model_card(model), [Unit(1, "block")])
-    plan.actions["model.layers.0"] = {"op": "quant", "bits": 4, "group_size": 16, "scheme": "sym"}
-    plan.actions["model.layers.2.mlp"] = {"op": "quant", "bits": 8, "group_size": 32, "scheme": "sym"}
+    plan.actions["model.layers.0"] = Quant(4, group_size=16, scheme="sym")
+    plan.actions["model.layers.2.mlp"] = Quant(8, group_size=32, scheme="sym")
     saved = compress(model, plan, format="compressed-tensors", out=tmp_path / "ck")
     qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
     assert qc["format"] == "pack-quantized" and saved.record["groups"] == {"int4/g16": 7, "int8/g32": 3}
@@ -133,9 +134,9 @@ def test_plan_of_another_model_and_non_empty_out_are_refused(tiny, tmp_path):
 
 KILLED_WRITER = """
 import sys, time
-from lensbench.compress import hf
+from lensbench.compress.formats import hf
 from lensbench.compress import compress
-from lensbench.plan import Plan
+from lensbench.compress.plan import Plan
 from lensbench.testing import tiny_model
 
 save = hf.save_weights
@@ -231,9 +232,9 @@ def smollm_gguf(smollm, tmp_path_factory):
     blocks' down_proj at Q6_K, saved as GGUF."""
     plan = Plan.drop(model_card(smollm), [Unit(21, "block"), Unit(25, "block")])
     for i in range(0, 30, 2):
-        plan.actions[f"model.layers.{i}"] = {"op": "quant", "bits": 4, "scheme": "gguf"}
+        plan.actions[f"model.layers.{i}"] = Quant(4, scheme="gguf")
     for i in range(1, 30, 2):
-        plan.actions[f"model.layers.{i}.mlp.down_proj"] = {"op": "quant", "bits": 6, "scheme": "gguf"}
+        plan.actions[f"model.layers.{i}.mlp.down_proj"] = Quant(6, scheme="gguf")
     out = tmp_path_factory.mktemp("gguf") / "ck"
     saved = compress(smollm, plan, format="gguf", out=out)
     ids = smollm.tokenize(["The city council approved the new budget on Tuesday after a long debate."]).input_ids
@@ -352,7 +353,7 @@ logits = np.stack([hf, cpp])
 def test_gguf_from_a_hugging_face_model_loads_in_transformers_and_llama_cpp(tiny, tmp_path, arch):
     model = tiny_qwen3() if arch == "qwen3" else tiny(arch)
     plan = Plan.drop(model_card(model), [Unit(1, "block")])
-    plan.actions["model.layers.0"] = {"op": "quant", "bits": 8, "scheme": "gguf"}  # 32 inputs: Q8_0
+    plan.actions["model.layers.0"] = Quant(8, scheme="gguf")  # 32 inputs: Q8_0
     saved = compress(model, plan, format="gguf", out=tmp_path / "ck")
     assert saved.record["header_from"] == "transformers config"
     assert saved.record["tensor_types"]["Q8_0"] == 7
@@ -379,8 +380,8 @@ def test_evaluate_a_saved_model_against_its_dense_source(tiny_dir, tmp_path, cap
     src = tiny_dir("llama")
     model = lensbench.load(src)
     plan = Plan.drop(model_card(model), [Unit(1, "block")])
-    plan.actions["model.layers.0"] = {"op": "quant", "bits": 8, "scheme": "gguf"} if fmt != "compressed-tensors" \
-        else {"op": "quant", "bits": 4, "group_size": 16, "scheme": "sym"}
+    plan.actions["model.layers.0"] = Quant(8, scheme="gguf") if fmt != "compressed-tensors" \
+        else Quant(4, group_size=16, scheme="sym")
     plan.save(tmp_path / "plan.json")
     assert main(["compress", str(src), "--plan", str(tmp_path / "plan.json"), "--format", fmt,
                  "--out", str(tmp_path / "ck")]) == 0

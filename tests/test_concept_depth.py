@@ -80,7 +80,7 @@ def test_profile_and_plot(tiny, tmp_path):
     prof = concept_depth_profile(model, tasks, tmp_path / "cache", site="resid", cfg=ProbeConfig(seeds=(0,), folds=3),
                                  seq_len=128, progress=False)
     prof.save(tmp_path / "out")
-    from lensbench.profile import Profile
+    from lensbench.profiles import Profile
 
     back = Profile.load(tmp_path / "out", model=model)
     view = ConceptDepthView(back)

@@ -4,10 +4,12 @@ import json
 import pytest
 import torch
 
-from lensbench.apply import apply_units, weight_bytes
+from lensbench.surgery import apply_units, weight_bytes
 from lensbench.cli import main
-from lensbench.evaluate import EvalConfig, continuation_logprob, evaluate
-from lensbench.plan import Plan, Unit
+from lensbench.compress.evaluate import EvalConfig, evaluate
+from lensbench.scoring import continuation_logprob
+from lensbench.compress.plan import Plan
+from lensbench.units import Unit
 from lensbench.probes.cities import city_facts
 from lensbench.profiling import model_card
 from lensbench.testing import SAMPLE_TEXTS

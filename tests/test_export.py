@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from lensbench.errors import PlanError
-from lensbench.export import export
-from lensbench.plan import Plan, Unit
+from lensbench.compress.export import export
+from lensbench.compress.plan import Plan
+from lensbench.units import Unit
 from lensbench.profiling import model_card
 
 

@@ -38,7 +38,7 @@ WRITERS = {
     """,
     "compress": """
         from lensbench.compress import compress
-        from lensbench.plan import Plan
+        from lensbench.compress.plan import Plan
         compress(tiny_model("llama"), Plan.load(work + "/new.json"), format="hf", out=work + "/ck", overwrite=True)
     """,
     "gguf-cache": """
@@ -69,7 +69,7 @@ def leftovers(root: Path) -> list[str]:
 
 
 def test_profile_save(tmp_path):
-    from lensbench.profile import Profile
+    from lensbench.profiles import Profile
     from lensbench.profiling import profile_model
     from lensbench.testing import tiny_model
 
@@ -113,8 +113,9 @@ def test_store_capture(tmp_path):
 def test_compress_publish(tmp_path):
     import json
 
-    from lensbench.compress import compress
-    from lensbench.plan import Plan, Unit
+    from lensbench.compress.save import compress
+    from lensbench.compress.plan import Plan
+    from lensbench.units import Unit
     from lensbench.profiling import model_card
     from lensbench.testing import tiny_model
 
@@ -138,8 +139,8 @@ def test_compress_publish(tmp_path):
 
 def test_gguf_cache_conversion(tmp_path, monkeypatch):
     import lensbench
-    from lensbench.compress import compress
-    from lensbench.plan import Plan
+    from lensbench.compress.save import compress
+    from lensbench.compress.plan import Plan
     from lensbench.profiling import model_card
     from lensbench.testing import tiny_model
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lensbench.analyses.geometry import Geometry
-from lensbench.profile import Profile
+from lensbench.profiles import Profile
 from lensbench.profiling import profile_model
 from lensbench.stats import spearman
 
@@ -89,7 +89,7 @@ def test_spearman():
 
 
 def test_agreement_matrix_in_profile(tiny, texts, tmp_path):
-    from lensbench.analyses.agreement import NAME, rankings
+    from lensbench.agreement import NAME, rankings
 
     prof = profile_model(tiny("llama"), texts, analyses=("redundancy", "ablation"), progress=False)
     a = prof.scores[NAME]

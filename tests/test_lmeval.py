@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from lensbench.cli import main
-from lensbench.plan import Plan, Unit
+from lensbench.compress.plan import Plan
+from lensbench.units import Unit
 from lensbench.profiling import model_card
 
 DATA = Path(__file__).parent / "data" / "lmeval" / "items.jsonl"
@@ -38,7 +39,7 @@ def task(tmp_path, monkeypatch):
 
 
 def test_lm_eval_task_runs_on_dense_and_plan(tiny, task):
-    from lensbench.lmeval import run_task
+    from lensbench.compress.lmeval import run_task
 
     model = tiny("llama")
     r = run_task(model, Plan.drop(model_card(model), [Unit(1, "block")]), task)

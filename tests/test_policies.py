@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from lensbench.apply import apply_units
+from lensbench.surgery import apply_units
 from lensbench.cli import main
 from lensbench.errors import PlanError
-from lensbench.evo import EvoConfig, evo_search, make_state, seeds_from_profile
-from lensbench.iterative import layer_cosines
-from lensbench.plan import Plan, Unit
-from lensbench.policies import POLICIES, make_plan
+from lensbench.compress.policies.evo import EvoConfig, evo_search, make_state, seeds_from_profile
+from lensbench.compress.policies.iterative import layer_cosines
+from lensbench.compress.plan import Plan
+from lensbench.units import Unit
+from lensbench.compress.policies import POLICIES, make_plan
 from lensbench.profiling import profile_model
 from lensbench.testing import SAMPLE_TEXTS, tiny_model
 

@@ -150,7 +150,7 @@ def test_a_save_killed_between_sidecar_and_json_leaves_the_previous_profile(tmp_
 import os, signal, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_profile_io import make_profile
-import lensbench.profile as lp
+import lensbench.profiles as lp
 def killed(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)
 lp.write_json = killed
@@ -185,7 +185,8 @@ def test_a_string_is_one_text(tiny):
 
 def test_plan_load_checks_the_model(tmp_path, tiny):
     from lensbench.errors import PlanError
-    from lensbench.plan import Plan, Unit
+    from lensbench.compress.plan import Plan
+    from lensbench.units import Unit
     from lensbench.profiling import model_card
 
     a, b = tiny("llama"), tiny("qwen2")
@@ -199,7 +200,7 @@ def test_a_nan_literal_is_refused_with_its_field_and_a_ranking_hole_is_refused_b
     """lensbench writes null for a missing value; a NaN literal means the file was edited or made elsewhere. A
     null inside a ranking would make a plan silently keep or drop that layer: refused, naming the layers."""
     from lensbench.errors import PlanError
-    from lensbench.policies import make_plan
+    from lensbench.compress.policies import make_plan
 
     path = make_profile().save(tmp_path / "p.json")
     text = path.read_text()

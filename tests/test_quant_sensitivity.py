@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lensbench.analyses import make
-from lensbench.apply import apply
+from lensbench.compress.apply import apply
 from lensbench.capture import batches
-from lensbench.plan import Plan
+from lensbench.compress.plan import Plan
 from lensbench.profiling import model_card, profile_model
 from lensbench.simquant import block_linears, simulated
 

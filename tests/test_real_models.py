@@ -54,7 +54,7 @@ def test_smollm2_profile_json_matches_independent_hidden_states(smollm, bbc_text
     expected = [float(torch.nn.functional.cosine_similarity(states[i][mask].double(), states[i + 1][mask].double(),
                                                             dim=-1).mean()) for i in range(30)]
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
-    # METHODS.md §7/§9: the first and last blocks change the stream most (lowest cosine)
+    # Layer-Wise Quantization and ShortGPT: the first and last blocks change the stream most (lowest cosine)
     assert set(np.argsort(got)[:2]) == {0, 29}
 
 
@@ -73,7 +73,7 @@ def test_minilm_mean_pooling_is_a_sentence_embedding(minilm):
 
 
 def test_demo_runs_the_whole_story_and_replaces_its_previous_results(tmp_path, capsys):
-    from lensbench.demo import DemoConfig, run_demo
+    from lensbench.cli.demo import DemoConfig, run_demo
 
     out = tmp_path / "demo"
     small = DemoConfig(calibration_tokens=256, eval_texts=2, eval_cities=8, eval_topics=5, speed_rounds=1,
@@ -110,8 +110,9 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path):
 
 def test_smollm2_plan_evaluated_on_heldout_text(smollm):
     """A real plan on the real model: held-out BBC text, real city facts, real speed measurement."""
-    from lensbench.evaluate import EvalConfig, evaluate
-    from lensbench.plan import Plan, Unit
+    from lensbench.compress.evaluate import EvalConfig, evaluate
+    from lensbench.compress.plan import Plan
+    from lensbench.units import Unit
     from lensbench.profiling import model_card
     from lensbench.texts import bbc_news
 
@@ -129,9 +130,10 @@ def test_smollm2_packed_int4_and_int8_are_small_and_close(smollm):
     issue's bounds against float16, held-out KL stays small, and greedy generation still answers."""
     from torch import nn
 
-    from lensbench.apply import apply, weight_bytes
-    from lensbench.evaluate import EvalConfig, text_quality
-    from lensbench.plan import Plan
+    from lensbench.compress.apply import apply
+    from lensbench.surgery import weight_bytes
+    from lensbench.compress.evaluate import EvalConfig, text_quality
+    from lensbench.compress.plan import Plan
     from lensbench.profiling import model_card
     from lensbench.texts import bbc_news
 
@@ -174,8 +176,9 @@ def test_dynamic_lrp_on_minilm(minilm):
 def test_topic_multiple_choice_separates_the_model_from_a_destroyed_one(smollm):
     """The lm-eval-style topic task: SmolLM2 well above chance and above the shuffled-label floor; with every
     sublayer but the first attention and MLP removed it falls to chance (city facts did not: 0.855 vs 0.990)."""
-    from lensbench.evaluate import topic_accuracy
-    from lensbench.plan import Plan, Unit
+    from lensbench.compress.evaluate import topic_accuracy
+    from lensbench.compress.plan import Plan
+    from lensbench.units import Unit
     from lensbench.profiling import model_card
 
     units = [Unit(i, "attn") for i in range(1, 30)] + [Unit(i, "mlp") for i in range(1, 30)]

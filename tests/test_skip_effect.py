@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lensbench.analyses.skip_effect import _SkipBefore
-from lensbench.apply import _Surgery
+from lensbench.surgery import Surgery
 from lensbench.profiling import profile_model
 
 
@@ -16,7 +16,7 @@ def full_forward_output_effect(model, texts, s):
     measured[:, 0] = False
     with torch.no_grad():
         p = torch.softmax(model.module(**batch.model_inputs()).logits[measured].float(), -1)
-        surgery = _Surgery()
+        surgery = Surgery()
         try:
             surgery.swap(ad.base, f"{ad.layers}.{s}", _SkipBefore(ad.blocks[s], batch.input_ids.shape[1]))
             q = torch.softmax(model.module(**batch.model_inputs()).logits[measured].float(), -1)

@@ -25,6 +25,8 @@ from lensbench.model import Model
 
 from .engine import LRPConfig, propagate
 from .registry import LRPError
+from lensbench.profiles import LayerScores
+from .plots import layer_token_map, token_heatmap
 
 
 @dataclass
@@ -59,7 +61,6 @@ class Relevance:
 
     def plot(self, kind: str = "tokens"):
         """plotly figure: "tokens" (a heatmap over the input tokens) or "layers" (layer × token map)."""
-        from .plots import layer_token_map, token_heatmap
 
         if kind == "tokens":
             return token_heatmap(self)
@@ -212,7 +213,6 @@ def attribute(model: Model, text: str, target=None, contrast=None, cfg: LRPConfi
 def unit_scores(rels: list[Relevance]) -> list:
     """Per-layer rankings for the Profile: the share of the starting relevance that flows through each
     block, attention sublayer, MLP sublayer and head, |R_unit| / |start|, averaged over prompts."""
-    from lensbench.profile import LayerScores
 
     def share(a: np.ndarray, r: Relevance) -> np.ndarray:
         return np.abs(a) / max(abs(r.start), 1e-12)

@@ -1,4 +1,4 @@
-"""Faithfulness of token attributions: deletion curves and ABPC (METHODS.md §3, paper §4.3), with the
+"""Faithfulness of token attributions: deletion curves and ABPC (DynamicLRP, Lee & Arias, 2025, §4.3), with the
 baselines Gradient×Input, Integrated Gradients and random.
 
 Tokens are *masked*, not removed (positions stay put): step i replaces the i most relevant tokens

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+from lensbench.atomic import write_text
 
 
 def _limit(a: np.ndarray) -> float:
@@ -10,7 +11,7 @@ def _limit(a: np.ndarray) -> float:
 
 
 def token_heatmap(rel):
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # heavy: plotly, only for figures
 
     m = _limit(rel.scores)
     labels = [f"{i}:{t}" for i, t in enumerate(rel.tokens)]
@@ -27,7 +28,7 @@ def token_heatmap(rel):
 
 
 def layer_token_map(rel):
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # heavy: plotly, only for figures
 
     z = np.vstack([rel.scores[None], rel.layer_tokens])
     m = _limit(z)
@@ -44,7 +45,6 @@ def layer_token_map(rel):
 
 def write_html(rel, path) -> None:
     """Both figures in one self-contained HTML file (plotly.js inlined once; viewable offline)."""
-    from lensbench.atomic import write_text
 
     tokens = token_heatmap(rel).to_html(full_html=False, include_plotlyjs=True)
     layers = layer_token_map(rel).to_html(full_html=False, include_plotlyjs=False)

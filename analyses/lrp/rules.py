@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 from .promises import saved_inputs
 from .registry import Rule, register_rule
+from .registry import LRPError
+from .registry import RULES
 
 
 def stab(z: torch.Tensor, eps: float) -> torch.Tensor:
@@ -495,7 +497,6 @@ def _addmm_rel(ctx, node, R):
 
 
 def raise_unresolved(node):
-    from .registry import LRPError
 
     raise LRPError(f"{type(node).__name__}: an operand could not be rebuilt from the graph (it was neither saved nor "
                    f"replayable); register a forward for the operation that produced it")
@@ -681,7 +682,6 @@ register_rule(_SDPA, Rule(_sdpa_rel, lambda ctx, node, k: node._saved_output if 
 
 def rule_table() -> list[tuple[str, str]]:
     """(operation name, rule formula) for every registered operation."""
-    from .registry import RULES
 
     return sorted((name, rule.doc) for name, rule in RULES.items())
 

@@ -5,7 +5,7 @@ import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 
-from lensbench.analyses.agreement import agreement, rankings
+from lensbench.agreement import agreement, rankings
 
 from ..components import graph, missing, opened_or_notice, profile_picker
 

@@ -13,9 +13,12 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, dcc, html, no_update
 
 from lensbench.errors import LensbenchError
-from lensbench.policies import POLICIES, make_plan
+from lensbench.compress.policies import POLICIES, make_plan
 
 from ..components import graph, notice, opened_or_notice, polled, profile_picker, progress_bar
+from lensbench.compress.evaluate import EvalConfig, evaluate
+from lensbench.texts import bbc_news
+from lensbench.compress.save import compress
 
 PATH, TITLE = "/plans", "Plan explorer"
 PROFILE_ONLY = [n for n, p in POLICIES.items() if not p.needs_model]
@@ -198,8 +201,6 @@ def register(app, state):
         predicted = predicted_kl(profile, plan)
 
         def job(progress):
-            from lensbench.evaluate import EvalConfig, evaluate
-            from lensbench.texts import bbc_news
 
             progress(0.05, "loading the model")
             model = state.model_for(profile)
@@ -239,7 +240,6 @@ def register(app, state):
         out = saved_dir(opened.path, f"{policy}-{budget}-{fmt}")
 
         def job(progress):
-            from lensbench.compress import compress
 
             progress(0.05, "loading the model")
             model = state.model_for(opened.profile)

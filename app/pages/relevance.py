@@ -5,6 +5,8 @@ from __future__ import annotations
 from dash import Input, Output, State, dcc, html, no_update
 
 from ..components import graph, notice, opened_or_notice, polled, profile_picker, progress_bar
+from lensbench.analyses.lrp.attribute import attribute
+from lensbench.errors import LensbenchError
 
 PATH, TITLE = "/relevance", "Relevance"
 
@@ -37,12 +39,10 @@ def register(app, state):
             return None, True, notice("Type a prompt first.", "warn")
 
         def job(progress):
-            from lensbench.analyses.lrp.attribute import attribute
 
             progress(0.1, "loading the model")
             model = state.model_for(profile)
             if not model.is_causal_lm:
-                from lensbench.errors import LensbenchError
                 raise LensbenchError(f"{model.name} has no language-model head: relevance here explains next-token "
                                      f"predictions of causal LMs")
             progress(0.4, "forward pass and relevance walk")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import Tap, register
 from .llama import LlamaAdapter
+import torch
 
 
 @register("GemmaForCausalLM", "GemmaModel")
@@ -21,7 +22,6 @@ class Gemma2Adapter(LlamaAdapter):
 
     def head(self, normed):
         """Gemma 2/3 soft-cap the logits after the head; the logit lens must do the same."""
-        import torch
 
         logits = super().head(normed)
         cap = getattr(self.config, "final_logit_softcapping", None)

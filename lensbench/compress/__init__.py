@@ -1,120 +1,35 @@
-"""Save a planned model as a checkpoint other tools load: `compress(model, plan, format=..., out=...)`.
+"""The decision layer: plans, the policies that make them, executing them, measuring them, saving them.
 
-Formats are registered writers (`@register(name)`), each a function `(model, plan, staging, dtype) ->
-record` that writes into an empty staging folder; `compress` checks everything first, stages the
-files in a hidden sibling of `out` and publishes them with one rename, so a kill or a full disk
-never leaves a half checkpoint at `out`. Every folder also gets `lensbench-compress.json`: the plan,
-the source model, and per tensor the type stored and its bits per weight.
+    from lensbench.compress.plan import Plan, Drop, Quant      # typed actions, JSON on disk
+    from lensbench.compress.policies import make_plan          # registered policies, typed configs
+    from lensbench.compress.apply import apply                 # execute a plan for real (a context)
+    from lensbench.compress.evaluate import evaluate           # quality, speed, bytes vs the dense model
+    lensbench.compress(model, plan, format="gguf", out="dir")  # a checkpoint other tools load
 
-    hf                 transformers checkpoint (blocks dropped and renumbered; quantised weights
-                       stored dequantised); a plan that removes sublayers gets lensbench's own layout
-    gguf               llama.cpp's file: per-tensor GGML types, dropped blocks renumbered
-    compressed-tensors pack-quantized int weights that vLLM and transformers load
+Submodules are imported when used, so reading a plan does not import the kernels or the writers.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
-import torch
-
-from ..atomic import publish_dir, staging_dir, tidy_beside, write_json
-from ..errors import LensbenchError, PlanError
-from ..plan import Plan
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FORMATS: dict[str, Callable] = {}
-RECORD = "lensbench-compress.json"
+import sys
+import types
+from importlib import import_module
 
 
-def register(name: str):
-    def deco(fn):
-        FORMATS[name] = fn
-        return fn
-    return deco
+class _CallablePackage(types.ModuleType):
+    """`lensbench.compress` is this package and also the function that saves a checkpoint, so the public
+    name `lensbench.compress(...)` keeps working whichever of the two a user imported first."""
+
+    def __call__(self, model, plan, **kwargs):
+        """`lensbench.compress(model, plan, format="hf"|"gguf"|"compressed-tensors", out=DIR)`: see
+        `lensbench.compress.save.compress`."""
+        return import_module(".save", __name__).compress(model, plan, **kwargs)
 
 
-@dataclass
-class Saved:
-    """What `compress` wrote: the folder, the format, and its record (tensor types, bytes, bits)."""
-
-    path: Path
-    format: str
-    record: dict
-
-    def __repr__(self) -> str:
-        r = self.record
-        return (f"Saved({str(self.path)!r}, {self.format}, {r['files_bytes'] / 1e6:.1f} MB, "
-                f"{r.get('bits_per_weight', 0):.3g} bits per weight)")
+sys.modules[__name__].__class__ = _CallablePackage
 
 
-def read_record(path: Path) -> dict | None:
-    """The `lensbench-compress.json` of a folder `compress` wrote, or None when there is none or it is unreadable."""
-    try:
-        record = json.loads((Path(path) / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LensbenchError(f"--out {out} is a file; give a folder path for the checkpoint")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LensbenchError(f"--out {out} exists and is not empty: pass --overwrite to replace it, or choose "
-                             f"another folder")
-    return out
-
-
-def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, dtype: str | None = None,
-             overwrite: bool = False) -> Saved:
-    """Write `plan` applied to `model` as a `format` checkpoint at `out`; see the module docstring."""
-    from ..load import load
-    from . import ctensors, gguf, hf  # noqa: F401  (register the writers)
-
-    if format not in FORMATS:
-        raise LensbenchError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
-    if dtype is not None and dtype not in DTYPES:
-        raise LensbenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    out = Path(out)
-    tidy_beside(out)  # a checkpoint moved aside by a killed run goes back before `out` is checked
-    out = check_out(out, overwrite)
-    if not isinstance(plan, Plan):
-        plan = Plan.load(plan)
-    model = load(model)
-    plan.resolve(model)  # another model's plan, unknown names: refused before anything is written
-    staging = staging_dir(out)
-    try:
-        with torch.no_grad():
-            record = FORMATS[format](model, plan, staging, DTYPES[dtype] if dtype else None)
-        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
-        record = {"schema": "lensbench.compress/1", "format": format,
-                  "source": {k: model.card.get(k) for k in ("name", "source", "fingerprint") if model.card.get(k)},
-                  "plan": plan.to_dict(), "files": files, "files_bytes": sum(files.values()), **record}
-        write_json(staging / RECORD, record)
-        publish_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return Saved(out, format, record)
-
-
-def kept_layers(model, plan: Plan) -> list[int]:
-    dropped = {u.layer for u in plan.resolve(model) if u.kind == "block"}
-    return [i for i in range(model.n_layers) if i not in dropped]
-
-
-def sublayer_units(model, plan: Plan) -> list:
-    return [u for u in plan.resolve(model) if u.kind != "block"]
-
-
-def refuse_sublayers(model, plan: Plan, fmt: str) -> None:
-    units = sublayer_units(model, plan)
-    if units:
-        raise PlanError(f"the plan removes {', '.join(map(str, units))} (attention or MLP alone), which a {fmt} "
-                        f"checkpoint cannot hold: save it with --format hf (lensbench's own layout), or drop whole "
-                        f"blocks")
+def __getattr__(name: str):
+    """`from lensbench.compress import compress, Saved`: the saving function and its result, on first use."""
+    if name in ("compress", "Saved"):
+        return getattr(import_module(".save", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,9 +23,14 @@ algorithm is the target's. Registered in EXPORTERS; `lensbench export PLAN --for
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Callable
 
-from .errors import PlanError
+import yaml
+
+from ..atomic import write_json, write_text
+from ..errors import PlanError
+from ..simquant import block_linears
 from .plan import Plan
 
 EXPORTERS: dict[str, Callable] = {}
@@ -102,8 +107,6 @@ def to_llm_compressor(plan: Plan, model, targets: dict[str, tuple[int, int]]):
 
 @register("gptqmodel")
 def to_gptqmodel(plan: Plan, model, targets: dict[str, tuple[int, int]]):
-    from .simquant import block_linears
-
     (base_bits, base_group, scheme), _ = Counter(targets.values()).most_common(1)[0]
     dynamic = {f"+:^{_escape(n)}$": {"bits": b, "group_size": g}
                for n, (b, g, _) in targets.items() if (b, g) != (base_bits, base_group)}
@@ -125,14 +128,8 @@ def _escape(name: str) -> str:
 
 def write(doc, path) -> None:
     """Write an export atomically: YAML for recipes, JSON otherwise (plus the torchao Python snippet)."""
-    from pathlib import Path
-
-    from .atomic import write_json, write_text
-
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         write_text(path, yaml.safe_dump(doc, sort_keys=False))
     else:
         write_json(path, doc)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..profile import LayerScores, Profile
-from ..stats import spearman
+from .profiles import LayerScores, Profile
+from .stats import spearman
 
 NAME = "ranking_agreement"
 

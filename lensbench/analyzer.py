@@ -7,16 +7,21 @@ LayerScores. Memory therefore stays bounded by one batch, however much text is a
 
 A scan (one forward per unit, as ablation) declares `steps_per_batch()` and calls `self.step()` after each
 unit, so the progress bar moves per unit rather than per batch.
+
+The registry is the spine's; the analyzers that come with lensbench live in `lensbench.analyses` and
+register when that package is imported, which the registry does by name the first time it is read (the
+way a plug-in is loaded), so the spine never imports the analyses' code.
 """
 from __future__ import annotations
 
 import dataclasses
+from importlib import import_module
 from typing import ClassVar
 
-from ..errors import LensbenchError
-from ..model import Model
-from ..profile import LayerScores
-from ..trace import Trace
+from .errors import LensbenchError
+from .model import Model
+from .profiles import LayerScores
+from .trace import Trace
 
 
 class Analyzer:
@@ -49,6 +54,12 @@ class Analyzer:
 
 
 _REGISTRY: dict[str, type[Analyzer]] = {}
+BUILTIN = "lensbench.analyses"  # the package of the analyzers that come with lensbench
+
+
+def _builtins() -> dict[str, type[Analyzer]]:
+    import_module(BUILTIN)  # registers the built-in analyzers (a no-op once imported)
+    return _REGISTRY
 
 
 def register(cls: type[Analyzer]) -> type[Analyzer]:
@@ -57,12 +68,12 @@ def register(cls: type[Analyzer]) -> type[Analyzer]:
 
 
 def registered() -> dict[str, type[Analyzer]]:
-    return dict(_REGISTRY)
+    return dict(_builtins())
 
 
 def check_names(names) -> None:
     """Refuse analysis names that are not registered (all of them in one line)."""
-    unknown = [n for n in names if n not in _REGISTRY]
+    unknown = [n for n in names if n not in _builtins()]
     if unknown:
         raise LensbenchError(f"unknown analysis {', '.join(map(repr, unknown))}: available are "
                              f"{', '.join(sorted(_REGISTRY))}")

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .texts import BBC_TOPICS, bbc_news
+from ..scoring import continuation_logprob
+from ..texts import BBC_TOPICS, bbc_news
 
 OPTIONS = {"business": "business", "entertainment": "entertainment", "politics": "politics", "sports": "sport",
            "tech": "technology"}
@@ -36,8 +37,6 @@ def bbc_topics(n: int, seed: int = 0) -> list[tuple[str, int]]:
 @torch.no_grad()
 def choice_scores(model, prompts: Sequence[str], options: Sequence[str]) -> torch.Tensor:
     """[items, options] length-normalised log-likelihoods (acc_norm's score)."""
-    from .evaluate import continuation_logprob
-
     conts = [" " + o for o in options]
     pre = [p for p in prompts for _ in conts]
     ll = continuation_logprob(model, pre, conts * len(prompts)).reshape(len(prompts), len(conts))

@@ -22,6 +22,8 @@ import numpy as np
 from .atomic import write_json, write_with, write_text
 from . import jsonio
 from .errors import ProfileError
+from safetensors.numpy import save_file
+from safetensors.numpy import load_file
 
 SCHEMA = "lensbench.profile/1"
 INLINE_MAX = 4096  # arrays up to this many elements are written inline in the JSON
@@ -59,7 +61,7 @@ class LayerScores:
         return [int(i) for i in np.argsort(key, kind="stable")]
 
     def to_frame(self):
-        import pandas as pd
+        import pandas as pd  # heavy: pandas, only for tables
 
         if self.values.ndim == 1:
             frame = pd.DataFrame({self.axes[0]: np.arange(len(self.values)), self.name: self.values})
@@ -72,7 +74,7 @@ class LayerScores:
 
     def plot(self):
         """A plotly figure: bars over units for 1-D scores, a heatmap for matrices."""
-        import plotly.graph_objects as go
+        import plotly.graph_objects as go  # heavy: plotly, only for figures
 
         if self.values.ndim == 1:
             fig = go.Figure(go.Bar(x=list(range(len(self.values))), y=self.values))
@@ -124,7 +126,7 @@ class Table:
     params: dict = field(default_factory=dict)
 
     def to_frame(self):
-        import pandas as pd
+        import pandas as pd  # heavy: pandas, only for tables
 
         return pd.DataFrame(self.rows)
 
@@ -170,7 +172,7 @@ class Profile:
 
     def to_frame(self):
         """One row per layer, one column per 1-D per-layer metric."""
-        import pandas as pd
+        import pandas as pd  # heavy: pandas, only for tables
 
         cols = {n: s.values for n, s in self.scores.items() if s.values.ndim == 1 and s.axes == ("layer",)}
         n = max((len(v) for v in cols.values()), default=0)
@@ -184,7 +186,7 @@ class Profile:
         frame = self.to_frame()
         if path.suffix == ".parquet":
             try:
-                import pyarrow  # noqa: F401
+                import pyarrow  # noqa: F401  # optional: pyarrow (the parquet extra)
             except ImportError:
                 raise ProfileError("writing parquet needs pyarrow: pip install 'lensbench[parquet]'") from None
             write_with(path, lambda tmp: frame.to_parquet(tmp))
@@ -219,8 +221,9 @@ class Profile:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model=None) -> "Profile":
-        """Read and validate a profile; with `model`, also check it was measured on that model."""
+    def load(cls, path: str | Path, model=None, fix: str = "profile the model you are using") -> "Profile":
+        """Read and validate a profile; with `model`, also check it was measured on that model (`fix` is what the
+        error tells the user to do when it was not)."""
         path = Path(path)
         if path.is_dir():
             path = path / "profile.json"
@@ -237,7 +240,10 @@ class Profile:
                                f"re-run lensbench profile") from None
         profile = cls._from_doc(doc, path)
         if model is not None:
-            profile.check_model(model)
+            try:
+                profile.check_model(model, fix)
+            except ProfileError as exc:
+                raise ProfileError(f"{path}: {exc}") from None
         return profile
 
     @classmethod
@@ -267,15 +273,16 @@ class Profile:
                 raise ProfileError(f"{path}: table {name!r} is malformed ({exc}): re-run lensbench profile") from None
         return cls(doc["model"], doc.get("data", {}), scores, doc.get("meta", {}), tables)
 
-    def check_model(self, model) -> None:
-        self.check_fingerprint(model.fingerprint(), model.name)
+    def check_model(self, model, fix: str = "profile the model you are using") -> None:
+        self.check_fingerprint(model.fingerprint(), model.name, fix)
 
-    def check_fingerprint(self, fingerprint: str | None, name: str | None) -> None:
+    def check_fingerprint(self, fingerprint: str | None, name: str | None,
+                          fix: str = "profile the model you are using") -> None:
         mine = self.model.get("fingerprint")
         if mine != fingerprint:
             raise ProfileError(f"this profile was measured on {self.model.get('name')!r} "
                                f"(weights {str(mine)[:12]}), not on {name!r} (weights "
-                               f"{str(fingerprint)[:12]}): profile the model you are using")
+                               f"{str(fingerprint)[:12]}): {fix}")
 
     def __repr__(self) -> str:
         tables = f", tables: {', '.join(self.tables)}" if self.tables else ""
@@ -285,7 +292,6 @@ class Profile:
 def _write_sidecar(json_path: Path, arrays: dict[str, np.ndarray]) -> tuple[Path, str]:
     """The arrays in `<json stem>.arrays-<content hash>.safetensors` beside the JSON, and that hash: two profiles
     in one directory never share a file, and a new save never overwrites the sidecar the current JSON names."""
-    from safetensors.numpy import save_file
 
     tmp = json_path.parent / f".{json_path.stem}.arrays.tmp"
     write_with(tmp, lambda t: save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(t)))
@@ -305,6 +311,5 @@ def _read_sidecar(path: Path, sha: str) -> dict[str, np.ndarray]:
     if _sha256(path) != sha:
         raise ProfileError(f"{path} does not match profile.json (hash differs): the pair was torn or edited; "
                            f"re-run lensbench profile")
-    from safetensors.numpy import load_file
 
     return load_file(str(path))

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from ..apply import apply
-from ..errors import PlanError
-from ..plan import _is_conv1d, templates_of
-from . import kept_layers, refuse_sublayers, register
+from ...errors import PlanError
+from ...units import is_conv1d, templates_of
+from .registry import kept_layers, refuse_sublayers, register
 from .hf import pruned_config, save_tokenizer, state_dict
+from safetensors.torch import save_file
+from lensbench.gpu.quant import quantize
 
 
 def _check(model, targets) -> None:
@@ -34,7 +36,7 @@ def _check(model, targets) -> None:
     root = model.module
     for name, spec in targets.items():
         module = root.get_submodule(name)
-        if not isinstance(module, nn.Linear) or _is_conv1d(module):
+        if not isinstance(module, nn.Linear) or is_conv1d(module):
             raise PlanError(f"{name} is a {type(module).__name__}; the pack-quantized format holds nn.Linear weights "
                             f"only: leave it out of the plan or save with --format hf")
         k = module.in_features
@@ -46,11 +48,10 @@ def _check(model, targets) -> None:
 
 @register("compressed-tensors")
 def write_compressed_tensors(model, plan, staging: Path, dtype) -> dict:
+    # heavy: compressed-tensors, only for that format
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    # heavy: compressed-tensors, only for that format
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-    from safetensors.torch import save_file
-
-    from lensbench.gpu.quant import quantize
 
     refuse_sublayers(model, plan, "compressed-tensors")
     targets = plan.quant_targets(model)

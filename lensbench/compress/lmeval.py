@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import LensbenchError
+from ..errors import LensbenchError
+from .apply import applied
+import yaml
 
 
 def task_name(path: Path) -> str:
-    import yaml
 
     if not path.is_file():
         raise LensbenchError(f"lm-eval task {path} does not exist: give the task's YAML file")
@@ -24,18 +25,16 @@ def task_name(path: Path) -> str:
 
 def check_installed() -> None:
     try:
-        import lm_eval  # noqa: F401
+        import lm_eval  # noqa: F401  # optional: lm-evaluation-harness (the lm-eval extra)
     except ImportError:
         raise LensbenchError("lm-evaluation-harness is not installed: pip install 'lensbench[lm-eval]'") from None
 
 
 def run_task(model, target, task_yaml: str | Path, limit: int | None = None, batch_size: int = 8) -> dict:
     """{"task", "dense": {metric: value}, "plan": {metric: value}} for the task in `task_yaml`."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    from .apply import applied
+    import lm_eval  # optional: lm-evaluation-harness (the lm-eval extra)
+    from lm_eval.models.huggingface import HFLM  # optional: lm-evaluation-harness (the lm-eval extra)
+    from lm_eval.tasks import TaskManager  # optional: lm-evaluation-harness (the lm-eval extra)
 
     path = Path(task_yaml)
     name = task_name(path)

@@ -17,7 +17,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import LensbenchError
+from ...errors import LensbenchError
+from ...saved import tied_head_key
+import gguf
+from gguf import GGUFValueType as T
+from gguf import TokenType
 
 FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
             "qwen3": ("qwen3", False)}  # model_type: (llama.cpp architecture, q/k permuted)
@@ -35,7 +39,6 @@ class GGUFHeader:
     # --- from a GGUF file ------------------------------------------------------------------------
     @classmethod
     def from_file(cls, path: Path, model) -> "GGUFHeader":
-        import gguf
 
         reader = gguf.GGUFReader(path)
         arch = reader.fields["general.architecture"].contents()
@@ -72,7 +75,6 @@ class GGUFHeader:
 
     # --- writing ---------------------------------------------------------------------------------
     def write_fields(self, writer, kept: list[int]) -> None:
-        import gguf
 
         arch = self.arch
         if self.copy_from is None:
@@ -94,7 +96,6 @@ class GGUFHeader:
 
 def _hf_names(model, arch: str, n_blocks: int) -> dict[str, str]:
     """{GGUF tensor name: Hugging Face parameter name} for the model's weights."""
-    import gguf
 
     archs = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
     if arch not in archs:
@@ -110,14 +111,11 @@ def _hf_names(model, arch: str, n_blocks: int) -> dict[str, str]:
 
 
 def _tied_head(model) -> str | None:
-    from .hf import tied_head_key
-
     return tied_head_key(model.module)
 
 
 def _hf_fields(model, arch: str) -> dict[str, tuple]:
     """{key: (value, GGUF value type, array subtype)} of the header llama.cpp's converter writes."""
-    from gguf import GGUFValueType as T
 
     cfg = model.module.config
     heads = cfg.num_attention_heads
@@ -144,8 +142,6 @@ def _hf_fields(model, arch: str) -> dict[str, tuple]:
 
 
 def _tokenizer_fields(tok, n_rows: int) -> dict[str, tuple]:
-    from gguf import GGUFValueType as T
-    from gguf import TokenType
 
     backend = getattr(tok, "backend_tokenizer", None)
     doc = json.loads(backend.to_str()) if backend is not None else {}

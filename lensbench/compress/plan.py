@@ -1,17 +1,17 @@
-"""`Plan`: a decision about what to remove from a model, shaped like torchao's `FqnToConfig`.
+"""`Plan`: a decision about what to remove or quantise in a model, shaped like torchao's `FqnToConfig`.
 
-A plan is an ordered mapping `{module name or "re:<regex>": action}`. The action `{"op": "drop"}`
-removes that unit (a whole block, or its attention or MLP sublayer); `{"op": "quant", "bits": 4,
-"group_size": 128}` stores the weights of the named linear layers (a block or sublayer name means
-every linear inside it; an embedding only when named itself) packed at that bit-width. An optional
-`"scheme"` names the grid: `"asym"` (the default: min-max with a float zero point), `"sym"` (the
-signed symmetric grid that compressed-tensors and GPTQ store) or `"gguf"` (the GGML type the bits
-map to, `gpu.ggml.ggml_type`; `group_size` does not apply). As in
-torchao's `FqnToConfig`, a later entry overrides an earlier one for the modules both name. It carries the model it was
-made for (fingerprint), the policy and budget that produced it, and what the policy predicted.
-On disk: JSON, schema `lensbench.plan/1`, written atomically; loading executes nothing.
+A plan maps module names (or `"re:<regex>"` patterns) to typed actions, each registered under its operation
+name (`@action(op)`): `Drop()` removes that unit (a whole block, or its attention or MLP sublayer);
+`Quant(bits, group_size, scheme)` stores the weights of the named linear layers (a block or sublayer name
+means every linear inside it; an embedding only when named itself) packed at that bit-width. The scheme names
+the grid: `"asym"` (the default: min-max with a float zero point), `"sym"` (the signed symmetric grid that
+compressed-tensors and GPTQ store) or `"gguf"` (the GGML type the bits map to, `gpu.ggml.ggml_type`;
+`group_size` does not apply). When two quantisation entries name the same module, the later one wins. A plan
+carries the model it was made for (fingerprint), the policy and budget that produced it, and what the policy
+predicted. On disk: JSON, schema `lensbench.plan/1`, each action `{"op": ..., its fields}`, written
+atomically; loading executes nothing.
 
-Checking a plan against a model (`resolve`) happens before any work starts: a plan for another
+Checking a plan against a model (`bind`, `resolve`) happens before any work starts: a plan for another
 model, names the model does not have, an unknown operation, or removing every layer are errors.
 """
 from __future__ import annotations
@@ -20,81 +20,124 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import ClassVar, Iterable, NamedTuple
 
-from .atomic import write_json
-from . import jsonio
-from .errors import PlanError
+from torch import nn
+
+from .. import jsonio
+from ..atomic import write_json
+from ..errors import PlanError
+from ..gpu.ggml import GGUF_BITS
+from ..gpu.quant import DEFAULT_GROUP_SIZE, QuantError, check_spec
+from ..units import KINDS, Unit, is_conv1d, normalise, templates_of, unit_templates
 
 SCHEMA = "lensbench.plan/1"
-KINDS = ("block", "attn", "mlp")
-OPS = ("drop", "quant")
 SCHEMES = ("asym", "sym", "gguf")
 
 
-class QuantSpec(NamedTuple):
-    """How one module is quantised: bit-width, group size (asym/sym) and grid (`SCHEMES`)."""
+# --- actions ------------------------------------------------------------------------------------------
+
+class Action:
+    """A typed plan action; subclasses are frozen dataclasses registered with `@action(op)`."""
+
+    op: ClassVar[str]
+
+    def to_dict(self) -> dict:
+        return {"op": self.op}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Action":
+        return cls()
+
+
+ACTIONS: dict[str, type[Action]] = {}
+
+
+def action(op: str):
+    """Register an action class under its operation name (the `"op"` of its JSON form)."""
+    def deco(cls):
+        cls.op = op
+        ACTIONS[op] = cls
+        return cls
+    return deco
+
+
+@action("drop")
+@dataclass(frozen=True)
+class Drop(Action):
+    """Remove the named unit: a whole block, or its attention or MLP sublayer."""
+
+
+@action("quant")
+@dataclass(frozen=True)
+class Quant(Action):
+    """Store the named linears (or an embedding) packed: bit-width, group size (asym/sym) and grid."""
 
     bits: int
-    group_size: int
+    group_size: int = DEFAULT_GROUP_SIZE
     scheme: str = "asym"
 
-    def action(self) -> dict:
-        out = {"op": "quant", "bits": int(self.bits)}
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise QuantError(f"scheme {self.scheme!r} is not known; use one of {', '.join(SCHEMES)}")
+        if self.scheme == "gguf":
+            if isinstance(self.bits, bool) or self.bits not in GGUF_BITS:
+                raise QuantError(f"bits={self.bits!r} has no GGUF type here; use one of "
+                                 f"{', '.join(map(str, GGUF_BITS))}")
+            object.__setattr__(self, "group_size", 0)
+        else:
+            check_spec(self.bits, self.group_size)
+        object.__setattr__(self, "bits", int(self.bits))
+        object.__setattr__(self, "group_size", int(self.group_size))
+
+    def to_dict(self) -> dict:
+        out = {"op": "quant", "bits": self.bits}
         if self.scheme != "gguf":
-            out["group_size"] = int(self.group_size)
+            out["group_size"] = self.group_size
         if self.scheme != "asym":
             out["scheme"] = self.scheme
         return out
 
-
-def check_quant(bits, group_size, scheme: str = "asym") -> QuantSpec:
-    """A validated QuantSpec; raises QuantError (gpu.quant) or GGMLError naming the nearest choice."""
-    from lensbench.gpu.quant import QuantError, check_spec
-
-    if scheme not in SCHEMES:
-        raise QuantError(f"scheme {scheme!r} is not known; use one of {', '.join(SCHEMES)}")
-    if scheme == "gguf":
-        from lensbench.gpu.ggml import GGUF_BITS
-
-        if isinstance(bits, bool) or bits not in GGUF_BITS:
-            raise QuantError(f"bits={bits!r} has no GGUF type here; use one of {', '.join(map(str, GGUF_BITS))}")
-        return QuantSpec(int(bits), 0, scheme)
-    check_spec(bits, group_size)
-    return QuantSpec(bits, group_size, scheme)
+    @classmethod
+    def from_dict(cls, doc: dict) -> "Quant":
+        return cls(doc.get("bits"), doc.get("group_size", DEFAULT_GROUP_SIZE), doc.get("scheme", "asym"))
 
 
-@dataclass(frozen=True, order=True)
-class Unit:
-    """A removable unit: block `layer`, or its attention ("attn") or MLP ("mlp") sublayer."""
-
-    layer: int
-    kind: str
-
-    def __str__(self) -> str:
-        return f"{self.kind}{self.layer}"
 
 
-def unit_templates(card: dict) -> dict[str, str]:
-    """`{"block": "model.layers.{i}", "attn": ..., "mlp": ...}` for a model card (Profile.model)."""
-    if "units" not in card:
-        raise PlanError(f"the profile of {card.get('name')!r} does not name its layers (made by an older "
-                        f"lensbench): re-run lensbench profile")
-    return card["units"]
+def to_action(key: str, value) -> Action:
+    """An Action from an Action or its JSON form; PlanError names the entry and the supported operations."""
+    if isinstance(value, Action):
+        return value
+    if not isinstance(value, dict) or value.get("op") not in ACTIONS:
+        raise PlanError(f"action for {key!r} is {value!r}; supported: "
+                        + ", ".join(f'{{"op": "{o}"}}' for o in ACTIONS))
+    try:
+        return ACTIONS[value["op"]].from_dict(value)
+    except (QuantError, TypeError) as exc:
+        raise PlanError(f"plan entry {key!r}: {exc}") from None
 
 
-def templates_of(adapter) -> dict[str, str]:
-    block = adapter.block_path(0)[:-1] + "{i}"
-    return {"block": block, "attn": f"{block}.{adapter.attn}", "mlp": f"{block}.{adapter.mlp}"}
+class Bound(NamedTuple):
+    """A plan checked against one model: its removed units (normalised) and `{module name: Quant}`."""
 
+    plan: "Plan"
+    units: list[Unit]
+    quant: dict[str, Quant]
+
+
+# --- the plan -----------------------------------------------------------------------------------------
 
 @dataclass
 class Plan:
-    actions: dict[str, dict]
+    actions: dict[str, Action]
     model: dict
     policy: dict = field(default_factory=dict)
     predicted: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.actions = {k: to_action(k, v) for k, v in self.actions.items()}
 
     # --- construction ---------------------------------------------------------------------------
     @classmethod
@@ -102,20 +145,20 @@ class Plan:
              predicted: dict | None = None) -> "Plan":
         """A plan that removes `units` of the model described by `card` (a Profile's `model`)."""
         names = unit_templates(card)
-        ordered = sorted(set(units))
-        actions = {names[u.kind].format(i=u.layer): {"op": "drop"} for u in ordered}
+        actions = {names[u.kind].format(i=u.layer): Drop() for u in sorted(set(units))}
         keep = ("name", "fingerprint", "n_layers", "class", "units", "source")
         return cls(actions, {k: card[k] for k in keep if k in card} | {"units": names}, policy or {},
                    predicted or {})
 
     @classmethod
-    def quantize(cls, card: dict, specs: dict[str, tuple], *, policy: dict | None = None,
+    def quantize(cls, card: dict, specs: dict[str, tuple | Quant], *, policy: dict | None = None,
                  predicted: dict | None = None) -> "Plan":
-        """A plan that stores each named module (`{name: (bits, group_size[, scheme])}`) packed."""
-        actions = {name: QuantSpec(*spec).action() for name, spec in specs.items()}
+        """A plan that stores each named module (`{name: Quant or (bits, group_size[, scheme])}`) packed."""
         plan = cls.drop(card, [], policy=policy, predicted=predicted)
-        plan.actions = actions
-        plan.quant_actions()  # validates bits and group sizes
+        try:
+            plan.actions = {n: s if isinstance(s, Quant) else Quant(*s) for n, s in specs.items()}
+        except QuantError as exc:
+            raise PlanError(str(exc)) from None
         return plan
 
     # --- reading --------------------------------------------------------------------------------
@@ -127,31 +170,19 @@ class Plan:
     def n_layers(self) -> int:
         return int(self.model["n_layers"])
 
-    def quant_actions(self) -> dict[str, QuantSpec]:
-        """`{name or pattern: QuantSpec}` of the quantisation actions, checked for the format."""
-        from lensbench.gpu.quant import QuantError
+    def quant_actions(self) -> dict[str, Quant]:
+        """`{name or pattern: Quant}` of the quantisation actions."""
+        return {k: a for k, a in self.actions.items() if isinstance(a, Quant)}
 
-        out = {}
-        for key, action in self.actions.items():
-            if isinstance(action, dict) and action.get("op") == "quant":
-                try:
-                    out[key] = check_quant(action.get("bits"), action.get("group_size", 128),
-                                           action.get("scheme", "asym"))
-                except QuantError as exc:
-                    raise PlanError(f"plan entry {key!r}: {exc}") from None
-        return out
-
-    def quant_targets(self, model) -> dict[str, QuantSpec]:
-        """`{module name: QuantSpec}` for every linear or embedding this plan quantises in
-        `model`. Raises PlanError for a name or pattern that matches no such module."""
-        from torch import nn
-
+    def quant_targets(self, model) -> dict[str, Quant]:
+        """`{module name: Quant}` for every linear or embedding this plan quantises in `model`. Raises
+        PlanError for a name or pattern that matches no such module."""
         actions = self.quant_actions()
         if not actions:
             return {}
         modules = dict(model.module.named_modules())
-        leaves = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding)) or _is_conv1d(m)}
-        out: dict[str, QuantSpec] = {}
+        leaves = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)}
+        out: dict[str, Quant] = {}
         for key, spec in actions.items():
             if key.startswith("re:"):
                 rx = _regex(key)
@@ -173,6 +204,10 @@ class Plan:
         """Check this plan against `model` and return its units, normalised: a layer whose attention
         and MLP are both removed is a removed block. Quantisation entries are checked too (see
         `quant_targets`). Raises PlanError before any work is done."""
+        return self.bind(model).units
+
+    def bind(self, model) -> Bound:
+        """This plan checked against `model`, resolved once into its units and quantisation targets."""
         fp = self.model.get("fingerprint")
         if fp is not None and fp != model.fingerprint():
             raise PlanError(f"this plan was made for {self.model.get('name')!r} (weights {fp[:12]}), not for "
@@ -185,8 +220,7 @@ class Plan:
                             f"alone; drop whole blocks instead")
         if sum(u.kind == "block" for u in units) >= adapter.n_layers:
             raise PlanError(f"this plan removes all {adapter.n_layers} layers of {model.name}; keep at least one")
-        self.quant_targets(model)
-        return units
+        return Bound(self, units, self.quant_targets(model))
 
     def summary(self) -> dict:
         units = self.units()
@@ -195,15 +229,15 @@ class Plan:
                "layer_fraction_removed": (counts["block"] + 0.5 * (counts["attn"] + counts["mlp"])) / self.n_layers}
         quant = self.quant_actions()
         if quant:
-            out["quant_entries"] = {f"int{b}": sum(v[0] == b for v in quant.values())
-                                    for b in sorted({v[0] for v in quant.values()})}
+            out["quant_entries"] = {f"int{b}": sum(v.bits == b for v in quant.values())
+                                    for b in sorted({v.bits for v in quant.values()})}
             if "average_bits" in self.predicted:
                 out["average_bits"] = self.predicted["average_bits"]
         return out
 
     def to_fqn_config(self) -> dict[str, dict]:
-        """The torchao-`FqnToConfig`-shaped mapping (module name -> action)."""
-        return dict(self.actions)
+        """The torchao-`FqnToConfig`-shaped mapping (module name -> action, in its JSON form)."""
+        return {k: a.to_dict() for k, a in self.actions.items()}
 
     def __repr__(self) -> str:
         s = self.summary()
@@ -214,7 +248,7 @@ class Plan:
 
     # --- I/O --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "model": self.model, "actions": self.actions, "policy": self.policy,
+        return {"schema": SCHEMA, "model": self.model, "actions": self.to_fqn_config(), "policy": self.policy,
                 "predicted": self.predicted, "meta": self.meta}
 
     def save(self, path: str | Path) -> Path:
@@ -249,33 +283,18 @@ class Plan:
                 or not {"units", "n_layers"} <= set(doc["model"]):
             raise PlanError(f"{where} is missing its actions or model section: make the plan again")
         plan = cls(doc["actions"], doc["model"], doc.get("policy", {}), doc.get("predicted", {}), doc.get("meta", {}))
-        plan.units()  # validates names and ops against the plan's own card
-        plan.quant_actions()
+        plan.units()  # validates names against the plan's own card
         return plan
 
 
-def normalise(units: Iterable[Unit]) -> list[Unit]:
-    """Sorted, at most one unit per layer: a layer whose attention and MLP are both removed, or whose
-    block is removed, is one removed block."""
-    units = set(units)
-    blocks = {u.layer for u in units if u.kind == "block"}
-    attn = {u.layer for u in units if u.kind == "attn"} - blocks
-    mlp = {u.layer for u in units if u.kind == "mlp"} - blocks
-    blocks |= attn & mlp
-    return sorted([Unit(i, "block") for i in blocks] + [Unit(i, "attn") for i in attn - blocks]
-                  + [Unit(i, "mlp") for i in mlp - blocks])
-
-
-def _match(actions: dict, templates: dict[str, str], n_layers: int, model_name: str | None = None) -> set[Unit]:
-    """Units named by `actions` (exact names or `re:` patterns) under the given name templates."""
+def _match(actions: dict[str, Action], templates: dict[str, str], n_layers: int,
+           model_name: str | None = None) -> set[Unit]:
+    """Units named by the Drop actions (exact names or `re:` patterns) under the given name templates."""
     by_name = {templates[k].format(i=i): Unit(i, k) for i in range(n_layers) for k in KINDS}
     units: set[Unit] = set()
     who = model_name or "the model"
-    for key, action in actions.items():
-        if not isinstance(action, dict) or action.get("op") not in OPS:
-            raise PlanError(f"action for {key!r} is {action!r}; supported: " + ", ".join(f'{{"op": "{o}"}}'
-                                                                                     for o in OPS))
-        if action["op"] != "drop":
+    for key, act in actions.items():
+        if not isinstance(act, Drop):
             continue
         if key.startswith("re:"):
             rx = _regex(key)
@@ -295,8 +314,3 @@ def _regex(key: str) -> re.Pattern:
         return re.compile(key[3:])
     except re.error as exc:
         raise PlanError(f"plan pattern {key!r} is not a valid regular expression ({exc})") from None
-
-
-def _is_conv1d(module) -> bool:
-    """GPT-2-style `Conv1D`: a linear layer with its weight stored [in, out]."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")

@@ -22,11 +22,18 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .apply import Target, applied, weight_bytes
-from .capture import batches
-from .model import Model
-from .numeric import wide
+from ..capture import batches
+from ..model import Model
+from ..numeric import wide
+from ..scoring import continuation_logprob
+from ..surgery import weight_bytes
+from ..texts import bbc_news
+from ..version import __version__
+from .apply import Target, applied
+from .lmeval import run_task
 from .plan import Plan
+from lensbench.probes.cities import city_facts
+from .zeroshot import bbc_topics, topic_task
 
 
 @dataclass(frozen=True)
@@ -49,11 +56,8 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     docstring). With `saved` (the plan's checkpoint written by `lensbench compress` and loaded back), the
     saved model is measured against `model` instead, and the in-memory plan's quality is reported beside
     it (`in_memory_plan`), so a difference between what was measured and what was saved shows."""
-    from . import __version__
-    from .texts import bbc_news
-
-    units = plan.resolve(model)  # a bad plan is refused before any work
-    target = saved if saved is not None else plan if plan.quant_actions() else units
+    bound = plan.bind(model)  # a bad plan is refused before any work; resolved once for every entry below
+    target = saved if saved is not None else bound if bound.quant else bound.units
     if isinstance(texts, str):  # one text, never one text per character
         texts = [texts]
     source = "given texts"
@@ -64,7 +68,7 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     steps.update()
     extra: dict = {}  # the saved model's in-memory plan, an lm-eval task
     if saved is not None:
-        q = text_quality(model, plan if plan.quant_actions() else units, texts, cfg)
+        q = text_quality(model, bound if bound.quant else bound.units, texts, cfg)
         extra = {"in_memory_plan": {"kl_to_dense": q["kl_to_dense"], "perplexity": q["perplexity"]},
                      "saved": {"name": saved.name, "source": saved.card.get("source")}}
         steps.update()
@@ -75,8 +79,6 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     speed = speed_ratios(model, target, texts[0], cfg)
     steps.update()
     if lm_eval_task is not None:
-        from .lmeval import run_task
-
         extra["lm_eval"] = run_task(model, target, lm_eval_task, lm_eval_limit)
     steps.close()
     dense_bytes = weight_bytes(model.module)
@@ -84,7 +86,7 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
         plan_bytes = weight_bytes(model.module)
     return {
         "model": {"name": model.name, "fingerprint": model.fingerprint()},
-        "plan": {"policy": plan.policy, **plan.summary(), "units": [str(u) for u in units]},
+        "plan": {"policy": plan.policy, **plan.summary(), "units": [str(u) for u in bound.units]},
         "data": {"source": source, "n_texts": len(texts), "seq_len": cfg.seq_len, **quality.pop("data")},
         **quality, **extra, **cities, **speed,
         "weight_bytes": plan_bytes, "dense_weight_bytes": dense_bytes,
@@ -123,38 +125,8 @@ def batch_scores(batch, logp: torch.Tensor, logq: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def continuation_logprob(model: Model, prefixes: Sequence[str], continuations: Sequence[str],
-                         batch_size: int = 64) -> torch.Tensor:
-    """Sum of log p(continuation tokens | prefix) for each pair, from the model's own logits."""
-    tok = model.tokenizer
-    ctx = model.max_context
-    seqs = []
-    for p, c in zip(prefixes, continuations, strict=True):
-        a = tok(p)["input_ids"]
-        b = tok(c, add_special_tokens=False)["input_ids"]
-        if ctx is not None and len(a) + len(b) > ctx:  # keep the end of the prompt, next to the continuation
-            a = a[len(a) + len(b) - ctx:]
-        seqs.append((a + b, len(a)))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    out = []
-    for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s:s + batch_size]
-        T = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long)
-        att = torch.zeros((len(chunk), T), dtype=torch.long)
-        for r, (x, _) in enumerate(chunk):
-            ids[r, :len(x)] = torch.tensor(x)
-            att[r, :len(x)] = 1
-        logp = torch.log_softmax(wide(model.module(input_ids=ids, attention_mask=att, use_cache=False).logits), -1)
-        for r, (x, start) in enumerate(chunk):
-            pos = torch.arange(start, len(x))
-            out.append(float(logp[r, pos - 1, torch.tensor(x[start:])].sum()))
-    return torch.tensor(out)
-
-
 def city_accuracy(model: Model, target: Target, n: int) -> dict:
     """Zero-shot: how often the true country is likelier than a wrong one, dense and with the plan."""
-    from lensbench.probes.cities import city_facts
 
     facts = city_facts(limit=n)
     prefixes = [f["prefix"] for f in facts] * 2
@@ -172,7 +144,6 @@ def city_accuracy(model: Model, target: Target, n: int) -> dict:
 
 def topic_accuracy(model: Model, target: Target, n: int) -> dict:
     """BBC topic multiple choice (see `zeroshot`), dense and with the plan, with its floors."""
-    from .zeroshot import bbc_topics, topic_task
 
     items = bbc_topics(n)
     dense = topic_task(model, n, items=items)

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import PlanError
-from ..gpu import ggml
-from . import kept_layers, refuse_sublayers, register
+from ...errors import PlanError
+from ...gpu import ggml
+from .registry import kept_layers, refuse_sublayers, register
 from .gguf_header import GGUFHeader
+import gguf
+import torch
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.*)$")
 
@@ -40,8 +42,6 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 @register("gguf")
 def write_gguf(model, plan, staging: Path, dtype) -> dict:
-    import gguf
-    import torch
 
     refuse_sublayers(model, plan, "GGUF")
     targets = plan.quant_targets(model)

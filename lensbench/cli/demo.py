@@ -18,8 +18,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import publish_dir, staging_dir, write_json
-from .errors import LensbenchError
+from ..agreement import rankings
+from ..atomic import publish_dir, staging_dir, write_json, write_text
+from ..compress.evaluate import EvalConfig, evaluate
+from ..compress.policies import make_plan
+from ..compress.save import compress
+from ..errors import LensbenchError
+from ..load import load
+from ..profiling import profile_model
+from ..summary import evaluation_summary, redundancy_summary, sensitivity_summary
+from ..texts import BBC_CALIBRATION, bbc_news, select_texts
 
 MARKER = "demo.json"  # written last; a folder with it holds a finished demo
 
@@ -64,8 +72,6 @@ def _staging(out: Path) -> Path:
 
 
 def _ranking_lines(profile) -> list[str]:
-    from .analyses.agreement import rankings
-
     ranks = sorted(rankings(profile).items())
     width = max(len(name) for name, _ in ranks)
     lines = []
@@ -77,13 +83,6 @@ def _ranking_lines(profile) -> list[str]:
 
 def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfig()) -> Path:
     """Run the demo into `out`; returns the report's path."""
-    from .evaluate import EvalConfig, evaluate
-    from .load import load
-    from .policies import make_plan
-    from .profiling import profile_model
-    from .summary import evaluation_summary, redundancy_summary, sensitivity_summary
-    from .texts import BBC_CALIBRATION, bbc_news, select_texts
-
     out = Path(out)
     staging = _staging(out)
     steps = Steps()
@@ -118,7 +117,6 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
             write_json(staging / "plans" / f"{label}.eval.json", evals[label])
             print(f"  {label:16s} {evaluation_summary(evals[label])}")
         with steps("save the layer-drop plan as a GGUF file"):
-            from .compress import compress
 
             saved = compress(lm, plans["layer-drop"], format="gguf", out=staging / "saved" / "smollm2-135m-layer-drop")
             r, file = saved.record, out / "saved" / saved.path.name / saved.record["file"]
@@ -138,8 +136,7 @@ def run_demo(out: str | Path = "lensbench-out/demo", cfg: DemoConfig = DemoConfi
         print(redundancy_summary(mini))
 
         with steps("write the HTML report"):
-            from .app.report import report_html
-            from .atomic import write_text
+            from ..app.report import report_html  # heavy: plotly, once the results are in
 
             write_text(staging / "report.html", report_html(profile, evaluations=evals))
         write_json(staging / MARKER, {

@@ -1,4 +1,4 @@
-"""Iterative drop (LLM-Drop's iterative scripts, METHODS.md §4): remove one unit per round and
+"""Iterative drop (LLM-Drop's iterative variant, He et al., 2024): remove one unit per round and
 re-score the remaining units on the already-reduced model.
 
 * ranking "redundancy": the LLM-Drop cosines (block cos(h, h'), attention cos(h, h + a), MLP
@@ -13,13 +13,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .apply import apply_units
-from .analyses.redundancy import token_cosine
-from .capture import Hooks, batches
-from .errors import PlanError
-from .model import Model
-from .plan import Unit, normalise
-from .replay import DenseRun, removed_states, token_scores
+from ...analyses.redundancy import token_cosine
+from ...calibration import CalibrationKL
+from ...capture import Hooks, batches
+from ...errors import PlanError
+from ...model import Model
+from ...surgery import apply_units
+from ...units import Unit, normalise
 
 ITERATIVE_RANKINGS = ("redundancy", "ablation")
 
@@ -34,7 +34,7 @@ def iterative_drop(model: Model, texts: Sequence[str] | None, kinds: list[str], 
     if any(k_ != "block" for k_ in kinds) and not model.adapter.sublayer_drop:
         raise PlanError(f"{model.name} is post-norm: its attention and MLP cannot be removed alone")
     bs = list(batches(model, list(texts), batch_size, seq_len))
-    runs = [DenseRun.from_batch(model, b) for b in bs] if ranking == "ablation" else None
+    kl = CalibrationKL(model, texts, batch_size, seq_len) if ranking == "ablation" else None
     dropped: list[Unit] = []
     trail = []
     for _ in range(k):
@@ -42,7 +42,7 @@ def iterative_drop(model: Model, texts: Sequence[str] | None, kinds: list[str], 
         candidates = [Unit(i, kind) for kind in kinds for i in range(model.n_layers)
                       if (i, kind) not in gone and (i, "block") not in gone]
         if ranking == "ablation":
-            scores = {c: _kl(model, runs, normalise([*dropped, c])) for c in candidates}
+            scores = {c: _kl(kl, normalise([*dropped, c])) for c in candidates}
             choice = min(scores, key=scores.get)
         else:
             cos = layer_cosines(model, bs, normalise(dropped))
@@ -53,11 +53,10 @@ def iterative_drop(model: Model, texts: Sequence[str] | None, kinds: list[str], 
     return normalise(dropped), trail
 
 
-def _kl(model: Model, runs: list[DenseRun], units: list[Unit]) -> float:
-    if sum(u.kind == "block" for u in units) >= model.n_layers:
-        return float("inf")
-    total = sum(float(token_scores(model, r, removed_states(model, r, units))[0].sum()) for r in runs)
-    return total / sum(r.n_tokens for r in runs)
+def _kl(kl: CalibrationKL, units: list[Unit]) -> float:
+    if sum(u.kind == "block" for u in units) >= kl.model.n_layers:
+        return float("inf")  # nothing left to run
+    return kl.removed(units)
 
 
 @torch.no_grad()

@@ -12,19 +12,15 @@ architecture) and `lensbench-model.json` naming the removed sublayers; `lensbenc
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 
 from ..apply import apply
-from ..atomic import write_json
-from ..errors import LensbenchError
-from ..plan import Unit
-from . import kept_layers, register, sublayer_units
-
-OWN_CONFIG = "lensbench-config.json"
-OWN_MANIFEST = "lensbench-model.json"
+from ...atomic import write_json
+from ...saved import OWN_CONFIG, OWN_MANIFEST, tied_head_key
+from .registry import kept_layers, register, sublayer_units
+from safetensors.torch import save_file
 
 
 def pruned_config(model, kept: list[int]):
@@ -38,14 +34,6 @@ def pruned_config(model, kept: list[int]):
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
-
-
-def tied_head_key(module: torch.nn.Module) -> str | None:
-    """The LM head's weight name when it is tied to the embedding (the loader re-ties it), else None."""
-    head = module.get_output_embeddings()
-    if head is None or not getattr(module.config, "tie_word_embeddings", False):
-        return None
-    return next((n + ".weight" for n, m in module.named_modules() if m is head), None)
 
 
 def state_dict(module: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -63,7 +51,6 @@ def state_dict(module: torch.nn.Module, dtype: torch.dtype | None) -> dict[str, 
 
 
 def save_weights(module, path: Path, dtype) -> int:
-    from safetensors.torch import save_file
 
     tensors = state_dict(module, dtype)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -102,53 +89,3 @@ def write_hf(model, plan, staging: Path, dtype) -> dict:
     else:
         record["layout"] = "transformers"
     return record
-
-
-def saved_gguf(path: Path) -> Path | None:
-    """The .gguf file in a folder that `lensbench compress --format gguf` wrote, else None."""
-    from . import read_record
-
-    record = read_record(path) or {}
-    file = path / str(record.get("file", "")) if record.get("format") == "gguf" else None
-    return file if file is not None and file.is_file() else None
-
-
-def is_own_layout(path: Path) -> bool:
-    return (path / OWN_MANIFEST).is_file() and (path / OWN_CONFIG).is_file()
-
-
-def load_own_layout(path: Path, *, dtype=None, device: str = "cpu"):
-    """Rebuild a model saved in lensbench's own layout: the architecture from its config, the removed
-    sublayers taken out, then the saved weights loaded strictly."""
-    from safetensors.torch import load_file
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
-    from ..adapters import adapter_for
-    from ..apply import remove_for_good
-    from ..model import Model, describe
-
-    try:
-        doc = json.loads((path / OWN_MANIFEST).read_text(encoding="utf-8"))
-        units = [Unit(int(r["layer"]), str(r["kind"])) for r in doc["removed"]]
-        cfg = json.loads((path / OWN_CONFIG).read_text(encoding="utf-8"))
-        config = AutoConfig.for_model(**cfg)
-        cls = getattr(transformers, doc["class"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise LensbenchError(f"{path} is not a readable lensbench checkpoint ({exc}); save it again with "
-                             f"lensbench compress") from None
-    module = cls(config)
-    model = Model(module, AutoTokenizer.from_pretrained(path), adapter_for(module),
-                  {"name": path.name, "source": str(path.resolve()), "format": "lensbench"})
-    remove_for_good(model, units)
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = module.load_state_dict(weights, strict=False)
-    allowed = {tied_head_key(module)} - {None}
-    if unexpected or set(missing) - allowed:
-        raise LensbenchError(f"{path}/model.safetensors does not match its config (missing {sorted(missing)[:3]}, "
-                             f"unexpected {sorted(unexpected)[:3]}); save it again with lensbench compress")
-    if allowed:
-        module.tie_weights()
-    module.to(device=device, dtype=dtype).eval() if dtype else module.to(device).eval()
-    model.card.update(describe(module))
-    return model

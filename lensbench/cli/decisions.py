@@ -1,0 +1,210 @@
+"""`lensbench plan`, `evaluate`, `compress`, `export`: decide, execute, measure and save."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..atomic import write_json
+from ..compress.evaluate import EvalConfig, evaluate
+from ..compress.export import EXPORTERS, export, write
+from ..compress.formats import FORMATS
+from ..compress.lmeval import check_installed, task_name
+from ..compress.plan import Plan
+from ..compress.policies import POLICIES, make_plan
+from ..compress.save import DTYPES, check_out, compress
+from ..errors import LensbenchError
+from ..load import load
+from ..profiles import Profile
+from ..profiling import model_source, resolve_seq_len
+from ..saved import RECORD, read_record
+from ..summary import evaluation_summary
+from ..texts import bbc_news, read_text_file, select_texts
+from .registry import command
+
+
+def saved_plan(path: Path) -> Plan:
+    """The plan recorded in a folder that lensbench compress wrote."""
+    record = read_record(path)
+    if record is None or "plan" not in record:
+        raise LensbenchError(f"{path} has no readable {RECORD}: give a folder that lensbench compress wrote")
+    return Plan.from_dict(record["plan"], f"{path / RECORD}")
+
+
+def policy_flags() -> dict[str, dict]:
+    """Every policy option as one command-line flag: {field name: {"field", "policies"}}, from the registry."""
+    out: dict[str, dict] = {}
+    for name, policy in POLICIES.items():
+        for field in dataclasses.fields(policy.config):
+            out.setdefault(field.name, {"field": field, "policies": {}})["policies"][name] = field
+    return out
+
+
+def _grouped(policies: dict[str, dataclasses.Field], text) -> str:
+    """"drop-block, drop-attn: X; bits-rank: Y" for a per-policy text, policies with the same text together."""
+    groups: dict[str, list[str]] = {}
+    for name, field in policies.items():
+        groups.setdefault(text(field), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {t}" for t, names in groups.items())
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="profile directory or profile.json")
+    p.add_argument("--policy", required=True, help="; ".join(f"{n}: {q.description}" for n, q in POLICIES.items()))
+    p.add_argument("--budget", type=float, required=True,
+                   help="; ".join(f"{n}: {q.budget}" for n, q in POLICIES.items()))
+    p.add_argument("--out", required=True, help="plan JSON file to write")
+    p.add_argument("--model", help="model for searches and for bit policies whose profile does not list the "
+                   "linears (default: where the profile's model came from)")
+    p.add_argument("--texts", help="calibration text file for searches (default: BBC news calibration split)")
+    p.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens for searches")
+    for name, flag in policy_flags().items():  # the policies' options, from their config dataclasses
+        field = flag["field"]
+        help_ = (_grouped(flag["policies"], lambda f: f.metadata["help"]) + ". Default: "
+                 + _grouped(flag["policies"], lambda f: str(f.default)))
+        kind = {"int": int, "float": float, "str": str}.get(str(field.type))
+        if str(field.type) == "bool":
+            p.add_argument(f"--{name.replace('_', '-')}", action="store_true", default=None, help=help_)
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", type=kind, choices=field.metadata.get("choices"),
+                           help=help_)
+
+
+@command("plan", "turn a profile into a plan (what to drop, skip or quantise) under a budget", _plan_arguments,
+         out_is_file=True)
+def cmd_plan(args) -> int:
+    profile = Profile.load(args.profile)
+    if args.policy not in POLICIES:
+        raise LensbenchError(f"unknown policy {args.policy!r}: use one of {', '.join(POLICIES)}")
+    policy = POLICIES[args.policy]
+    options = {name: getattr(args, name) for name in policy_flags()}
+    cfg = policy.configure(options)  # an option this policy does not take: one line, before the model loads
+    model = texts = None
+    if policy.runs_model(profile, cfg):
+        model = load(args.model or model_source(profile.model))
+        texts = read_text_file(args.texts, args.encoding) if args.texts else bbc_news("calibration")
+        texts = select_texts(model, texts, 128, args.max_tokens)
+    plan = make_plan(args.policy, profile, args.budget, model=model, texts=texts, progress=model is not None,
+                     **options)
+    path = plan.save(args.out)
+    print(repr(plan))
+    quant = plan.quant_actions()
+    if quant:
+        print("quantises " + ", ".join(f"{k} int{s.bits}" + ("" if s.scheme == "asym" else f" {s.scheme}")
+                                       for k, s in quant.items()))
+    else:
+        print("removes " + (", ".join(str(u) for u in plan.units()) or "nothing"))
+    if plan.predicted:
+        print("predicted: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in plan.predicted.items() if k != "rounds"))
+    print(f"wrote {path}")
+    return 0
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the dense model, or with --dense a folder lensbench compress wrote")
+    p.add_argument("--plan", help="plan JSON to apply (not with --dense: a saved model carries its plan)")
+    p.add_argument("--dense", help="MODEL is a saved checkpoint: measure it against this dense source model")
+    p.add_argument("--out", required=True, help="eval JSON file to write")
+    p.add_argument("--texts", help="held-out text file (default: BBC news held-out split)")
+    p.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
+    p.add_argument("--n-texts", type=int, default=32, help="held-out BBC articles (default 32)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--cities", type=int, default=200, help="city facts for the zero-shot accuracy")
+    p.add_argument("--lm-eval-task", help="also run this local lm-evaluation-harness task YAML on the dense model "
+                    "and the plan (needs pip install 'lensbench[lm-eval]')")
+    p.add_argument("--lm-eval-limit", type=int, help="at most this many documents of the lm-eval task")
+    p.add_argument("--topics", type=int, default=40, help="BBC topic multiple-choice items, scored as "
+                    "lm-evaluation-harness's acc_norm (0 skips it)")
+    p.add_argument("--speed-rounds", type=int, default=7)
+    p.add_argument("--decode-tokens", type=int, default=32)
+
+
+@command("evaluate", "apply a plan for real and measure quality, speed and memory vs dense", _evaluate_arguments,
+         out_is_file=True)
+def cmd_evaluate(args) -> int:
+    saved = None
+    if args.lm_eval_task:  # checked before any model loads
+        check_installed()
+        task_name(Path(args.lm_eval_task))
+    elif args.lm_eval_limit is not None:
+        raise LensbenchError("--lm-eval-limit applies to --lm-eval-task: give the task YAML, or drop the limit")
+    if args.dense:  # MODEL is a folder lensbench compress wrote; its plan is in its record
+        if args.plan:
+            raise LensbenchError("--plan and --dense do not go together: a saved model carries its plan (give the "
+                                 "folder lensbench compress wrote, and its dense source with --dense)")
+        plan = saved_plan(Path(args.model))
+        model = load(args.dense)
+        plan.resolve(model)  # the saved model's plan must be of this dense model
+        saved = load(args.model)
+    else:
+        if not args.plan:
+            raise LensbenchError("give --plan PLAN.json (or, for a saved model, --dense MODEL)")
+        plan = Plan.load(args.plan)
+        model = load(args.model)
+        plan.resolve(model)
+    texts = read_text_file(args.texts, args.encoding) if args.texts else None
+    cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
+                     topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
+    result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved, lm_eval_task=args.lm_eval_task,
+                      lm_eval_limit=args.lm_eval_limit)
+    write_json(Path(args.out), result)
+    print(f"{plan!r}\n  {evaluation_summary(result)}")
+    if saved is not None:
+        mem = result["in_memory_plan"]
+        print(f"  the same plan in memory: KL {mem['kl_to_dense']:.4f}, perplexity {mem['perplexity']:.2f}")
+    if "lm_eval" in result:
+        le = result["lm_eval"]
+        print(f"  lm-eval {le['task']}: " + ", ".join(f"{k.split(',')[0]} {v:.3f} (dense {le['dense'][k]:.3f})"
+                                                     for k, v in le["plan"].items() if "stderr" not in k))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _compress_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="the plan's model (bundled name, directory, .gguf file or hub name)")
+    p.add_argument("--plan", required=True, help="plan JSON made by lensbench plan")
+    p.add_argument("--format", required=True, choices=tuple(FORMATS))
+    p.add_argument("--out", required=True, help="folder to write (refused if it holds files, unless --overwrite)")
+    p.add_argument("--dtype", choices=tuple(DTYPES),
+                    help="unquantised weights (default: the model's own dtype)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+@command("compress", "save a plan applied to its model as a checkpoint transformers, llama.cpp "
+                      "or vLLM load", _compress_arguments)
+def cmd_compress(args) -> int:
+    check_out(args.out, args.overwrite)
+    plan = Plan.load(args.plan)
+    model = load(args.model)
+    saved = compress(model, plan, format=args.format, out=args.out, dtype=args.dtype, overwrite=args.overwrite)
+    r = saved.record
+    if r.get("note") and r.get("layout") == "lensbench":
+        print(f"lensbench: {r['note']}")
+    types = ", ".join(f"{n} {t}" for t, n in r.get("tensor_types", {}).items())
+    print(f"{plan!r}\n  {len(r['layers_kept'])} of {model.n_layers} layers kept; {r['files_bytes'] / 1e6:.1f} MB; "
+          f"{r['bits_per_weight']:.3f} bits per weight" + (f"; tensors: {types}" if types else ""))
+    print(f"wrote {saved.path}")
+    return 0
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("plan")
+    p.add_argument("--format", required=True, help=", ".join(EXPORTERS))
+    p.add_argument("--model", help="the plan's model (default: where its profile's model came from)")
+    p.add_argument("--out", help="file to write (default: next to the plan)")
+
+
+@command("export", "write a mixed-precision plan for torchao, llm-compressor or GPTQModel", _export_arguments,
+         out_is_file=True)
+def cmd_export(args) -> int:
+    if args.format not in EXPORTERS:
+        raise LensbenchError(f"unknown export format {args.format!r}: use one of {', '.join(EXPORTERS)}")
+    plan = Plan.load(args.plan)
+    model = load(args.model or model_source(plan.model))
+    doc, suffix = export(plan, model, args.format)
+    out = Path(args.out) if args.out else Path(args.plan).with_suffix("").with_suffix(f".{suffix}")
+    write(doc, out)
+    print(f"wrote {out}" + (f" and {out.with_suffix('.py')}" if args.format == "torchao" else ""))
+    return 0

@@ -1,0 +1,130 @@
+"""Execute a Plan on a loaded model, for real, and restore the dense model afterwards.
+
+    with apply(model, plan):
+        model.module.generate(...)      # removed units are not computed at all
+
+Each action type has one handler registered here (`@handles(ActionType)`), run in registration order:
+quantisation first (removed sublayers' names vanish), then removal (`lensbench.surgery`: blocks leave the
+layer list, sublayers are swapped for stand-ins that compute nothing). A new action type registers its
+handler the same way.
+
+Quantising swaps each named nn.Linear / nn.Embedding for a `gpu.modules` QuantLinear /
+QuantEmbedding holding packed codes; a tied LM head quantised like its embedding shares the
+embedding's packed table. The `gguf` scheme has no kernels here: its weights are overwritten with
+the values a GGUF reader computes with (so quality is exact; bytes and speed come from the file).
+Packed weights are cached on the Model (keyed by the weight tensor and its version), so re-entering a
+plan, as interleaved speed rounds do, does not quantise again.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..gpu.modules import QuantEmbedding, QuantLinear
+from ..gpu.quant import QuantError, quantize
+from ..model import Model
+from ..surgery import Surgery, apply_units, remove_units
+from ..units import Unit, is_conv1d
+from .plan import Action, Bound, Drop, Plan, Quant
+from ..simquant import dequantised
+
+Target = Plan | Bound | Sequence[Unit] | Model  # a Model: another loaded model (a saved checkpoint) in its place
+Handler = Callable[[Model, Bound, Surgery, bool], None]
+HANDLERS: dict[type[Action], Handler] = {}
+
+
+def handles(action_type: type[Action]):
+    """Register the function that executes every action of `action_type` in a bound plan:
+    `handler(model, bound, surgery, packed)`, recording each change in `surgery` so it is undone."""
+    def deco(fn: Handler) -> Handler:
+        HANDLERS[action_type] = fn
+        return fn
+    return deco
+
+
+def _packed(model: Model, name: str, weight: torch.Tensor, spec: Quant):
+    cache = model.__dict__.setdefault("_packed_cache", {})
+    key = (name, spec, weight.data_ptr(), weight._version, weight.stride())
+    if key not in cache:
+        try:
+            cache[key] = quantize(weight, spec.bits, spec.group_size, symmetric=spec.scheme == "sym").to(weight.device)
+        except QuantError as exc:
+            raise QuantError(f"{name}: {exc}") from None
+    return cache[key]
+
+
+@handles(Quant)
+def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True) -> None:
+    targets = bound.quant
+    root = model.module
+    by_weight: dict[tuple, object] = {}  # (data_ptr, spec) -> packed, for tied tables
+    for name in sorted(targets, key=lambda n: not isinstance(root.get_submodule(n), nn.Embedding)):
+        module, spec = root.get_submodule(name), targets[name]
+        if not isinstance(module, nn.Embedding) and not isinstance(module, nn.Linear) and not is_conv1d(module):
+            raise QuantError(f"{name} is a {type(module).__name__}, not a linear layer")
+        w = module.weight
+        if spec.scheme == "gguf" or not packed:  # the weight holds exactly the values a reader computes with
+            surgery.overwrite(w, dequantised(w, spec, is_conv1d(module)))
+            continue
+        tied = by_weight.get((w.data_ptr(), spec))
+        if isinstance(module, nn.Embedding):
+            QuantEmbedding.check(module, name)
+            pw = _packed(model, name, w, spec)
+            new = QuantEmbedding(pw, w.dtype)
+        else:
+            if isinstance(module, nn.Linear):
+                pw = tied if tied is not None else _packed(model, name, w, spec)
+            else:  # GPT-2's Conv1D keeps its weight [in, out]
+                pw = _packed(model, name, w.T, spec)
+            new = QuantLinear(pw, module.bias, w.dtype)
+        by_weight[(w.data_ptr(), spec)] = pw
+        surgery.swap(root, name, new)
+
+
+@handles(Drop)
+def _drop(model: Model, bound: Bound, surgery: Surgery, packed: bool = True) -> None:
+    remove_units(model, bound.units, surgery)
+
+
+@contextlib.contextmanager
+def apply(model: Model, plan: Plan | Bound, *, packed: bool = True) -> Iterator[Model]:
+    """Run `model` with `plan` applied inside the block; the dense model is back afterwards, also
+    after an exception. The plan is checked against the model before anything changes (pass
+    `plan.bind(model)` to check it once for many entries). With `packed=False` quantised weights stay
+    ordinary tensors holding their dequantised values (what a saved checkpoint stores for a reader that
+    dequantises).
+
+        >>> with lb.apply(model, plan):
+        ...     model.module.generate(**model.tokenize(["The"]).model_inputs(), max_new_tokens=4)
+    """
+    bound = plan if isinstance(plan, Bound) else plan.bind(model)
+    surgery = Surgery()
+    try:
+        for handler in HANDLERS.values():
+            handler(model, bound, surgery, packed)
+        yield model
+    finally:
+        surgery.restore()
+
+
+def applied(model: Model, target: Target):
+    """`apply` for a Plan (or one already bound), `apply_units` for units already resolved, `swapped` for a
+    saved model."""
+    if isinstance(target, Model):
+        return swapped(model, target)
+    return apply(model, target) if isinstance(target, (Plan, Bound)) else apply_units(model, target)
+
+
+@contextlib.contextmanager
+def swapped(model: Model, other: Model) -> Iterator[Model]:
+    """Inside the block `model` runs `other`'s network (a saved checkpoint of it, loaded back), so the
+    evaluation code that compares a model with its plan compares it with the saved model instead."""
+    old = model.module, model.adapter
+    model.module, model.adapter = other.module, other.adapter
+    try:
+        yield model
+    finally:
+        model.module, model.adapter = old

@@ -1,0 +1,81 @@
+"""Save a planned model as a checkpoint other tools load: `compress(model, plan, format=..., out=...)`.
+
+Formats are registered writers (`@register(name)` in `formats.registry`), each a function
+`(model, plan, staging, dtype) -> record` that writes into an empty staging folder; `compress` checks
+everything first, stages the files in a hidden sibling of `out` and publishes them with one rename, so a
+kill or a full disk never leaves a half checkpoint at `out`. Every folder also gets `lensbench-compress.json`: the plan,
+the source model, and per tensor the type stored and its bits per weight.
+
+    hf                 transformers checkpoint (blocks dropped and renumbered; quantised weights
+                       stored dequantised); a plan that removes sublayers gets lensbench's own layout
+    gguf               llama.cpp's file: per-tensor GGML types, dropped blocks renumbered
+    compressed-tensors pack-quantized int weights that vLLM and transformers load
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..atomic import publish_dir, staging_dir, tidy_beside, write_json
+from ..errors import LensbenchError
+from ..load import load
+from ..saved import RECORD
+from .formats import FORMATS
+from .plan import Plan
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+@dataclass
+class Saved:
+    """What `compress` wrote: the folder, the format, and its record (tensor types, bytes, bits)."""
+
+    path: Path
+    format: str
+    record: dict
+
+    def __repr__(self) -> str:
+        r = self.record
+        return (f"Saved({str(self.path)!r}, {self.format}, {r['files_bytes'] / 1e6:.1f} MB, "
+                f"{r.get('bits_per_weight', 0):.3g} bits per weight)")
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LensbenchError(f"--out {out} is a file; give a folder path for the checkpoint")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LensbenchError(f"--out {out} exists and is not empty: pass --overwrite to replace it, or choose "
+                             f"another folder")
+    return out
+
+
+def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, dtype: str | None = None,
+             overwrite: bool = False) -> Saved:
+    """Write `plan` applied to `model` as a `format` checkpoint at `out`; see the module docstring."""
+    if format not in FORMATS:
+        raise LensbenchError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise LensbenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    out = Path(out)
+    tidy_beside(out)  # a checkpoint moved aside by a killed run goes back before `out` is checked
+    out = check_out(out, overwrite)
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    model = load(model)
+    plan.resolve(model)  # another model's plan, unknown names: refused before anything is written
+    staging = staging_dir(out)
+    try:
+        with torch.no_grad():
+            record = FORMATS[format](model, plan, staging, DTYPES[dtype] if dtype else None)
+        files = {p.name: p.stat().st_size for p in sorted(staging.iterdir())}
+        record = {"schema": "lensbench.compress/1", "format": format,
+                  "source": {k: model.card.get(k) for k in ("name", "source", "fingerprint") if model.card.get(k)},
+                  "plan": plan.to_dict(), "files": files, "files_bytes": sum(files.values()), **record}
+        write_json(staging / RECORD, record)
+        publish_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Saved(out, format, record)
