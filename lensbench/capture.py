@@ -171,6 +171,10 @@ def capture(model: Model, texts: Sequence[str] | Batch, *, sites: Iterable[str] 
             return_output: bool = False):
     """Run the model once on `texts` and return a Trace of `sites` at `layers`.
 
+        >>> trace = lb.capture(model, ["The cat sat on the mat."], sites=["hook_resid_post"])
+        >>> trace["blocks.0.hook_resid_post"].shape[-1] == model.d_model
+        True
+
     `max_length` truncates each text; without it a text longer than the model's context is an error.
     With `return_output=True`, returns (trace, model_output).
     """

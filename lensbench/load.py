@@ -39,7 +39,13 @@ def cache_dir() -> Path:
 
 def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None = None,
          revision: str | None = None, device: str = "cpu") -> Model:
-    """Load a model from any supported source; see the module docstring."""
+    """Load a model from any supported source (see the module docstring) into a `Model`: the Hugging Face
+    module, its tokenizer, the adapter that names its parts, and a card with its fingerprint.
+
+        >>> model = lb.load("smollm2-135m")        # bundled; also a folder, a .gguf file or a hub name
+        >>> model.n_layers, model.is_causal_lm
+        (30, True)
+    """
     if isinstance(source, Model):
         return source
     if isinstance(source, nn.Module) or _is_wrapper(source):

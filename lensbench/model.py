@@ -27,6 +27,12 @@ class Batch:
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
 
+    def next_tokens(self) -> torch.Tensor:
+        """[B, T] the token after each position (the next-token target), -1 where the text ends."""
+        nxt = torch.full_like(self.input_ids, -1)
+        nxt[:, :-1] = torch.where(self.attention_mask[:, 1:].bool(), self.input_ids[:, 1:], -1)
+        return nxt
+
 
 @dataclass
 class Model:

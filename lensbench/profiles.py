@@ -143,7 +143,13 @@ class Table:
 
 @dataclass
 class Profile:
-    """A model's card plus every analysis result."""
+    """A model's card plus every analysis result: per-layer scores (`LayerScores`) and tables.
+
+        >>> path = profile.save(tmp / "profile")
+        >>> again = lb.Profile.load(path, model=model)      # refused for another model's weights
+        >>> sorted(again.scores) == sorted(profile.scores)
+        True
+    """
 
     model: dict
     data: dict = field(default_factory=dict)

@@ -90,7 +90,11 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
                   analysis_params: dict[str, dict] | None = None, batch_size: int = 8, seq_len: int | None = None,
                   data: dict | None = None, progress: bool = True, resume: str | Path | None = None,
                   resume_every: float = 20.0) -> Profile:
-    """Profile `model` on `texts` with the named analyses.
+    """Profile `model` on `texts` with the named analyses (`lensbench.profile`; `profile_model` is the old name).
+
+        >>> profile = lb.profile(model, texts, analyses=["redundancy"], progress=False)
+        >>> "block_cosine" in profile.scores
+        True
 
     Each text is truncated to `seq_len` tokens (default: 128, or the model's context if shorter). With
     `resume` (a file path), the running state is saved there as batches finish (at most every

@@ -68,9 +68,7 @@ class DenseRun:
 
         pre, mid, post = states("hook_resid_pre"), states("hook_resid_mid"), states("hook_resid_post")
         mask = batch.content_mask
-        nxt = torch.full_like(batch.input_ids, -1)
-        nxt[:, :-1] = torch.where(batch.attention_mask[:, 1:].bool(), batch.input_ids[:, 1:], -1)
-        targets = nxt[mask]
+        targets = batch.next_tokens()[mask]
         ad = model.adapter
         linear = ad.linear_head()
         negent, nll, pW, pb, keep = [], [], [], [], []

@@ -9,6 +9,7 @@ from .model import Model
 from .numeric import wide
 
 
+@torch.no_grad()
 def continuation_logprob(model: Model, prefixes: Sequence[str], continuations: Sequence[str],
                          batch_size: int = 64) -> torch.Tensor:
     """Sum of log p(continuation tokens | prefix) for each pair, from the model's own logits."""

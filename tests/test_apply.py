@@ -151,9 +151,8 @@ def test_regex_patterns_and_normalisation(tiny):
 ])
 def test_bad_plans_fail_before_any_work(tiny, actions, message):
     model = tiny("llama")
-    plan = Plan(actions, model_card(model))
-    with pytest.raises(PlanError, match=message.replace("(", r"\(")):
-        with apply(model, plan):
+    with pytest.raises(PlanError, match=message.replace("(", r"\(")):  # an unknown op: when the plan is built
+        with apply(model, Plan(actions, model_card(model))):
             raise AssertionError("must not get here")
 
 

@@ -26,7 +26,7 @@ def quant_profile():
 
 
 def _bits(plan):
-    return {k: v[0] for k, v in plan.quant_actions().items()}
+    return {k: v.bits for k, v in plan.quant_actions().items()}
 
 
 @pytest.mark.parametrize("ranking", ["lim", "zd", "quant", "random"])
@@ -87,7 +87,7 @@ def test_bisect_keeps_the_bound_and_reports_its_evaluations(quant_profile):
     ("bits-rank", 3.0, {"group_size": 12}, "multiple of 8"),
     ("bits-rank", 3.0, {"ranking": "nonsense"}, "unknown ranking"),
     ("bits-dp", 1.5, {}, "between 2 and 8"),
-    ("bits-dp", 3.0, {"unit": "head"}, "per 'block' or per 'linear'"),
+    ("bits-dp", 3.0, {"unit": "head"}, "--unit 'head' is not one of block, linear"),
     ("bits-bisect", 0.1, {}, "runs the model"),
 ])
 def test_bad_budgets_are_refused(quant_profile, policy, budget, options, msg):

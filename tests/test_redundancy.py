@@ -60,7 +60,8 @@ def test_logit_lens_matches_manual(tiny, texts):
         logits = m.module.lm_head(m.module.model.norm(out.hidden_states[i]))[mask].detach()
         logp = torch.log_softmax(logits.double(), -1)
         kl = float((logp.exp() * (logp - final)).sum(-1).mean())
-        assert prof["logit_lens_kl_nats"].values[i] == pytest.approx(kl, rel=1e-4)
+        # two float32 paths to a KL of ~5e-4 nats: the CPU's SIMD width alone moves it by ~1e-4 relative
+        assert prof["logit_lens_kl_nats"].values[i] == pytest.approx(kl, rel=5e-4)
 
 
 def test_encoder_has_no_logit_lens_and_first_token_is_kept(tiny, texts):

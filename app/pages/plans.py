@@ -21,7 +21,7 @@ from lensbench.texts import bbc_news
 from lensbench.compress.save import compress
 
 PATH, TITLE = "/plans", "Plan explorer"
-PROFILE_ONLY = [n for n, p in POLICIES.items() if not p.needs_model]
+PROFILE_ONLY = [n for n, p in POLICIES.items() if p.profile_only]
 INLINE = {"display": "inline-block", "verticalAlign": "bottom", "marginRight": "12px"}
 LADDER = 12  # budgets drawn on the predicted chart
 SAVE_FORMATS = ["hf", "gguf", "compressed-tensors"]

@@ -40,11 +40,11 @@ def policy_flags() -> dict[str, dict]:
     return out
 
 
-def _grouped(policies: dict[str, dataclasses.Field], text) -> str:
-    """"drop-block, drop-attn: X; bits-rank: Y" for a per-policy text, policies with the same text together."""
+def _grouped(texts: dict[str, str]) -> str:
+    """"drop-block, drop-attn: X; bits-rank: Y" from {policy: text}, policies with the same text together."""
     groups: dict[str, list[str]] = {}
-    for name, field in policies.items():
-        groups.setdefault(text(field), []).append(name)
+    for name, text in texts.items():
+        groups.setdefault(text, []).append(name)
     return "; ".join(f"{', '.join(names)}: {t}" for t, names in groups.items())
 
 
@@ -52,7 +52,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("profile", help="profile directory or profile.json")
     p.add_argument("--policy", required=True, help="; ".join(f"{n}: {q.description}" for n, q in POLICIES.items()))
     p.add_argument("--budget", type=float, required=True,
-                   help="; ".join(f"{n}: {q.budget}" for n, q in POLICIES.items()))
+                   help=_grouped({n: q.budget for n, q in POLICIES.items()}))
     p.add_argument("--out", required=True, help="plan JSON file to write")
     p.add_argument("--model", help="model for searches and for bit policies whose profile does not list the "
                    "linears (default: where the profile's model came from)")
@@ -61,8 +61,8 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens for searches")
     for name, flag in policy_flags().items():  # the policies' options, from their config dataclasses
         field = flag["field"]
-        help_ = (_grouped(flag["policies"], lambda f: f.metadata["help"]) + ". Default: "
-                 + _grouped(flag["policies"], lambda f: str(f.default)))
+        help_ = (_grouped({n: f.metadata["help"] for n, f in flag["policies"].items()}) + ". Default: "
+                 + _grouped({n: str(f.default) for n, f in flag["policies"].items()}))
         kind = {"int": int, "float": float, "str": str}.get(str(field.type))
         if str(field.type) == "bool":
             p.add_argument(f"--{name.replace('_', '-')}", action="store_true", default=None, help=help_)
@@ -142,8 +142,7 @@ def cmd_evaluate(args) -> int:
         if not args.plan:
             raise LensbenchError("give --plan PLAN.json (or, for a saved model, --dense MODEL)")
         plan = Plan.load(args.plan)
-        model = load(args.model)
-        plan.resolve(model)
+        model = load(args.model)  # evaluate checks the plan against it before any work
     texts = read_text_file(args.texts, args.encoding) if args.texts else None
     cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
                      topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)

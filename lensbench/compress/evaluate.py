@@ -55,7 +55,13 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     """Quality, speed and memory of `plan` applied to `model`, as a JSON-ready dict (see the module
     docstring). With `saved` (the plan's checkpoint written by `lensbench compress` and loaded back), the
     saved model is measured against `model` instead, and the in-memory plan's quality is reported beside
-    it (`in_memory_plan`), so a difference between what was measured and what was saved shows."""
+    it (`in_memory_plan`), so a difference between what was measured and what was saved shows.
+
+        >>> cfg = lb.EvalConfig(texts=2, cities=0, topics=0, speed_rounds=1, decode_tokens=2)
+        >>> report = lb.evaluate(model, plan, cfg, texts=texts)
+        >>> report["kl_to_dense"] > 0 and report["weight_bytes"] < report["dense_weight_bytes"]
+        True
+    """
     bound = plan.bind(model)  # a bad plan is refused before any work; resolved once for every entry below
     target = saved if saved is not None else bound if bound.quant else bound.units
     if isinstance(texts, str):  # one text, never one text per character
@@ -114,9 +120,7 @@ def text_quality(model: Model, target: Target, texts: Sequence[str], cfg: EvalCo
 def batch_scores(batch, logp: torch.Tensor, logq: torch.Tensor) -> dict:
     """Summed KL(p || q) over the scored positions and next-token losses under q and p (log-probs at
     `batch.content_mask` positions), with the counts to average them."""
-    nxt = torch.full_like(batch.input_ids, -1)
-    nxt[:, :-1] = torch.where(batch.attention_mask[:, 1:].bool(), batch.input_ids[:, 1:], -1)
-    tgt = nxt[batch.content_mask]
+    tgt = batch.next_tokens()[batch.content_mask]
     has = tgt >= 0
     pick = tgt.clamp(min=0)[:, None]
     return {"kl": float((logp.exp() * (logp - logq)).sum()), "nll": -float(logq.gather(1, pick)[:, 0][has].sum()),
@@ -124,7 +128,6 @@ def batch_scores(batch, logp: torch.Tensor, logq: torch.Tensor) -> dict:
             "n_next": int(has.sum())}
 
 
-@torch.no_grad()
 def city_accuracy(model: Model, target: Target, n: int) -> dict:
     """Zero-shot: how often the true country is likelier than a wrong one, dense and with the plan."""
 

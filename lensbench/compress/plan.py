@@ -69,9 +69,10 @@ class Drop(Action):
 
 
 @action("quant")
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Quant(Action):
-    """Store the named linears (or an embedding) packed: bit-width, group size (asym/sym) and grid."""
+    """Store the named linears (or an embedding) packed: bit-width, group size (asym/sym) and grid. Unpacks as
+    `bits, group_size, scheme = quant`."""
 
     bits: int
     group_size: int = DEFAULT_GROUP_SIZE
@@ -89,6 +90,9 @@ class Quant(Action):
             check_spec(self.bits, self.group_size)
         object.__setattr__(self, "bits", int(self.bits))
         object.__setattr__(self, "group_size", int(self.group_size))
+
+    def __iter__(self):
+        return iter((self.bits, self.group_size, self.scheme))
 
     def to_dict(self) -> dict:
         out = {"op": "quant", "bits": self.bits}
@@ -130,6 +134,19 @@ class Bound(NamedTuple):
 
 @dataclass
 class Plan:
+    """Module names (or `re:` patterns) to typed actions, with the model card, policy and prediction.
+
+        >>> plan = lb.Plan.drop(profile.model, [Unit(1, "block")])    # Unit: lensbench.units
+        >>> plan.units()                                              # read without the model
+        [Unit(layer=1, kind='block')]
+        >>> path = plan.save(tmp / "plan.json")
+        >>> lb.Plan.load(path, model=model).actions == plan.actions
+        True
+        >>> mixed = lb.Plan.quantize(plan.model, {"model.layers.1": lb.Quant(4, 32), "model.layers.2": (8, 32)})
+        >>> mixed.to_fqn_config()["model.layers.1"]
+        {'op': 'quant', 'bits': 4, 'group_size': 32}
+    """
+
     actions: dict[str, Action]
     model: dict
     policy: dict = field(default_factory=dict)

@@ -54,7 +54,13 @@ def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
 
 def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, dtype: str | None = None,
              overwrite: bool = False) -> Saved:
-    """Write `plan` applied to `model` as a `format` checkpoint at `out`; see the module docstring."""
+    """Write `plan` applied to `model` as a `format` checkpoint at `out` (`lensbench.compress`); see the module
+    docstring.
+
+        >>> saved = lb.compress(model, plan, format="hf", out=tmp / "pruned")
+        >>> (saved.path / "config.json").is_file() and lb.load(saved.path).n_layers == model.n_layers - 1
+        True
+    """
     if format not in FORMATS:
         raise LensbenchError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:

@@ -26,9 +26,7 @@ from .drop import BalancedSkipOptions, DropOptions, RankingSkipOptions
 from .evo import EvoOptions
 from .evo_bits import EvoBitsOptions
 from .rankings import RANKINGS
-from .registry import POLICIES, Policy, PolicyConfig, make_plan, option, register
-
-plan = make_plan  # the public name (`lensbench.plan`)
+from .registry import POLICIES, Policy, PolicyConfig, make_plan, option, plan, register
 
 __all__ = ["POLICIES", "RANKINGS", "BalancedSkipOptions", "BitsBisectOptions", "BitsDpOptions", "BitsRankOptions",
            "DropOptions", "EvoBitsOptions", "EvoOptions", "Policy", "PolicyConfig", "RankingSkipOptions",

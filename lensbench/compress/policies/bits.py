@@ -111,12 +111,18 @@ class Costs:
 
 
 @dataclass(frozen=True)
-class BitsRankOptions(PolicyConfig):
+class GridOptions(PolicyConfig):
+    """The quantisation grid every bit policy measures and writes."""
+
+    group_size: int = option(DEFAULT_GROUP_SIZE, "quantisation group size")
+    scheme: str = option("asym", SCHEME_HELP, SCHEMES)
+
+
+@dataclass(frozen=True)
+class BitsRankOptions(GridOptions):
     ranking: str = option("lim", _RANKING_HELP)
     levels: str = option("4,2", "the two bit-widths, high,low")
     reverse: bool = option(False, "put the most important blocks low (a control)")
-    group_size: int = option(DEFAULT_GROUP_SIZE, "quantisation group size")
-    scheme: str = option("asym", SCHEME_HELP, SCHEMES)
     seed: int = option(0, "random seed (ranking random)")
 
 
@@ -141,11 +147,9 @@ def bits_rank(profile: Profile, budget: float, cfg: BitsRankOptions, *, model, t
 
 
 @dataclass(frozen=True)
-class BitsDpOptions(PolicyConfig):
+class BitsDpOptions(GridOptions):
     levels: str = option("2,3,4,8", "the bit-widths to choose from")
     unit: str = option("block", "allocate per block or per linear", ("block", "linear"))
-    group_size: int = option(DEFAULT_GROUP_SIZE, "quantisation group size")
-    scheme: str = option("asym", SCHEME_HELP, SCHEMES)
     resolution: int = option(4000, "steps of the budget the knapsack works on")
 
 
@@ -235,11 +239,9 @@ class QuantKL:
 
 
 @dataclass(frozen=True)
-class BitsBisectOptions(PolicyConfig):
+class BitsBisectOptions(GridOptions):
     ranking: str = option("quant", _RANKING_HELP)
     levels: str = option("4,2", "the two bit-widths, high,low")
-    group_size: int = option(DEFAULT_GROUP_SIZE, "quantisation group size")
-    scheme: str = option("asym", SCHEME_HELP, SCHEMES)
     seed: int = option(0, "random seed (ranking random)")
 
 

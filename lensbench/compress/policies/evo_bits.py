@@ -13,25 +13,22 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ...gpu.quant import DEFAULT_GROUP_SIZE
 from ...profiles import Profile
 from ...texts import bbc_news
-from ..plan import SCHEMES, Plan
+from ..plan import Plan
 from ...simquant import block_linears
-from .bits import SCHEME_HELP, Costs, QuantKL, plan_of
+from .bits import Costs, GridOptions, QuantKL, plan_of
 from .budgets import check_average, check_group, levels as parse_levels
-from .registry import PolicyConfig, option, quiet_plan, register
+from .registry import option, quiet_plan, register
 from .search import SearchConfig, evolve
 
 Key = tuple[int, str | None]
 
 
 @dataclass(frozen=True)
-class EvoBitsOptions(PolicyConfig):
+class EvoBitsOptions(GridOptions):
     levels: str = option("2,3,4,8", "the bit-widths to choose from")
     unit: str = option("block", "one bit-width per block or per linear", ("block", "linear"))
-    group_size: int = option(DEFAULT_GROUP_SIZE, "quantisation group size")
-    scheme: str = option("asym", SCHEME_HELP, SCHEMES)
     generations: int = option(20, "generations of the search")
     offspring: int = option(8, "children per generation")
     seed: int = option(0, "random seed")

@@ -54,6 +54,11 @@ class Policy:
     description: str
     needs_model: bool | Callable[[Profile, PolicyConfig], bool] = False
 
+    @property
+    def profile_only(self) -> bool:
+        """Whether the policy can work from a profile alone with its default options."""
+        return self.needs_model is not True
+
     def runs_model(self, profile: Profile, cfg: PolicyConfig) -> bool:
         """Whether this policy, with these options, needs the model (and calibration texts for searches)."""
         return self.needs_model(profile, cfg) if callable(self.needs_model) else self.needs_model
@@ -64,7 +69,7 @@ class Policy:
         given = {k: v for k, v in options.items() if v is not None}
         unknown = sorted(set(given) - set(accepted))
         if unknown:
-            takes = ", ".join("--" + _flag(k) for k in accepted) or "no options"
+            takes = ", ".join("--" + _flag(k) for k in sorted(accepted)) or "no options"
             raise PlanError(f"policy {self.name!r} does not take {', '.join('--' + _flag(k) for k in unknown)}; "
                             f"it takes {takes}")
         return self.config(**given).check(self.name)
@@ -86,11 +91,7 @@ def register(name: str, config: type[PolicyConfig], *, budget: str, description:
 
 def make_plan(name: str, profile: Profile, budget: float, *, model=None, texts: Sequence[str] | None = None,
               progress: bool = False, config: PolicyConfig | None = None, **options) -> Plan:
-    """The Plan that policy `name` makes from `profile` under `budget`, with its options given as keywords
-    or as its config dataclass (`config=`). Searches (and `iterative=True`) run `model` on `texts`.
-
-        >>> plan = make_plan("drop-block", profile, 3, ranking="ablation")
-    """
+    """The Plan that policy `name` makes from `profile` under `budget`; see `plan`."""
     if name not in POLICIES:
         raise PlanError(f"unknown policy {name!r}: use one of {', '.join(POLICIES)}")
     policy = POLICIES[name]
@@ -111,13 +112,31 @@ def make_plan(name: str, profile: Profile, budget: float, *, model=None, texts: 
         cfg = policy.configure(options)
         given = {k: v for k, v in options.items() if v is not None}
     if model is None and policy.runs_model(profile, cfg):
-        raise PlanError(f"policy {name!r}{' (iterative)' if getattr(cfg, 'iterative', False) else ''} needs the "
-                        f"model: give the model (lensbench plan ... --model SOURCE)")
+        iterative = getattr(cfg, "iterative", False)
+        what = (f"{' (iterative)' if iterative else ''} runs the model" if iterative or policy.needs_model is True
+                else " reads the blocks' linears from the model, as this profile does not list them (profile with "
+                     "--analyses quant_sensitivity to record them)")
+        raise PlanError(f"policy {name!r}{what}: give the model (lensbench plan ... --model SOURCE)")
     if model is not None:
         profile.check_model(model)
     plan = policy.fn(profile, budget, cfg, model=model, texts=texts, progress=progress)
     plan.policy = {"name": name, "budget": budget, **given}
     return plan
+
+
+def plan(profile: Profile, policy: str, budget: float, *, model=None, texts: Sequence[str] | None = None,
+         progress: bool = False, config: PolicyConfig | None = None, **options) -> Plan:
+    """The Plan that `policy` makes from `profile` under `budget` (`lensbench.plan`), with the policy's options
+    as keywords or as its options dataclass (`config=`). Searches, an iterative drop, and bit policies whose
+    profile does not list the linears run `model` (on `texts`, calibration text).
+
+        >>> plan = lb.plan(profile, "drop-block", 1, ranking="redundancy")
+        >>> len(plan.units())
+        1
+        >>> from lensbench.compress.policies import DropOptions
+        >>> plan = lb.plan(profile, "drop-block", 1, config=DropOptions(ranking="random", seed=1))
+    """
+    return make_plan(policy, profile, budget, model=model, texts=texts, progress=progress, config=config, **options)
 
 
 def quiet_plan(name: str, profile: Profile, budget: float, **options) -> Plan | None:
