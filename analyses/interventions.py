@@ -15,7 +15,8 @@ import torch
 
 from ..errors import LensbenchError
 from ..model import Model
-from .channels import head_circuits
+from ..profiles import Table
+from .channels import distinct_channels, head_circuits
 
 
 @contextlib.contextmanager
@@ -89,3 +90,14 @@ def intervention_effect(model: Model, texts: Sequence[str], writer: tuple[int, i
             "random_reader_attention_tv_mean": float(rand[:, 1].mean()),
             "random_target_logprob_change_mean": float(rand[:, 2].mean()),
             "n_tokens": int(mask.sum())}
+
+
+def interventions_table(model: Model, channels: Sequence[dict], k: int, texts: Sequence[str],
+                        source: str) -> Table:
+    """Project out each of the k strongest distinct channels (rows of the `channels` table) on `texts`; compare
+    with random components of the same head."""
+    rows = [intervention_effect(model, texts, writer, component, reader)
+            for writer, component, reader in distinct_channels(channels, k)]
+    return Table("interventions", rows, analysis="channels", params={"texts": f"{source}, {len(texts)} texts, 64 tokens"},
+                 description="project out a writer component: reader attention change and output KL vs random "
+                             "components of the same head")

@@ -7,6 +7,7 @@ edit of the paper rescales identified writer components (`W_O <- W_O (I + (alpha
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -15,7 +16,7 @@ import torch
 
 from ..errors import LensbenchError
 from ..model import Model
-import contextlib
+from ..profiles import Table
 from .channels import distinct_channels, head_circuits
 from .interventions import edit_component
 
@@ -137,3 +138,18 @@ def weight_edit_study(model: Model, channels: Sequence[dict], n_items: int = 5, 
             "tuning_accuracy_by_alpha": {"1.0": base_tune, **{str(a): v for a, v in tuned.items()}},
             "alpha": best, "heldout_accuracy_dense": acc(held, [], 1.0),
             "heldout_accuracy_edited": acc(held, chosen, best), "n_prompts_each": count}
+
+
+def curve_table(model: Model, n_values: Sequence[int], count: int) -> Table:
+    """The accuracy curve as a Profile table, with how many candidate items are single tokens for `model`."""
+    return Table("laundry_curve", accuracy_curve(model, n_values, count=count), analysis="laundry",
+                 params={"count": count, "n_single_token_items": len(single_token_items(model)),
+                         "n_candidate_items": len(CANDIDATE_ITEMS)},
+                 description="Laundry List accuracy vs number of items and missing position")
+
+
+def edit_table(model: Model, channels: Sequence[dict], n_items: int, count: int) -> Table:
+    """The weight-edit study (`weight_edit_study`) as a Profile table."""
+    return Table("laundry_edit", [weight_edit_study(model, channels, n_items=n_items, count=count)],
+                 analysis="laundry",
+                 description="rescaled channel components: chosen and tuned on one split, held-out result")

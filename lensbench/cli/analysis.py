@@ -12,9 +12,9 @@ import torch
 
 from ..adapters import SITES, registered
 from ..analyses import check_names, registered as analyses
-from ..analyses.channels import NULLS, distinct_channels
-from ..analyses.interventions import intervention_effect
-from ..analyses.laundry import CANDIDATE_ITEMS, accuracy_curve, single_token_items, weight_edit_study
+from ..analyses.channels import NULLS
+from ..analyses.interventions import interventions_table
+from ..analyses.laundry import curve_table, edit_table
 from ..analyses.lrp import LRPConfig
 from ..analyses.lrp.attribute import attribute, unit_scores
 from ..analyses.lrp.plots import write_html
@@ -25,7 +25,7 @@ from ..load import load
 from ..probes.run import concept_depth_profile
 from ..probes.tasks import TASKS, load_task, load_task_file
 from ..probes.trainer import ProbeConfig
-from ..profiles import Profile, Table
+from ..profiles import Profile
 from ..profiling import model_card, resolve_seq_len
 from ..store import capture_to_store
 from ..summary import channels_summary, interventions_summary, redundancy_summary, sensitivity_summary
@@ -49,17 +49,6 @@ def _analysis_params(items: Sequence[str] | None) -> dict[str, dict]:
             parsed = value
         out.setdefault(analysis, {})[name] = tuple(parsed) if isinstance(parsed, list) else parsed
     return out
-
-
-def _intervene(source: str, profile, k: int):
-    """Project out each of the k strongest distinct channels; compare with random components of the head."""
-    model = load(source)
-    texts = bbc_news("heldout", limit=8)
-    rows = [intervention_effect(model, texts, writer, component, reader)
-            for writer, component, reader in distinct_channels(profile.tables["channels"].rows, k)]
-    return Table("interventions", rows, analysis="channels", params={"texts": "bbc_news heldout, 8 texts, 64 tokens"},
-                 description="project out a writer component: reader attention change and output KL vs random "
-                             "components of the same head")
 
 
 def _models_arguments(p: argparse.ArgumentParser) -> None:
@@ -166,7 +155,8 @@ def cmd_channels(args) -> int:
                                 analysis_params={"channels": {"z": args.z, "null": args.null}})
     print(channels_summary(profile))
     if args.interventions:
-        profile.add(_intervene(args.model, profile, args.interventions))
+        profile.add(interventions_table(load(args.model), profile.tables["channels"].rows, args.interventions,
+                                        bbc_news("heldout", limit=8), "bbc_news heldout"))
         path = profile.save(Path(args.out))
         print(interventions_summary(profile))
     print(f"wrote {path}")
@@ -189,23 +179,19 @@ def cmd_laundry(args) -> int:
     profile = existing_profile(out, model, overwrite=False)
     if args.edit and (profile is None or "channels" not in profile.tables):
         raise LensbenchError(f"--edit needs the channel graph: run lensbench channels {args.model} --out {out} first")
-    n_values = [int(x) for x in args.n_items.split(",")]
-    curve = accuracy_curve(model, n_values, count=args.count)
+    curve = curve_table(model, [int(x) for x in args.n_items.split(",")], args.count)
     if profile is None:
         profile = Profile(model=model_card(model))
-    n_items = len(single_token_items(model))
-    profile.add(Table("laundry_curve", curve, analysis="laundry",
-                      params={"count": args.count, "n_single_token_items": n_items,
-                              "n_candidate_items": len(CANDIDATE_ITEMS)},
-                      description="Laundry List accuracy vs number of items and missing position"))
-    print(f"{n_items} of {len(CANDIDATE_ITEMS)} candidate items are single tokens for {model.name}")
-    for row in curve:
+    profile.add(curve)
+    print(f"{curve.params['n_single_token_items']} of {curve.params['n_candidate_items']} candidate items are "
+          f"single tokens for {model.name}")
+    for row in curve.rows:
         print(f"N={row['n_items']:2d}: accuracy among items {row['accuracy_among_items']:.3f}, "
               f"top-1 {row['accuracy_top1']:.3f} ({row['n_prompts']} prompts)")
     if args.edit:
-        study = weight_edit_study(model, profile.tables["channels"].rows, n_items=args.edit_n, count=args.count)
-        profile.add(Table("laundry_edit", [study], analysis="laundry",
-                          description="rescaled channel components: chosen and tuned on one split, held-out result"))
+        edit = edit_table(model, profile.tables["channels"].rows, args.edit_n, args.count)
+        profile.add(edit)
+        study = edit.rows[0]
         print(f"weight edit {study['components']} x{study['alpha']}: held-out accuracy "
               f"{study['heldout_accuracy_dense']:.3f} -> {study['heldout_accuracy_edited']:.3f}")
     print(f"wrote {profile.save(out)}")
