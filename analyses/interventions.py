@@ -98,6 +98,7 @@ def interventions_table(model: Model, channels: Sequence[dict], k: int, texts: S
     with random components of the same head."""
     rows = [intervention_effect(model, texts, writer, component, reader)
             for writer, component, reader in distinct_channels(channels, k)]
-    return Table("interventions", rows, analysis="channels", params={"texts": f"{source}, {len(texts)} texts, 64 tokens"},
+    return Table("interventions", rows, analysis="channels",
+                 params={"texts": f"{source}, {len(texts)} texts, 64 tokens"},
                  description="project out a writer component: reader attention change and output KL vs random "
                              "components of the same head")
