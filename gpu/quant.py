@@ -120,6 +120,21 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SI
              symmetric: bool = False) -> PackedWeight:
     """Round-to-nearest, group-wise quantisation of `weight` [N, K] into the packed format: asymmetric
     min-max by default, the signed symmetric grid with `symmetric=True` (module docstring)."""
+    w, gs = checked(weight, bits, group_size, pad)
+    n, k = weight.shape
+    real = torch.arange(w.shape[1]) < k
+    codes, scales, mins = [], [], []
+    for g0 in range(0, w.shape[1], gs):  # at most two distinct lengths: full groups and a shorter last one
+        wg, rg = w[:, g0:g0 + gs], real[g0:g0 + gs]
+        s16, m16 = grid(wg[:, rg], bits, symmetric)
+        codes.append(torch.where(rg, round_to_grid(wg, s16, m16, bits, symmetric), 0))
+        scales.append(s16)
+        mins.append(m16)
+    return pack(torch.cat(codes, 1), torch.stack(scales, 1), torch.stack(mins, 1), bits, gs, (n, k))
+
+
+def checked(weight: torch.Tensor, bits: int, group_size: int, pad: bool = True) -> tuple[torch.Tensor, int]:
+    """(the weight in float32, zero-padded to K_pad columns; the effective group size), or QuantError."""
     if weight.dim() != 2:
         raise QuantError(f"only 2-D weights can be quantised, got shape {tuple(weight.shape)}")
     n, k = weight.shape
@@ -132,29 +147,44 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SI
     if w.numel() and w.abs().max() > 65504:
         raise QuantError("the weight has values beyond float16's range (65504), which its scales cannot hold; "
                          "keep this layer in full precision")
-    k_pad = _ceil_to(k, 8)
-    w = torch.nn.functional.pad(w, (0, k_pad - k))
-    real = torch.arange(k_pad) < k
+    return torch.nn.functional.pad(w, (0, _ceil_to(k, 8) - k)), gs
+
+
+def grid(wg: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, min) [N] in float16 of the grid for the values `wg` [N, g] of one group (module docstring)."""
+    n = wg.shape[0]
+    lo = wg.amin(-1) if wg.shape[1] else torch.zeros(n)
+    hi = wg.amax(-1) if wg.shape[1] else torch.zeros(n)
     qmax = (1 << bits) - 1
-    codes, scales, mins = [], [], []
-    for g0 in range(0, k_pad, gs):  # at most two distinct lengths: full groups and a shorter last one
-        wg, rg = w[:, g0:g0 + gs], real[g0:g0 + gs]
-        lo = wg[:, rg].amin(-1) if rg.any() else torch.zeros(n)
-        hi = wg[:, rg].amax(-1) if rg.any() else torch.zeros(n)
-        if symmetric:
-            half = 1 << (bits - 1)
-            s16 = (torch.maximum(hi, -lo) / (qmax / 2)).clamp_min(1e-8).to(torch.float16)
-            m16 = (-half * s16.float()).to(torch.float16)  # exact: a power of two times a float16
-            q = torch.round(wg / s16.float().clamp_min(6e-8)[:, None]).clamp_(-half, half - 1) + half
-        else:
-            s16 = ((hi - lo) / qmax).clamp_min(1e-8).to(torch.float16)
-            m16 = lo.to(torch.float16)
-            q = torch.round((wg - m16.float()[:, None]) / s16.float().clamp_min(6e-8)[:, None]).clamp_(0, qmax)
-        codes.append(_pack(torch.where(rg, q, 0).to(torch.uint8)[:, None, :], bits)[:, 0])
-        scales.append(s16)
-        mins.append(m16)
-    return PackedWeight(torch.cat(codes, 1).contiguous(), torch.stack(scales, 1).contiguous(),
-                        torch.stack(mins, 1).contiguous(), bits, gs, (n, k))
+    if symmetric:
+        s16 = (torch.maximum(hi, -lo) / (qmax / 2)).clamp_min(1e-8).to(torch.float16)
+        return s16, (-(1 << (bits - 1)) * s16.float()).to(torch.float16)  # exact: a power of two times a float16
+    return ((hi - lo) / qmax).clamp_min(1e-8).to(torch.float16), lo.to(torch.float16)
+
+
+def round_to_grid(w: torch.Tensor, s16: torch.Tensor, m16: torch.Tensor, bits: int,
+                  symmetric: bool = False) -> torch.Tensor:
+    """Codes 0..2^bits-1 (float) of `w` [N, g] on the grid (scale, min) [N]; `dequantized` inverts them. The
+    symmetric grid rounds signed, round(w / scale) + 2^(bits-1)."""
+    s = s16.float().clamp_min(6e-8)[:, None]
+    if symmetric:
+        half = 1 << (bits - 1)
+        return torch.round(w / s).clamp_(-half, half - 1) + half
+    return torch.round((w - m16.float()[:, None]) / s).clamp_(0, (1 << bits) - 1)
+
+
+def dequantized(codes: torch.Tensor, s16: torch.Tensor, m16: torch.Tensor) -> torch.Tensor:
+    """The values codes [N, g] stand for on the grid (scale, min) [N]: code * scale + min."""
+    return codes * s16.float()[:, None] + m16.float()[:, None]
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, group_size: int,
+         shape: tuple[int, int]) -> PackedWeight:
+    """A PackedWeight from codes [N, K_pad] (0..2^bits-1; zero in padded columns) and scales, mins [N, G]."""
+    parts = [_pack(codes[:, g0:g0 + group_size].to(torch.uint8)[:, None, :], bits)[:, 0]
+             for g0 in range(0, codes.shape[1], group_size)]
+    return PackedWeight(torch.cat(parts, 1).contiguous(), scales.to(torch.float16).contiguous(),
+                        mins.to(torch.float16).contiguous(), bits, group_size, tuple(shape))
 
 
 def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:

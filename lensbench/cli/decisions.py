@@ -10,7 +10,7 @@ from ..compress.evaluate import EvalConfig, evaluate
 from ..compress.export import EXPORTERS, export, write
 from ..compress.formats import FORMATS
 from ..compress.lmeval import check_installed, task_name
-from ..compress.plan import Plan
+from ..compress.plan import METHODS, Plan
 from ..compress.policies import POLICIES, make_plan
 from ..compress.save import DTYPES, check_out, compress
 from ..errors import LensbenchError
@@ -117,6 +117,10 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lm-eval-limit", type=int, help="at most this many documents of the lm-eval task")
     p.add_argument("--topics", type=int, default=40, help="BBC topic multiple-choice items, scored as "
                     "lm-evaluation-harness's acc_norm (0 skips it)")
+    p.add_argument("--method", choices=METHODS, help="round the plan's quantised layers with this method instead of "
+                   "the one it records (gptq runs on BBC calibration text first)")
+    p.add_argument("--gptq-texts", type=int, default=128, help="calibration articles for GPTQ (default 128, up to "
+                   "512 tokens each)")
     p.add_argument("--speed-rounds", type=int, default=7)
     p.add_argument("--decode-tokens", type=int, default=32)
 
@@ -131,6 +135,9 @@ def cmd_evaluate(args) -> int:
     elif args.lm_eval_limit is not None:
         raise LensbenchError("--lm-eval-limit applies to --lm-eval-task: give the task YAML, or drop the limit")
     if args.dense:  # MODEL is a folder lensbench compress wrote; its plan is in its record
+        if args.method:
+            raise LensbenchError("--method applies to a plan; a saved model's rounding is already in its weights: "
+                                 "drop --method, or evaluate the plan with --plan")
         if args.plan:
             raise LensbenchError("--plan and --dense do not go together: a saved model carries its plan (give the "
                                  "folder lensbench compress wrote, and its dense source with --dense)")
@@ -143,9 +150,12 @@ def cmd_evaluate(args) -> int:
             raise LensbenchError("give --plan PLAN.json (or, for a saved model, --dense MODEL)")
         plan = Plan.load(args.plan)
         model = load(args.model)  # evaluate checks the plan against it before any work
+    if args.method:
+        plan = plan.with_method(args.method)
     texts = read_text_file(args.texts, args.encoding) if args.texts else None
     cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
-                     topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens)
+                     topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens,
+                     gptq_texts=args.gptq_texts)
     result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved, lm_eval_task=args.lm_eval_task,
                       lm_eval_limit=args.lm_eval_limit)
     write_json(Path(args.out), result)
@@ -169,6 +179,8 @@ def _compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES),
                     help="unquantised weights (default: the model's own dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--method", choices=METHODS, help="round the plan's quantised layers with this method instead of "
+                   "the one it records (gptq runs on 128 BBC calibration articles first)")
 
 
 @command("compress", "save a plan applied to its model as a checkpoint transformers, llama.cpp "
@@ -176,6 +188,8 @@ def _compress_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_compress(args) -> int:
     check_out(args.out, args.overwrite)
     plan = Plan.load(args.plan)
+    if args.method:
+        plan = plan.with_method(args.method)
     model = load(args.model)
     saved = compress(model, plan, format=args.format, out=args.out, dtype=args.dtype, overwrite=args.overwrite)
     r = saved.record

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from ..gpu.modules import QuantEmbedding, QuantLinear
-from ..gpu.quant import QuantError, quantize
+from ..errors import PlanError
+from ..gpu.quant import PackedWeight, QuantError, quantize
+from ..gpu.reference import dequantize
 from ..model import Model
 from ..surgery import Surgery, apply_units, remove_units
 from ..units import Unit, is_conv1d
@@ -45,10 +47,25 @@ def handles(action_type: type[Action]):
     return deco
 
 
-def _packed(model: Model, name: str, weight: torch.Tensor, spec: Quant):
-    cache = model.__dict__.setdefault("_packed_cache", {})
-    key = (name, spec, weight.data_ptr(), weight._version, weight.stride())
+def packed_cache(model: Model) -> dict:
+    """The model's packed weights, keyed by `cache_key`: re-entering a plan does not quantise again, and GPTQ
+    (`compress.gptq.prepare`) leaves its results here for `apply` to use."""
+    return model.__dict__.setdefault("packed_cache", {})
+
+
+def cache_key(name: str, weight: torch.Tensor, spec: Quant) -> tuple:
+    """A packed weight is valid for this module, grid and rounding and these exact weight values."""
+    return name, spec, weight.data_ptr(), weight._version, weight.stride()
+
+
+def packed_weight(model: Model, name: str, weight: torch.Tensor, spec: Quant) -> PackedWeight:
+    """`weight` [N, K] of module `name` packed as `spec`: from the cache, or rounded to nearest now."""
+    cache = packed_cache(model)
+    key = cache_key(name, weight, spec)
     if key not in cache:
+        if spec.method != "rtn":
+            raise PlanError(f"{name} is quantised with {spec.method}, which needs calibration text: evaluate or "
+                            f"compress the plan (they run it), or call lensbench.compress.gptq.prepare first")
         try:
             cache[key] = quantize(weight, spec.bits, spec.group_size, symmetric=spec.scheme == "sym").to(weight.device)
         except QuantError as exc:
@@ -67,18 +84,22 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True)
             raise QuantError(f"{name} is a {type(module).__name__}, not a linear layer")
         w = module.weight
         if spec.scheme == "gguf" or not packed:  # the weight holds exactly the values a reader computes with
-            surgery.overwrite(w, dequantised(w, spec, is_conv1d(module)))
+            if spec.method == "rtn":
+                surgery.overwrite(w, dequantised(w, spec, is_conv1d(module)))
+            else:
+                q = dequantize(packed_weight(model, name, w.T if is_conv1d(module) else w, spec)).to(w.dtype)
+                surgery.overwrite(w, q.T if is_conv1d(module) else q)
             continue
         tied = by_weight.get((w.data_ptr(), spec))
         if isinstance(module, nn.Embedding):
             QuantEmbedding.check(module, name)
-            pw = _packed(model, name, w, spec)
+            pw = packed_weight(model, name, w, spec)
             new = QuantEmbedding(pw, w.dtype)
         else:
             if isinstance(module, nn.Linear):
-                pw = tied if tied is not None else _packed(model, name, w, spec)
+                pw = tied if tied is not None else packed_weight(model, name, w, spec)
             else:  # GPT-2's Conv1D keeps its weight [in, out]
-                pw = _packed(model, name, w.T, spec)
+                pw = packed_weight(model, name, w.T, spec)
             new = QuantLinear(pw, module.bias, w.dtype)
         by_weight[(w.data_ptr(), spec)] = pw
         surgery.swap(root, name, new)

@@ -30,6 +30,7 @@ from ..surgery import weight_bytes
 from ..texts import bbc_news
 from ..version import __version__
 from .apply import Target, applied
+from .gptq import GPTQConfig, prepare
 from .lmeval import run_task
 from .plan import Plan
 from lensbench.probes.cities import city_facts
@@ -47,6 +48,8 @@ class EvalConfig:
     prompt_tokens: int = 128
     decode_tokens: int = 32
     seed: int = 0
+    gptq_texts: int = 128  # BBC calibration articles for the plan's GPTQ entries (never the held-out split)
+    gptq_seq_len: int = 512
 
 
 def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Sequence[str] | None = None,
@@ -63,6 +66,9 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
         True
     """
     bound = plan.bind(model)  # a bad plan is refused before any work; resolved once for every entry below
+    gptq = prepare(model, bound, bbc_news("calibration", limit=cfg.gptq_texts),
+                   GPTQConfig(seq_len=cfg.gptq_seq_len), progress) if any(
+        q.method == "gptq" for q in bound.quant.values()) else None
     target = saved if saved is not None else bound if bound.quant else bound.units
     if isinstance(texts, str):  # one text, never one text per character
         texts = [texts]
@@ -98,6 +104,7 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
         "weight_bytes": plan_bytes, "dense_weight_bytes": dense_bytes,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "config": asdict(cfg), "lensbench": __version__, "torch": torch.__version__,
+        **({"gptq": gptq} if gptq else {}),
     }
 
 

@@ -16,6 +16,7 @@ model, names the model does not have, an unknown operation, or removing every la
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from ..units import KINDS, Unit, is_conv1d, normalise, templates_of, unit_templa
 
 SCHEMA = "lensbench.plan/1"
 SCHEMES = ("asym", "sym", "gguf")
+METHODS = ("rtn", "gptq")  # round-to-nearest; GPTQ from calibration Hessians (`compress.gptq`)
 
 
 # --- actions ------------------------------------------------------------------------------------------
@@ -71,16 +73,22 @@ class Drop(Action):
 @action("quant")
 @dataclass(frozen=True, order=True)
 class Quant(Action):
-    """Store the named linears (or an embedding) packed: bit-width, group size (asym/sym) and grid. Unpacks as
-    `bits, group_size, scheme = quant`."""
+    """Store the named linears (or an embedding) packed: bit-width, group size (asym/sym), grid and rounding
+    (`rtn`, or `gptq` from calibration Hessians). Unpacks as `bits, group_size, scheme = quant`."""
 
     bits: int
     group_size: int = DEFAULT_GROUP_SIZE
     scheme: str = "asym"
+    method: str = "rtn"
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
             raise QuantError(f"scheme {self.scheme!r} is not known; use one of {', '.join(SCHEMES)}")
+        if self.method not in METHODS:
+            raise QuantError(f"method {self.method!r} is not known; use one of {', '.join(METHODS)}")
+        if self.method == "gptq" and self.scheme == "gguf":
+            raise QuantError("GPTQ onto the GGUF grids is not implemented yet: use method rtn with the gguf "
+                             "scheme, or GPTQ with the asym or sym scheme")
         if self.scheme == "gguf":
             if isinstance(self.bits, bool) or self.bits not in GGUF_BITS:
                 raise QuantError(f"bits={self.bits!r} has no GGUF type here; use one of "
@@ -91,7 +99,7 @@ class Quant(Action):
         object.__setattr__(self, "bits", int(self.bits))
         object.__setattr__(self, "group_size", int(self.group_size))
 
-    def __iter__(self):
+    def __iter__(self):  # the grid: what simulated quantisation and the exporters read
         return iter((self.bits, self.group_size, self.scheme))
 
     def to_dict(self) -> dict:
@@ -100,11 +108,14 @@ class Quant(Action):
             out["group_size"] = self.group_size
         if self.scheme != "asym":
             out["scheme"] = self.scheme
+        if self.method != "rtn":
+            out["method"] = self.method
         return out
 
     @classmethod
     def from_dict(cls, doc: dict) -> "Quant":
-        return cls(doc.get("bits"), doc.get("group_size", DEFAULT_GROUP_SIZE), doc.get("scheme", "asym"))
+        return cls(doc.get("bits"), doc.get("group_size", DEFAULT_GROUP_SIZE), doc.get("scheme", "asym"),
+                   doc.get("method", "rtn"))
 
 
 
@@ -190,6 +201,15 @@ class Plan:
     def quant_actions(self) -> dict[str, Quant]:
         """`{name or pattern: Quant}` of the quantisation actions."""
         return {k: a for k, a in self.actions.items() if isinstance(a, Quant)}
+
+    def with_method(self, method: str) -> "Plan":
+        """The same plan with every quantisation entry rounded by `method` ("rtn" or "gptq")."""
+        try:
+            actions = {k: dataclasses.replace(a, method=method) if isinstance(a, Quant) else a
+                       for k, a in self.actions.items()}
+        except QuantError as exc:
+            raise PlanError(str(exc)) from None
+        return Plan(actions, self.model, dict(self.policy), dict(self.predicted), dict(self.meta))
 
     def quant_targets(self, model) -> dict[str, Quant]:
         """`{module name: Quant}` for every linear or embedding this plan quantises in `model`. Raises

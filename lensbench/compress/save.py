@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -24,7 +25,9 @@ from ..atomic import publish_dir, staging_dir, tidy_beside, write_json
 from ..errors import LensbenchError
 from ..load import load
 from ..saved import RECORD
+from ..texts import bbc_news
 from .formats import FORMATS
+from .gptq import prepare
 from .plan import Plan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -53,7 +56,7 @@ def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
 
 
 def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, dtype: str | None = None,
-             overwrite: bool = False) -> Saved:
+             overwrite: bool = False, calibration: Sequence[str] | None = None) -> Saved:
     """Write `plan` applied to `model` as a `format` checkpoint at `out` (`lensbench.compress`); see the module
     docstring.
 
@@ -71,7 +74,9 @@ def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, d
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     model = load(model)
-    plan.resolve(model)  # another model's plan, unknown names: refused before anything is written
+    bound = plan.bind(model)  # another model's plan, unknown names: refused before anything is written
+    if any(q.method == "gptq" for q in bound.quant.values()):  # GPTQ entries: on calibration text, never held-out
+        prepare(model, bound, calibration or bbc_news("calibration", limit=128), progress=True)
     staging = staging_dir(out)
     try:
         with torch.no_grad():

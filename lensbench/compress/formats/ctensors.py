@@ -17,13 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..apply import apply
+from ..apply import apply, packed_weight
 from ...errors import PlanError
 from ...units import is_conv1d, templates_of
 from .registry import kept_layers, refuse_sublayers, register
 from .hf import pruned_config, save_tokenizer, state_dict
 from safetensors.torch import save_file
-from lensbench.gpu.quant import quantize
 
 
 def _check(model, targets) -> None:
@@ -59,7 +58,7 @@ def write_compressed_tensors(model, plan, staging: Path, dtype) -> dict:
     kept = kept_layers(model, plan)
     rename = _renamer(model, kept)
     root = model.module
-    scales = {name: quantize(root.get_submodule(name).weight, s.bits, s.group_size, symmetric=True).scales
+    scales = {name: packed_weight(model, name, root.get_submodule(name).weight, s).scales  # RTN or GPTQ's
               for name, s in targets.items()}
     stored = dtype or model.module.dtype
     groups: dict[tuple[int, int], list[str]] = {}

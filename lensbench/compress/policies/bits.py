@@ -31,7 +31,7 @@ from ...gpu.quant import DEFAULT_GROUP_SIZE
 from ...profiles import Profile
 from ...texts import bbc_news
 from ...units import unit_templates
-from ..plan import SCHEMES, Plan
+from ..plan import METHODS, SCHEMES, Plan
 from ...simquant import block_linears, linear_inputs, linear_params, simulated
 from .budgets import check_average, check_group, levels as parse_levels
 from .rankings import block_order, names_for, sensitivity
@@ -44,13 +44,13 @@ SCHEME_HELP = ("the grid measured and saved: asym (lensbench's packed format), s
 
 
 def plan_of(profile: Profile, bits_of: dict[tuple[int, str | None], int], group_size: int, predicted: dict,
-            scheme: str = "asym") -> Plan:
+            scheme: str = "asym", method: str = "rtn") -> Plan:
     """A quant Plan from {(layer, linear name or None for the whole block): bits}."""
     block = unit_templates(profile.model)["block"]
     specs = {}
     for (layer, name), b in sorted(bits_of.items(), key=lambda t: (t[0][0], t[0][1] or "")):
         key = block.format(i=layer) + (f".{name}" if name else "")
-        specs[key] = (b, group_size, scheme)
+        specs[key] = (b, group_size, scheme, method)
     return Plan.quantize(profile.model, specs, predicted=predicted)
 
 
@@ -116,6 +116,8 @@ class GridOptions(PolicyConfig):
 
     group_size: int = option(DEFAULT_GROUP_SIZE, "quantisation group size")
     scheme: str = option("asym", SCHEME_HELP, SCHEMES)
+    method: str = option("rtn", "rounding written into the plan: rtn (round to nearest) or gptq (from calibration "
+                                "Hessians when the plan is evaluated or saved; the searches measure rtn)", METHODS)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,7 @@ class BitsRankOptions(GridOptions):
           budget="average weight bits over the blocks' linears, between the two levels",
           description="LayerwiseQuant: the least important blocks by a ranking at the low bit-width, the rest high")
 def bits_rank(profile: Profile, budget: float, cfg: BitsRankOptions, *, model, texts, progress) -> Plan:
-    check_group(cfg.group_size, cfg.scheme)
+    check_group(cfg.group_size, cfg.scheme, cfg.method)
     hi, lo = sorted(parse_levels(cfg.levels, 2, cfg.scheme), reverse=True)  # "4,2" or "2,4": the higher is high
     cost = Costs.of(profile, cfg.scheme, model)
     c_hi, c_lo = cost(None, hi), cost(None, lo)  # bits per weight of a block at each level
@@ -143,7 +145,7 @@ def bits_rank(profile: Profile, budget: float, cfg: BitsRankOptions, *, model, t
     low = set(order[:n_lo])
     bits_of = {(i, None): (lo if i in low else hi) for i in range(L)}
     return plan_of(profile, bits_of, cfg.group_size, {"average_bits": cost.average(bits_of), "n_low": n_lo,
-                                                      "low_blocks": sorted(low)}, cfg.scheme)
+                                                      "low_blocks": sorted(low)}, cfg.scheme, cfg.method)
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ class BitsDpOptions(GridOptions):
           description="knapsack dynamic programming on the measured per-unit KL at each bit-width (EvoPress DP "
                       "baseline)")
 def bits_dp(profile: Profile, budget: float, cfg: BitsDpOptions, *, model, texts, progress) -> Plan:
-    check_group(cfg.group_size, cfg.scheme)
+    check_group(cfg.group_size, cfg.scheme, cfg.method)
     opts = sorted(parse_levels(cfg.levels, None, cfg.scheme))
     cost = Costs.of(profile, cfg.scheme, model)
     check_average(budget, cost(None, opts[0]), cost(None, opts[-1]))
@@ -178,7 +180,7 @@ def bits_dp(profile: Profile, budget: float, cfg: BitsDpOptions, *, model, texts
     bits_of = {units[u]: opts[c] for u, c in enumerate(choice)}
     return plan_of(profile, bits_of, cfg.group_size,
                    {"average_bits": cost.average(bits_of),
-                    "sum_of_unit_kl": float(err[np.arange(len(units)), choice].sum())}, cfg.scheme)
+                    "sum_of_unit_kl": float(err[np.arange(len(units)), choice].sum())}, cfg.scheme, cfg.method)
 
 
 def knapsack(err: np.ndarray, cost: np.ndarray, budget: float, resolution: int = 4000) -> list[int]:
@@ -249,7 +251,7 @@ class BitsBisectOptions(GridOptions):
           budget="quality bound: calibration KL to the dense model, nats per token",
           description="bisection for the most blocks (least sensitive first) at the low bit-width within the bound")
 def bits_bisect(profile: Profile, budget: float, cfg: BitsBisectOptions, *, model, texts, progress) -> Plan:
-    check_group(cfg.group_size, cfg.scheme)
+    check_group(cfg.group_size, cfg.scheme, cfg.method)
     hi, lo = parse_levels(cfg.levels, 2, cfg.scheme)
     if not budget > 0:
         raise PlanError(f"the budget of bits-bisect is a KL bound above 0 (e.g. 0.1), got {budget}")
@@ -278,7 +280,7 @@ def bits_bisect(profile: Profile, budget: float, cfg: BitsBisectOptions, *, mode
     bits_of = bits_for(a)
     plan = plan_of(profile, bits_of, cfg.group_size,
                    {"average_bits": Costs.of(profile, cfg.scheme, model).average(bits_of), "n_low": a,
-                    "calibration_kl": trail[a]}, cfg.scheme)
+                    "calibration_kl": trail[a]}, cfg.scheme, cfg.method)
     plan.meta = {"search": {"evaluations": len(trail), "kl_by_n_low": {str(k): v for k, v in sorted(trail.items())},
                             "tokens": kl_of.n_tokens}}
     return plan

@@ -64,10 +64,10 @@ def check_average(budget: float, lo: float, hi: float) -> None:
                         f"budget between {lo:.4g} and {hi:.4g}")
 
 
-def check_group(group_size: int, scheme: str = "asym") -> int:
-    """The group size and scheme, checked (the gguf scheme's types fix their own blocks)."""
+def check_group(group_size: int, scheme: str = "asym", method: str = "rtn") -> int:
+    """The group size, scheme and rounding, checked (the gguf scheme's types fix their own blocks)."""
     try:
-        Quant(GGUF_BITS[0] if scheme == "gguf" else BITS[0], group_size, scheme)
+        Quant(GGUF_BITS[0] if scheme == "gguf" else BITS[0], group_size, scheme, method)
     except QuantError as exc:
         raise PlanError(str(exc)) from None
     return group_size

@@ -37,7 +37,7 @@ class EvoBitsOptions(GridOptions):
 @register("evo-bits", EvoBitsOptions, needs_model=True, budget="average weight bits over the blocks' linears",
           description="evolutionary search over bit-widths scored by calibration KL (EvoPress, quantisation)")
 def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, texts, progress) -> Plan:
-    check_group(cfg.group_size, cfg.scheme)
+    check_group(cfg.group_size, cfg.scheme, cfg.method)
     opts = sorted(parse_levels(cfg.levels, None, cfg.scheme))
     L, names = model.n_layers, block_linears(model)
     cost = Costs.of(profile, cfg.scheme, model)
@@ -81,7 +81,7 @@ def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, tex
         return repair(child)
 
     seeds: dict[str, dict] = {}
-    common = {"group_size": cfg.group_size, "scheme": cfg.scheme}
+    common = {"group_size": cfg.group_size, "scheme": cfg.scheme, "method": cfg.method}
     for name, plan in (("dp", quiet_plan("bits-dp", profile, budget, unit=cfg.unit, **common)),
                        ("rank-quant", quiet_plan("bits-rank", profile, budget, ranking="quant",
                                                  levels=f"{opts[-1]},{opts[0]}", **common))):
@@ -97,7 +97,7 @@ def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, tex
     found = evolve(seeds, full, lambda c, run: fit(expand(c), [run]), mutate, fit.runs,
                    SearchConfig(cfg.generations, cfg.offspring, seed=cfg.seed), rng, progress, "bit search")
     plan = plan_of(profile, found.best, cfg.group_size,
-                   {"average_bits": cost.average(found.best), "calibration_kl": found.fitness}, cfg.scheme)
+                   {"average_bits": cost.average(found.best), "calibration_kl": found.fitness}, cfg.scheme, cfg.method)
     plan.meta = {"search": {"calibration_kl_by_generation": found.history, "start_calibration_kl": found.start,
                             "full_evaluations": len(cache), "minibatch_evaluations": found.n_mini,
                             "tokens_forwarded": fit.n_tokens}}

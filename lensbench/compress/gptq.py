@@ -1,0 +1,258 @@
+"""GPTQ: rounding that compensates each column's error on the columns not yet quantised, from calibration
+Hessians (Frantar, Ashkboos, Hoefler & Alistarh, 2023, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", arXiv 2210.17323).
+
+For a linear layer with weight W [N, K] and calibration inputs X [n, K], H = 2/n XᵀX. With dampening (a fraction
+of the mean diagonal added to it), the upper Cholesky factor U of H⁻¹ gives, column by column in order,
+    q_j = round(w_j),   e_j = (w_j - q_j) / U_jj,   w_{j+1:} -= e_j U_{j, j+1:},
+which is the optimal brain quantisation update; columns are processed in lazy blocks (the update of the columns
+after a block is one matrix product). Group-wise grids (`gpu.quant.grid`) are fitted to the already-updated
+columns of each group when its first column is reached; with `act_order` the columns go in order of decreasing
+H_jj and the grids are fitted to the original weights first ("static groups"), so the packed layout is
+unchanged.
+
+`quantize_model` runs the model's blocks in order (sequentially, as the paper does): each block's Hessians come
+from inputs produced by the already-quantised earlier blocks, and the model is dense again afterwards.
+Memory: the model, one block's Hessians and the calibration activations of one layer.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..capture import batches
+from ..errors import LensbenchError
+from ..gpu.quant import PackedWeight, QuantError, checked, dequantized, grid, pack, quantize, round_to_grid
+from ..gpu.reference import dequantize
+from ..model import Model
+from ..surgery import Surgery
+from ..units import is_conv1d
+from .apply import cache_key, packed_cache
+from .plan import Bound
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01  # dampening: this fraction of the mean of diag(H) is added to the diagonal
+    block: int = 128  # lazy-batch width in columns (a multiple of the group size is used)
+    act_order: bool = False  # columns in order of decreasing H_jj, with static groups
+    batch_size: int = 8
+    seq_len: int = 512
+
+
+@dataclass
+class Result:
+    """One linear's GPTQ result: the packed weight, the dampening used, the layer error tr(ΔW H ΔWᵀ) and the
+    same error of round-to-nearest on the same grid layout, for comparison."""
+
+    packed: PackedWeight
+    damp: float
+    error: float
+    rtn_error: float
+
+
+def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(ΔW H ΔWᵀ) for ΔW = weight - approx [N, K] and H [K, K]: the layer's output error on the calibration
+    inputs (up to the factor 2/n in H)."""
+    d = (weight.double() - approx.double())
+    return float(((d @ hessian.double()) * d).sum())
+
+
+def _inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """(upper Cholesky factor of (H + λI)⁻¹, the relative dampening used): λ starts at `damp` × mean diag(H) and
+    grows tenfold while H + λI is not positive definite (too few calibration tokens for a full-rank H)."""
+    mean = float(torch.diag(h).mean()) or 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(8):
+        lower, info = torch.linalg.cholesky_ex(h + damp * mean * eye)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        damp *= 10
+    raise QuantError(f"the calibration Hessian stays singular even with dampening {damp:g}: give more "
+                     f"calibration text")
+
+
+@torch.no_grad()
+def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
+                cfg: GPTQConfig = GPTQConfig()) -> Result:
+    """GPTQ of one weight [N, K] with its Hessian [K, K] onto the packed grid (`bits`, `group_size`, scheme)."""
+    padded, gs = checked(weight, bits, group_size)
+    n, k = weight.shape
+    w = padded[:, :k].clone().double()
+    h = hessian.detach().double().clone()
+    dead = torch.diag(h) == 0  # inputs never seen: no information, quantise them as they are
+    h[dead, dead] = 1
+    groups = [(g0, min(g0 + gs, k)) for g0 in range(0, k, gs)]
+    scales = torch.zeros(n, len(groups), dtype=torch.float16)
+    mins = torch.zeros(n, len(groups), dtype=torch.float16)
+    order = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
+    if cfg.act_order:  # static groups: grids from the original weights, so the layout stays group-contiguous
+        for g, (a, b) in enumerate(groups):
+            scales[:, g], mins[:, g] = grid(w[:, a:b].float(), bits, symmetric)
+    w, h = w[:, order], h[order][:, order]
+    upper, damp = _inverse_factor(h, cfg.damp)
+    group_of = torch.tensor([g for g, (a, b) in enumerate(groups) for _ in range(a, b)])[order]
+    codes = torch.zeros(n, k, dtype=torch.float64)
+    block = max(gs, cfg.block // gs * gs)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(group_of[col])
+            if not cfg.act_order and col == groups[g][0]:  # a group starts: its grid from the updated columns
+                end = groups[g][1]
+                span = w1[:, i:i + (end - col)] if end <= i2 else torch.cat([w1[:, i:], w[:, i2:end]], 1)
+                scales[:, g], mins[:, g] = grid(span.float(), bits, symmetric)
+            q = round_to_grid(w1[:, i:i + 1].float(), scales[:, g], mins[:, g], bits, symmetric)
+            codes[:, col] = q[:, 0].double()
+            dq = dequantized(q, scales[:, g], mins[:, g])[:, 0].double()
+            e = (w1[:, i] - dq) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ upper[i1:i2, i2:]
+    codes = codes[:, torch.argsort(order)]
+    full = torch.zeros(n, padded.shape[1], dtype=torch.float64)
+    full[:, :k] = codes
+    packed = pack(full, scales, mins, bits, gs, (n, k))
+    original = weight.detach().double()
+    approx = dequantize(packed).double()
+    rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric))
+    return Result(packed, damp, layer_error(original, approx, hessian), layer_error(original, rtn, hessian))
+
+
+class _Hessians:
+    """H = 2/n Σ x xᵀ of each named linear's inputs, accumulated by forward hooks."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.sums = {name: None for name in modules}
+        self.counts = dict.fromkeys(modules, 0)
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            if not torch.isfinite(x).all():
+                raise LensbenchError(f"the calibration inputs of {name} hold NaN or Inf: check the model's weights "
+                                     f"and the calibration text")
+            s = x.T @ x
+            self.sums[name] = s if self.sums[name] is None else self.sums[name] + s
+            self.counts[name] += x.shape[0]
+        return hook
+
+    def close(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {name: 2 * s / max(self.counts[name], 1) for name, s in self.sums.items()}
+
+
+def _block_inputs(model: Model, texts, cfg: GPTQConfig) -> tuple[list, list[list[dict]]]:
+    """(the first block's input per calibration batch, the keyword arguments each block receives per batch)."""
+    blocks = list(model.adapter.blocks)
+    first, kwargs = [], []
+    seen: dict[int, dict] = {}
+
+    def pre(i):
+        def hook(module, args, kw):
+            if i == 0:
+                first.append(args[0] if args else kw["hidden_states"])
+            seen[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        return hook
+
+    handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        for batch in batches(model, list(texts), cfg.batch_size, cfg.seq_len):
+            seen.clear()
+            model.adapter.base(**batch.model_inputs(), use_cache=False)
+            kwargs.append([seen[i] for i in range(len(blocks))])
+    finally:
+        for h in handles:
+            h.remove()
+    return first, kwargs
+
+
+def _output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQConfig(),
+                   progress: bool = False) -> dict[str, Result]:
+    """GPTQ of the named linears ({module name: Quant}) of `model`'s blocks, block by block on `texts`; returns
+    {name: Result}. The model's weights are as they were afterwards."""
+    if not texts:
+        raise LensbenchError("GPTQ needs calibration texts")
+    ad = model.adapter
+    root = model.module
+    paths = [ad.block_path(i) for i in range(model.n_layers)]
+    outside = [n for n in targets if not any(n.startswith(p + ".") for p in paths)]
+    if outside:
+        raise LensbenchError(f"GPTQ quantises the blocks' linear layers; {outside[0]} is outside them: quantise it "
+                             f"with method rtn")
+    for name in targets:
+        module = root.get_submodule(name)
+        if not isinstance(module, nn.Linear) and not is_conv1d(module):
+            raise LensbenchError(f"GPTQ quantises linear layers; {name} is a {type(module).__name__}")
+    xs, kwargs = _block_inputs(model, texts, cfg)
+    surgery, results = Surgery(), {}
+    bar = tqdm(total=model.n_layers, desc="GPTQ", unit="block", disable=not progress, file=sys.stderr, leave=False)
+    try:
+        for i, block in enumerate(ad.blocks):
+            mine = {n: root.get_submodule(n) for n in targets if n.startswith(paths[i] + ".")}
+            if mine:
+                hess = _Hessians(mine)
+                try:
+                    for x, kw in zip(xs, kwargs, strict=True):
+                        block(x, **kw[i])
+                finally:
+                    h = hess.close()
+                for name, module in mine.items():
+                    spec = targets[name]
+                    w = module.weight.T if is_conv1d(module) else module.weight
+                    try:
+                        results[name] = gptq_weight(w, h[name], spec.bits, spec.group_size, spec.scheme == "sym",
+                                                    cfg)
+                    except QuantError as exc:
+                        raise QuantError(f"{name}: {exc}") from None
+                    q = dequantize(results[name].packed).to(module.weight.dtype)
+                    surgery.overwrite(module.weight, q.T if is_conv1d(module) else q)
+            xs = [_output(block(x, **kw[i])) for x, kw in zip(xs, kwargs, strict=True)]
+            bar.update(1)
+    finally:
+        surgery.restore()
+        bar.close()
+    return results
+
+
+def prepare(model: Model, bound: Bound, texts, cfg: GPTQConfig = GPTQConfig(), progress: bool = False) -> dict:
+    """Run GPTQ for the plan's `gptq` entries (a plan bound to `model`) on calibration `texts` and leave the
+    packed weights where `apply` finds them; returns a summary (layers, dampening, error against RTN)."""
+    targets = {n: q for n, q in bound.quant.items() if q.method == "gptq"}
+    if not targets:
+        return {}
+    root = model.module
+    cache = packed_cache(model)
+    todo = {}
+    for name, spec in targets.items():
+        module = root.get_submodule(name)
+        key = cache_key(name, module.weight.T if is_conv1d(module) else module.weight, spec)
+        if key not in cache:
+            todo[name] = (spec, key)
+    results = quantize_model(model, {n: s for n, (s, _) in todo.items()}, texts, cfg, progress) if todo else {}
+    for name, (_, key) in todo.items():
+        cache[key] = results[name].packed
+    if not results:
+        return {"layers": len(targets), "reused": True}
+    err = sum(r.error for r in results.values())
+    rtn = sum(r.rtn_error for r in results.values())
+    return {"layers": len(results), "calibration_texts": len(texts), "seq_len": cfg.seq_len,
+            "damp_max": max(r.damp for r in results.values()), "damp": cfg.damp,
+            "layer_error_vs_rtn": err / rtn if rtn else 1.0}

@@ -1,0 +1,186 @@
+"""GPTQ (Frantar et al., 2023): the fast implementation (Cholesky of H⁻¹, lazy column blocks, act-order, group
+grids) against a slow column-by-column reference, a case solved by hand, its layer error against RTN's on every
+linear of a tiny model, the sequential pipeline, plans that carry the method, and bad input."""
+import json
+
+import pytest
+import torch
+
+from lensbench.compress.apply import apply
+from lensbench.compress.gptq import GPTQConfig, gptq_weight, layer_error, prepare, quantize_model
+from lensbench.compress.plan import Plan, Quant
+from lensbench.errors import LensbenchError, PlanError
+from lensbench.gpu.quant import QuantError, dequantized, grid, round_to_grid
+from lensbench.gpu.reference import dequantize
+from lensbench.profiling import model_card
+from lensbench.simquant import block_linears
+from lensbench.testing import SAMPLE_TEXTS
+
+
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, symmetric: bool, damp: float):
+    """The optimal-brain-quantisation update done literally: one column at a time with the inverse Hessian
+    updated by Gaussian elimination of the quantised column (no Cholesky, no lazy blocks)."""
+    w = w.double().clone()
+    n, k = w.shape
+    h = h.double() + damp * torch.diag(h).mean() * torch.eye(k, dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    out = torch.zeros_like(w)
+    for j in range(k):
+        if j % gs == 0:
+            s, m = grid(w[:, j:min(j + gs, k)].float(), bits, symmetric)
+        q = dequantized(round_to_grid(w[:, j:j + 1].float(), s, m, bits, symmetric), s, m)[:, 0].double()
+        out[:, j] = q
+        e = (w[:, j] - q) / hinv[j, j]
+        w[:, j + 1:] -= e[:, None] * hinv[j, j + 1:][None, :]
+        hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]  # eliminate column j
+    return out
+
+
+def problem(n=24, k=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(400, k, generator=g) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=g))
+    return w, 2 * x.T.double() @ x.double() / 400
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(4, 32, False), (3, 32, True), (4, 96, False), (2, 48, False)])
+def test_fast_gptq_matches_the_column_by_column_reference(bits, gs, sym):
+    w, h = problem()
+    fast = dequantize(gptq_weight(w, h, bits, gs, sym, GPTQConfig(block=64)).packed).double()
+    slow = reference_gptq(w, h, bits, gs, sym, damp=0.01)
+    same = torch.isclose(fast, slow, atol=1e-4)
+    assert same.float().mean() > 0.995  # a rounding tie may fall the other way in a different summation order
+    assert layer_error(w, fast, h) == pytest.approx(layer_error(w, slow, h), rel=1e-3)
+
+
+def test_a_two_column_case_solved_by_hand():
+    """H couples inputs 0 and 1 with correlation rho; everything else is independent. The optimal update of
+    w1 after rounding w0 to q0 is w1 + rho (w0 - q0) (H⁻¹'s Cholesky factor), and then w1 is rounded."""
+    rho = 0.6
+    h = torch.eye(8, dtype=torch.float64)
+    h[0, 1] = h[1, 0] = rho
+    w = torch.tensor([[0.37, -0.21, 0.9, -1.0, 0.5, 0.05, -0.6, 0.8]])
+    r = gptq_weight(w, h, 2, 8, False, GPTQConfig(damp=0.0))
+    s, m = grid(w, 2, False)  # the group's grid is fitted before any update (column 0 starts it)
+    q0 = dequantized(round_to_grid(w[:, :1], s, m, 2), s, m)[0, 0]
+    w1 = w[0, 1] + rho * (w[0, 0] - q0)
+    q1 = dequantized(round_to_grid(w1.reshape(1, 1), s, m, 2), s, m)[0, 0]
+    got = dequantize(r.packed)[0]
+    assert got[0] == pytest.approx(float(q0)) and got[1] == pytest.approx(float(q1))
+    rest = dequantized(round_to_grid(w[:, 2:], s, m, 2), s, m)[0]  # independent columns: plain rounding
+    assert torch.allclose(got[2:], rest)
+
+
+def test_a_diagonal_hessian_makes_gptq_round_to_nearest():
+    w, _ = problem(k=64)
+    h = torch.diag(torch.rand(64, dtype=torch.float64) + 0.5)
+    r = gptq_weight(w, h, 4, 32, False)
+    assert r.error == pytest.approx(r.rtn_error, rel=1e-9)
+
+
+def test_act_order_keeps_the_layout_and_still_beats_rtn():
+    w, h = problem(k=128)
+    r = gptq_weight(w, h, 3, 32, False, GPTQConfig(act_order=True))
+    assert r.packed.shape == (24, 128) and r.packed.n_groups == 4
+    assert r.error < r.rtn_error
+
+
+def test_too_few_tokens_are_dampened_and_reported():
+    w, _ = problem(k=64)
+    x = torch.randn(3, 64, dtype=torch.float64)  # rank 3: singular without dampening
+    r = gptq_weight(w, 2 * x.T @ x / 3, 4, 32, False)
+    assert r.damp >= 0.01 and torch.isfinite(dequantize(r.packed)).all()
+
+
+def test_nan_weights_are_refused():
+    w, h = problem()
+    w[3, 5] = float("nan")
+    with pytest.raises(QuantError, match="NaN"):
+        gptq_weight(w, h, 4, 32)
+
+
+def _int3_plan(model, method="gptq", scheme="asym"):
+    block = model_card(model)["units"]["block"]
+    return Plan.quantize(model_card(model), {block.format(i=i): Quant(3, 16, scheme, method)
+                                             for i in range(model.n_layers)})
+
+
+def test_sequential_gptq_beats_rtn_on_every_linear_and_leaves_the_model_dense(tiny):
+    model = tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    targets = _int3_plan(model).quant_targets(model)
+    results = quantize_model(model, targets, list(SAMPLE_TEXTS), GPTQConfig(batch_size=4, seq_len=64))
+    assert set(results) == set(targets) and len(results) == model.n_layers * len(block_linears(model))
+    for name, r in results.items():
+        assert r.error <= r.rtn_error * (1 + 1e-9), name
+    assert all(torch.equal(p, before[n]) for n, p in model.module.named_parameters())
+
+
+def test_a_gptq_plan_runs_after_prepare_and_is_refused_before(tiny):
+    model = tiny("llama")
+    plan = _int3_plan(model)
+    with pytest.raises(PlanError, match="calibration text"):
+        with apply(model, plan):
+            pass
+    summary = prepare(model, plan.bind(model), list(SAMPLE_TEXTS), GPTQConfig(batch_size=4, seq_len=64))
+    assert summary["layers"] == model.n_layers * len(block_linears(model)) and summary["layer_error_vs_rtn"] < 1
+    batch = model.tokenize(list(SAMPLE_TEXTS)[:2])
+    with torch.no_grad():
+        with apply(model, plan):
+            gptq = model.module(**batch.model_inputs()).logits
+        with apply(model, plan.with_method("rtn")):
+            rtn = model.module(**batch.model_inputs()).logits
+    assert not torch.allclose(gptq, rtn)
+
+
+def test_the_method_is_recorded_in_the_plan_and_read_back(tmp_path, tiny):
+    model = tiny("llama")
+    plan = _int3_plan(model, scheme="sym")
+    path = plan.save(tmp_path / "p.json")
+    doc = json.loads(path.read_text())
+    assert doc["actions"]["model.layers.0"] == {"op": "quant", "bits": 3, "group_size": 16, "scheme": "sym",
+                                                "method": "gptq"}
+    assert Plan.load(path).actions == plan.actions
+    rtn = plan.with_method("rtn").to_dict()["actions"]["model.layers.0"]
+    assert "method" not in rtn  # an RTN plan's JSON is what it always was
+
+
+def test_gptq_onto_gguf_grids_and_outside_blocks_are_refused(tiny):
+    with pytest.raises(QuantError, match="GGUF"):
+        Quant(4, 0, "gguf", "gptq")
+    with pytest.raises(QuantError, match="method 'obq' is not known"):
+        Quant(4, 32, "asym", "obq")
+    model = tiny("llama")
+    with pytest.raises(LensbenchError, match="outside them"):
+        quantize_model(model, {"lm_head": Quant(4, 16, method="gptq")}, list(SAMPLE_TEXTS))
+
+
+def test_bit_policies_write_the_method(tiny):
+    from lensbench.compress.policies import make_plan
+    from lensbench.profiling import profile_model
+
+    model = tiny("llama")
+    prof = profile_model(model, list(SAMPLE_TEXTS), analyses=["redundancy", "quant_sensitivity"],
+                         analysis_params={"quant_sensitivity": {"bits": (2, 4), "group_size": 16}},
+                         progress=False, seq_len=32)
+    plan = make_plan("bits-rank", prof, 3.0, levels="4,2", group_size=16, method="gptq")
+    assert {q.method for q in plan.quant_actions().values()} == {"gptq"}
+    assert plan.policy["method"] == "gptq"
+
+
+def test_a_gptq_checkpoint_loads_in_transformers_with_the_gptq_logits(tiny, tmp_path):
+    """compressed-tensors stores GPTQ's codes and scales: transformers (in a process without lensbench)
+    computes what the in-memory GPTQ plan computes."""
+    from lensbench.compress.save import compress
+    from test_compress import HF_LOAD, consume, ids_for, planned_logits
+
+    model = tiny("llama")
+    plan = _int3_plan(model, scheme="sym")
+    saved = compress(model, plan, format="compressed-tensors", out=tmp_path / "ck", calibration=list(SAMPLE_TEXTS))
+    assert saved.record["plan"]["actions"]["model.layers.0"]["method"] == "gptq"
+    ids = ids_for(model)
+    got = consume(tmp_path, HF_LOAD.format(path=str(tmp_path / "ck")), ids)
+    want = planned_logits(model, plan, ids)  # the cached GPTQ weights compress computed
+    with torch.no_grad(), apply(model, plan.with_method("rtn")):
+        rtn = model.module(ids).logits.numpy()
+    assert abs(got - want).max() <= 1e-3 < abs(got - rtn).max()
