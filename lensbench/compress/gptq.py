@@ -96,14 +96,15 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     if cfg.act_order:  # static groups: grids from the original weights, so the layout stays group-contiguous
         for g, (a, b) in enumerate(groups):
             scales[:, g], mins[:, g] = grid(w[:, a:b].float(), bits, symmetric)
-    w, h = w[:, order], h[order][:, order]
-    upper, damp = _inverse_factor(h, cfg.damp)
+    w, h = w[:, order].float(), h[order][:, order]
+    upper, damp = _inverse_factor(h, cfg.damp)  # in float64; the column updates run in float32, as GPTQ's own
+    upper = upper.float()
     group_of = torch.tensor([g for g, (a, b) in enumerate(groups) for _ in range(a, b)])[order]
-    codes = torch.zeros(n, k, dtype=torch.float64)
+    codes = torch.zeros(n, k)
     block = max(gs, cfg.block // gs * gs)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=torch.float64)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
         u1 = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -111,16 +112,16 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
             if not cfg.act_order and col == groups[g][0]:  # a group starts: its grid from the updated columns
                 end = groups[g][1]
                 span = w1[:, i:i + (end - col)] if end <= i2 else torch.cat([w1[:, i:], w[:, i2:end]], 1)
-                scales[:, g], mins[:, g] = grid(span.float(), bits, symmetric)
-            q = round_to_grid(w1[:, i:i + 1].float(), scales[:, g], mins[:, g], bits, symmetric)
-            codes[:, col] = q[:, 0].double()
-            dq = dequantized(q, scales[:, g], mins[:, g])[:, 0].double()
+                scales[:, g], mins[:, g] = grid(span, bits, symmetric)
+            q = round_to_grid(w1[:, i:i + 1], scales[:, g], mins[:, g], bits, symmetric)
+            codes[:, col] = q[:, 0]
+            dq = dequantized(q, scales[:, g], mins[:, g])[:, 0]
             e = (w1[:, i] - dq) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err[:, i] = e
         w[:, i2:] -= err @ upper[i1:i2, i2:]
     codes = codes[:, torch.argsort(order)]
-    full = torch.zeros(n, padded.shape[1], dtype=torch.float64)
+    full = torch.zeros(n, padded.shape[1])
     full[:, :k] = codes
     packed = pack(full, scales, mins, bits, gs, (n, k))
     original = weight.detach().double()
@@ -130,20 +131,24 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
 
 
 class _Hessians:
-    """H = 2/n Σ x xᵀ of each named linear's inputs, accumulated by forward hooks."""
+    """H = 2/n Σ x xᵀ of each named linear's inputs at real (not padding) tokens, accumulated by forward hooks;
+    `mask` is the current batch's attention mask."""
 
     def __init__(self, modules: dict[str, nn.Module]):
+        self.mask: torch.Tensor | None = None
         self.sums = {name: None for name in modules}
         self.counts = dict.fromkeys(modules, 0)
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            x = args[0].detach()
+            x = (x[self.mask] if self.mask is not None and x.shape[:2] == self.mask.shape else
+                 x.reshape(-1, x.shape[-1])).float()
             if not torch.isfinite(x).all():
                 raise LensbenchError(f"the calibration inputs of {name} hold NaN or Inf: check the model's weights "
                                      f"and the calibration text")
-            s = x.T @ x
+            s = (x.T @ x).double()  # one batch in float32, the running sum in float64
             self.sums[name] = s if self.sums[name] is None else self.sums[name] + s
             self.counts[name] += x.shape[0]
         return hook
@@ -154,10 +159,11 @@ class _Hessians:
         return {name: 2 * s / max(self.counts[name], 1) for name, s in self.sums.items()}
 
 
-def _block_inputs(model: Model, texts, cfg: GPTQConfig) -> tuple[list, list[list[dict]]]:
-    """(the first block's input per calibration batch, the keyword arguments each block receives per batch)."""
+def _block_inputs(model: Model, texts, cfg: GPTQConfig) -> tuple[list, list[list[dict]], list[torch.Tensor]]:
+    """(the first block's input per calibration batch, the keyword arguments each block receives per batch, the
+    batches' attention masks)."""
     blocks = list(model.adapter.blocks)
-    first, kwargs = [], []
+    first, kwargs, masks = [], [], []
     seen: dict[int, dict] = {}
 
     def pre(i):
@@ -173,10 +179,11 @@ def _block_inputs(model: Model, texts, cfg: GPTQConfig) -> tuple[list, list[list
             seen.clear()
             model.adapter.base(**batch.model_inputs(), use_cache=False)
             kwargs.append([seen[i] for i in range(len(blocks))])
+            masks.append(batch.attention_mask.bool())
     finally:
         for h in handles:
             h.remove()
-    return first, kwargs
+    return first, kwargs, masks
 
 
 def _output(out):
@@ -201,7 +208,7 @@ def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQCon
         module = root.get_submodule(name)
         if not isinstance(module, nn.Linear) and not is_conv1d(module):
             raise LensbenchError(f"GPTQ quantises linear layers; {name} is a {type(module).__name__}")
-    xs, kwargs = _block_inputs(model, texts, cfg)
+    xs, kwargs, masks = _block_inputs(model, texts, cfg)
     surgery, results = Surgery(), {}
     bar = tqdm(total=model.n_layers, desc="GPTQ", unit="block", disable=not progress, file=sys.stderr, leave=False)
     try:
@@ -210,7 +217,8 @@ def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQCon
             if mine:
                 hess = _Hessians(mine)
                 try:
-                    for x, kw in zip(xs, kwargs, strict=True):
+                    for x, kw, mask in zip(xs, kwargs, masks, strict=True):
+                        hess.mask = mask
                         block(x, **kw[i])
                 finally:
                     h = hess.close()
