@@ -119,8 +119,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                     "lm-evaluation-harness's acc_norm (0 skips it)")
     p.add_argument("--method", choices=METHODS, help="round the plan's quantised layers with this method instead of "
                    "the one it records (gptq runs on BBC calibration text first)")
-    p.add_argument("--gptq-texts", type=int, default=128, help="calibration articles for GPTQ (default 128, up to "
-                   "512 tokens each)")
+    p.add_argument("--gptq-texts", type=int, help="calibration articles for the plan's GPTQ entries (default 128, "
+                   "up to 512 tokens each)")
     p.add_argument("--speed-rounds", type=int, default=7)
     p.add_argument("--decode-tokens", type=int, default=32)
 
@@ -152,10 +152,12 @@ def cmd_evaluate(args) -> int:
         model = load(args.model)  # evaluate checks the plan against it before any work
     if args.method:
         plan = plan.with_method(args.method)
+    if args.gptq_texts is not None and not any(q.method == "gptq" for q in plan.quant_actions().values()):
+        raise LensbenchError("--gptq-texts applies to a plan with GPTQ entries: drop it, or add --method gptq")
     texts = read_text_file(args.texts, args.encoding) if args.texts else None
     cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
                      topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens,
-                     gptq_texts=args.gptq_texts)
+                     gptq_texts=args.gptq_texts or EvalConfig.gptq_texts)
     result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved, lm_eval_task=args.lm_eval_task,
                       lm_eval_limit=args.lm_eval_limit)
     write_json(Path(args.out), result)
