@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration article")
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--configs", default=DEFAULT, help="bits/group/scheme, comma-separated")
+    ap.add_argument("--act-order", action="store_true", help="GPTQ in order of decreasing H_jj (static groups)")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     model = lb.load("smollm2-135m")
@@ -63,7 +64,8 @@ def main() -> None:
         rss0 = psutil.Process().memory_info().rss
         t0 = time.time()
         with PeakRSS() as peak:
-            summary = prepare(model, gptq_plan.bind(model), calib, GPTQConfig(seq_len=args.calib_len), progress=True)
+            gcfg = GPTQConfig(seq_len=args.calib_len, act_order=args.act_order)
+            summary = prepare(model, gptq_plan.bind(model), calib, gcfg, progress=True)
         seconds = time.time() - t0
         gptq = text_quality(model, gptq_plan, heldout, cfg)
         dense = rtn["dense_perplexity"]
@@ -76,12 +78,16 @@ def main() -> None:
               f"{gptq['perplexity']:.2f} (dense {dense:.2f}, gap closed {closed:.0%}); GPTQ {seconds:.0f} s",
               flush=True)
     load_end = os.getloadavg()[0]
-    head = (f"`python benchmarks/gptq.py --calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout}` "
+    flags = f" --configs {args.configs}" if args.configs != DEFAULT else ""
+    flags += " --act-order" if args.act_order else ""
+    head = (f"`python benchmarks/gptq.py --calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout}"
+            f"{flags}` "
             f"in {(time.time() - t_all) / 60:.1f} min; {machine()}; {versions('torch', 'transformers')}; load average "
             f"{load:.1f} at the start, {load_end:.1f} at the end (above 2 means another job shared the cores, so the "
             f"GPTQ seconds are not a quiet measurement). Every block linear quantised (210 of SmolLM2-135M); embedding "
             f"and head float32. GPTQ: {args.calib} BBC calibration articles of up to {args.calib_len} tokens, "
-            f"dampening 0.01, lazy blocks of 128 columns, sequential over blocks. Quality: {args.heldout} held-out BBC "
+            f"dampening 0.01, lazy blocks of 128 columns, {'act-order (static groups), ' if args.act_order else ''}"
+            f"sequential over blocks. Quality: {args.heldout} held-out BBC "
             f"articles, 128 tokens each. `gap closed` = (RTN ppl - GPTQ ppl) / (RTN ppl - dense ppl). The 4/32/asym "
             f"row is the source file's own grid (Q4_1): a sanity check, not evidence.\n")
     lines = ["| bits/group/scheme | KL RTN | KL GPTQ | ppl RTN | ppl GPTQ | ppl dense | gap closed | layer error "
@@ -94,7 +100,8 @@ def main() -> None:
     append_report("GPTQ vs round-to-nearest, SmolLM2-135M (benchmarks/gptq.py)", body)
     text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
     marker = "\n## GPTQ against round-to-nearest\n"
-    text = text.split(marker)[0].rstrip() + "\n" + marker + "\n" + body
+    before, _, after = text.partition(marker)
+    text = before.rstrip() + "\n" + marker + "\n" + (after.strip() + "\n\n" if after.strip() else "") + body
     REPORT.write_text(text)
 
 
