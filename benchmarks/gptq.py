@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512, help="tokens per calibration article")
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--configs", default=DEFAULT, help="bits/group/scheme, comma-separated")
-    ap.add_argument("--act-order", action="store_true", help="GPTQ in order of decreasing H_jj (static groups)")
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ in order of decreasing H_jj with static groups (the default, as in the library)")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     model = lb.load("smollm2-135m")
@@ -79,14 +80,15 @@ def main() -> None:
               flush=True)
     load_end = os.getloadavg()[0]
     flags = f" --configs {args.configs}" if args.configs != DEFAULT else ""
-    flags += " --act-order" if args.act_order else ""
+    flags += "" if args.act_order else " --no-act-order"
+    order = "act-order (static groups)" if args.act_order else "no act-order"
     head = (f"`python benchmarks/gptq.py --calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout}"
             f"{flags}` "
             f"in {(time.time() - t_all) / 60:.1f} min; {machine()}; {versions('torch', 'transformers')}; load average "
             f"{load:.1f} at the start, {load_end:.1f} at the end (above 2 means another job shared the cores, so the "
             f"GPTQ seconds are not a quiet measurement). Every block linear quantised (210 of SmolLM2-135M); embedding "
             f"and head float32. GPTQ: {args.calib} BBC calibration articles of up to {args.calib_len} tokens, "
-            f"dampening 0.01, lazy blocks of 128 columns, {'act-order (static groups), ' if args.act_order else ''}"
+            f"dampening 0.01, lazy blocks of 128 columns, {order}, "
             f"sequential over blocks. Quality: {args.heldout} held-out BBC "
             f"articles, 128 tokens each. `gap closed` = (RTN ppl - GPTQ ppl) / (RTN ppl - dense ppl). The 4/32/asym "
             f"row is the source file's own grid (Q4_1): a sanity check, not evidence.\n")
