@@ -34,6 +34,18 @@ def read(path: str | Path) -> Any:
     return loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_document(path: Path, error: type[Exception], remake: str) -> Any:
+    """A lensbench JSON file, or one line `error` naming what is wrong with it and `remake` (how to make it
+    again): a NaN/Infinity literal (lensbench writes null for a missing value), or text that is not JSON."""
+    try:
+        return read(path)
+    except NonFinite as exc:
+        raise error(f"{path}: {exc.field} is {exc.literal}, which lensbench never writes (a missing value is "
+                    f"null): the file was edited or made elsewhere; {remake}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); it may be truncated: {remake}") from None
+
+
 def _find(node: Any, where: str) -> tuple[str, str] | None:
     if isinstance(node, _Marker):
         return where or "the document", node.literal

@@ -10,7 +10,6 @@ safetensors, no pickle).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -235,15 +234,7 @@ class Profile:
             path = path / "profile.json"
         if not path.is_file():
             raise ProfileError(f"profile {path} does not exist: run `lensbench profile MODEL --out DIR` first")
-        try:
-            doc = jsonio.read(path)
-        except jsonio.NonFinite as exc:
-            raise ProfileError(f"{path}: {exc.field} is {exc.literal}, which lensbench never writes (a missing "
-                               f"value is null): the file was edited or made elsewhere; re-run lensbench "
-                               f"profile") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ProfileError(f"{path} is not valid JSON ({exc}); it may be truncated: "
-                               f"re-run lensbench profile") from None
+        doc = jsonio.read_document(path, ProfileError, "re-run lensbench profile")
         profile = cls._from_doc(doc, path)
         if model is not None:
             try:

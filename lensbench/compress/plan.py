@@ -17,7 +17,6 @@ model, names the model does not have, an unknown operation, or removing every la
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,14 +298,8 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"plan {path} does not exist: make one with `lensbench plan PROFILE --out {path}`")
-        try:
-            doc = jsonio.read(path)
-        except jsonio.NonFinite as exc:
-            raise PlanError(f"{path}: {exc.field} is {exc.literal}, which lensbench never writes: the plan was "
-                            f"edited or made elsewhere; make it again with lensbench plan") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PlanError(f"{path} is not valid JSON ({exc}); it may be truncated: make the plan again") from None
-        plan = cls.from_dict(doc, str(path))
+        plan = cls.from_dict(jsonio.read_document(path, PlanError, "make the plan again with lensbench plan"),
+                             str(path))
         if model is not None:
             plan.resolve(model)
         return plan
