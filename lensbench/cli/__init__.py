@@ -19,6 +19,7 @@ from ..errors import LensbenchError
 from . import analysis, decisions, faces  # noqa: F401  (each module registers its commands)
 from .registry import COMMANDS
 
+
 def _quiet() -> None:
     """Keep third-party chatter (HF progress bars, advisory warnings) off the user's terminal."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
