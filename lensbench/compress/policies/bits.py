@@ -121,11 +121,17 @@ class GridOptions(PolicyConfig):
 
 
 @dataclass(frozen=True)
-class BitsRankOptions(GridOptions):
-    ranking: str = option("lim", _RANKING_HELP)
+class TwoLevelOptions(GridOptions):
+    """Bit policies that put blocks at one of two levels, in the order of a ranking."""
+
     levels: str = option("4,2", "the two bit-widths, high,low")
-    reverse: bool = option(False, "put the most important blocks low (a control)")
     seed: int = option(0, "random seed (ranking random)")
+
+
+@dataclass(frozen=True)
+class BitsRankOptions(TwoLevelOptions):
+    ranking: str = option("lim", _RANKING_HELP)
+    reverse: bool = option(False, "put the most important blocks low (a control)")
 
 
 @register("bits-rank", BitsRankOptions, needs_model=_reads_model,
@@ -241,10 +247,8 @@ class QuantKL:
 
 
 @dataclass(frozen=True)
-class BitsBisectOptions(GridOptions):
+class BitsBisectOptions(TwoLevelOptions):
     ranking: str = option("quant", _RANKING_HELP)
-    levels: str = option("4,2", "the two bit-widths, high,low")
-    seed: int = option(0, "random seed (ranking random)")
 
 
 @register("bits-bisect", BitsBisectOptions, needs_model=True,
