@@ -4,8 +4,10 @@
         model.module.generate(...)      # removed units are not computed at all
 
 Each action type has one handler registered here (`@handles(ActionType)`), run in registration order:
-quantisation first (removed sublayers' names vanish), then removal (`lensbench.surgery`: blocks leave the
-layer list, sublayers are swapped for stand-ins that compute nothing). A new action type registers its
+quantisation first (removed sublayers' names vanish), then the KV cache (a hook on the decoder that hands
+every forward that would start a fresh dense cache a `lensbench.kvcache.KVCache` instead, so `generate`
+and `model(..., use_cache=True)` decode with it unchanged), then removal (`lensbench.surgery`: blocks leave
+the layer list, sublayers are swapped for stand-ins that compute nothing). A new action type registers its
 handler the same way.
 
 Quantising swaps each named nn.Linear / nn.Embedding for a `gpu.modules` QuantLinear /
@@ -22,6 +24,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from ..gpu.modules import QuantEmbedding, QuantLinear
 from ..errors import PlanError
@@ -30,7 +33,8 @@ from ..gpu.reference import dequantize
 from ..model import Model
 from ..surgery import Surgery, apply_units, remove_units
 from ..units import Unit, is_conv1d
-from .plan import Action, Bound, Drop, Plan, Quant
+from ..kvcache import KVCache
+from .plan import KV, Action, Bound, Drop, Plan, Quant
 from ..simquant import dequantised
 
 Target = Plan | Bound | Sequence[Unit] | Model  # a Model: another loaded model (a saved checkpoint) in its place
@@ -103,6 +107,26 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True)
             new = QuantLinear(pw, module.bias, w.dtype)
         by_weight[(w.data_ptr(), spec)] = pw
         surgery.swap(root, name, new)
+
+
+@handles(KV)
+def _kv(model: Model, bound: Bound, surgery: Surgery, packed: bool = True) -> None:
+    if not bound.kv:
+        return
+    ad, gone = model.adapter, {u.layer for u in bound.units if u.kind in ("block", "attn")}
+    # the attention modules, found before removal renumbers them; their cache index is read at run time
+    attns = {i: next(m for m in ad.blocks[i].get_submodule(ad.attn).modules() if hasattr(m, "layer_idx"))
+             for i in bound.kv if i not in gone}
+    config = model.module.config
+
+    def fresh_cache(module, args, kwargs):
+        cache = kwargs.get("cache")
+        if (cache is None and kwargs.get("use_cache")) or (type(cache) is DynamicCache and not cache.get_seq_length()):
+            kwargs["cache"] = KVCache(config, {m.layer_idx: bound.kv[i] for i, m in attns.items()})
+        return args, kwargs
+
+    handle = ad.base.register_forward_pre_hook(fresh_cache, with_kwargs=True)
+    surgery.undo.append(handle.remove)
 
 
 @handles(Drop)

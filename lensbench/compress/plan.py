@@ -6,7 +6,9 @@ name (`@action(op)`): `Drop()` removes that unit (a whole block, or its attentio
 means every linear inside it; an embedding only when named itself) packed at that bit-width. The scheme names
 the grid: `"asym"` (the default: min-max with a float zero point), `"sym"` (the signed symmetric grid that
 compressed-tensors and GPTQ store) or `"gguf"` (the GGML type the bits map to, `gpu.ggml.ggml_type`;
-`group_size` does not apply). When two quantisation entries name the same module, the later one wins. A plan
+`group_size` does not apply). `KV(k_bits, v_bits, axis, group, window)` keeps the KV cache of the named
+attention layers (or blocks) packed at those bits during decoding (`lensbench.kvcache`). When two entries of
+one kind name the same module, the later one wins. A plan
 carries the model it was made for (fingerprint), the policy and budget that produced it, and what the policy
 predicted. On disk: JSON, schema `lensbench.plan/1`, each action `{"op": ..., its fields}`, written
 atomically; loading executes nothing.
@@ -26,7 +28,8 @@ from torch import nn
 
 from .. import jsonio
 from ..atomic import write_json
-from ..errors import PlanError
+from ..errors import LensbenchError, PlanError
+from ..kvcache import KVSpec
 from ..gpu.ggml import GGUF_BITS
 from ..gpu.quant import DEFAULT_GROUP_SIZE, QuantError, check_spec
 from ..units import KINDS, Unit, is_conv1d, normalise, templates_of, unit_templates
@@ -119,6 +122,26 @@ class Quant(Action):
 
 
 
+@action("kv")
+@dataclass(frozen=True)
+class KV(KVSpec, Action):
+    """Keep the named attention layers' KV cache packed: key and value bits in {8, 4, 2}, per-token or
+    KIVI per-channel keys (`axis`, `group`), and a full-precision window of recent tokens."""
+
+    def to_dict(self) -> dict:
+        default = KVSpec()
+        return {"op": "kv", "k_bits": self.k_bits, "v_bits": self.v_bits,
+                **{f: getattr(self, f) for f in ("axis", "group", "window") if getattr(self, f) != getattr(default, f)}}
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "KV":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(doc) - fields - {"op"}
+        if unknown:
+            raise TypeError(f"unknown KV fields {sorted(unknown)}; KV takes {sorted(fields)}")
+        return cls(**{k: v for k, v in doc.items() if k != "op"})
+
+
 def to_action(key: str, value) -> Action:
     """An Action from an Action or its JSON form; PlanError names the entry and the supported operations."""
     if isinstance(value, Action):
@@ -128,16 +151,18 @@ def to_action(key: str, value) -> Action:
                         + ", ".join(f'{{"op": "{o}"}}' for o in ACTIONS))
     try:
         return ACTIONS[value["op"]].from_dict(value)
-    except (QuantError, TypeError) as exc:
+    except (LensbenchError, TypeError) as exc:
         raise PlanError(f"plan entry {key!r}: {exc}") from None
 
 
 class Bound(NamedTuple):
-    """A plan checked against one model: its removed units (normalised) and `{module name: Quant}`."""
+    """A plan checked against one model: its removed units (normalised), `{module name: Quant}` and
+    `{layer: KV}`."""
 
     plan: "Plan"
     units: list[Unit]
     quant: dict[str, Quant]
+    kv: dict[int, KV] = {}
 
 
 # --- the plan -----------------------------------------------------------------------------------------
@@ -201,6 +226,32 @@ class Plan:
         """`{name or pattern: Quant}` of the quantisation actions."""
         return {k: a for k, a in self.actions.items() if isinstance(a, Quant)}
 
+    def kv_actions(self) -> dict[str, KV]:
+        """`{name or pattern: KV}` of the KV-cache actions."""
+        return {k: a for k, a in self.actions.items() if isinstance(a, KV)}
+
+    def kv_targets(self, model) -> dict[int, KV]:
+        """`{layer: KV}` for every attention layer whose cache this plan quantises (a block's name or its
+        attention's; the later entry wins). Raises PlanError for a name that matches no layer, and for a
+        model without a KV cache."""
+        actions = self.kv_actions()
+        if not actions:
+            return {}
+        if not model.is_causal_lm:
+            raise PlanError(f"this plan quantises the KV cache, but {model.name} is an encoder and has no KV cache: "
+                            f"remove its kv entries")
+        names = templates_of(model.adapter)
+        by_name = {names[k].format(i=i): i for i in range(model.n_layers) for k in ("block", "attn")}
+        out: dict[int, KV] = {}
+        for key, spec in actions.items():
+            hits = ([i for n, i in by_name.items() if _regex(key).fullmatch(n)] if key.startswith("re:")
+                    else [by_name[key]] if key in by_name else [])
+            if not hits:
+                raise PlanError(f"plan keeps the KV cache of {key!r} packed, but {model.name} has no block or "
+                                f"attention by that name (e.g. {names['attn'].format(i=0)!r})")
+            out.update(dict.fromkeys(hits, spec))
+        return dict(sorted(out.items()))
+
     def with_method(self, method: str) -> "Plan":
         """The same plan with every quantisation entry rounded by `method` ("rtn" or "gptq")."""
         try:
@@ -256,7 +307,7 @@ class Plan:
                             f"alone; drop whole blocks instead")
         if sum(u.kind == "block" for u in units) >= adapter.n_layers:
             raise PlanError(f"this plan removes all {adapter.n_layers} layers of {model.name}; keep at least one")
-        return Bound(self, units, self.quant_targets(model))
+        return Bound(self, units, self.quant_targets(model), self.kv_targets(model))
 
     def summary(self) -> dict:
         units = self.units()
@@ -269,6 +320,11 @@ class Plan:
                                     for b in sorted({v.bits for v in quant.values()})}
             if "average_bits" in self.predicted:
                 out["average_bits"] = self.predicted["average_bits"]
+        kv = self.kv_actions()
+        if kv:
+            out["kv_entries"] = {name: sum(a.name == name for a in kv.values()) for name in sorted({a.name for a in kv.values()})}
+            if "kv_bits" in self.predicted:
+                out["kv_bits"] = self.predicted["kv_bits"]
         return out
 
     def to_fqn_config(self) -> dict[str, dict]:
@@ -277,7 +333,7 @@ class Plan:
 
     def __repr__(self) -> str:
         s = self.summary()
-        quant = "".join(f", {n} x {k}" for k, n in s.get("quant_entries", {}).items())
+        quant = "".join(f", {n} x {k}" for k, n in {**s.get("quant_entries", {}), **s.get("kv_entries", {})}.items())
         return (f"Plan({self.model.get('name')!r}, policy={self.policy.get('name', '?')!r}, drops "
                 f"{s['dropped_block']} blocks, {s['dropped_attn']} attention, {s['dropped_mlp']} MLP of "
                 f"{s['n_layers']} layers{quant})")

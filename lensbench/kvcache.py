@@ -1,0 +1,249 @@
+"""A quantised KV cache for real decoding: per layer key and value bits, stored packed (`gpu.kvquant`).
+
+`KVCache` is a transformers `Cache`, so `model(..., cache=KVCache(...))` and `generate` run it unchanged.
+Each layer with a `KVSpec` keeps its keys and values packed at `k_bits` / `v_bits` in {8, 4, 2}
+(asymmetric min-max, float16 scale and min), except a full-precision window of the `window` most
+recent tokens; other layers keep the dense states. Two layouts (KIVI, arXiv 2402.02750; KVTuner, arXiv
+2502.04420):
+
+* `axis="token"`: keys and values both quantised per token, one group per head (head_dim values);
+* `axis="channel"`: keys per channel over blocks of `group` tokens (KIVI), values per token. Keys leave
+  the window only in whole blocks, so up to `window + group - 1` recent keys stay in full precision.
+
+What a layer returns to attention: on the call that fills an empty cache (the prompt) the states as
+given, so the prompt attends in full precision as in KIVI and transformers' QuantizedCache; on later
+calls the dequantised packed states followed by the window. Quantised states are appended, never
+re-quantised. Sliding-window layers (Gemma-3's local attention) keep only the tokens their window can
+still see, as transformers' own sliding layers do. Memory is measured from the tensors held
+(`cache_bytes`), not estimated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import (Cache, DynamicLayer, DynamicSlidingWindowLayer,
+                                      get_layer_types_and_kwargs)
+
+from .errors import LensbenchError
+from .gpu import kvquant
+from .gpu.kvquant import KV_BITS, Packed
+
+AXES = ("token", "channel")
+PAIRS = ((8, 8), (8, 4), (4, 8), (4, 4), (8, 2), (4, 2), (2, 4), (2, 2))  # KVTuner's candidate (K, V) bits
+
+
+def pair_name(k_bits: int, v_bits: int) -> str:
+    """KVTuner's name for a (K bits, V bits) pair: KV8, K8V4, ..."""
+    return f"KV{k_bits}" if k_bits == v_bits else f"K{k_bits}V{v_bits}"
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """One layer's cache precision: key and value bits, layout, KIVI's key block and the full-precision
+    window of recent tokens."""
+
+    k_bits: int = 8
+    v_bits: int = 8
+    axis: str = "token"
+    group: int = 32  # tokens per key block with axis="channel"
+    window: int = 0
+
+    def __post_init__(self):
+        for what in ("k_bits", "v_bits"):
+            b = getattr(self, what)
+            if isinstance(b, bool) or b not in KV_BITS:
+                raise LensbenchError(f"KV {what}={b!r} is not supported: use one of {', '.join(map(str, KV_BITS))}")
+        if self.axis not in AXES:
+            raise LensbenchError(f"KV axis {self.axis!r} is not known: use one of {', '.join(AXES)}")
+        for what in ("group", "window"):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if what == "group" else 0):
+                raise LensbenchError(f"KV {what}={v!r} must be a {'positive' if what == 'group' else 'non-negative'} "
+                                     f"integer")
+
+    @property
+    def bits(self) -> float:
+        """Equivalent bits per cached element, (K bits + V bits) / 2."""
+        return (self.k_bits + self.v_bits) / 2
+
+    @property
+    def name(self) -> str:
+        return pair_name(self.k_bits, self.v_bits)
+
+
+def flushed(total: int, spec: KVSpec, keys: bool) -> int:
+    """How many of `total` tokens are held packed (the rest are the full-precision window)."""
+    excess = max(0, total - spec.window)
+    return excess - excess % spec.group if keys and spec.axis == "channel" else excess
+
+
+def pack_states(x: torch.Tensor, bits: int, per_channel: int = 0) -> Packed:
+    """States [B, H, T, D] packed per token, or per channel over blocks of `per_channel` tokens."""
+    if per_channel:
+        x = x.unflatten(2, (-1, per_channel)).transpose(-1, -2)  # [B, H, T/G, D, G]
+    return kvquant.quantize(x, bits)
+
+
+def unpack_states(p: Packed, dtype: torch.dtype, per_channel: int = 0) -> torch.Tensor:
+    x = kvquant.dequantize(p, dtype)
+    return x.transpose(-1, -2).flatten(2, 3) if per_channel else x
+
+
+class _Half:
+    """One of a layer's two halves (keys or values): packed past + full-precision window."""
+
+    def __init__(self, bits: int, per_channel: int):
+        self.bits, self.per_channel = bits, per_channel
+        self.packed: Packed | None = None
+        self.n_packed = 0
+        self.window: torch.Tensor | None = None
+
+    def append(self, x: torch.Tensor, n_flushed: int) -> None:
+        self.window = x if self.window is None else torch.cat([self.window, x], dim=-2)
+        move = n_flushed - self.n_packed
+        if move > 0:
+            new = pack_states(self.window[:, :, :move], self.bits, self.per_channel)
+            self.packed = new if self.packed is None else kvquant.cat([self.packed, new], dim=2)
+            self.window = self.window[:, :, move:]
+            self.n_packed = n_flushed
+
+    def states(self) -> torch.Tensor:
+        if self.packed is None:
+            return self.window
+        return torch.cat([unpack_states(self.packed, self.window.dtype, self.per_channel), self.window], dim=-2)
+
+    def drop_front(self, n: int) -> None:
+        """Forget the `n` oldest tokens (whole key blocks only while they are packed)."""
+        from_packed = min(n, self.n_packed)
+        if from_packed:
+            step = self.per_channel or 1
+            self.packed = kvquant.narrow(self.packed, 2, from_packed // step)
+            self.n_packed -= from_packed
+        if n > from_packed:
+            self.window = self.window[:, :, n - from_packed:]
+
+    def droppable(self, n: int) -> int:
+        """How many of the `n` oldest tokens can be forgotten now (key blocks go whole)."""
+        if n <= self.n_packed and self.per_channel:
+            return n - n % self.per_channel
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        held = 0 if self.packed is None else self.packed.nbytes
+        return held + (0 if self.window is None else self.window.numel() * self.window.element_size())
+
+
+class PackedKVLayer(DynamicLayer):
+    """One layer's quantised cache (see the module docstring); `sliding_window` for local-attention layers."""
+
+    is_croppable = False
+
+    def __init__(self, spec: KVSpec, sliding_window: int | None = None):
+        super().__init__()
+        self.spec, self.sliding_window = spec, sliding_window
+        self.is_sliding = sliding_window is not None
+        self.cumulative_length = 0  # tokens seen
+        self.held = 0  # tokens kept (all of them, except what a sliding window no longer sees)
+        self.k = _Half(spec.k_bits, spec.group if spec.axis == "channel" else 0)
+        self.v = _Half(spec.v_bits, 0)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        prompt = self.held == 0
+        n = key_states.shape[-2]
+        self.cumulative_length += n
+        self.held += n
+        self.k.append(key_states, flushed(self.held, self.spec, keys=True))
+        self.v.append(value_states, flushed(self.held, self.spec, keys=False))
+        out = (key_states, value_states) if prompt else (self.k.states(), self.v.states())
+        if self.is_sliding and self.held > self.sliding_window - 1:
+            drop = self.k.droppable(self.held - (self.sliding_window - 1))
+            self.k.drop_front(drop)
+            self.v.drop_front(drop)
+            self.held -= drop
+        return out
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.held + query_length, self.cumulative_length - self.held
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.is_sliding else -1
+
+    def reset(self) -> None:
+        self.__init__(self.spec, self.sliding_window)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise LensbenchError("the quantised KV cache does not reorder for beam search: decode greedily or sample")
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class KVCache(Cache):
+    """A cache for `config`'s decoder with `specs` `{cache layer index: KVSpec}`; other layers stay dense.
+
+        >>> cache = lb.KVCache(model.module.config, {i: lb.KVSpec(4, 4) for i in range(model.n_layers)})
+        >>> out = model.module(**model.tokenize(["The capital of France is"]).model_inputs(), cache=cache)
+        >>> lb.cache_bytes(cache) < lb.cache_bytes(lb.KVCache(model.module.config, {})) / 5
+        True
+    """
+
+    def __init__(self, config, specs: dict[int, KVSpec]):
+        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        if set(specs) - set(range(len(types))):
+            raise LensbenchError(f"KV specs name layers {sorted(set(specs) - set(range(len(types))))}, but the "
+                                 f"model has {len(types)} attention layers")
+        layers = []
+        for i, (kind, kw) in enumerate(zip(types, kwargs)):
+            window = kw.get("sliding_window") if kind == "sliding_attention" else None
+            if kind not in ("full_attention", "sliding_attention"):
+                raise LensbenchError(f"layer {i} is {kind!r}: the quantised KV cache supports full and sliding "
+                                     f"attention only")
+            if i in specs:
+                layers.append(PackedKVLayer(specs[i], window))
+            else:
+                layers.append(DynamicSlidingWindowLayer(window) if window else DynamicLayer())
+        super().__init__(layers=layers)
+        self.specs = dict(specs)
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes of the keys and values `cache` holds now (packed codes, scales, windows, dense states)."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, PackedKVLayer):
+            total += layer.nbytes
+        elif getattr(layer, "keys", None) is not None:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total
+
+
+def reference_states(x: torch.Tensor, spec: KVSpec, keys: bool) -> torch.Tensor:
+    """What a packed layer holding all of `x` [B, H, T, D] returns (dequantised past + window), computed
+    from scratch with no packing: the reference the packed cache is tested against."""
+    bits = spec.k_bits if keys else spec.v_bits
+    n = flushed(x.shape[2], spec, keys)
+    past, recent = x[:, :, :n].float(), x[:, :, n:]
+    if keys and spec.axis == "channel":
+        g = past.unflatten(2, (-1, spec.group)).transpose(-1, -2)  # [B, H, T/G, D, G]
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    else:
+        lo, hi = past.amin(-1, keepdim=True), past.amax(-1, keepdim=True)
+        g = past
+    s = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-7).half().float()
+    m = lo.half().float()
+    deq = torch.round((g - m) / s).clamp(0, (1 << bits) - 1) * s + m
+    if keys and spec.axis == "channel":
+        deq = deq.transpose(-1, -2).flatten(2, 3)
+    return torch.cat([deq.to(x.dtype), recent], dim=2)
