@@ -12,6 +12,7 @@ builds its flags and help from them and every budget that cannot be met is refus
     evo.py        evo: which units to remove, by evolutionary search
     bits.py       bits-rank, bits-dp, bits-bisect: bit-widths under an average-bits budget
     evo_bits.py   evo-bits: bit-widths by evolutionary search
+    kv_tuner.py   kv-tuner: KV-cache bits per layer (KVTuner's pruning, grouping and NSGA-II search)
     rankings.py   the rankings every policy reads from a Profile (one table)
     budgets.py    budget and level checks;  search.py  the EvoPress loop both searches use
 
@@ -20,14 +21,15 @@ imported below.
 """
 from __future__ import annotations
 
-from . import drop, evo, bits, evo_bits  # noqa: F401,I001  (each module registers its policies, in this order)
+from . import drop, evo, bits, evo_bits, kv_tuner  # noqa: F401,I001  (each module registers its policies, in this order)
 from .bits import BitsBisectOptions, BitsDpOptions, BitsRankOptions
 from .drop import BalancedSkipOptions, DropOptions, RankingSkipOptions
 from .evo import EvoOptions
 from .evo_bits import EvoBitsOptions
+from .kv_tuner import KVTunerOptions
 from .rankings import RANKINGS
 from .registry import POLICIES, Policy, PolicyConfig, make_plan, option, plan, register
 
 __all__ = ["POLICIES", "RANKINGS", "BalancedSkipOptions", "BitsBisectOptions", "BitsDpOptions", "BitsRankOptions",
-           "DropOptions", "EvoBitsOptions", "EvoOptions", "Policy", "PolicyConfig", "RankingSkipOptions",
+           "DropOptions", "EvoBitsOptions", "EvoOptions", "KVTunerOptions", "Policy", "PolicyConfig", "RankingSkipOptions",
            "make_plan", "option", "plan", "register"]
