@@ -57,7 +57,7 @@ class KVSensitivity(Analyzer):
         self.texts_ = 0
 
     def update(self, trace) -> None:
-        for ids, mask in zip(trace.input_ids, trace.attention_mask):
+        for ids, mask in zip(trace.input_ids, trace.attention_mask, strict=False):
             row = ids[mask.bool()][None]
             context = self.context or row.shape[1] // 2
             if not 0 < context < row.shape[1] - 1:

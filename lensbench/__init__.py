@@ -10,6 +10,7 @@ skipping or quantising them costs.
     with lb.apply(model, plan):                               # the plan executed for real, undone after
         model.module.generate(...)
     report = lb.evaluate(model, plan)                         # quality, speed, bytes vs the dense model
+    kv = lb.plan(profile, "kv-tuner", 4.0, model=model)       # KV-cache bits per layer (profile kv_sensitivity)
     lb.compress(model, plan, format="gguf", out="smollm2-pruned")   # a checkpoint llama.cpp loads
 
 `import lensbench` imports the spine only (loading, capture, Profiles); the decision layer
@@ -43,6 +44,10 @@ _LAZY = {
     "Plan": "lensbench.compress.plan",
     "Drop": "lensbench.compress.plan",
     "Quant": "lensbench.compress.plan",
+    "KV": "lensbench.compress.plan",
+    "KVCache": "lensbench.kvcache",
+    "KVSpec": "lensbench.kvcache",
+    "cache_bytes": "lensbench.kvcache",
     "plan": "lensbench.compress.policies",
     "apply": "lensbench.compress.apply",
     "evaluate": "lensbench.compress.evaluate",
@@ -60,6 +65,6 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["Batch", "Drop", "EvalConfig", "LayerScores", "LensbenchError", "Model", "Plan", "Profile", "Quant",
-           "Trace", "apply", "capture", "compress", "evaluate", "load", "plan", "profile", "profile_model",
-           "__version__"]
+__all__ = ["Batch", "Drop", "EvalConfig", "KV", "KVCache", "KVSpec", "LayerScores", "LensbenchError", "Model", "Plan",
+           "Profile", "Quant", "Trace", "apply", "cache_bytes", "capture", "compress", "evaluate", "load", "plan",
+           "profile", "profile_model", "__version__"]

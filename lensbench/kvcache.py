@@ -194,8 +194,10 @@ class KVCache(Cache):
     """A cache for `config`'s decoder with `specs` `{cache layer index: KVSpec}`; other layers stay dense.
 
         >>> cache = lb.KVCache(model.module.config, {i: lb.KVSpec(4, 4) for i in range(model.n_layers)})
-        >>> out = model.module(**model.tokenize(["The capital of France is"]).model_inputs(), cache=cache)
-        >>> lb.cache_bytes(cache) < lb.cache_bytes(lb.KVCache(model.module.config, {})) / 5
+        >>> inputs = model.tokenize(["The capital of France is Paris."]).model_inputs()
+        >>> out = model.module(**inputs, cache=cache, use_cache=True)
+        >>> dense = model.module(**inputs, use_cache=True).cache
+        >>> lb.cache_bytes(cache) < lb.cache_bytes(dense) / 2       # packed codes + float16 scales
         True
     """
 
@@ -205,7 +207,7 @@ class KVCache(Cache):
             raise LensbenchError(f"KV specs name layers {sorted(set(specs) - set(range(len(types))))}, but the "
                                  f"model has {len(types)} attention layers")
         layers = []
-        for i, (kind, kw) in enumerate(zip(types, kwargs)):
+        for i, (kind, kw) in enumerate(zip(types, kwargs, strict=False)):
             window = kw.get("sliding_window") if kind == "sliding_attention" else None
             if kind not in ("full_attention", "sliding_attention"):
                 raise LensbenchError(f"layer {i} is {kind!r}: the quantised KV cache supports full and sliding "

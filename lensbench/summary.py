@@ -1,7 +1,9 @@
 """Short human-readable summaries of a Profile (what the CLI prints)."""
 from __future__ import annotations
 
-from .profiles import Profile
+import numpy as np
+
+from .profiles import Profile, Table
 
 
 def _fmt(layers: list[int], values) -> str:
@@ -70,6 +72,17 @@ def sensitivity_summary(profile: Profile, k: int = 3) -> str:
             order = s.ranking()
             lines.append(f"  {label:22s} least important: {_fmt(order[::-1][:k], s.values)}; most: "
                          f"{_fmt(order[:k], s.values)}")
+    if "kv_kl" in profile.scores:
+        kv = profile["kv_kl"]
+        names = kv.params["pair_names"]
+        col = names.index("KV4") if "KV4" in names else len(names) // 2
+        order = [int(i) for i in np.argsort(-kv.values[:, col], kind="stable")]
+        label, v = "KV cache at " + names[col], kv.values[:, col]
+        lines.append(f"  {label:22s} least sensitive: {_fmt(order[::-1][:k], v)}; most: {_fmt(order[:k], v)}")
+        for row in profile.tables.get("kv_keys_vs_values", Table("", [])).rows:
+            lines.append(f"  {row['key_heavy']} vs {row['value_heavy']}: KL {row['key_heavy_kl']:.4f} vs "
+                         f"{row['value_heavy_kl']:.4f}, more key bits better in {row['layers_key_heavy_better']:.0%} "
+                         f"of layers")
     if "geometry_summary" in profile.tables:
         rho = profile.tables["geometry_summary"].rows[0]["spearman_error_vs_replacement_kl"]
         lines.append(f"  geometry: Spearman(tokenwise error, output change when replaced) = {rho:.2f}")
@@ -87,7 +100,8 @@ def sensitivity_summary(profile: Profile, k: int = 3) -> str:
 
 def evaluation_summary(r: dict) -> str:
     """One line of a `lensbench evaluate` record: quality, speed (causal LMs) and weights against dense."""
-    parts = [f"KL {r['kl_to_dense']:.4f} nats/token",
+    parts = [f"after {r['context']}-token prompts:" if "context" in r else "",
+             f"KL {r['kl_to_dense']:.4f} nats/token",
              f"perplexity {r['perplexity']:.1f} (dense {r['dense_perplexity']:.1f})"]
     if "city_accuracy" in r:
         parts.append(f"city facts {r['city_accuracy']:.3f} (dense {r['dense_city_accuracy']:.3f})")
@@ -98,4 +112,7 @@ def evaluation_summary(r: dict) -> str:
         parts.append(f"prefill x{r['prefill_speed_ratio']:.2f}, decode x{r['decode_speed_ratio']:.2f} vs dense")
     parts.append(f"weights {r['weight_bytes'] / 2**20:.0f} MiB ({r['weight_bytes'] / r['dense_weight_bytes']:.2f} "
                  f"of dense)")
-    return ", ".join(parts)
+    if "kv_cache_bytes" in r:
+        kv = r["kv_cache_bytes"]
+        parts.append(f"KV cache {kv / 2**20:.1f} MiB ({kv / r['dense_kv_cache_bytes']:.2f} of dense)")
+    return ", ".join(p for p in parts if p).replace(":,", ":")

@@ -10,7 +10,7 @@ import lensbench as lb
 from lensbench.testing import SAMPLE_TEXTS
 from lensbench.units import Unit
 
-PUBLIC = ["load", "capture", "profile", "plan", "apply", "evaluate", "Plan", "Profile"]
+PUBLIC = ["load", "capture", "profile", "plan", "apply", "evaluate", "Plan", "Profile", "KVCache"]
 
 
 def examples_of(obj) -> list[doctest.Example]:
@@ -44,7 +44,7 @@ def test_the_examples_run(tiny, tmp_path):
         run_examples(getattr(lb, name), globs)
         globs = {**globs, **_names(getattr(lb, name), globs)}
     globs["plan"] = lb.plan(globs["profile"], "drop-block", 1, ranking="redundancy")
-    for obj in (lb.Plan, lb.apply, lb.evaluate, compress):
+    for obj in (lb.Plan, lb.apply, lb.evaluate, compress, lb.KVCache):
         run_examples(obj, globs)
 
 

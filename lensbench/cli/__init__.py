@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Smallest value each numeric option takes (checked before any model is loaded).
 MINIMUM = {"batch_size": 1, "n_texts": 1, "seq_len": 1, "max_tokens": 1, "speed_rounds": 1, "decode_tokens": 1,
            "folds": 2, "n_per_class": 1, "count": 1, "edit_n": 2, "cities": 0, "topics": 0, "interventions": 0,
-           "generations": 1, "offspring": 1, "gptq_texts": 1, "group_size": 1, "lm_eval_limit": 1, "resolution": 1}
+           "generations": 1, "offspring": 1, "gptq_texts": 1, "group_size": 1, "lm_eval_limit": 1, "resolution": 1,
+           "context": 1}
 
 
 def check_args(args) -> None:

@@ -86,6 +86,9 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
 @command("profile", "profile a model into DIR/profile.json", _profile_arguments)
 def cmd_profile(args) -> int:
     check_names(args.analyses.split(","))  # before the model is loaded
+    if Path(args.out).suffix == ".json":
+        raise LensbenchError(f"--out {args.out} names a file, but profile writes a folder (DIR/profile.json, "
+                             f"layers.csv, its resume state): give --out {Path(args.out).with_suffix('')}")
     texts, data = None, None
     if args.texts:
         texts = read_text_file(args.texts, args.encoding)

@@ -123,6 +123,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
                    "up to 512 tokens each)")
     p.add_argument("--speed-rounds", type=int, default=7)
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--context", type=int, help="score tokens decoded one by one through the KV cache after this many "
+                   "prompt tokens of held-out text, and record the cache's bytes (default for a plan with KV entries: "
+                   "512)")
 
 
 @command("evaluate", "apply a plan for real and measure quality, speed and memory vs dense", _evaluate_arguments,
@@ -157,7 +160,7 @@ def cmd_evaluate(args) -> int:
     texts = read_text_file(args.texts, args.encoding) if args.texts else None
     cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
                      topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens,
-                     gptq_texts=args.gptq_texts or EvalConfig.gptq_texts)
+                     gptq_texts=args.gptq_texts or EvalConfig.gptq_texts, context=args.context or 0)
     result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved, lm_eval_task=args.lm_eval_task,
                       lm_eval_limit=args.lm_eval_limit)
     write_json(Path(args.out), result)

@@ -103,7 +103,7 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
         extra = {"in_memory_plan": {"kl_to_dense": q["kl_to_dense"], "perplexity": q["perplexity"]},
                      "saved": {"name": saved.name, "source": saved.card.get("source")}}
         steps.update()
-    cities = city_accuracy(model, target, cfg.cities) if model.is_causal_lm else {}
+    cities = city_accuracy(model, target, cfg.cities) if model.is_causal_lm and cfg.cities else {}
     if model.is_causal_lm and cfg.topics:
         cities |= topic_accuracy(model, target, cfg.topics)
     steps.update()
@@ -155,8 +155,8 @@ def check_context(model: Model, context: int, decode_tokens: int, kvs=()) -> Non
                              f"of {limit}: use --context {limit - decode_tokens - 1} or less")
     longest = max((kv.window for kv in kvs), default=0)
     if longest >= context:
-        raise LensbenchError(f"the plan keeps a full-precision window of {longest} tokens, not shorter than the context "
-                             f"of {context}, so nothing would be quantised: use --context above {longest}")
+        raise LensbenchError(f"the plan keeps a full-precision window of {longest} tokens, not shorter than the "
+                             f"context of {context}, so nothing would be quantised: use --context above {longest}")
 
 
 @torch.no_grad()

@@ -322,7 +322,8 @@ class Plan:
                 out["average_bits"] = self.predicted["average_bits"]
         kv = self.kv_actions()
         if kv:
-            out["kv_entries"] = {name: sum(a.name == name for a in kv.values()) for name in sorted({a.name for a in kv.values()})}
+            names = sorted({a.name for a in kv.values()})
+            out["kv_entries"] = {name: sum(a.name == name for a in kv.values()) for name in names}
             if "kv_bits" in self.predicted:
                 out["kv_bits"] = self.predicted["kv_bits"]
         return out

@@ -12,7 +12,7 @@ builds its flags and help from them and every budget that cannot be met is refus
     evo.py        evo: which units to remove, by evolutionary search
     bits.py       bits-rank, bits-dp, bits-bisect: bit-widths under an average-bits budget
     evo_bits.py   evo-bits: bit-widths by evolutionary search
-    kv_tuner.py   kv-tuner: KV-cache bits per layer (KVTuner's pruning, grouping and NSGA-II search)
+    kv_tuner.py   kv-tuner: KV-cache bits per layer (KVTuner: pruning, grouping, NSGA-II)
     rankings.py   the rankings every policy reads from a Profile (one table)
     budgets.py    budget and level checks;  search.py  the EvoPress loop both searches use
 

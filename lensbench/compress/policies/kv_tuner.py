@@ -36,8 +36,8 @@ class KVTunerOptions(PolicyConfig):
     groups: int = option(6, "layer groups that share one pair")
     trials: int = option(100, "NSGA-II trials (end-to-end evaluations)")
     population: int = option(16, "NSGA-II population size")
-    texts: int = option(4, "calibration windows the search scores each trial on")
-    context: int = option(256, "prompt tokens of each calibration window (64 more are decoded against it)")
+    windows: int = option(4, "calibration windows the search scores each trial on")
+    prompt_tokens: int = option(256, "prompt tokens of each calibration window (64 more are decoded against it)")
     seed: int = option(0, "random seed")
 
 
@@ -106,23 +106,23 @@ def kv_tuner(profile: Profile, budget: float, cfg: KVTunerOptions, *, model, tex
     if not low - 1e-9 <= budget <= high + 1e-9:
         raise PlanError(f"kv-tuner budget {budget:g} bits is outside what the pairs allow ({low:g} to {high:g}): give "
                         f"a budget in that range")
-    for what in ("groups", "trials", "population", "texts", "context"):
+    for what in ("groups", "trials", "population", "windows", "prompt_tokens"):
         if getattr(cfg, what) < 1:
-            raise PlanError(f"kv-tuner: --{what} must be at least 1")
+            raise PlanError(f"kv-tuner: --{what.replace('_', '-')} must be at least 1")
     layout = {k: sens.params[k] for k in ("axis", "group", "window")}
     groups = group_layers(kl, cfg.groups, cfg.seed)
     candidates = [pareto(kl[g].sum(0), names) for g in groups]
 
     texts = list(texts) if texts else bbc_news("calibration")
-    spans = windows(model, texts, cfg.context + 65, cfg.texts)
-    pres = [prefill(model, ids, cfg.context) for ids in spans]
+    spans = windows(model, texts, cfg.prompt_tokens + 65, cfg.windows)
+    pres = [prefill(model, ids, cfg.prompt_tokens) for ids in spans]
     L = model.n_layers
 
     def specs_of(choice: list[str]) -> dict[int, KVSpec]:
-        return {i: KVSpec(*bits_of(name), **layout) for g, name in zip(groups, choice) for i in g}
+        return {i: KVSpec(*bits_of(name), **layout) for g, name in zip(groups, choice, strict=False) for i in g}
 
     def bits(choice: list[str]) -> float:
-        return sum(len(g) * sum(bits_of(n)) / 2 for g, n in zip(groups, choice)) / L
+        return sum(len(g) * sum(bits_of(n)) / 2 for g, n in zip(groups, choice, strict=False)) / L
 
     measured_kl: dict[tuple, float] = {}
 
@@ -136,11 +136,11 @@ def kv_tuner(profile: Profile, budget: float, cfg: KVTunerOptions, *, model, tex
     def objective(trial) -> tuple[float, float]:
         choice = [trial.suggest_categorical(f"group{j}", c) for j, c in enumerate(candidates)]
         trial.set_user_attr("bits", bits(choice))
+        trial.set_constraint("bits_over_budget", bits(choice) - budget)
         return calibration_kl(choice), bits(choice)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed,
-                                            constraints_func=lambda t: [t.user_attrs["bits"] - budget])
+    sampler = optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
     for name in names:  # every uniform pair each group can take: the baselines the search must beat
         if all(name in c for c in candidates):
@@ -159,12 +159,12 @@ def kv_tuner(profile: Profile, budget: float, cfg: KVTunerOptions, *, model, tex
     front = sorted({(round(t.values[1], 6), t.values[0], tuple(t.params[f"group{j}"] for j in range(len(groups))))
                     for t in study.best_trials})
     attn = profile.model["units"]["attn"]
-    pair_of = {i: name for g, name in zip(groups, choice) for i in g}
+    pair_of = {i: name for g, name in zip(groups, choice, strict=False) for i in g}
     plan = Plan.drop(profile.model, [], predicted={"kv_bits": bits(choice), "calibration_kl": best.values[0]})
     plan.actions = {attn.format(i=i): KV(*bits_of(pair_of[i]), **layout) for i in range(L)}
     plan.meta = {"kv_tuner": {
         "groups": groups, "candidates": candidates, "trials": len(study.trials),
-        "evaluations": len(measured_kl), "calibration": {"windows": len(pres), "context": cfg.context,
+        "evaluations": len(measured_kl), "calibration": {"windows": len(pres), "prompt_tokens": cfg.prompt_tokens,
                                                          "decoded": 64},
         "pareto_front": [{"kv_bits": b, "calibration_kl": k, "pairs": list(c)} for b, k, c in front],
         "uniform": {n: {"kv_bits": sum(bits_of(n)) / 2, "calibration_kl": measured_kl[(n,) * len(groups)]}
