@@ -31,5 +31,5 @@ from .rankings import RANKINGS
 from .registry import POLICIES, Policy, PolicyConfig, make_plan, option, plan, register
 
 __all__ = ["POLICIES", "RANKINGS", "BalancedSkipOptions", "BitsBisectOptions", "BitsDpOptions", "BitsRankOptions",
-           "DropOptions", "EvoBitsOptions", "EvoOptions", "KVTunerOptions", "Policy", "PolicyConfig", "RankingSkipOptions",
-           "make_plan", "option", "plan", "register"]
+           "DropOptions", "EvoBitsOptions", "EvoOptions", "KVTunerOptions", "Policy", "PolicyConfig",
+           "RankingSkipOptions", "make_plan", "option", "plan", "register"]
