@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from lensbench.atomic import write_bytes
-from lensbench.load import cache_dir
+from lensbench.bundled import cache_dir
 
 PACKAGE = "plotly.js-cartesian-dist-min"
 FILE = "package/plotly-cartesian.min.js"

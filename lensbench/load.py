@@ -33,8 +33,6 @@ from .adapters import registered
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("LENSBENCH_CACHE", Path.home() / ".cache" / "lensbench"))
 
 
 def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None = None,
@@ -200,7 +198,7 @@ def _first_line(exc: BaseException) -> str:
 def _load_gguf(path: Path, *, dtype, device) -> Model:
     """Dequantise a GGUF file once, cache a safetensors copy keyed by the file's hash, reuse it."""
     sha = _file_sha256(path)
-    target = cache_dir() / "gguf" / sha[:16]
+    target = bundled.cache_dir() / "gguf" / sha[:16]
     card = {"name": path.stem, "source": str(path.resolve()), "format": "gguf", "sha256": sha,
             "local_dir": str(target)}  # the converted copy: a plain HF directory other tools can load
     if not (target / "lensbench-cache.json").is_file():

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -129,3 +131,22 @@ def test_unknown_model_type_names_it(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "foo_bar_arch", "architectures": ["FooBar"]}')
     with pytest.raises(LensbenchError, match=r"has no model type 'foo_bar_arch'; use a transformers release"):
         lensbench.load(tmp_path)
+
+
+def test_a_chunked_bundled_model_is_joined_once_and_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from lensbench import bundled
+
+    root = Path(bundled.__file__).parent
+    chunks = [("lensbench", "bundled.py"), ("lensbench", "errors.py")]
+    whole = b"".join((root / rel).read_bytes() for _, rel in chunks)
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path))
+    monkeypatch.setitem(bundled.BUNDLED, "fake", ("lensbench", "lensbench", "fake.gguf", "a fake", "none"))
+    monkeypatch.setitem(bundled.CHUNKED, "fake", ("0" * 64, chunks))
+    with pytest.raises(LensbenchError, match="joined chunks of fake have sha256"):
+        bundled.joined("fake")
+    assert not (tmp_path / "bundled" / "fake.gguf").exists()  # nothing half-written is left to be trusted
+    monkeypatch.setitem(bundled.CHUNKED, "fake", (hashlib.sha256(whole).hexdigest(), chunks))
+    path = bundled.joined("fake")
+    assert path.read_bytes() == whole and bundled.joined("fake") == path
