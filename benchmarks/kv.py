@@ -57,12 +57,7 @@ def name_of(k: int, v: int) -> str:
 def decoded(model, pre, specs) -> torch.Tensor:
     """Log-probs [steps, vocab] of the continuation decoded one token at a time through a cache holding the
     prompt states of `pre` packed as `specs` (None: transformers' dense cache)."""
-    if specs is None:
-        cache = DynamicCache(config=model.module.config)
-        for i, layer in enumerate(cache.layers):
-            layer.update(pre.keys[i], pre.values[i])
-    else:
-        cache = cache_from(model, pre, specs)
+    cache = filled(model, pre, specs)
     rows = []
     ids = pre.continuation
     for t in range(ids.shape[1] - 1):
@@ -75,18 +70,34 @@ def decoded(model, pre, specs) -> torch.Tensor:
 @torch.no_grad()
 def answer(model, pre, specs, n: int = 8) -> str:
     """Greedy `n` tokens after a retrieval prompt whose states (all but its last token) are in `pre`."""
-    if specs is None:
-        cache = DynamicCache(config=model.module.config)
-        for i, layer in enumerate(cache.layers):
-            layer.update(pre.keys[i], pre.values[i])
-    else:
-        cache = cache_from(model, pre, specs)
+    cache = filled(model, pre, specs)
     x, out = pre.continuation, []
     for _ in range(n):
         o = model.module(input_ids=x, cache=cache, use_cache=True)
         cache, x = o.cache, o.logits[:, -1].argmax(-1, keepdim=True)
         out.append(int(x))
     return model.tokenizer.decode(out)
+
+
+def filled(model, pre, specs):
+    """A cache holding the prompt states of `pre`: transformers' dense one (specs None) or packed as `specs`."""
+    if specs is not None:
+        return cache_from(model, pre, specs)
+    cache = DynamicCache(config=model.module.config)
+    for i, layer in enumerate(cache.layers):
+        layer.update(pre.keys[i], pre.values[i])
+    return cache
+
+
+@torch.no_grad()
+def timed_decode(model, pre, x, specs, steps: int) -> tuple[float, int]:
+    """Tokens/s of `steps` greedy decode steps from token `x` after the prompt in `pre`, and the cache's bytes."""
+    cache = filled(model, pre, specs)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        o = model.module(input_ids=x, cache=cache, use_cache=True)
+        cache, x = o.cache, o.logits[:, -1].argmax(-1, keepdim=True)
+    return steps / (time.perf_counter() - t0), cache_bytes(cache)
 
 
 def retrieval_prompts(model, context: int, count: int, seed: int = 0) -> list[tuple[torch.Tensor, str]]:
@@ -96,7 +107,7 @@ def retrieval_prompts(model, context: int, count: int, seed: int = 0) -> list[tu
     for w in filler:
         code = str(rng.randint(10000, 99999))
         head = model.tokenizer(f"Remember this: the secret code is {code}.\n\n", add_special_tokens=False)["input_ids"]
-        tail = model.tokenizer(f"\n\nQuestion: what is the secret code? Answer: the secret code is",
+        tail = model.tokenizer("\n\nQuestion: what is the secret code? Answer: the secret code is",
                                add_special_tokens=False)["input_ids"]
         body = w[0, : context - len(head) - len(tail)].tolist()
         out.append((torch.tensor([head + body + tail]), code))
@@ -117,7 +128,6 @@ def quality(args) -> str:
         probes = [(prefill(model, ids, ids.shape[1] - 1), code)
                   for ids, code in retrieval_prompts(model, args.context, args.retrieval)]
         dense_hits = [code in answer(model, pre, None) for pre, code in probes]
-        dense_bytes = None
         for axis in args.axes.split(","):
             t0 = time.time()
             profile = lb.profile(model, bbc_news("calibration", limit=args.calib), analyses=["kv_sensitivity"],
@@ -142,13 +152,8 @@ def quality(args) -> str:
                     kl += float((lp.exp() * (lp - lq)).sum())
                     nll -= float(lq.gather(1, t).sum())
                 hits = [code in answer(model, pre, specs) for pre, code in probes]
-                c = cache_from(model, pres[0], specs)
-                if dense_bytes is None:
-                    d = DynamicCache(config=model.module.config)
-                    for i, layer in enumerate(d.layers):
-                        layer.update(pres[0].keys[i], pres[0].values[i])
-                    dense_bytes = cache_bytes(d)
-                table.append((name, bits, kl / n_tok, math.exp(nll / n_tok), sum(hits), cache_bytes(c) / dense_bytes))
+                mem = cache_bytes(filled(model, pres[0], specs)) / cache_bytes(filled(model, pres[0], None))
+                table.append((name, bits, kl / n_tok, math.exp(nll / n_tok), sum(hits), mem))
                 print(f"{source} {axis} {name}: KL {kl / n_tok:.4f} ppl {math.exp(nll / n_tok):.2f} retrieval "
                       f"{sum(hits)}/{len(hits)}", flush=True)
             lines = [f"### {source}, {axis} keys\n",
@@ -159,13 +164,13 @@ def quality(args) -> str:
                      "", "kv-tuner: " + "; ".join(
                          f"{b:g} bits -> {p.predicted['kv_bits']:.3f} bits, calibration KL "
                          f"{p.predicted['calibration_kl']:.4f}, groups {p.meta['kv_tuner']['groups']}, "
-                         f"{p.meta['kv_tuner']['trials']} trials, {s:.0f} s" for b, (p, s) in searched.items()) + ".", "",
+                         f"{p.meta['kv_tuner']['trials']} trials, {s:.0f} s" for b, (p, s) in searched.items())
+                     + ".", "",
                      f"| cache | bits | KL to dense | ppl (dense {math.exp(dense_nll / n_tok):.2f}) | retrieval "
                      f"(dense {sum(dense_hits)}/{len(probes)}) | KV bytes / dense |", "|---|---|---|---|---|---|"]
             for name, bits, kl, ppl, hits, mem in table:
                 lines.append(f"| {name} | {bits:.3g} | {kl:.4f} | {ppl:.2f} | {hits}/{len(probes)} | {mem:.3f} |")
             sections.append("\n".join(lines) + "\n")
-        del model
     load = os.getloadavg()[0]
     head = (f"`python benchmarks/kv.py quality --models {args.models} --axes {args.axes} --context {args.context} "
             f"--windows {args.windows} --calib {args.calib} --trials {args.trials} --retrieval {args.retrieval}`; "
@@ -190,30 +195,15 @@ def speed(args) -> str:
             caches = {"dense": None, **{f"{name_of(k, v)} {axis}": {i: KVSpec(k, v, axis) for i in range(L)}
                                          for k, v in ((8, 8), (4, 4)) for axis in ("token", "channel")}}
 
-            def run(specs, steps=args.steps):
-                if specs is None:
-                    cache = DynamicCache(config=model.module.config)
-                    for i, layer in enumerate(cache.layers):
-                        layer.update(pre.keys[i], pre.values[i])
-                else:
-                    cache = cache_from(model, pre, specs)
-                y = x
-                t0 = time.perf_counter()
-                with torch.no_grad():
-                    for _ in range(steps):
-                        o = model.module(input_ids=y, cache=cache, use_cache=True)
-                        cache, y = o.cache, o.logits[:, -1].argmax(-1, keepdim=True)
-                return steps / (time.perf_counter() - t0), cache_bytes(cache)
-
             load0 = os.getloadavg()[0]
             res: dict[str, list] = {k: [] for k in caches}
             rng = random.Random(0)
-            run(None, 2)
+            timed_decode(model, pre, x, None, 2)
             for _ in range(args.rounds):
                 order = list(caches)
                 rng.shuffle(order)
                 for k in order:
-                    res[k].append(run(caches[k]))
+                    res[k].append(timed_decode(model, pre, x, caches[k], args.steps))
             dense = [r[0] for r in res["dense"]]
             for k, v in res.items():
                 tps = [r[0] for r in v]
@@ -221,7 +211,6 @@ def speed(args) -> str:
                 lines.append(f"| {source} | {ctx} | {k} | {statistics.median(tps):.2f} | {min(tps):.2f} | "
                              f"x{paired:.2f} | {v[0][1] / 2**20:.1f} MiB | {load0:.1f} |")
             print("\n".join(lines[-len(caches):]), flush=True)
-        del model
     head = (f"`python benchmarks/kv.py speed --models {args.models} --contexts {args.contexts} --rounds {args.rounds} "
             f"--steps {args.steps}`; {machine()}; {versions('torch', 'transformers')}. Batch 1, greedy, "
             f"{args.steps} decode steps after a prompt of the given length, {args.rounds} interleaved rounds; "
