@@ -20,13 +20,17 @@ still see, as transformers' own sliding layers do. Memory is measured from the t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import (Cache, DynamicLayer, DynamicSlidingWindowLayer,
                                       get_layer_types_and_kwargs)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .errors import LensbenchError
-from .gpu import kvquant
+from .gpu import kvattention, kvquant
 from .gpu.kvquant import KV_BITS, Packed
 
 AXES = ("token", "channel")
@@ -91,34 +95,55 @@ def unpack_states(p: Packed, dtype: torch.dtype, per_channel: int = 0) -> torch.
 
 
 class _Half:
-    """One of a layer's two halves (keys or values): packed past + full-precision window."""
+    """One of a layer's two halves (keys or values): packed past + full-precision window. The packed past lives
+    in buffers with room to grow (by a quarter at least), so a decode step writes only its own token."""
 
     def __init__(self, bits: int, per_channel: int):
         self.bits, self.per_channel = bits, per_channel
-        self.packed: Packed | None = None
+        self.buf: Packed | None = None  # capacity along dim 2 (tokens, or key blocks)
+        self.used = 0
         self.n_packed = 0
         self.window: torch.Tensor | None = None
+
+    @property
+    def packed(self) -> Packed | None:
+        if self.buf is None or not self.used:
+            return None
+        return Packed(*(t[:, :, :self.used] for t in self.buf[:3]), self.bits)
+
+    def _store(self, new: Packed) -> None:
+        n = new.codes.shape[2]
+        if self.buf is None or self.used + n > self.buf.codes.shape[2]:
+            cap = max(self.used + n, (self.used + n) * 5 // 4, 16)
+            grown = Packed(*(t.new_empty((*t.shape[:2], cap, *t.shape[3:])) for t in new[:3]), self.bits)
+            for dst, src in zip(grown[:3], self.buf[:3] if self.buf is not None else (), strict=False):
+                dst[:, :, :self.used] = src[:, :, :self.used]
+            self.buf = grown
+        for dst, src in zip(self.buf[:3], new[:3], strict=True):
+            dst[:, :, self.used:self.used + n] = src
+        self.used += n
 
     def append(self, x: torch.Tensor, n_flushed: int) -> None:
         self.window = x if self.window is None else torch.cat([self.window, x], dim=-2)
         move = n_flushed - self.n_packed
         if move > 0:
-            new = pack_states(self.window[:, :, :move], self.bits, self.per_channel)
-            self.packed = new if self.packed is None else kvquant.cat([self.packed, new], dim=2)
+            self._store(pack_states(self.window[:, :, :move], self.bits, self.per_channel))
             self.window = self.window[:, :, move:]
             self.n_packed = n_flushed
 
     def states(self) -> torch.Tensor:
-        if self.packed is None:
+        packed = self.packed
+        if packed is None:
             return self.window
-        return torch.cat([unpack_states(self.packed, self.window.dtype, self.per_channel), self.window], dim=-2)
+        return torch.cat([unpack_states(packed, self.window.dtype, self.per_channel), self.window], dim=-2)
 
     def drop_front(self, n: int) -> None:
         """Forget the `n` oldest tokens (whole key blocks only while they are packed)."""
         from_packed = min(n, self.n_packed)
         if from_packed:
-            step = self.per_channel or 1
-            self.packed = kvquant.narrow(self.packed, 2, from_packed // step)
+            k = from_packed // (self.per_channel or 1)
+            self.buf = Packed(*(t[:, :, k:] for t in self.buf[:3]), self.bits)
+            self.used -= k
             self.n_packed -= from_packed
         if n > from_packed:
             self.window = self.window[:, :, n - from_packed:]
@@ -131,8 +156,18 @@ class _Half:
 
     @property
     def nbytes(self) -> int:
-        held = 0 if self.packed is None else self.packed.nbytes
+        """Bytes allocated: the buffers whole (their spare room included) and the window."""
+        held = 0 if self.buf is None else sum(t.untyped_storage().nbytes() for t in self.buf[:3])
         return held + (0 if self.window is None else self.window.numel() * self.window.element_size())
+
+
+def _packed_marker(layer: "PackedKVLayer", like: torch.Tensor) -> torch.Tensor:
+    """What a fused decode step returns instead of dequantised states: a zero-stride tensor of their shape
+    (no memory) that points attention (`packed_sdpa`) at the layer's packed states."""
+    b, h, _, d = like.shape
+    marker = like.new_zeros(()).expand(b, h, layer.held, d)
+    marker.kv_layer = layer
+    return marker
 
 
 class PackedKVLayer(DynamicLayer):
@@ -140,9 +175,10 @@ class PackedKVLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, spec: KVSpec, sliding_window: int | None = None):
+    def __init__(self, spec: KVSpec, sliding_window: int | None = None, fused: bool = False):
         super().__init__()
         self.spec, self.sliding_window = spec, sliding_window
+        self.fused = fused and sliding_window is None  # decode steps hand attention the packed states
         self.is_sliding = sliding_window is not None
         self.cumulative_length = 0  # tokens seen
         self.held = 0  # tokens kept (all of them, except what a sliding window no longer sees)
@@ -162,7 +198,12 @@ class PackedKVLayer(DynamicLayer):
         self.held += n
         self.k.append(key_states, flushed(self.held, self.spec, keys=True))
         self.v.append(value_states, flushed(self.held, self.spec, keys=False))
-        out = (key_states, value_states) if prompt else (self.k.states(), self.v.states())
+        if prompt:
+            out = key_states, value_states
+        elif self.fused and n == 1:
+            out = _packed_marker(self, key_states), _packed_marker(self, value_states)
+        else:
+            out = self.k.states(), self.v.states()
         if self.is_sliding and self.held > self.sliding_window - 1:
             drop = self.k.droppable(self.held - (self.sliding_window - 1))
             self.k.drop_front(drop)
@@ -180,7 +221,7 @@ class PackedKVLayer(DynamicLayer):
         return self.sliding_window if self.is_sliding else -1
 
     def reset(self) -> None:
-        self.__init__(self.spec, self.sliding_window)
+        self.__init__(self.spec, self.sliding_window, self.fused)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise LensbenchError("the quantised KV cache does not reorder for beam search: decode greedily or sample")
@@ -202,7 +243,9 @@ class KVCache(Cache):
     """
 
     def __init__(self, config, specs: dict[int, KVSpec]):
-        types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+        text = config.get_text_config(decoder=True)
+        types, kwargs = get_layer_types_and_kwargs(text)
+        fused = getattr(text, "_attn_implementation", None) == PACKED_SDPA
         if set(specs) - set(range(len(types))):
             raise LensbenchError(f"KV specs name layers {sorted(set(specs) - set(range(len(types))))}, but the "
                                  f"model has {len(types)} attention layers")
@@ -213,11 +256,65 @@ class KVCache(Cache):
                 raise LensbenchError(f"layer {i} is {kind!r}: the quantised KV cache supports full and sliding "
                                      f"attention only")
             if i in specs:
-                layers.append(PackedKVLayer(specs[i], window))
+                layers.append(PackedKVLayer(specs[i], window, fused))
             else:
                 layers.append(DynamicSlidingWindowLayer(window) if window else DynamicLayer())
         super().__init__(layers=layers)
         self.specs = dict(specs)
+
+
+PACKED_SDPA = "lensbench_sdpa"  # sdpa, plus decode steps read straight from a packed cache
+
+
+def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                **kwargs):
+    """transformers' sdpa attention, except where `key` is a packed layer's marker (a decode step through a
+    `KVCache` with fused decoding): then attention reads the packed codes directly (`gpu.kvattention`)."""
+    layer = getattr(key, "kv_layer", None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    b, hq, q_len, d = query.shape
+    hkv = key.shape[1]
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    q = query.to(dtype).reshape(b, hkv, (hq // hkv) * q_len, d)
+    scale = d ** -0.5 if scaling is None else scaling
+    parts = []
+    if layer.k.packed is not None:
+        parts.append(kvattention.scores(q, layer.k.packed, layer.k.per_channel))
+    if layer.k.window is not None and layer.k.window.shape[2]:
+        parts.append(q @ layer.k.window.to(dtype).transpose(-1, -2))
+    logits = torch.cat(parts, -1).mul_(scale)
+    if attention_mask is not None:
+        grouped = logits.view(b, hkv, hq // hkv, q_len, -1)
+        mask = attention_mask[:, :, None, :, -logits.shape[-1]:]
+        if mask.dtype == torch.bool:
+            grouped.masked_fill_(~mask, float("-inf"))
+        else:
+            grouped.add_(mask.to(dtype))
+    p = torch.softmax(logits, -1)
+    cut = layer.v.n_packed
+    out = p[..., cut:] @ layer.v.window.to(dtype) if cut < p.shape[-1] else None
+    if cut:
+        packed = kvattention.weighted(p[..., :cut].contiguous(), layer.v.packed)
+        out = packed if out is None else out.add_(packed)
+    out = out.reshape(b, hq, q_len, d).to(query.dtype)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+AttentionMaskInterface.register(PACKED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def use_packed_attention(module) -> Callable[[], None]:
+    """Switch a transformers model on sdpa attention to `packed_sdpa`, so `KVCache`s made for it afterwards
+    decode from their packed states; returns the function that switches it back. Other attention
+    implementations are left alone (their caches dequantise instead)."""
+    config = module.config.get_text_config(decoder=True)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return lambda: None
+    module.set_attn_implementation(PACKED_SDPA)
+    return lambda: module.set_attn_implementation("sdpa")
 
 
 def cache_bytes(cache: Cache) -> int:

@@ -6,7 +6,8 @@
 Each action type has one handler registered here (`@handles(ActionType)`), run in registration order:
 quantisation first (removed sublayers' names vanish), then the KV cache (a hook on the decoder that hands
 every forward that would start a fresh dense cache a `lensbench.kvcache.KVCache` instead, so `generate`
-and `model(..., use_cache=True)` decode with it unchanged), then removal (`lensbench.surgery`: blocks leave
+and `model(..., use_cache=True)` decode with it unchanged; on sdpa models decode steps read the packed
+states directly, `kvcache.packed_sdpa`), then removal (`lensbench.surgery`: blocks leave
 the layer list, sublayers are swapped for stand-ins that compute nothing). A new action type registers its
 handler the same way.
 
@@ -33,7 +34,7 @@ from ..gpu.reference import dequantize
 from ..model import Model
 from ..surgery import Surgery, apply_units, remove_units
 from ..units import Unit, is_conv1d
-from ..kvcache import KVCache
+from ..kvcache import KVCache, use_packed_attention
 from .plan import KV, Action, Bound, Drop, Plan, Quant
 from ..simquant import dequantised
 
@@ -127,6 +128,7 @@ def _kv(model: Model, bound: Bound, surgery: Surgery, packed: bool = True) -> No
 
     handle = ad.base.register_forward_pre_hook(fresh_cache, with_kwargs=True)
     surgery.undo.append(handle.remove)
+    surgery.undo.append(use_packed_attention(model.module))  # decode steps read the packed states directly
 
 
 @handles(Drop)
