@@ -96,6 +96,14 @@ CASES = [  # (argv, pattern in the one line)
     (["evaluate", "{model}", "--out", "{out}.json"], "give --plan"),
     (["evaluate", "{saved}", "--dense", "{model}", "--plan", "{plan}", "--out", "{out}.json"], "do not go together"),
     (["evaluate", "{text}", "--dense", "{model}", "--out", "{out}.json"], "lensbench-compress.json|not a"),
+    # the KV cache
+    (["evaluate", "{model}", "--plan", "{kvplan}", "--context", "0", "--out", "{out}.json"], "--context must be at least"),
+    (["evaluate", "{model}", "--plan", "{kvplan}", "--context", "32", "--out", "{out}.json"], "window of 64 tokens"),
+    (["evaluate", "{model}", "--plan", "{kvplan}", "--context", "100000", "--out", "{out}.json"], "exceeds"),
+    (["evaluate", "{model}", "--plan", "{tmp}/kvbad.json", "--out", "{out}.json"], "k_bits=3 is not supported"),
+    (["profile", "{model}", "--analyses", "kv_sensitivity", "--out", "{out}.json"], "names a file"),
+    (["plan", "{profile}", "--policy", "kv-tuner", "--budget", "4", "--model", "{model}", "--out", "{out}.json"],
+     "needs the kv_sensitivity scores"),
     # compress
     (["compress", "{model}", "--plan", "{plan}", "--format", "hf", "--out", "{saved}"], "--overwrite"),
     (["compress", "{model}", "--plan", "{plan}", "--format", "compressed-tensors", "--out", "{out}"],
@@ -121,7 +129,7 @@ CASES = [  # (argv, pattern in the one line)
 def world(tmp_path_factory):
     from lensbench.compress.save import compress
     from lensbench.load import load
-    from lensbench.compress.plan import Plan
+    from lensbench.compress.plan import KV, Plan
     from lensbench.units import Unit
     from lensbench.profiling import profile_model
     from lensbench.testing import SAMPLE_TEXTS, tiny_model
@@ -157,6 +165,10 @@ def world(tmp_path_factory):
     Plan.quantize(card, {"model.layers.0": (4, 16)}).save(tmp / "qplan.json")
     Plan.quantize(card, {"model.layers.0": (8, 0, "gguf")}).save(tmp / "ggufplan.json")
     Plan.drop(card, [Unit(0, "mlp")]).save(tmp / "subplan.json")
+    Plan({"model.layers.0.self_attn": KV(4, 4, window=64)}, card).save(tmp / "kvplan.json")
+    kvbad = Plan({"model.layers.0.self_attn": KV(4, 4)}, card).to_dict()
+    kvbad["actions"]["model.layers.0.self_attn"]["k_bits"] = 3
+    (tmp / "kvbad.json").write_text(json.dumps(kvbad))
     nan_plan = plan.to_dict()
     nan_plan["predicted"] = {"kl": float("nan")}
     (tmp / "nanplan.json").write_text(json.dumps(nan_plan))
@@ -167,7 +179,7 @@ def world(tmp_path_factory):
               "nan_profile": str(tmp / "nan"), "foreign": str(tmp / "foreign.json"), "plan": str(tmp / "plan.json"),
               "qplan": str(tmp / "qplan.json"), "ggufplan": str(tmp / "ggufplan.json"),
               "subplan": str(tmp / "subplan.json"), "nan_plan": str(tmp / "nanplan.json"),
-              "saved": str(tmp / "saved")}
+              "saved": str(tmp / "saved"), "kvplan": str(tmp / "kvplan.json")}
     return paths
 
 

@@ -77,11 +77,13 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
         True
     """
     bound = plan.bind(model)  # a bad plan is refused before any work; resolved once for every entry below
+    context = cfg.context or (cfg.kv_context if bound.kv else 0)
+    if context:
+        check_context(model, context, cfg.decode_tokens, bound.kv.values())
     gptq = prepare(model, bound, bbc_news("calibration", limit=cfg.gptq_texts),
                    GPTQConfig(seq_len=cfg.gptq_seq_len), progress) if any(
         q.method == "gptq" for q in bound.quant.values()) else None
     target = saved if saved is not None else bound if (bound.quant or bound.kv) else bound.units
-    context = cfg.context or (cfg.kv_context if bound.kv else 0)
     if isinstance(texts, str):  # one text, never one text per character
         texts = [texts]
     source = "given texts"
@@ -91,7 +93,6 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
     steps = tqdm(total=3 + (saved is not None), desc="evaluating", disable=not progress, file=sys.stderr, leave=False)
     prompt = None
     if context:
-        check_context(model, context, cfg.decode_tokens, bound.kv.values())
         spans = windows(model, texts, context + cfg.decode_tokens + 1, cfg.texts)
         quality, prompt = context_quality(model, target, spans, context), spans[0][:, :context]
     else:
