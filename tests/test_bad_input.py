@@ -97,7 +97,7 @@ CASES = [  # (argv, pattern in the one line)
     (["evaluate", "{saved}", "--dense", "{model}", "--plan", "{plan}", "--out", "{out}.json"], "do not go together"),
     (["evaluate", "{text}", "--dense", "{model}", "--out", "{out}.json"], "lensbench-compress.json|not a"),
     # the KV cache
-    (["evaluate", "{model}", "--plan", "{kvplan}", "--context", "0", "--out", "{out}.json"], "--context must be at least"),
+    (["evaluate", "{model}", "--plan", "{kvplan}", "--context", "0", "--out", "{out}.json"], "--context must be"),
     (["evaluate", "{model}", "--plan", "{kvplan}", "--context", "32", "--out", "{out}.json"], "window of 64 tokens"),
     (["evaluate", "{model}", "--plan", "{kvplan}", "--context", "100000", "--out", "{out}.json"], "exceeds"),
     (["evaluate", "{model}", "--plan", "{tmp}/kvbad.json", "--out", "{out}.json"], "k_bits=3 is not supported"),
