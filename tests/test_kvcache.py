@@ -163,10 +163,13 @@ def test_apply_decodes_generate_through_the_packed_cache(tiny):
         handle.remove()
 
 
-def test_kv_plan_with_a_dropped_block_keeps_the_cache_indices(tiny):
+def test_one_plan_removes_quantises_and_packs_the_cache(tiny, tmp_path):
+    """Removed units, weight bits and KV bits in one plan: the cache has one layer per attention that runs,
+    the packed one where the plan says, and a saved checkpoint's record says what the KV entries are."""
     m = tiny("llama")
     names = templates_of(m.adapter)
-    plan = Plan({names["block"].format(i=1): {"op": "drop"}, names["attn"].format(i=2): KV(2, 2)}, card(m))
+    plan = Plan({names["block"].format(i=1): {"op": "drop"}, names["block"].format(i=0): lb.Quant(4, 16),
+                 names["attn"].format(i=2): KV(2, 2)}, card(m))
     ids = m.tokenize([LONG], max_length=24).input_ids
     with torch.no_grad(), lb.apply(m, plan):
         out = m.module(input_ids=ids[:, :16], use_cache=True)
@@ -174,6 +177,8 @@ def test_kv_plan_with_a_dropped_block_keeps_the_cache_indices(tiny):
         cache = out.cache
     assert isinstance(cache, KVCache) and len(cache.layers) == 2
     assert isinstance(cache.layers[1], PackedKVLayer) and not isinstance(cache.layers[0], PackedKVLayer)
+    saved = lb.compress(m, plan, format="hf", out=tmp_path / "saved")
+    assert saved.record["kv_cache"]["layers"] == {"2": "KV2"}
 
 
 @pytest.mark.real

@@ -85,6 +85,12 @@ def compress(model, plan: Plan, *, format: str = "hf", out: str | os.PathLike, d
         record = {"schema": "lensbench.compress/1", "format": format,
                   "source": {k: model.card.get(k) for k in ("name", "source", "fingerprint") if model.card.get(k)},
                   "plan": plan.to_dict(), "files": files, "files_bytes": sum(files.values()), **record}
+        if bound.kv:
+            record["kv_cache"] = {
+                "layers": {str(i): kv.name for i, kv in bound.kv.items()},
+                "note": "a run-time setting, not stored in the checkpoint's tensors: lensbench applies it from "
+                        "this record's plan (lb.apply); llama.cpp takes one type for every layer "
+                        "(--cache-type-k / --cache-type-v)"}
         write_json(staging / RECORD, record)
         publish_dir(staging, out)
     finally:
