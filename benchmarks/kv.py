@@ -17,8 +17,10 @@ quality, per model and key layout (per-token keys as KVTuner's default, KIVI's p
    at its end; greedy answer, exact match;
 5. KV-cache bytes after the prompt, measured from the tensors held, against transformers' DynamicCache.
 
-speed: decode tokens/s (batch 1, greedy, 16 steps) with `--contexts` cached tokens, dense DynamicCache against
-the packed caches, in interleaved rounds; median and min, and the load average.
+speed: decode tokens/s (batch 1, greedy, 16 steps) with `--contexts` cached tokens, transformers' dense
+DynamicCache against the packed caches (decode attention reading the codes, as `apply` runs a KV plan; and KV4
+per token through the dequantising path for comparison), in interleaved rounds; median and min, and the load
+average.
 
 Writes reports/KV.md (one section per part) and appends to reports/BENCHMARKS.md.
 """
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, machine, versions  # noqa: E402
 
 import lensbench as lb  # noqa: E402
-from lensbench.kvcache import KVSpec, cache_bytes  # noqa: E402
+from lensbench.kvcache import KVSpec, cache_bytes, use_packed_attention  # noqa: E402
 from lensbench.kvmeasure import cache_from, prefill, windows  # noqa: E402
 from lensbench.numeric import wide  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
@@ -188,12 +190,15 @@ def speed(args) -> str:
     for source in args.models.split(","):
         model = lb.load(source)
         L = model.n_layers
-        stream = windows(model, bbc_news("heldout"), max(map(int, args.contexts.split(","))), 1)[0]
+        stream = windows(model, bbc_news("heldout"), max(map(int, args.contexts.split(","))) + 1, 1)[0]
         for ctx in map(int, args.contexts.split(",")):
             pre = prefill(model, stream[:, :ctx + 1], ctx)
             x = stream[:, ctx:ctx + 1]
-            caches = {"dense": None, **{f"{name_of(k, v)} {axis}": {i: KVSpec(k, v, axis) for i in range(L)}
-                                         for k, v in ((8, 8), (4, 4)) for axis in ("token", "channel")}}
+            caches = {"dense": (None, False), **{
+                f"{name_of(k, v)} {axis}{' dequantising' if not fused else ''}": (
+                    {i: KVSpec(k, v, axis) for i in range(L)}, fused)
+                for k, v in ((8, 8), (4, 4)) for axis in ("token", "channel") for fused in (True, False)
+                if fused or (k, axis) == (4, "token")}}
 
             load0 = os.getloadavg()[0]
             res: dict[str, list] = {k: [] for k in caches}
@@ -203,7 +208,12 @@ def speed(args) -> str:
                 order = list(caches)
                 rng.shuffle(order)
                 for k in order:
-                    res[k].append(timed_decode(model, pre, x, caches[k], args.steps))
+                    specs, fused = caches[k]
+                    undo = use_packed_attention(model.module) if fused else (lambda: None)
+                    try:
+                        res[k].append(timed_decode(model, pre, x, specs, args.steps))
+                    finally:
+                        undo()
             dense = [r[0] for r in res["dense"]]
             for k, v in res.items():
                 tps = [r[0] for r in v]
@@ -214,7 +224,8 @@ def speed(args) -> str:
     head = (f"`python benchmarks/kv.py speed --models {args.models} --contexts {args.contexts} --rounds {args.rounds} "
             f"--steps {args.steps}`; {machine()}; {versions('torch', 'transformers')}. Batch 1, greedy, "
             f"{args.steps} decode steps after a prompt of the given length, {args.rounds} interleaved rounds; "
-            f"x dense = median over rounds of (tokens/s / dense tokens/s in the same round).\n")
+            f"x dense = median over rounds of (tokens/s / dense tokens/s in the same round). Packed rows decode with "
+            f"attention on the codes (`packed_sdpa`) unless marked dequantising.\n")
     return head + "\n" + "\n".join(["| model | cached tokens | cache | tokens/s median | min | x dense (paired) | KV "
                                     "bytes after | load avg |", "|---|---|---|---|---|---|---|---|", *lines]) + "\n"
 
