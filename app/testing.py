@@ -35,7 +35,8 @@ def open_dropdown(driver, dropdown_id: str, text: str, timeout: float = 10.0):
         lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "[role='option']") if text in o.text), None))
 
 
-REAL_PROFILES = ("plans-smollm2/profile", "channels-smollm2", "concept-depth/smollm2", "lrp-smollm2/profile")
+REAL_PROFILES = ("plans-smollm2/profile", "channels-smollm2", "concept-depth/smollm2", "lrp-smollm2/profile",
+                 "kv-smollm2/profile")
 
 
 def workbench_profile(reports: Path, out: Path) -> Path:

@@ -64,7 +64,11 @@ def joined(name: str) -> Path:
     target = cache_dir() / "bundled" / BUNDLED[name][2]
     if target.exists():
         return target
-    parts = [package_dir(module, module.replace("_", "-")) / rel for module, rel in chunks]
+    try:
+        parts = [package_dir(module, module.replace("_", "-")) / rel for module, rel in chunks]
+    except LensbenchError:
+        raise LensbenchError(f"{name} is not installed: ./run gemma installs its packages ({dist} and its parts; "
+                             f"{BUNDLED[name][4]})") from None
     missing = [str(p) for p in parts if not p.exists()]
     if missing:
         raise LensbenchError(f"{missing[0]} is missing: reinstall the chunks of {name} with ./run gemma")

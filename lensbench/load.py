@@ -3,7 +3,7 @@
 Sources, tried in this order:
   * an nn.Module handed in from a notebook (a Hugging Face model, a TransformerLens
     `TransformerBridge`, or an nnsight-wrapped model): unwrapped to the HF model inside;
-  * a bundled default name (`smollm2-135m`, `minilm-l6`, see `bundled.py`);
+  * a bundled default name (`smollm2-135m`, `minilm-l6`, `gemma3-270m`, see `bundled.py`);
   * a path to a `.gguf` file (dequantised by transformers; a converted copy is cached);
   * a path to a local Hugging Face directory (config.json + weights);
   * anything else is taken as a Hugging Face hub name (needs network access or the HF cache).

@@ -13,7 +13,7 @@ REPORTS = Path(__file__).resolve().parent.parent / "reports"
 needs_browser = pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
                                    reason="Chromium and chromedriver are not installed (.ci/run installs them)")
 PAGES = {"/": "ov-strip-graph", "/redundancy": "rd-curve-fig", "/concept-depth": "cd-fig", "/channels": "ch-fig",
-         "/relevance": "rl-run", "/plans": "pl-make"}
+         "/relevance": "rl-run", "/plans": "pl-make", "/kv": "kv-grid-fig"}
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,39 @@ def test_plan_explorer_makes_evaluates_saves_and_exports(browser, served):
     saved = Path(text.split("saved ", 1)[1].split(":", 1)[0])
     assert (saved / "config.json").is_file() and (saved / "lensbench-compress.json").is_file()
     assert console_errors(browser) == []
+
+
+@needs_browser
+@pytest.mark.real
+def test_kv_page_shows_the_grid_and_searches_a_pareto_front(browser, served):
+    from selenium.webdriver.common.by import By
+
+    browser.get(served + "/kv")
+    wait_for(browser, "kv-grid-fig")
+    assert "KL" in figure_title(browser, "kv-grid-fig")
+    assert "K8V4" in browser.find_element(By.ID, "kv-keys-table").text
+    trials = browser.find_element(By.ID, "kv-trials")
+    trials.clear()
+    trials.send_keys("4")
+    browser.find_element(By.ID, "kv-search").click()
+    wait_for(browser, "kv-front-fig", timeout=420)
+    assert "kv-tuner" in figure_title(browser, "kv-front-fig")
+    assert "bits, calibration KL" in browser.find_element(By.ID, "kv-status").text
+    assert console_errors(browser) == []
+
+
+def test_kv_figures_from_the_real_profile(workbench):
+    from lensbench.app.pages.kv import front_figure, grid_figure
+    from lensbench.profiles import Profile
+
+    profile = Profile.load(workbench)
+    fig = grid_figure(profile, "kv_kl")
+    assert list(fig.data[0].x)[:2] == ["KV8", "K8V4"] and len(fig.data[0].z) == 30
+    meta = {"pareto_front": [{"kv_bits": 3.0, "calibration_kl": 0.3, "pairs": ["K4V2"]},
+                             {"kv_bits": 4.0, "calibration_kl": 0.1, "pairs": ["KV4"]}],
+            "uniform": {"KV4": {"kv_bits": 4.0, "calibration_kl": 0.1}}}
+    fig = front_figure(meta, {"kv_bits": 4.0, "calibration_kl": 0.1})
+    assert [t.name for t in fig.data] == ["Pareto front (searched)", "uniform pairs", "plan"]
 
 
 def test_predicted_plan_quality_is_the_sum_of_single_unit_ablation_kls(workbench):

@@ -150,3 +150,13 @@ def test_a_chunked_bundled_model_is_joined_once_and_checked(tmp_path, monkeypatc
     monkeypatch.setitem(bundled.CHUNKED, "fake", (hashlib.sha256(whole).hexdigest(), chunks))
     path = bundled.joined("fake")
     assert path.read_bytes() == whole and bundled.joined("fake") == path
+
+
+def test_a_missing_chunked_model_names_the_command_that_installs_it(tmp_path, monkeypatch):
+    from lensbench import bundled
+
+    monkeypatch.setenv("LENSBENCH_CACHE", str(tmp_path))
+    monkeypatch.setitem(bundled.BUNDLED, "fake", ("fake-dist", "fake_dist", "fake.gguf", "a fake", "no licence"))
+    monkeypatch.setitem(bundled.CHUNKED, "fake", ("0" * 64, [("no_such_chunk_package", "data/x")]))
+    with pytest.raises(LensbenchError, match="fake is not installed: ./run gemma"):
+        bundled.joined("fake")

