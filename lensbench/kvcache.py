@@ -264,6 +264,7 @@ class KVCache(Cache):
 
 
 PACKED_SDPA = "lensbench_sdpa"  # sdpa, plus decode steps read straight from a packed cache
+PACKED_MIN_TOKENS = 0  # below this many cached tokens a decode step dequantises instead (see benchmarks/kv.py)
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -271,6 +272,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     """transformers' sdpa attention, except where `key` is a packed layer's marker (a decode step through a
     `KVCache` with fused decoding): then attention reads the packed codes directly (`gpu.kvattention`)."""
     layer = getattr(key, "kv_layer", None)
+    if layer is not None and layer.held < PACKED_MIN_TOKENS:  # short caches: dequantising costs less Python
+        key, value, layer = layer.k.states(), layer.v.states(), None
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
