@@ -128,7 +128,7 @@ class _Half:
         move = n_flushed - self.n_packed
         if move > 0:
             self._store(pack_states(self.window[:, :, :move], self.bits, self.per_channel))
-            self.window = self.window[:, :, move:]
+            self.window = self.window[:, :, move:].clone()  # a view would keep the whole float states alive
             self.n_packed = n_flushed
 
     def states(self) -> torch.Tensor:
@@ -142,11 +142,15 @@ class _Half:
         from_packed = min(n, self.n_packed)
         if from_packed:
             k = from_packed // (self.per_channel or 1)
-            self.buf = Packed(*(t[:, :, k:] for t in self.buf[:3]), self.bits)
             self.used -= k
             self.n_packed -= from_packed
+            keep = self.buf.codes.shape[2] - k
+            if keep > 2 * self.used + 16:  # most of the buffer is forgotten: hand its memory back
+                keep = self.used * 5 // 4 + 16
+            self.buf = Packed(*(t[:, :, k:k + keep].clone() if keep < t.shape[2] - k else t[:, :, k:]
+                                for t in self.buf[:3]), self.bits)
         if n > from_packed:
-            self.window = self.window[:, :, n - from_packed:]
+            self.window = self.window[:, :, n - from_packed:].clone()
 
     def droppable(self, n: int) -> int:
         """How many of the `n` oldest tokens can be forgotten now (key blocks go whole)."""
@@ -154,11 +158,8 @@ class _Half:
             return n - n % self.per_channel
         return n
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated: the buffers whole (their spare room included) and the window."""
-        held = 0 if self.buf is None else sum(t.untyped_storage().nbytes() for t in self.buf[:3])
-        return held + (0 if self.window is None else self.window.numel() * self.window.element_size())
+    def tensors(self) -> list[torch.Tensor]:
+        return [*(self.buf[:3] if self.buf is not None else ()), *([self.window] if self.window is not None else [])]
 
 
 def _packed_marker(layer: "PackedKVLayer", like: torch.Tensor) -> torch.Tensor:
@@ -228,7 +229,8 @@ class PackedKVLayer(DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """Bytes of memory the layer holds (whole storages: the buffers' spare room included)."""
+        return storage_bytes(self.k.tensors() + self.v.tensors())
 
 
 class KVCache(Cache):
@@ -264,7 +266,6 @@ class KVCache(Cache):
 
 
 PACKED_SDPA = "lensbench_sdpa"  # sdpa, plus decode steps read straight from a packed cache
-PACKED_MIN_TOKENS = 0  # below this many cached tokens a decode step dequantises instead (see benchmarks/kv.py)
 
 
 def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -272,8 +273,6 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     """transformers' sdpa attention, except where `key` is a packed layer's marker (a decode step through a
     `KVCache` with fused decoding): then attention reads the packed codes directly (`gpu.kvattention`)."""
     layer = getattr(key, "kv_layer", None)
-    if layer is not None and layer.held < PACKED_MIN_TOKENS:  # short caches: dequantising costs less Python
-        key, value, layer = layer.k.states(), layer.v.states(), None
     if layer is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -320,15 +319,22 @@ def use_packed_attention(module) -> Callable[[], None]:
     return lambda: module.set_attn_implementation("sdpa")
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the memory behind `tensors`, each storage counted once and whole (a view keeps all of it)."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
 def cache_bytes(cache: Cache) -> int:
-    """Bytes of the keys and values `cache` holds now (packed codes, scales, windows, dense states)."""
-    total = 0
+    """Bytes of memory the keys and values of `cache` hold now (packed codes, scales, windows, dense states;
+    whole storages, so a dense sliding layer's view of a longer prompt counts what it keeps alive)."""
+    tensors = []
     for layer in cache.layers:
         if isinstance(layer, PackedKVLayer):
-            total += layer.nbytes
+            tensors += layer.k.tensors() + layer.v.tensors()
         elif getattr(layer, "keys", None) is not None:
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-    return total
+            tensors += [layer.keys, layer.values]
+    return storage_bytes(tensors)
 
 
 def reference_states(x: torch.Tensor, spec: KVSpec, keys: bool) -> torch.Tensor:

@@ -118,6 +118,9 @@ def test_sliding_window_layers_decode_like_transformers():
     assert (q8 - ref).abs().max() < 0.05 * ref.abs().max()
     local = [layer for layer in cache.layers if layer.is_sliding]
     assert local and all(layer.held <= 7 for layer in local)
+    # and hold memory for those tokens only (per token: 2 heads x (8 code bytes + 4 scale bytes) x K and V),
+    # not for the 20-token prompt they were filled from
+    assert all(layer.nbytes <= 48 * (7 * 5 // 4 + 16) for layer in local)
 
 
 def test_kv_plan_json_and_bad_input(tiny):
