@@ -100,7 +100,8 @@ def cmd_profile(args) -> int:
     print(redundancy_summary(profile))
     if sensitivity_summary(profile):
         print(sensitivity_summary(profile))
-    print(f"wrote {path} and {path.parent / 'layers.csv'}")
+    table = path.parent / "layers.csv"
+    print(f"wrote {path}" + (f" and {table}" if table.is_file() else ""))
     return 0
 
 
