@@ -12,7 +12,9 @@ recent tokens; other layers keep the dense states. Two layouts (KIVI, arXiv 2402
 
 What a layer returns to attention: on the call that fills an empty cache (the prompt) the states as
 given, so the prompt attends in full precision as in KIVI and transformers' QuantizedCache; on later
-calls the dequantised packed states followed by the window. Quantised states are appended, never
+calls the dequantised packed states followed by the window, or, for a one-token decode step on a model
+switched to `lensbench_sdpa` (`use_packed_attention`), a zero-stride marker from which `packed_sdpa` reads
+the codes directly (`gpu.kvattention`). Quantised states are appended into buffers that grow in place, never
 re-quantised. Sliding-window layers (Gemma-3's local attention) keep only the tokens their window can
 still see, as transformers' own sliding layers do. Memory is measured from the tensors held
 (`cache_bytes`), not estimated.
