@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import torch
 
+from .quant import dequantized, grid, pack_planes, round_to_grid
+
 KV_BITS = (2, 4, 8)
 
 
@@ -31,33 +33,18 @@ class Packed(NamedTuple):
     min: torch.Tensor
     bits: int
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.min))
-
 
 def quantize(x: torch.Tensor, bits: int) -> Packed:
-    """x [..., g] quantised in groups of its last axis (g divisible by 8 // bits)."""
+    """x [..., g] quantised in groups of its last axis (g divisible by 8 // bits), on the weights' min-max grid
+    (`gpu.quant.grid`) and packed as their byte planes."""
     if bits not in KV_BITS:
         raise ValueError(f"KV bits must be one of {KV_BITS}, not {bits!r}")
-    xf = x.float()
-    lo, hi = xf.amin(-1), xf.amax(-1)
-    qmax = (1 << bits) - 1
-    s16 = ((hi - lo) / qmax).clamp_min(1e-7).to(torch.float16)
-    m16 = lo.to(torch.float16)
-    q = torch.round((xf - m16.float()[..., None]) / s16.float()[..., None]).clamp_(0, qmax).to(torch.uint8)
-    return Packed(_pack(q, bits), s16, m16, bits)
-
-
-def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits == 8:
-        return q.contiguous()
-    per = 8 // bits
-    parts = q.unflatten(-1, (per, -1))
-    word = parts[..., 0, :].clone()
-    for t in range(1, per):
-        word |= parts[..., t, :] << (bits * t)
-    return word
+    lead, g = x.shape[:-1], x.shape[-1]
+    x2 = x.float().reshape(-1, g)
+    s16, m16 = grid(x2, bits)
+    q = round_to_grid(x2, s16, m16, bits).to(torch.uint8)
+    return Packed(pack_planes(q[:, None, :], bits)[:, 0].reshape(*lead, -1), s16.reshape(lead), m16.reshape(lead),
+                  bits)
 
 
 def codes(p: Packed) -> torch.Tensor:
@@ -70,16 +57,6 @@ def codes(p: Packed) -> torch.Tensor:
 
 def dequantize(p: Packed, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The values [..., g] a packed tensor stands for."""
-    return torch.addcmul(p.min.to(dtype)[..., None], codes(p).to(dtype), p.scale.to(dtype)[..., None])
-
-
-def cat(parts: list[Packed], dim: int) -> Packed:
-    """Packed tensors joined along a leading axis `dim` (< the codes' last)."""
-    return Packed(*(torch.cat([getattr(p, f) for p in parts], dim=dim) for f in ("codes", "scale", "min")),
-                  parts[0].bits)
-
-
-def narrow(p: Packed, dim: int, start: int) -> Packed:
-    """The entries of a leading axis `dim` from `start` on."""
-    return Packed(*(getattr(p, f).narrow(dim, start, getattr(p, f).shape[dim] - start).contiguous()
-                    for f in ("codes", "scale", "min")), p.bits)
+    c = codes(p)
+    return dequantized(c.reshape(-1, c.shape[-1]).to(dtype), p.scale.reshape(-1), p.min.reshape(-1)).to(
+        dtype).reshape(c.shape)

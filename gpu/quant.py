@@ -181,13 +181,13 @@ def dequantized(codes: torch.Tensor, s16: torch.Tensor, m16: torch.Tensor) -> to
 def pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, group_size: int,
          shape: tuple[int, int]) -> PackedWeight:
     """A PackedWeight from codes [N, K_pad] (0..2^bits-1; zero in padded columns) and scales, mins [N, G]."""
-    parts = [_pack(codes[:, g0:g0 + group_size].to(torch.uint8)[:, None, :], bits)[:, 0]
+    parts = [pack_planes(codes[:, g0:g0 + group_size].to(torch.uint8)[:, None, :], bits)[:, 0]
              for g0 in range(0, codes.shape[1], group_size)]
     return PackedWeight(torch.cat(parts, 1).contiguous(), scales.to(torch.float16).contiguous(),
                         mins.to(torch.float16).contiguous(), bits, group_size, tuple(shape))
 
 
-def _pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+def pack_planes(q: torch.Tensor, bits: int) -> torch.Tensor:
     """[N, G, length] codes -> [N, G, length*bits/8] bytes in the byte-planar layout of the module docstring."""
     if bits == 8:
         return q

@@ -32,8 +32,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from .errors import LensbenchError
+from .numeric import storage_bytes
 from .gpu import kvattention, kvquant
 from .gpu.kvquant import KV_BITS, Packed
+from .gpu.quant import dequantized, grid, round_to_grid
 
 AXES = ("token", "channel")
 PAIRS = ((8, 8), (8, 4), (4, 8), (4, 4), (8, 2), (4, 2), (2, 4), (2, 2))  # KVTuner's candidate (K, V) bits
@@ -321,12 +323,6 @@ def use_packed_attention(module) -> Callable[[], None]:
     return lambda: module.set_attn_implementation("sdpa")
 
 
-def storage_bytes(tensors) -> int:
-    """Bytes of the memory behind `tensors`, each storage counted once and whole (a view keeps all of it)."""
-    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(seen.values())
-
-
 def cache_bytes(cache: Cache) -> int:
     """Bytes of memory the keys and values of `cache` hold now (packed codes, scales, windows, dense states;
     whole storages, so a dense sliding layer's view of a longer prompt counts what it keeps alive)."""
@@ -345,15 +341,10 @@ def reference_states(x: torch.Tensor, spec: KVSpec, keys: bool) -> torch.Tensor:
     bits = spec.k_bits if keys else spec.v_bits
     n = flushed(x.shape[2], spec, keys)
     past, recent = x[:, :, :n].float(), x[:, :, n:]
-    if keys and spec.axis == "channel":
-        g = past.unflatten(2, (-1, spec.group)).transpose(-1, -2)  # [B, H, T/G, D, G]
-        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    else:
-        lo, hi = past.amin(-1, keepdim=True), past.amax(-1, keepdim=True)
-        g = past
-    s = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-7).half().float()
-    m = lo.half().float()
-    deq = torch.round((g - m) / s).clamp(0, (1 << bits) - 1) * s + m
+    g = past.unflatten(2, (-1, spec.group)).transpose(-1, -2) if keys and spec.axis == "channel" else past
+    flat = g.reshape(-1, g.shape[-1])
+    s16, m16 = grid(flat, bits)
+    deq = dequantized(round_to_grid(flat, s16, m16, bits), s16, m16).reshape(g.shape)
     if keys and spec.axis == "channel":
         deq = deq.transpose(-1, -2).flatten(2, 3)
     return torch.cat([deq.to(x.dtype), recent], dim=2)

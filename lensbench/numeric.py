@@ -4,6 +4,12 @@ from __future__ import annotations
 import torch
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the memory behind `tensors`, each storage counted once and whole (a view keeps all of it)."""
+    seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(seen.values())
+
+
 def wide(x: torch.Tensor) -> torch.Tensor:
     """`x` in float32, or float64 where it already is float64.
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .model import Model
+from .numeric import storage_bytes
 from .units import Unit
 
 
@@ -114,7 +115,4 @@ def remove_for_good(model: Model, units: Sequence[Unit]) -> None:
 @torch.no_grad()
 def weight_bytes(module: nn.Module) -> int:
     """Bytes of the parameters and buffers the module holds now (shared tensors once)."""
-    seen: dict[int, int] = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
+    return storage_bytes(list(module.parameters()) + list(module.buffers()))

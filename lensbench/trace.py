@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapters import parse_site_name, site_name
+from .numeric import storage_bytes
 
 POSITIONS = ("all", "last", "mean")
 
@@ -51,8 +52,7 @@ class Trace:
     @property
     def nbytes(self) -> int:
         """Bytes held, counting shared storage once (resid_pre of block i+1 is resid_post of block i)."""
-        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.activations.values()}
-        return sum(seen.values())
+        return storage_bytes(self.activations.values())
 
     def stack(self, site: str, layers: list[int] | None = None) -> torch.Tensor:
         """All layers of one site stacked on a new leading axis."""
