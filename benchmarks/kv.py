@@ -43,8 +43,7 @@ from _common import append_report, machine, versions  # noqa: E402
 
 import lensbench as lb  # noqa: E402
 from lensbench.kvcache import KVSpec, cache_bytes, use_packed_attention  # noqa: E402
-from lensbench.kvmeasure import cache_from, prefill, windows  # noqa: E402
-from lensbench.numeric import wide  # noqa: E402
+from lensbench.kvmeasure import cache_from, decode_through, prefill, windows  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
 
 REPORT = Path(__file__).resolve().parent.parent / "reports" / "KV.md"
@@ -59,14 +58,7 @@ def name_of(k: int, v: int) -> str:
 def decoded(model, pre, specs) -> torch.Tensor:
     """Log-probs [steps, vocab] of the continuation decoded one token at a time through a cache holding the
     prompt states of `pre` packed as `specs` (None: transformers' dense cache)."""
-    cache = filled(model, pre, specs)
-    rows = []
-    ids = pre.continuation
-    for t in range(ids.shape[1] - 1):
-        out = model.module(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
-        cache = out.cache
-        rows.append(out.logits[0, -1])
-    return torch.log_softmax(wide(torch.stack(rows)), -1)
+    return decode_through(model, filled(model, pre, specs), pre.continuation)[0]
 
 
 @torch.no_grad()

@@ -120,9 +120,15 @@ def continuation_scores(model: Model, pre: Prefilled, specs: dict[int, KVSpec],
 def decode_logprobs(model: Model, ids: torch.Tensor, context: int) -> tuple[torch.Tensor, Cache]:
     """Prompt `ids[:, :context]`, then the rest fed one token at a time through the model's cache (whatever
     a plan installed): log-probabilities [steps, vocab] of each decoded step's next token, and the cache."""
-    out = model.module(input_ids=ids[:, :context], use_cache=True)
-    cache, rows = out.cache, []
-    for t in range(context, ids.shape[1] - 1):
+    return decode_through(model, model.module(input_ids=ids[:, :context], use_cache=True).cache, ids[:, context:])
+
+
+@torch.no_grad()
+def decode_through(model: Model, cache: Cache, ids: torch.Tensor) -> tuple[torch.Tensor, Cache]:
+    """`ids` [1, n] fed one token at a time through `cache` (teacher-forced decoding): log-probabilities
+    [n - 1, vocab] of each step's next token, and the cache."""
+    rows = []
+    for t in range(ids.shape[1] - 1):
         out = model.module(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
         cache = out.cache
         rows.append(out.logits[0, -1])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .profiles import Profile, Table
+from .profiles import Profile
 
 
 def _fmt(layers: list[int], values) -> str:
@@ -79,7 +79,8 @@ def sensitivity_summary(profile: Profile, k: int = 3) -> str:
         order = [int(i) for i in np.argsort(-kv.values[:, col], kind="stable")]
         label, v = "KV cache at " + names[col], kv.values[:, col]
         lines.append(f"  {label:22s} least sensitive: {_fmt(order[::-1][:k], v)}; most: {_fmt(order[:k], v)}")
-        for row in profile.tables.get("kv_keys_vs_values", Table("", [])).rows:
+        table = profile.tables.get("kv_keys_vs_values")
+        for row in table.rows if table else []:
             lines.append(f"  {row['key_heavy']} vs {row['value_heavy']}: KL {row['key_heavy_kl']:.4f} vs "
                          f"{row['value_heavy_kl']:.4f}, more key bits better in {row['layers_key_heavy_better']:.0%} "
                          f"of layers")
