@@ -21,8 +21,8 @@ from ..model import Batch, Model
 from ..units import Unit
 from ..numeric import wide
 from ..profiles import LayerScores
-from ..replay import STATE_SITES, DenseRun, removal_scores
-from ..analyzer import Analyzer, register
+from ..replay import STATE_SITES, removal_scores
+from ..analyzer import Scan, register
 
 KIND_WORDS = {"block": "block", "attn": "attention sublayer", "mlp": "MLP sublayer"}
 
@@ -34,7 +34,7 @@ def units_for(model: Model, kinds: Sequence[str]) -> list[Unit]:
 
 @register
 @dataclass
-class Ablation(Analyzer):
+class Ablation(Scan):
     name: ClassVar[str] = "ablation"
     sites: ClassVar[tuple[str, ...]] = STATE_SITES
     needs_lm_head: ClassVar[bool] = True
@@ -49,17 +49,21 @@ class Ablation(Analyzer):
         self.n_kl_ = 0
         self.n_loss_ = 0
 
-    def update(self, trace) -> None:
-        dense = DenseRun.from_trace(self.model_, trace)
-        base_nll = dense.dense_nll
-        has_next = ~torch.isnan(base_nll)
-        for j, unit in enumerate(self.units_):
-            kl, nll = removal_scores(self.model_, dense, [unit])
-            self.kl_[j] += float(kl.sum())
-            self.dloss_[j] += float((nll - base_nll)[has_next].sum())
-            self.step()
-        self.n_kl_ += dense.n_tokens
-        self.n_loss_ += int(has_next.sum())
+    def items(self, batch) -> list:
+        return list(range(len(self.units_)))
+
+    def measure(self, dense, j: int) -> dict:
+        kl, nll = removal_scores(self.model_, dense, [self.units_[j]])
+        has_next = ~torch.isnan(dense.dense_nll)
+        return {"kl": float(kl.sum()), "dloss": float((nll - dense.dense_nll)[has_next].sum())}
+
+    def fold(self, j: int, result: dict) -> None:
+        self.kl_[j] += result["kl"]
+        self.dloss_[j] += result["dloss"]
+
+    def end_batch(self, batch, items: list) -> None:
+        self.n_kl_ += int(batch.content_mask.sum())
+        self.n_loss_ += int((batch.next_tokens()[batch.content_mask] >= 0).sum())
 
     def steps_per_batch(self) -> int:
         return len(self.units_)

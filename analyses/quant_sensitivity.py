@@ -24,12 +24,12 @@ from ..model import Model
 from ..profiles import LayerScores
 from ..replay import STATE_SITES, DenseRun, change_scores
 from ..simquant import block_linears, linear_inputs, linear_params, simulated
-from ..analyzer import Analyzer, register
+from ..analyzer import Analyzer, Scan, register
 
 
 @register
 @dataclass
-class QuantSensitivity(Analyzer):
+class QuantSensitivity(Scan):
     name: ClassVar[str] = "quant_sensitivity"
     sites: ClassVar[tuple[str, ...]] = STATE_SITES
     needs_lm_head: ClassVar[bool] = True
@@ -54,16 +54,23 @@ class QuantSensitivity(Analyzer):
             kl, _ = change_scores(self.model_, dense, layer)
         return float(kl.sum())
 
-    def update(self, trace) -> None:
-        dense = DenseRun.from_trace(self.model_, trace)
-        for bi, b in enumerate(self.bits):
-            for i in range(self.model_.n_layers):
-                self.kl_block_[bi, i] += self._kl(dense, i, self.linears_, b)
-                if self.per_linear:
-                    for j, name in enumerate(self.linears_):
-                        self.kl_linear_[bi, i, j] += self._kl(dense, i, [name], b)
-                self.step()
-        self.n_ += dense.n_tokens
+    def items(self, batch) -> list:
+        return [[bi, i] for bi in range(len(self.bits)) for i in range(self.model_.n_layers)]
+
+    def measure(self, dense: DenseRun, item: list) -> dict:
+        bi, i = item
+        b = self.bits[bi]
+        linear = [self._kl(dense, i, [name], b) for name in self.linears_] if self.per_linear else []
+        return {"block": self._kl(dense, i, self.linears_, b), "linear": linear}
+
+    def fold(self, item: list, result: dict) -> None:
+        bi, i = item
+        self.kl_block_[bi, i] += result["block"]
+        if self.per_linear:
+            self.kl_linear_[bi, i] += np.asarray(result["linear"])
+
+    def end_batch(self, batch, items: list) -> None:
+        self.n_ += int(batch.content_mask.sum())
 
     def steps_per_batch(self) -> int:
         return len(self.bits) * self.model_.n_layers

@@ -30,7 +30,7 @@ from ..model import Model
 from ..profiles import LayerScores
 from ..numeric import wide
 from ..replay import STATE_SITES, DenseRun, replaying
-from ..analyzer import Analyzer, register
+from ..analyzer import Scan, register
 from ..errors import LensbenchError
 
 MODES = ("all", "future")
@@ -54,7 +54,7 @@ class _SkipBefore(nn.Module):
 
 @register
 @dataclass
-class SkipEffect(Analyzer):
+class SkipEffect(Scan):
     name: ClassVar[str] = "skip_effect"
     sites: ClassVar[tuple[str, ...]] = STATE_SITES
     needs_lm_head: ClassVar[bool] = True
@@ -75,6 +75,7 @@ class SkipEffect(Analyzer):
         self.out_sum_ = np.zeros(L)
         self.count_ = 0
         self.rng_ = random.Random(self.seed)
+        self._dense_probs = (None, None, None)
 
     def steps_per_batch(self) -> int:
         """One per skipped layer and position (short batches may have fewer positions)."""
@@ -88,32 +89,49 @@ class SkipEffect(Analyzer):
         self.rng_.shuffle(ts)
         return [(t, t) for t in ts[:self.n_positions]]
 
+    def items(self, batch) -> list:
+        """[stop, start, skipped layer] per position pair with something to measure and per layer."""
+        T = batch.input_ids.shape[1]
+        return [[stop, start, s] for stop, start in self._positions(T) if self._measured(batch, start).any()
+                for s in range(self.model_.n_layers)]
+
+    @staticmethod
+    def _measured(batch, start: int) -> torch.Tensor:
+        measured = batch.content_mask.clone()
+        measured[:, :start] = False
+        return measured
+
     @torch.no_grad()
-    def update(self, trace) -> None:
-        model = self.model_
-        dense = DenseRun.from_trace(model, trace)
-        L, T = model.n_layers, dense.batch.input_ids.shape[1]
-        deltas = [post - pre for pre, post in zip(dense.pre, dense.post, strict=True)]
-        for stop, start in self._positions(T):
-            measured = dense.batch.content_mask.clone()
-            measured[:, :start] = False
-            n = int(measured.sum())
-            if n == 0:
-                continue
-            p = self._probs(dense.post[-1][measured])
-            for s in range(L):
-                pre, post = self._skipped_run(dense, s, stop)
-                for layer in range(s, L):
-                    d = deltas[layer][measured].float()
-                    changed = (post[layer] - pre[layer])[measured].float()
-                    rel = (d - changed).norm(dim=-1) / d.norm(dim=-1).clamp_min(1e-6)
-                    self.max_[s, layer] = max(self.max_[s, layer], float(rel.max()))
-                    self.sum_[s, layer] += float(rel.sum())
-                dist = (p - self._probs(post[L - 1][measured])).norm(dim=-1)
-                self.out_max_[s] = max(self.out_max_[s], float(dist.max()))
-                self.out_sum_[s] += float(dist.sum())
-                self.step()
-            self.count_ += n
+    def measure(self, dense: DenseRun, item: list) -> dict:
+        stop, start, s = item
+        L = self.model_.n_layers
+        measured = self._measured(dense.batch, start)
+        cached = self._dense_probs  # the dense side, once per batch and position (a cache, not state)
+        if cached[0] is not dense or cached[1] != start:
+            cached = self._dense_probs = (dense, start, self._probs(dense.post[-1][measured]))
+        p = cached[2]
+        pre, post = self._skipped_run(dense, s, stop)
+        rel_max, rel_sum = [], []
+        for layer in range(s, L):
+            d = (dense.post[layer] - dense.pre[layer])[measured].float()
+            changed = (post[layer] - pre[layer])[measured].float()
+            rel = (d - changed).norm(dim=-1) / d.norm(dim=-1).clamp_min(1e-6)
+            rel_max.append(float(rel.max()))
+            rel_sum.append(float(rel.sum()))
+        dist = (p - self._probs(post[L - 1][measured])).norm(dim=-1)
+        return {"max": rel_max, "sum": rel_sum, "out_max": float(dist.max()), "out_sum": float(dist.sum())}
+
+    def fold(self, item: list, result: dict) -> None:
+        _, _, s = item
+        for k, layer in enumerate(range(s, self.model_.n_layers)):
+            self.max_[s, layer] = max(self.max_[s, layer], result["max"][k])
+            self.sum_[s, layer] += result["sum"][k]
+        self.out_max_[s] = max(self.out_max_[s], result["out_max"])
+        self.out_sum_[s] += result["out_sum"]
+
+    def end_batch(self, batch, items: list) -> None:
+        for start in dict.fromkeys(start for _, start, _ in items):
+            self.count_ += int(self._measured(batch, start).sum())
 
     def _probs(self, resid: torch.Tensor) -> torch.Tensor:
         ad = self.model_.adapter

@@ -22,6 +22,8 @@ from .errors import LensbenchError
 from .model import Model
 from .profiles import LayerScores
 from .trace import Trace
+from .replay import DenseRun
+from .jsonio import plain
 
 
 class Analyzer:
@@ -51,6 +53,38 @@ class Analyzer:
         on_step = getattr(self, "on_step_", None)
         if on_step is not None:
             on_step()
+
+
+class Scan(Analyzer):
+    """An analyzer whose work on a batch is independent items (one per unit, layer, level…), so an executor
+    can spread them over workers (`profile --executor`).
+
+    `items(batch)` lists a batch's items (JSON values; called in the driver, in batch order),
+    `measure(dense, item)` computes one item's numbers from the batch's dense run — reading the model and
+    what `start` derived, never the running sums — as a dict of floats or lists, `fold(item, result)` adds
+    them in, and `end_batch(batch, items)` counts the batch. `update` does exactly this in this process; a
+    worker runs `measure` and the driver folds the results in the same order, so the sums are the same.
+    """
+
+    def items(self, batch) -> list:
+        raise NotImplementedError
+
+    def measure(self, dense, item) -> dict:
+        raise NotImplementedError
+
+    def fold(self, item, result: dict) -> None:
+        raise NotImplementedError
+
+    def end_batch(self, batch, items: list) -> None:
+        raise NotImplementedError
+
+    def update(self, trace: Trace) -> None:
+        dense = DenseRun.from_trace(self.model_, trace)
+        items = self.items(dense.batch)
+        for item in items:
+            self.fold(item, plain(self.measure(dense, item)))
+            self.step()
+        self.end_batch(dense.batch, items)
 
 
 _REGISTRY: dict[str, type[Analyzer]] = {}

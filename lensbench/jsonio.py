@@ -55,3 +55,15 @@ def _find(node: Any, where: str) -> tuple[str, str] | None:
         if hit is not None:
             return hit
     return None
+
+
+def plain(value: Any) -> Any:
+    """`value` as JSON values (numpy and torch scalars and arrays become floats, ints and lists), so a result
+    is stored, sent and compared the same whichever process made it."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy and torch arrays and scalars
+        return plain(value.tolist())
+    return value

@@ -11,9 +11,12 @@ from typing import Sequence
 from tqdm import tqdm
 
 from .version import __version__
-from .analyzer import make
+from .analyzer import Scan, make
+from .executor import ExecutorConfig, run_items
+from .replay import STATE_SITES, DenseRun
 from .agreement import refresh
 from .capture import CaptureSpec, capture_batch, batches
+from dataclasses import dataclass
 from .errors import LensbenchError
 from .model import Model
 from .units import templates_of
@@ -80,6 +83,54 @@ def _stream(model: Model, texts, analyzers, spec: CaptureSpec, batch_size: int, 
     return {"n_texts": len(texts), "n_tokens": n_tokens, "seq_len": seq_len, "batch_size": batch_size}
 
 
+@dataclass
+class ScanWork:
+    """What a worker does for the scans of a profile: items [batch, scan, item] of `Scan.items`, measured on
+    the batch's dense run (captured once per batch and kept for the batch's next items)."""
+
+    analyses: list[tuple[str, dict]]
+    texts: list[str]
+    batch_size: int
+    seq_len: int
+
+    def setup(self, model: Model) -> None:
+        self.model_ = model
+        self.scans_ = [make(name, **params) for name, params in self.analyses]
+        for a in self.scans_:
+            a.start(model)
+        self.batches_ = list(batches(model, self.texts, self.batch_size, self.seq_len))
+        self.spec_ = CaptureSpec(sites=STATE_SITES).validate(model)
+        self.dense_ = (-1, None)
+
+    def run(self, item: list) -> dict:
+        b, k, what = item
+        if self.dense_[0] != b:
+            self.dense_ = (-1, None)  # the previous batch's states go before this batch's are made
+            trace, _ = capture_batch(self.model_, self.spec_, self.batches_[b])
+            self.dense_ = (b, DenseRun.from_trace(self.model_, trace))
+        return self.scans_[k].measure(self.dense_[1], what)
+
+
+def _sweep(model: Model, texts, scans: list[Scan], batch_size: int, seq_len: int, progress: bool,
+           executor: ExecutorConfig, resume: Path | None) -> None:
+    """The scans' items over every batch on `executor`, folded here in batch order (as `Scan.update` does)."""
+    listed = list(batches(model, texts, batch_size, seq_len))
+    per_batch = [[a.items(batch) for a in scans] for batch in listed]
+    items = [[b, k, it] for b, lists in enumerate(per_batch) for k, its in enumerate(lists) for it in its]
+    work = ScanWork([(a.name, a.params()) for a in scans], list(texts), batch_size, seq_len)
+    key = checkpoint.run_key(model, texts, scans, batch_size, seq_len)
+    with tqdm(total=len(items), desc=f"profiling {model.name} ({executor.kind})", unit="item",
+              disable=not progress, file=sys.stderr, leave=False) as bar:
+        results = run_items(work, model, items, executor, resume=resume, key=key, on_done=lambda: bar.update(1))
+    at = 0
+    for batch, lists in zip(listed, per_batch, strict=True):
+        for a, its in zip(scans, lists, strict=True):
+            for it in its:
+                a.fold(it, results[at])
+                at += 1
+            a.end_batch(batch, its)
+
+
 def model_card(model: Model) -> dict:
     """What a Profile records about its model (the fingerprint identifies it)."""
     return dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers, d_model=model.d_model,
@@ -89,7 +140,7 @@ def model_card(model: Model) -> dict:
 def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str] = DEFAULT_ANALYSES,
                   analysis_params: dict[str, dict] | None = None, batch_size: int = 8, seq_len: int | None = None,
                   data: dict | None = None, progress: bool = True, resume: str | Path | None = None,
-                  resume_every: float = 20.0) -> Profile:
+                  resume_every: float = 20.0, executor: ExecutorConfig | None = None) -> Profile:
     """Profile `model` on `texts` with the named analyses (`lensbench.profile`; `profile_model` is the old name).
 
         >>> profile = lb.profile(model, texts, analyses=["redundancy"], progress=False)
@@ -100,6 +151,10 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
     `resume` (a file path), the running state is saved there as batches finish (at most every
     `resume_every` seconds) and a run killed part-way continues from it; remove the file once the profile is
     saved (the CLI does).
+
+    With an `executor` other than serial, the scans (ablation, skip_effect, quant_sensitivity) run as work
+    items on its workers and are folded here in the same order, so the profile equals the serial one; their
+    finished items are kept beside `resume` (in RESUME-items/) so a killed run does only what is missing.
     """
     if isinstance(texts, str):  # one text, as capture() takes it; never one text per character
         texts = [texts]
@@ -116,9 +171,22 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
     skipped = 0
     if sites:
         texts, skipped = scorable(model, texts)
-        data = {**(data or {}), **_stream(model, texts, analyzers, CaptureSpec(sites=sites).validate(model),
-                                           batch_size, seq_len, progress, Path(resume) if resume else None,
-                                           resume_every)}
+        streamed = analyzers
+        if executor is not None and executor.kind != "serial":
+            scans = [a for a in analyzers if isinstance(a, Scan)]
+            streamed = [a for a in analyzers if not isinstance(a, Scan)]
+            if scans:
+                _sweep(model, texts, scans, batch_size, seq_len, progress, executor,
+                       Path(f"{resume}-items") if resume else None)
+        if streamed:
+            sites = tuple(dict.fromkeys(s for a in streamed for s in a.sites))
+            read = _stream(model, texts, streamed, CaptureSpec(sites=sites).validate(model), batch_size, seq_len,
+                           progress, Path(resume) if resume else None, resume_every)
+        else:
+            read = {"n_texts": len(texts), "n_tokens": sum(b.n_tokens for b in batches(model, texts, batch_size,
+                                                                                     seq_len)),
+                    "seq_len": seq_len, "batch_size": batch_size}
+        data = {**(data or {}), **read}
         if skipped:
             data["skipped_too_short"] = skipped
     else:  # weight-only analyses: no forward pass, and no text to describe

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..errors import LensbenchError
 from . import analysis, decisions, faces  # noqa: F401  (each module registers its commands)
-from .registry import COMMANDS
+from .registry import COMMANDS, executor_of
 
 
 def _quiet() -> None:
@@ -58,6 +58,8 @@ def check_args(args) -> None:
             raise LensbenchError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
     if getattr(args, "encoding", None) and not getattr(args, "texts", None):
         raise LensbenchError("--encoding applies to the file given with --texts: give --texts FILE, or drop --encoding")
+    if hasattr(args, "executor"):
+        args.executor_config = executor_of(args)
     port = getattr(args, "port", None)
     if port is not None and not 1 <= port <= 65535:
         raise LensbenchError(f"--port must be between 1 and 65535, got {port}")

@@ -30,7 +30,7 @@ from ..profiling import model_card, resolve_seq_len
 from ..store import capture_to_store
 from ..summary import channels_summary, interventions_summary, redundancy_summary, sensitivity_summary
 from ..texts import bbc_news, read_text_file
-from .registry import command
+from .registry import command, executor_arguments
 from .workflow import existing_profile, merged, run_profile
 
 
@@ -82,6 +82,7 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", metavar="ANALYSIS.KEY=VALUE",
                     help="an analysis parameter, e.g. quant_sensitivity.per_linear=true or "
                     "quant_sensitivity.bits=[2,4] (repeatable)")
+    executor_arguments(p)
 
 
 @command("profile", "profile a model into DIR/profile.json", _profile_arguments)
@@ -96,7 +97,8 @@ def cmd_profile(args) -> int:
         data = {"source": str(Path(args.texts).resolve())}
     profile, path = run_profile(args.model, Path(args.out), texts, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                 batch_size=args.batch_size, analyses=args.analyses.split(","),
-                                overwrite=args.overwrite, data=data, analysis_params=_analysis_params(args.param))
+                                overwrite=args.overwrite, data=data, analysis_params=_analysis_params(args.param),
+                                executor=args.executor_config)
     print(redundancy_summary(profile))
     if sensitivity_summary(profile):
         print(sensitivity_summary(profile))

@@ -14,6 +14,9 @@ import argparse
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import LensbenchError
+from ..executor import EXECUTORS, ExecutorConfig
+
 
 @dataclass(frozen=True)
 class Command:
@@ -33,3 +36,23 @@ def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser],
         COMMANDS[name] = Command(name, help, arguments, run, out_is_file)
         return run
     return deco
+
+
+def executor_arguments(p: argparse.ArgumentParser) -> None:
+    """--executor, --workers and --ray-address, for the commands whose work spreads over workers."""
+    p.add_argument("--executor", choices=EXECUTORS,
+                   help="run the sweep's items here one by one (serial, the default), in local processes, or on Ray")
+    p.add_argument("--workers", type=int, help="workers for --executor process|ray (default: one per CPU)")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="a running Ray cluster (implies --executor ray; default: start a local one on 127.0.0.1)")
+
+
+def executor_of(args: argparse.Namespace) -> ExecutorConfig:
+    """The executor the flags ask for, checked (a Ray address is tried here, before any model loads)."""
+    kind = args.executor or ("ray" if args.ray_address else "serial")
+    if args.workers is not None and args.workers < 1:
+        raise LensbenchError(f"--workers must be 1 or more, got {args.workers}")
+    if args.workers is not None and kind == "serial":
+        raise LensbenchError(f"--workers {args.workers} needs --executor process or ray (serial runs in this "
+                             f"process): add --executor process")
+    return ExecutorConfig(kind, args.workers, args.ray_address).check()

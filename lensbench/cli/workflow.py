@@ -1,10 +1,12 @@
 """Workflows several commands share: profile a model into an output folder, merging with what is there."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 from ..agreement import refresh
+from ..executor import ExecutorConfig
 from ..load import load
 from ..profiles import Profile
 from ..profiling import profile_model, resolve_seq_len
@@ -33,7 +35,7 @@ def merged(previous, profile):
 def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int | None = None,
                 max_tokens: int | None = None, batch_size: int = 8, analyses: Sequence[str] = ("redundancy",),
                 overwrite: bool = False, data: dict | None = None, progress: bool = True,
-                analysis_params: dict | None = None):
+                analysis_params: dict | None = None, executor: ExecutorConfig | None = None):
     model = load(source)
     previous = existing_profile(out, model, overwrite)
     seq = resolve_seq_len(model, seq_len)
@@ -45,10 +47,12 @@ def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int
     texts = select_texts(model, texts, seq, max_tokens)
     resume = out / ".profile-partial.safetensors"  # the scans' running state: a killed run continues from it
     profile = profile_model(model, texts, analyses=analyses, analysis_params=analysis_params,
-                            batch_size=batch_size, seq_len=seq, data=data, progress=progress, resume=resume)
+                            batch_size=batch_size, seq_len=seq, data=data, progress=progress, resume=resume,
+                            executor=executor)
     profile = merged(previous, profile)
     path = profile.save(out)
     resume.unlink(missing_ok=True)
+    shutil.rmtree(f"{resume}-items", ignore_errors=True)  # the executor's finished items
     if not profile.to_frame().empty:
         profile.to_table(out / "layers.csv")
     return profile, path

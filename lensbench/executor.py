@@ -1,0 +1,369 @@
+"""Executors: one interface that runs a sweep's independent work items serially, in local processes, or on
+a Ray cluster, with the same results.
+
+A sweep hands `run_items` a `Work` (what one worker sets up once and then does per item) and its items
+(JSON values, in a fixed order). Each worker gets the model once: `ship` packs its weights, config and
+tokenizer (no files needed on the worker's machine), `land` rebuilds it; on Ray the package goes into the
+object store once and every worker on that node reads it from there. Results come back as JSON values and
+are returned in item order, so a fold over them is the same whatever ran them.
+
+Faults: a worker that dies (killed, out of memory) has its items retried on a new worker, up to `retries`
+times; a worker that raises stops the sweep with that item's one-line error. With `resume` (a folder)
+every finished item is written there atomically as it arrives, and a rerun of the same sweep (same key)
+only does the items that are missing, so a killed driver loses nothing and no item is counted twice.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import multiprocessing
+import os
+import socket
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from .atomic import write_text
+from .jsonio import plain
+from .errors import LensbenchError
+from .model import Model
+
+EXECUTORS = ("serial", "process", "ray")
+LOCAL = "127.0.0.1"
+CONNECT_TIMEOUT = 3.0  # seconds to reach a Ray address before it is called unreachable
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How a sweep runs: `kind` serial|process|ray, `workers` (None: one per CPU, or per cluster CPU),
+    `address` of a running Ray cluster (None: start a local one on 127.0.0.1), `retries` per died worker."""
+
+    kind: str = "serial"
+    workers: int | None = None
+    address: str | None = None
+    retries: int = 3
+
+    def check(self) -> "ExecutorConfig":
+        if self.kind not in EXECUTORS:
+            raise LensbenchError(f"unknown executor {self.kind!r}: use one of {', '.join(EXECUTORS)}")
+        if self.workers is not None and self.workers < 1:
+            raise LensbenchError(f"--workers must be 1 or more, got {self.workers}")
+        if self.address is not None and self.kind != "ray":
+            raise LensbenchError(f"--ray-address is for --executor ray, not {self.kind}: add --executor ray or drop "
+                                 f"--ray-address")
+        if self.address is not None:
+            reachable(self.address)
+        return self
+
+
+class Work(Protocol):
+    """What a worker does: `setup(model)` once, then `run(item)` per item; both in the worker's process."""
+
+    def setup(self, model: Model) -> None: ...
+
+    def run(self, item: Any) -> Any: ...
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+
+@dataclass
+class Shipped:
+    """A model as plain parts: its class, config, tokenizer, card and every parameter and buffer as a numpy
+    array (tied tensors once, by index), so it crosses process and machine boundaries without its files."""
+
+    cls: type
+    config: Any
+    tokenizer: Any
+    card: dict
+    names: list[tuple[str, bool, int]]  # (qualified name, is a parameter, index into arrays)
+    arrays: list[np.ndarray]
+    dtypes: list[str]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+
+def ship(model: Model) -> Shipped:
+    model.fingerprint()  # computed once here, carried in the card
+    seen: dict[int, int] = {}
+    names, arrays, dtypes = [], [], []
+    module = model.module
+    for is_param, items in ((True, module.named_parameters(remove_duplicate=False)),
+                            (False, module.named_buffers(remove_duplicate=False))):
+        for name, t in items:
+            key = id(t)
+            if key not in seen:
+                seen[key] = len(arrays)
+                dtypes.append(str(t.dtype).removeprefix("torch."))
+                # numpy has no bfloat16: such tensors travel as their int16 bits
+                data = t.detach().cpu().contiguous()
+                arrays.append((data.view(torch.int16) if t.dtype == torch.bfloat16 else data).numpy())
+            names.append((name, is_param, seen[key]))
+    return Shipped(type(module), module.config, model.tokenizer, dict(model.card), names, arrays, dtypes)
+
+
+def land(shipped: Shipped) -> Model:
+    """The model again, each tensor a writable copy owned by this process (analyses edit weights in place)."""
+    from .load import from_module  # the spine's loader; deferred only to keep this module light to import
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = shipped.cls(shipped.config)
+    tensors = []
+    for array, dtype in zip(shipped.arrays, shipped.dtypes, strict=True):
+        t = torch.from_numpy(np.array(array, copy=True))
+        tensors.append(t.view(torch.bfloat16) if dtype == "bfloat16" else t)
+    params: dict[int, torch.nn.Parameter] = {}
+    for name, is_param, index in shipped.names:
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        if is_param:
+            p = params.setdefault(index, torch.nn.Parameter(tensors[index], requires_grad=False))
+            sub._parameters[leaf] = p
+        else:
+            sub._buffers[leaf] = tensors[index]
+    left = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+    if left:
+        raise LensbenchError(f"could not rebuild {shipped.card.get('name')} in a worker: {left[0]} has no weights")
+    return from_module(module, shipped.tokenizer, card=shipped.card)
+
+
+# ------------------------------------------------------------------------------------------ the workers
+
+
+class _Worker:
+    """One worker's state: the model, landed once, and the work set up on it."""
+
+    def __init__(self, shipped: Shipped | list, work: Work, threads: int):
+        torch.set_num_threads(threads)
+        if isinstance(shipped, list):  # [a Ray object ref], fetched here from this node's object store
+            shipped = ray_module().get(shipped[0])
+        self.work = work
+        work.setup(land(shipped))
+
+    def run(self, index: int, item: Any) -> tuple[int, Any]:
+        return index, self.work.run(item)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+_PROCESS_WORKER: _Worker | None = None
+
+
+def _process_init(shipped: Shipped, work: Work, threads: int) -> None:
+    global _PROCESS_WORKER
+    _PROCESS_WORKER = _Worker(shipped, work, threads)
+
+
+def _process_run(index: int, item: Any) -> tuple[int, Any]:
+    assert _PROCESS_WORKER is not None
+    return _PROCESS_WORKER.run(index, item)
+
+
+class ItemFailed(LensbenchError):
+    """One item raised in a worker; the sweep stops (finished items are kept in the resume folder)."""
+
+
+def _failed(item: Any, exc: BaseException) -> ItemFailed:
+    """The same one line from every executor: the item, then the error's first line."""
+    text = str(exc).strip().splitlines()
+    what = "" if isinstance(exc, LensbenchError) else f"{type(exc).__name__}: "
+    return ItemFailed(f"work item {json.dumps(item)} failed: {what}{text[0] if text else ''}")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+class Finished:
+    """The finished items of one sweep in a folder: one JSON file per item, written atomically, and the
+    sweep's key; a folder of another sweep is cleared, never mixed in."""
+
+    def __init__(self, folder: Path | None, key: str):
+        self.folder, self.key = folder, key
+        self.results: dict[int, Any] = {}
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        key_file = folder / "key"
+        if key_file.is_file() and key_file.read_text().strip() != key:
+            for old in folder.glob("item-*.json"):
+                old.unlink()
+        write_text(key_file, key)
+        for path in folder.glob("item-*.json"):
+            try:
+                doc = json.loads(path.read_text())
+                self.results[int(doc["index"])] = doc["result"]
+            except (ValueError, KeyError, OSError):
+                path.unlink(missing_ok=True)  # a damaged file is only lost time: the item runs again
+
+    def add(self, index: int, result: Any) -> None:
+        self.results[index] = result
+        if self.folder is not None:
+            # NaN is kept (a score can be undefined); these files are read back only here
+            write_text(self.folder / f"item-{index:08d}.json", json.dumps({"index": index, "result": result}))
+
+
+def sweep_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run_items(work: Work, model: Model, items: Sequence[Any], config: ExecutorConfig = ExecutorConfig(), *,
+              resume: Path | None = None, key: str = "", on_done: Callable[[], None] | None = None) -> list[Any]:
+    """Every item's result, in item order. Items already in `resume` (a finished item of this `key`) are not
+    run again; `on_done` is called once per item as it finishes (a progress bar)."""
+
+    config.check()
+    finished = Finished(resume, key)
+    todo = [i for i in range(len(items)) if i not in finished.results]
+    for _ in range(len(items) - len(todo)):
+        if on_done:
+            on_done()
+
+    def done(index: int, result: Any) -> None:
+        finished.add(index, plain(result))
+        if on_done:
+            on_done()
+
+    if todo:
+        if config.kind == "serial":
+            work.setup(model)
+            for i in todo:
+                try:
+                    result = work.run(items[i])
+                except Exception as exc:
+                    raise _failed(items[i], exc) from exc
+                done(i, result)
+        elif config.kind == "process":
+            _run_processes(work, model, items, todo, config, done)
+        else:
+            _run_ray(work, model, items, todo, config, done)
+    return [finished.results[i] for i in range(len(items))]
+
+
+def _threads(workers: int) -> int:
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def _run_processes(work, model, items, todo, config, done) -> None:
+    workers = min(config.workers or os.cpu_count() or 1, len(todo))
+    shipped = ship(model)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded torch process
+    left, deaths = list(todo), 0
+    while left:
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_process_init,
+                                    initargs=(shipped, work, _threads(workers))) as pool:
+            futures = {pool.submit(_process_run, i, items[i]): i for i in left}
+            try:
+                for fut in cf.as_completed(futures):
+                    i = futures[fut]
+                    try:
+                        index, result = fut.result()
+                    except cf.process.BrokenProcessPool:
+                        raise
+                    except Exception as exc:
+                        pool.shutdown(cancel_futures=True)
+                        raise _failed(items[i], exc) from exc
+                    done(index, result)
+                    left.remove(index)
+            except cf.process.BrokenProcessPool:
+                deaths += 1
+                if deaths > config.retries:
+                    raise LensbenchError(f"workers died {deaths} times (killed or out of memory); "
+                                         f"{len(left)} items left: rerun with fewer --workers") from None
+                print(f"lensbench: a worker died; retrying its {len(left)} unfinished items on new workers",
+                      file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------- Ray
+
+
+def reachable(address: str) -> None:
+    """Refuse a Ray address nothing answers at, within CONNECT_TIMEOUT (ray.init itself retries for minutes)."""
+    if address in ("auto", "local"):
+        return
+    rest = address.split("://", 1)[-1]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise LensbenchError(f"--ray-address {address!r} must look like HOST:PORT (e.g. 127.0.0.1:6379) or "
+                             f"ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT).close()
+    except OSError as exc:
+        raise LensbenchError(f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one with "
+                             f"`ray start --head`, or leave out --ray-address to start a local one") from None
+
+
+def ray_module():
+    try:
+        import ray  # optional: the ray extra
+    except ImportError:
+        raise LensbenchError("--executor ray needs Ray: pip install 'lensbench[ray]'") from None
+    return ray
+
+
+def connect(config: ExecutorConfig):
+    """ray, initialised: the given cluster, or a local one on 127.0.0.1 (left running for later sweeps)."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        import logging
+        if config.address is None:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address=LOCAL,
+                     logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            ray.init(address=config.address, logging_level=logging.ERROR, log_to_driver=False)
+    return ray
+
+
+def _run_ray(work, model, items, todo, config, done) -> None:
+    ray = connect(config)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = min(config.workers or cpus, len(todo))
+    threads = max(1, cpus // workers)
+    shipped = ray.put(ship(model))  # once; workers on the same node read it from the object store
+    remote = ray.remote(num_cpus=min(threads, cpus), max_restarts=-1, max_task_retries=config.retries)(_Worker)
+    # the ref goes inside a list: a restarted worker fetches it again (Ray warns on a bare ref argument)
+    actors = [remote.remote([shipped], work, threads) for _ in range(workers)]
+    pending: dict[Any, int] = {}
+    queue = list(todo)
+
+    def feed(actor) -> None:
+        if queue:
+            i = queue.pop(0)
+            ref = actor.run.remote(i, items[i])
+            pending[ref] = i
+            owner[ref] = actor
+
+    owner: dict[Any, Any] = {}
+    try:
+        for actor in actors:
+            for _ in range(2):  # two in flight per worker: the next item is there when one finishes
+                feed(actor)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            i = pending.pop(ref)
+            actor = owner.pop(ref)
+            try:
+                index, result = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                raise _failed(items[i], exc.cause if exc.cause is not None else exc) from None
+            except ray.exceptions.RayActorError:
+                raise LensbenchError(f"a Ray worker died more than {config.retries} times on item "
+                                     f"{json.dumps(items[i])}; rerun to continue from the finished items") from None
+            done(index, result)
+            feed(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
