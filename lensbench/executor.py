@@ -236,6 +236,8 @@ def run_items(work: Work, model: Model, items: Sequence[Any], config: ExecutorCo
         if on_done:
             on_done()
 
+    if config.kind != "serial" and config.workers is not None and config.workers > len(todo) > 0:
+        print(f"lensbench: {config.workers} workers asked for {len(todo)} items: using {len(todo)}", file=sys.stderr)
     if todo:
         if config.kind == "serial":
             work.setup(model)
@@ -260,30 +262,29 @@ def _run_processes(work, model, items, todo, config, done) -> None:
     workers = min(config.workers or os.cpu_count() or 1, len(todo))
     shipped = ship(model)
     ctx = multiprocessing.get_context("spawn")  # no fork of a threaded torch process
-    left, deaths = list(todo), 0
+    left, deaths = set(todo), 0
     while left:
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_process_init,
-                                    initargs=(shipped, work, _threads(workers))) as pool:
-            futures = {pool.submit(_process_run, i, items[i]): i for i in left}
-            try:
-                for fut in cf.as_completed(futures):
-                    i = futures[fut]
-                    try:
-                        index, result = fut.result()
-                    except cf.process.BrokenProcessPool:
-                        raise
-                    except Exception as exc:
-                        pool.shutdown(cancel_futures=True)
-                        raise _failed(items[i], exc) from exc
-                    done(index, result)
-                    left.remove(index)
-            except cf.process.BrokenProcessPool:
-                deaths += 1
-                if deaths > config.retries:
-                    raise LensbenchError(f"workers died {deaths} times (killed or out of memory); "
-                                         f"{len(left)} items left: rerun with fewer --workers") from None
-                print(f"lensbench: a worker died; retrying its {len(left)} unfinished items on new workers",
-                      file=sys.stderr)
+        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_process_init,
+                                      initargs=(shipped, work, _threads(workers)))
+        futures = {pool.submit(_process_run, i, items[i]): i for i in sorted(left)}
+        try:
+            for fut in cf.as_completed(futures):
+                try:
+                    index, result = fut.result()
+                except cf.process.BrokenProcessPool:
+                    raise
+                except Exception as exc:
+                    raise _failed(items[futures[fut]], exc) from exc
+                done(index, result)
+                left.discard(index)
+        except cf.process.BrokenProcessPool:
+            deaths += 1
+            if deaths > config.retries:
+                raise LensbenchError(f"workers died {deaths} times (killed or out of memory) with {len(left)} items "
+                                     f"left: rerun with fewer --workers to continue from the finished items") from None
+            print(f"lensbench: a worker died; its {len(left)} unfinished items go to new workers", file=sys.stderr)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------- Ray
@@ -313,11 +314,17 @@ def ray_module():
     return ray
 
 
+_CONNECTED: list = [None]  # the address this process's Ray is connected to (None: the local one it started)
+
+
 def connect(config: ExecutorConfig):
     """ray, initialised: the given cluster, or a local one on 127.0.0.1 (left running for later sweeps)."""
     ray = ray_module()
+    if ray.is_initialized() and _CONNECTED[0] != config.address:
+        ray.shutdown()
     if not ray.is_initialized():
         import logging
+        _CONNECTED[0] = config.address
         if config.address is None:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address=LOCAL,
                      logging_level=logging.ERROR, log_to_driver=False)

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -133,3 +137,30 @@ def more_tiny_hf_models() -> dict:
         "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=_VOCAB, dim=32, n_heads=4, n_layers=2,
                                                                    hidden_dim=64)),
     }
+
+
+@dataclass
+class LoggedWork:
+    """A sweep for the executor tests: item i is the summed logits of text i % len(texts) with the model's
+    output scaled by (1 + i); each run leaves a file `log/<pid>-<item>-<n>` (who ran what, how often), sleeps
+    `pause` seconds so a test can kill a worker mid-sweep, and item `fail_on` raises."""
+
+    log: str
+    texts: tuple[str, ...] = tuple(SAMPLE_TEXTS)
+    pause: float = 0.0
+    fail_on: int | None = None
+
+    def setup(self, model) -> None:
+        self.model_ = model
+
+    def run(self, item: int) -> dict:
+        if item == self.fail_on:
+            raise ValueError(f"item {item} was told to fail")
+        log = Path(self.log)
+        log.mkdir(parents=True, exist_ok=True)
+        (log / f"{os.getpid()}-{item}-{time.monotonic_ns()}").touch()
+        time.sleep(self.pause)
+        with torch.no_grad():
+            batch = self.model_.tokenize([self.texts[item % len(self.texts)]])
+            logits = self.model_.module(**batch.model_inputs()).logits
+        return {"item": item, "value": float(logits.double().sum()) * (1 + item)}

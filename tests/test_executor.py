@@ -1,0 +1,187 @@
+"""Executors: serial, local processes and Ray give the same results; worker and driver faults lose nothing."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lensbench.errors import LensbenchError
+from lensbench.executor import ExecutorConfig, ItemFailed, land, run_items, ship
+from lensbench.profiling import profile_model
+from lensbench.testing import SAMPLE_TEXTS, LoggedWork, tiny_model
+
+ITEMS = list(range(8))
+
+
+def ran(log: Path) -> list[tuple[int, int]]:
+    """(pid, item) of every run the log recorded."""
+    return [tuple(int(x) for x in p.name.split("-")[:2]) for p in log.iterdir()] if log.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shipped_model_is_the_same_model(tiny, arch):
+    model = tiny(arch)
+    again = land(ship(model))
+    batch = model.tokenize(list(SAMPLE_TEXTS[:2]))
+    with torch.no_grad():
+        a = model.module(**batch.model_inputs()).logits
+        b = again.module(**batch.model_inputs()).logits
+    assert torch.equal(a, b)
+    assert again.fingerprint() == model.fingerprint()
+    params = dict(again.module.named_parameters(remove_duplicate=False))
+    if arch == "gpt2":  # tied embedding and head stay one tensor
+        assert params["lm_head.weight"] is params["transformer.wte.weight"]
+    for p in params.values():  # writable copies: analyses edit weights in place
+        assert p.data.numpy().flags.writeable
+
+
+def test_bfloat16_model_ships():
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    again = land(ship(model))
+    for (n, a), (_, b) in zip(model.module.state_dict().items(), again.module.state_dict().items(), strict=True):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("kind", ["process", "ray"])
+def test_profile_scans_equal_the_serial_run(tiny, kind, request):
+    if kind == "ray":
+        request.getfixturevalue("ray_local")
+    model = tiny("llama")
+    analyses = ["ablation", "skip_effect", "quant_sensitivity", "redundancy"]
+    params = {"skip_effect": {"mode": "future", "n_positions": 2}, "quant_sensitivity": {"bits": (2, 4)}}
+    run = dict(analyses=analyses, analysis_params=params, batch_size=2, seq_len=32, progress=False)
+    threads = torch.get_num_threads()
+    serial = profile_model(model, list(SAMPLE_TEXTS), **run)
+    torch.set_num_threads(1)  # what each of 2 workers on 2 CPUs gets
+    try:
+        serial_1 = profile_model(model, list(SAMPLE_TEXTS), **run)
+    finally:
+        torch.set_num_threads(threads)
+    other = profile_model(model, list(SAMPLE_TEXTS), executor=ExecutorConfig(kind, workers=2), **run)
+    assert other.data == serial.data
+    assert set(other.scores) == set(serial.scores)
+    for name, scores in serial.scores.items():
+        a, b = np.asarray(scores.values), np.asarray(other.scores[name].values)
+        # the same arithmetic at the same thread count: bit for bit
+        assert np.array_equal(np.asarray(serial_1.scores[name].values), b, equal_nan=True), name
+        # at another thread count only float32 sums split differently over threads can differ
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=0, err_msg=name)
+
+
+def test_serial_process_and_ray_items_are_equal(tiny, tmp_path, ray_local):
+    model = tiny("llama")
+    out = {kind: run_items(LoggedWork(str(tmp_path / kind)), model, ITEMS, ExecutorConfig(kind, workers=2))
+           for kind in ("serial", "process", "ray")}
+    assert out["serial"] == out["process"] == out["ray"]
+    assert [r["item"] for r in out["ray"]] == ITEMS
+    for kind in ("process", "ray"):  # two workers shared the items, each item ran once
+        runs = ran(tmp_path / kind)
+        assert sorted(i for _, i in runs) == ITEMS and len({pid for pid, _ in runs}) == 2
+
+
+def _kill_a_worker(log: Path, after: int):
+    """An on_done callback that SIGKILLs one worker (by the PID its runs logged) once `after` items are done."""
+    state = {"done": 0, "killed": None}
+
+    def on_done():
+        state["done"] += 1
+        if state["done"] == after and state["killed"] is None:
+            pid = next(pid for pid, _ in ran(log) if pid != os.getpid())
+            os.kill(pid, signal.SIGKILL)
+            state["killed"] = pid
+    return state, on_done
+
+
+@pytest.mark.parametrize("kind", ["process", "ray"])
+def test_a_killed_worker_s_items_are_retried(tiny, tmp_path, kind, request):
+    if kind == "ray":
+        request.getfixturevalue("ray_local")
+    model = tiny("llama")
+    expected = run_items(LoggedWork(str(tmp_path / "serial")), model, ITEMS)
+    log = tmp_path / kind
+    state, on_done = _kill_a_worker(log, after=2)
+    got = run_items(LoggedWork(str(log), pause=0.3), model, ITEMS, ExecutorConfig(kind, workers=2),
+                    resume=tmp_path / "items", key="k", on_done=on_done)
+    assert state["killed"] is not None
+    assert got == expected
+    assert len({pid for pid, _ in ran(log)}) >= 3  # the killed worker was replaced
+
+
+def test_a_killed_driver_resumes_without_doing_an_item_twice(tiny, tmp_path):
+    model = tiny("llama")
+    expected = run_items(LoggedWork(str(tmp_path / "serial")), model, ITEMS)
+    state = {"n": 0}
+
+    def interrupt():
+        state["n"] += 1
+        if state["n"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_items(LoggedWork(str(tmp_path / "first")), model, ITEMS, ExecutorConfig("process", workers=2),
+                  resume=tmp_path / "items", key="k", on_done=interrupt)
+    kept = sorted(int(p.stem.split("-")[1]) for p in (tmp_path / "items").glob("item-*.json"))
+    assert len(kept) >= 3
+    again = run_items(LoggedWork(str(tmp_path / "second")), model, ITEMS, ExecutorConfig("process", workers=2),
+                      resume=tmp_path / "items", key="k")
+    assert again == expected
+    assert not set(kept) & {i for _, i in ran(tmp_path / "second")}  # finished items were not run again
+    # a folder of another sweep is cleared, never mixed in
+    other = run_items(LoggedWork(str(tmp_path / "third")), model, ITEMS[:2], resume=tmp_path / "items", key="k2")
+    assert other == expected[:2] and sorted(i for _, i in ran(tmp_path / "third")) == ITEMS[:2]
+
+
+@pytest.mark.parametrize("kind", ["serial", "process", "ray"])
+def test_a_raising_item_stops_the_sweep_in_one_line_and_keeps_the_rest(tiny, tmp_path, kind, request):
+    if kind == "ray":
+        request.getfixturevalue("ray_local")
+    with pytest.raises(ItemFailed) as err:
+        run_items(LoggedWork(str(tmp_path / "log"), fail_on=5), tiny("llama"), ITEMS, ExecutorConfig(kind, workers=2),
+                  resume=tmp_path / "items", key="k")
+    assert str(err.value) == "work item 5 failed: ValueError: item 5 was told to fail"
+    kept = {int(p.stem.split("-")[1]) for p in (tmp_path / "items").glob("item-*.json")}
+    assert 5 not in kept and kept  # what finished is kept
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_ray_address_is_one_line_within_seconds():
+    start = time.monotonic()
+    with pytest.raises(LensbenchError, match=r"^no Ray cluster answers at 127\.0\.0\.1:\d+ .*ray start --head"):
+        ExecutorConfig("ray", address=f"127.0.0.1:{_free_port()}").check()
+    assert time.monotonic() - start < 10
+
+
+def test_a_running_ray_cluster_by_address(tiny, tmp_path, ray_local):
+    ray_bin = Path(sys.executable).parent / "ray"
+    port = _free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    try:
+        model = tiny("llama")
+        got = run_items(LoggedWork(str(tmp_path / "log")), model, ITEMS,
+                        ExecutorConfig("ray", workers=2, address=f"127.0.0.1:{port}"))
+        assert got == run_items(LoggedWork(str(tmp_path / "serial")), model, ITEMS)
+        assert ray_local.get_runtime_context().gcs_address.endswith(f":{port}")
+    finally:
+        ray_local.shutdown()
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
