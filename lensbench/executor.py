@@ -220,21 +220,24 @@ def sweep_key(*parts: Any) -> str:
 
 
 def run_items(work: Work, model: Model, items: Sequence[Any], config: ExecutorConfig = ExecutorConfig(), *,
-              resume: Path | None = None, key: str = "", on_done: Callable[[], None] | None = None) -> list[Any]:
+              resume: Path | None = None, key: str = "",
+              on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Every item's result, in item order. Items already in `resume` (a finished item of this `key`) are not
-    run again; `on_done` is called once per item as it finishes (a progress bar)."""
+    run again; `on_done(index, result)` is called in this process as each item finishes (a progress bar,
+    a manifest), in the order they finish."""
 
     config.check()
     finished = Finished(resume, key)
     todo = [i for i in range(len(items)) if i not in finished.results]
-    for _ in range(len(items) - len(todo)):
+    for index, result in sorted(finished.results.items()):
         if on_done:
-            on_done()
+            on_done(index, result)
 
     def done(index: int, result: Any) -> None:
-        finished.add(index, plain(result))
+        result = plain(result)
+        finished.add(index, result)
         if on_done:
-            on_done()
+            on_done(index, result)
 
     if config.kind != "serial" and config.workers is not None and config.workers > len(todo) > 0:
         print(f"lensbench: {config.workers} workers asked for {len(todo)} items: using {len(todo)}", file=sys.stderr)

@@ -121,7 +121,7 @@ def _sweep(model: Model, texts, scans: list[Scan], batch_size: int, seq_len: int
     key = checkpoint.run_key(model, texts, scans, batch_size, seq_len)
     with tqdm(total=len(items), desc=f"profiling {model.name} ({executor.kind})", unit="item",
               disable=not progress, file=sys.stderr, leave=False) as bar:
-        results = run_items(work, model, items, executor, resume=resume, key=key, on_done=lambda: bar.update(1))
+        results = run_items(work, model, items, executor, resume=resume, key=key, on_done=lambda *_: bar.update(1))
     at = 0
     for batch, lists in zip(listed, per_batch, strict=True):
         for a, its in zip(scans, lists, strict=True):

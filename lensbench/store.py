@@ -5,14 +5,17 @@ Layout of a store directory:
     chunk-000000.safetensors  tensors of one batch: each site as [n_tokens, d] (positions="all",
                               padding dropped) or [n_texts, d], plus token_ids/text_index/position
 
-Each chunk is written atomically and only then entered in the manifest (also written atomically),
-so a run killed at any moment resumes at the first batch the manifest does not list.
+Each chunk is written atomically and only then entered in the manifest (also written atomically, by the
+driver alone), so a run killed at any moment resumes with the batches the manifest does not list, and
+several workers can write chunks of one store at once (`capture_to_store(executor=...)`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -26,6 +29,7 @@ from .atomic import write_json, write_with
 from .capture import CaptureSpec, capture_batch, batches
 from . import jsonio
 from .errors import LensbenchError
+from .executor import ExecutorConfig, run_items
 from .model import Model
 
 SCHEMA = "lensbench.store/1"
@@ -79,9 +83,8 @@ class ActivationStore:
     def has(self, index: int) -> bool:
         return str(index) in self.manifest["chunks"]
 
-    def write_chunk(self, index: int, tensors: dict[str, torch.Tensor], n_tokens: int) -> None:
-        name = f"chunk-{index:06d}.safetensors"
-        write_with(self.root / name, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+    def enter(self, index: int, name: str, n_tokens: int) -> None:
+        """List a chunk file (already written in place) in the manifest."""
         self.manifest["chunks"][str(index)] = {"file": name, "n_tokens": n_tokens}
         write_json(self.root / "manifest.json", self.manifest)
 
@@ -104,43 +107,77 @@ class ActivationStore:
         return torch.cat([c[name] for c in self.chunks([name])])
 
 
+def chunk_name(index: int) -> str:
+    return f"chunk-{index:06d}.safetensors"
+
+
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+@dataclass
+class CaptureWork:
+    """Capture one batch into its chunk file (a work item is a batch index). Chunk files are distinct per
+    batch and written atomically, so any number of workers write shards of one store at once without a lock;
+    only the driver writes the manifest, after the chunk is in place. On a cluster, the store's folder must be
+    one that every worker sees (a shared filesystem)."""
+
+    root: str
+    texts: list[str]
+    spec: CaptureSpec
+    batch_size: int
+    seq_len: int | None
+
+    def setup(self, model: Model) -> None:
+        self.model_ = model
+        self.batches_ = list(batches(model, self.texts, self.batch_size, self.seq_len))
+
+    def run(self, index: int) -> dict:
+        batch = self.batches_[index]
+        trace, _ = capture_batch(self.model_, self.spec, batch)
+        B, T = batch.input_ids.shape
+        if self.spec.positions == "all":
+            keep = batch.attention_mask.bool()
+            tensors = {k: v[keep] for k, v in trace.activations.items()}
+            tensors["token_ids"] = batch.input_ids[keep]
+            tensors["position"] = torch.arange(T).expand(B, T)[keep]
+            tensors["text_index"] = (torch.arange(B)[:, None] + index * self.batch_size).expand(B, T)[keep]
+        else:
+            tensors = dict(trace.activations)
+            tensors["text_index"] = torch.arange(B) + index * self.batch_size
+        name = chunk_name(index)
+        write_with(Path(self.root) / name,
+                   lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
+        return {"file": name, "n_tokens": batch.n_tokens}
+
+
 def capture_to_store(model: Model, texts: Sequence[str], root: str | Path, *, sites: Sequence[str] = SITES,
                      layers: Sequence[int] | None = None, positions: str = "all", batch_size: int = 8,
                      seq_len: int | None = 128, dtype: torch.dtype = torch.float16, progress: bool = True,
-                     after_chunk: Callable[[int], None] | None = None) -> ActivationStore:
-    """Capture `texts` batch by batch into a store at `root`; rerun the same call to resume."""
+                     after_chunk: Callable[[int], None] | None = None,
+                     executor: ExecutorConfig = ExecutorConfig()) -> ActivationStore:
+    """Capture `texts` batch by batch into a store at `root`; rerun the same call to resume. With an
+    `executor`, workers capture batches in parallel, each writing its own chunk file; the store equals the
+    serial one."""
     spec = CaptureSpec(tuple(sites), None if layers is None else tuple(layers), positions, dtype).validate(model)
     config = {"model": model.fingerprint(), "model_name": model.name, "n_texts": len(texts),
               "texts_sha256": hashlib.sha256("\x00".join(texts).encode()).hexdigest(),
               "sites": list(spec.sites), "layers": list(spec.layers), "positions": positions,
               "batch_size": batch_size, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", "")}
     store = ActivationStore.open(root, config)
+    todo = [i for i in range(math.ceil(len(texts) / batch_size)) if not store.has(i)]
     bar = tqdm(total=len(texts), desc=f"capturing {model.name}", unit="text", disable=not progress, file=sys.stderr)
-    for index, batch in enumerate(batches(model, texts, batch_size, seq_len)):
-        bar.update(batch.input_ids.shape[0])
-        if store.has(index):
-            continue
-        trace, _ = capture_batch(model, spec, batch)
-        B, T = batch.input_ids.shape
-        if positions == "all":
-            keep = batch.attention_mask.bool()
-            tensors = {k: v[keep] for k, v in trace.activations.items()}
-            tensors["token_ids"] = batch.input_ids[keep]
-            tensors["position"] = torch.arange(T).expand(B, T)[keep]
-            tensors["text_index"] = (torch.arange(B)[:, None] + index * batch_size).expand(B, T)[keep]
-        else:
-            tensors = dict(trace.activations)
-            tensors["text_index"] = torch.arange(B) + index * batch_size
-        store.write_chunk(index, tensors, batch.n_tokens)
-        del trace, tensors
+    bar.update(min(len(texts), (math.ceil(len(texts) / batch_size) - len(todo)) * batch_size))
+
+    def entered(j: int, chunk: dict) -> None:  # the driver alone writes the manifest, after the chunk
+        store.enter(todo[j], chunk["file"], chunk["n_tokens"])
+        bar.update(min(batch_size, len(texts) - todo[j] * batch_size))
         if after_chunk is not None:
-            after_chunk(index)
+            after_chunk(todo[j])
+
+    run_items(CaptureWork(str(store.root), list(texts), spec, batch_size, seq_len), model, todo, executor,
+              on_done=entered)
     bar.close()
     store.mark_complete()
     return store
-

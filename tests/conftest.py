@@ -70,3 +70,11 @@ def tiny_dir(tmp_path, tiny):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Ray, for the tests that start a local cluster (on 127.0.0.1, by the executor); stopped at the end."""
+    ray = pytest.importorskip("ray")
+    yield ray
+    ray.shutdown()

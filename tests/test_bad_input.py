@@ -118,6 +118,15 @@ CASES = [  # (argv, pattern in the one line)
     (["export", "{plan}", "--format", "torchao", "--model", "{model}"], "quantises nothing"),
     (["export", "{qplan}", "--format", "nope", "--model", "{model}"], "unknown export format"),
     (["export", "{ggufplan}", "--format", "torchao", "--model", "{model}"], "compress --format gguf"),
+    # executors
+    (["profile", "{model}", "--analyses", "ablation", "--executor", "process", "--workers", "0", "--out", "{out}"],
+     "--workers must be 1 or more"),
+    (["profile", "{model}", "--analyses", "ablation", "--workers", "2", "--out", "{out}"], "needs --executor"),
+    (["profile", "{model}", "--analyses", "ablation", "--ray-address", "127.0.0.1:9", "--out", "{out}"],
+     "no Ray cluster answers at 127.0.0.1:9"),
+    (["capture", "{model}", "--texts", "{text}", "--executor", "process", "--ray-address", "127.0.0.1:9", "--out",
+      "{out}"], "--ray-address is for --executor ray"),
+    (["profile", "{model}", "--ray-address", "localhost", "--out", "{out}"], "must look like HOST:PORT"),
     # reports and the app
     (["report", "{tmp}/nope", "--out", "{out}.html"], "does not exist"),
     (["report", "{profile}", "--eval", "{text}", "--out", "{out}.html"], "evaluation record|JSON"),

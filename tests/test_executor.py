@@ -24,13 +24,6 @@ def ran(log: Path) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in p.name.split("-")[:2]) for p in log.iterdir()] if log.is_dir() else []
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_shipped_model_is_the_same_model(tiny, arch):
     model = tiny(arch)
@@ -96,7 +89,7 @@ def _kill_a_worker(log: Path, after: int):
     """An on_done callback that SIGKILLs one worker (by the PID its runs logged) once `after` items are done."""
     state = {"done": 0, "killed": None}
 
-    def on_done():
+    def on_done(*_):
         state["done"] += 1
         if state["done"] == after and state["killed"] is None:
             pid = next(pid for pid, _ in ran(log) if pid != os.getpid())
@@ -125,7 +118,7 @@ def test_a_killed_driver_resumes_without_doing_an_item_twice(tiny, tmp_path):
     expected = run_items(LoggedWork(str(tmp_path / "serial")), model, ITEMS)
     state = {"n": 0}
 
-    def interrupt():
+    def interrupt(*_):
         state["n"] += 1
         if state["n"] == 3:
             raise KeyboardInterrupt

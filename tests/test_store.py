@@ -113,3 +113,17 @@ def test_resume_after_sigkill(tmp_path, tiny):
     assert len(redone) == 30 - done
     fresh = capture_to_store(m, SAMPLE_TEXTS * 10, tmp_path / "fresh", batch_size=2, progress=False)
     torch.testing.assert_close(store.load("blocks.0.hook_resid_post"), fresh.load("blocks.0.hook_resid_post"))
+
+
+@pytest.mark.parametrize("kind", ["process", "ray"])
+def test_capture_in_shards_equals_the_serial_store(tmp_path, tiny, texts, kind, request):
+    from lensbench.executor import ExecutorConfig
+    if kind == "ray":
+        request.getfixturevalue("ray_local")
+    m = tiny("llama")
+    serial = capture_to_store(m, texts * 2, tmp_path / "serial", batch_size=2, seq_len=32, progress=False)
+    sharded = capture_to_store(m, texts * 2, tmp_path / kind, batch_size=2, seq_len=32, progress=False,
+                               executor=ExecutorConfig(kind, workers=2))
+    assert sharded.complete and sharded.manifest == serial.manifest
+    for a, b in zip(serial.chunks(), sharded.chunks(), strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -132,6 +132,7 @@ def _capture_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    executor_arguments(p)
 
 
 @command("capture", "stream activations of a text file into a resumable on-disk store", _capture_arguments)
@@ -140,7 +141,7 @@ def cmd_capture(args) -> int:
     texts = read_text_file(args.texts, args.encoding)
     store = capture_to_store(model, texts, args.out, sites=args.sites.split(","), positions=args.positions,
                              batch_size=args.batch_size, seq_len=resolve_seq_len(model, args.seq_len),
-                             dtype=getattr(torch, args.dtype))
+                             dtype=getattr(torch, args.dtype), executor=args.executor_config)
     print(f"captured {store.n_tokens} tokens of {len(texts)} texts into {args.out}")
     return 0
 
