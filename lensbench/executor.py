@@ -142,14 +142,21 @@ def land(shipped: Shipped) -> Model:
 class _Worker:
     """One worker's state: the model, landed once, and the work set up on it."""
 
-    def __init__(self, shipped: Shipped | list, work: Work, threads: int):
+    def __init__(self, shipped: Shipped | None, work: Work, threads: int):
         torch.set_num_threads(threads)
-        if isinstance(shipped, list):  # [a Ray object ref], fetched here from this node's object store
-            shipped = ray_module().get(shipped[0])
-        self.work = work
-        work.setup(land(shipped))
+        self.work, self.ready = work, False
+        if shipped is not None:
+            self._setup(shipped)
 
-    def run(self, index: int, item: Any) -> tuple[int, Any]:
+    def _setup(self, shipped: Shipped) -> None:
+        self.work.setup(land(shipped))
+        self.ready = True
+
+    def run(self, index: int, item: Any, shipped: list | None = None) -> tuple[int, Any]:
+        """One item; on Ray, `shipped` is [the model's object ref], fetched from this node's object store by a
+        worker's first item (also after a restart: Ray warns about refs among an actor's constructor arguments)."""
+        if not self.ready:
+            self._setup(ray_module().get(shipped[0]))
         return index, self.work.run(item)
 
     def pid(self) -> int:
@@ -293,6 +300,10 @@ def _run_processes(work, model, items, todo, config, done) -> None:
 # ------------------------------------------------------------------------------------------------- Ray
 
 
+def _host(address: str) -> str:
+    return address.split("://", 1)[-1].rpartition(":")[0]
+
+
 def reachable(address: str) -> None:
     """Refuse a Ray address nothing answers at, within CONNECT_TIMEOUT (ray.init itself retries for minutes)."""
     if address in ("auto", "local"):
@@ -317,6 +328,8 @@ def ray_module():
     return ray
 
 
+_LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOOPBACK_DEFAULT = os.environ.get(_LOOPBACK_ONLY, "1")
 _CONNECTED: list = [None]  # the address this process's Ray is connected to (None: the local one it started)
 
 
@@ -328,6 +341,13 @@ def connect(config: ExecutorConfig):
     if not ray.is_initialized():
         import logging
         _CONNECTED[0] = config.address
+        # Ray's switch for a node that is no cluster's: every server of a local Ray (GCS, raylet, object
+        # manager, workers) then binds 127.0.0.1 instead of all interfaces. It is read when ray is imported
+        # (the module constant) and by the processes Ray starts (the environment), so both are set.
+        # A cluster at a loopback address is one on this host that binds loopback: this driver must too.
+        loopback = config.address is None or _host(config.address) in ("127.0.0.1", "localhost", "::1")
+        os.environ[_LOOPBACK_ONLY] = "0" if loopback else _LOOPBACK_DEFAULT
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = not loopback
         if config.address is None:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address=LOCAL,
                      logging_level=logging.ERROR, log_to_driver=False)
@@ -343,15 +363,14 @@ def _run_ray(work, model, items, todo, config, done) -> None:
     threads = max(1, cpus // workers)
     shipped = ray.put(ship(model))  # once; workers on the same node read it from the object store
     remote = ray.remote(num_cpus=min(threads, cpus), max_restarts=-1, max_task_retries=config.retries)(_Worker)
-    # the ref goes inside a list: a restarted worker fetches it again (Ray warns on a bare ref argument)
-    actors = [remote.remote([shipped], work, threads) for _ in range(workers)]
+    actors = [remote.remote(None, work, threads) for _ in range(workers)]
     pending: dict[Any, int] = {}
     queue = list(todo)
 
     def feed(actor) -> None:
         if queue:
             i = queue.pop(0)
-            ref = actor.run.remote(i, items[i])
+            ref = actor.run.remote(i, items[i], [shipped])  # in a list: fetched only by a worker not set up
             pending[ref] = i
             owner[ref] = actor
 

@@ -79,6 +79,7 @@ def test_serial_process_and_ray_items_are_equal(tiny, tmp_path, ray_local):
     out = {kind: run_items(LoggedWork(str(tmp_path / kind)), model, ITEMS, ExecutorConfig(kind, workers=2))
            for kind in ("serial", "process", "ray")}
     assert out["serial"] == out["process"] == out["ray"]
+    assert ray_local.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # nothing listens beyond this host
     assert [r["item"] for r in out["ray"]] == ITEMS
     for kind in ("process", "ray"):  # two workers shared the items, each item ran once
         runs = ran(tmp_path / kind)
@@ -165,10 +166,11 @@ def test_an_unreachable_ray_address_is_one_line_within_seconds():
 def test_a_running_ray_cluster_by_address(tiny, tmp_path, ray_local):
     ray_bin = Path(sys.executable).parent / "ray"
     port = _free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # loopback only
     subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
                     "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True, timeout=120)
+    signal.alarm(240)  # a connection that hangs fails this test instead of the whole run
     try:
         model = tiny("llama")
         got = run_items(LoggedWork(str(tmp_path / "log")), model, ITEMS,
@@ -176,5 +178,6 @@ def test_a_running_ray_cluster_by_address(tiny, tmp_path, ray_local):
         assert got == run_items(LoggedWork(str(tmp_path / "serial")), model, ITEMS)
         assert ray_local.get_runtime_context().gcs_address.endswith(f":{port}")
     finally:
+        signal.alarm(0)
         ray_local.shutdown()
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)

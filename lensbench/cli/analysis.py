@@ -82,6 +82,8 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--param", action="append", metavar="ANALYSIS.KEY=VALUE",
                     help="an analysis parameter, e.g. quant_sensitivity.per_linear=true or "
                     "quant_sensitivity.bits=[2,4] (repeatable)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="load and run the model in this dtype (default: float32; bfloat16 halves its memory)")
     executor_arguments(p)
 
 
@@ -98,7 +100,7 @@ def cmd_profile(args) -> int:
     profile, path = run_profile(args.model, Path(args.out), texts, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                 batch_size=args.batch_size, analyses=args.analyses.split(","),
                                 overwrite=args.overwrite, data=data, analysis_params=_analysis_params(args.param),
-                                executor=args.executor_config)
+                                executor=args.executor_config, dtype=args.dtype)
     print(redundancy_summary(profile))
     if sensitivity_summary(profile):
         print(sensitivity_summary(profile))

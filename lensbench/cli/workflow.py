@@ -35,8 +35,9 @@ def merged(previous, profile):
 def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int | None = None,
                 max_tokens: int | None = None, batch_size: int = 8, analyses: Sequence[str] = ("redundancy",),
                 overwrite: bool = False, data: dict | None = None, progress: bool = True,
-                analysis_params: dict | None = None, executor: ExecutorConfig | None = None):
-    model = load(source)
+                analysis_params: dict | None = None, executor: ExecutorConfig | None = None,
+                dtype: str | None = None):
+    model = load(source, dtype=dtype)
     previous = existing_profile(out, model, overwrite)
     seq = resolve_seq_len(model, seq_len)
     if texts is None:
