@@ -349,10 +349,18 @@ def connect(config: ExecutorConfig):
         os.environ[_LOOPBACK_ONLY] = "0" if loopback else _LOOPBACK_DEFAULT
         ray._private.ray_constants.ENABLE_RAY_CLUSTER = not loopback
         if config.address is None:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address=LOCAL,
+            # "local": a new Ray of this process's own, never one that `ray start` left on this machine
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address=LOCAL,
                      logging_level=logging.ERROR, log_to_driver=False)
         else:
-            ray.init(address=config.address, logging_level=logging.ERROR, log_to_driver=False)
+            try:
+                ray.init(address=config.address, logging_level=logging.ERROR, log_to_driver=False)
+            except Exception as exc:  # Ray raises many types here (connection, authentication, version)
+                lines = [line for line in str(exc).splitlines() if line.strip()]
+                raise LensbenchError(f"could not join the Ray cluster at {config.address}: "
+                                     f"{lines[-1].strip() if lines else type(exc).__name__} (a cluster with token "
+                                     f"authentication needs RAY_AUTH_MODE=token and its token, as Ray's docs "
+                                     f"say)") from None
     return ray
 
 

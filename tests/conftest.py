@@ -38,6 +38,14 @@ def texts():
     return list(SAMPLE_TEXTS)
 
 
+@pytest.fixture
+def text_file(tmp_path, texts):
+    """The sample texts as a text file, one per line."""
+    f = tmp_path / "texts.txt"
+    f.write_text("\n".join(texts) + "\n")
+    return f
+
+
 @pytest.fixture(scope="session")
 def smollm():
     import lensbench

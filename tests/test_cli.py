@@ -24,13 +24,6 @@ def assert_one_line_error(code, err, pattern):
     assert re.search(pattern, lines[0]), lines[0]
 
 
-@pytest.fixture
-def text_file(tmp_path, texts):
-    f = tmp_path / "texts.txt"
-    f.write_text("\n".join(texts) + "\n")
-    return f
-
-
 def test_models_lists_bundled_and_architectures(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0
@@ -51,6 +44,20 @@ def test_profile_writes_json_and_table(capsys, tmp_path, tiny_dir, text_file):
     assert "most redundant" in out
     code, out, _ = run(capsys, "summary", str(out_dir), "--model", str(model_dir))
     assert code == 0 and "least redundant" in out
+
+
+def test_profile_on_process_workers_in_bfloat16_equals_the_serial_one(capsys, tmp_path, tiny_dir, text_file):
+    model_dir = str(tiny_dir("llama"))
+    docs = {}
+    for name, extra in (("serial", []), ("process", ["--executor", "process", "--workers", "2"])):
+        code, out, err = run(capsys, "profile", model_dir, "--out", str(tmp_path / name), "--texts", str(text_file),
+                             "--max-tokens", "60", "--seq-len", "32", "--analyses", "ablation,redundancy",
+                             "--dtype", "bfloat16", *extra)
+        assert code == 0, err
+        docs[name] = json.loads((tmp_path / name / "profile.json").read_text())
+        assert not list((tmp_path / name).glob(".profile-partial*"))  # the resume state is gone once saved
+    assert docs["serial"]["model"]["dtype"] == "bfloat16"
+    assert docs["process"]["scores"] == docs["serial"]["scores"]
 
 
 def test_capture_command_writes_store(capsys, tmp_path, tiny_dir, text_file):

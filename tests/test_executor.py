@@ -1,4 +1,5 @@
 """Executors: serial, local processes and Ray give the same results; worker and driver faults lose nothing."""
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from lensbench.cli import main
 from lensbench.errors import LensbenchError
 from lensbench.executor import ExecutorConfig, ItemFailed, land, run_items, ship
 from lensbench.profiling import profile_model
@@ -163,21 +165,45 @@ def test_an_unreachable_ray_address_is_one_line_within_seconds():
     assert time.monotonic() - start < 10
 
 
-def test_a_running_ray_cluster_by_address(tiny, tmp_path, ray_local):
-    ray_bin = Path(sys.executable).parent / "ray"
+def test_a_running_ray_cluster_by_address(tiny_dir, tmp_path, text_file):
     port = _free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # loopback only
-    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                    "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True, timeout=120)
+    # loopback only, so no token authentication (ray start turns it on for a cluster others could reach)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    # --block keeps `ray start` in the foreground as the parent of the cluster's processes, so ending its
+    # process group stops this cluster and no other Ray on the machine (`ray stop` would stop them all)
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     signal.alarm(240)  # a connection that hangs fails this test instead of the whole run
     try:
-        model = tiny("llama")
-        got = run_items(LoggedWork(str(tmp_path / "log")), model, ITEMS,
-                        ExecutorConfig("ray", workers=2, address=f"127.0.0.1:{port}"))
-        assert got == run_items(LoggedWork(str(tmp_path / "serial")), model, ITEMS)
-        assert ray_local.get_runtime_context().gcs_address.endswith(f":{port}")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and head.poll() is None, "ray start --head did not come up"
+                time.sleep(0.5)
+        # the command a user runs, in a process of its own (this one has its own local Ray)
+        common = [str(tiny_dir("llama")), "--analyses", "ablation", "--texts", str(text_file), "--seq-len", "32",
+                  "--max-tokens", "60"]
+        done = subprocess.run([sys.executable, "-m", "lensbench", "profile", *common, "--out", str(tmp_path / "ray"),
+                               "--ray-address", f"127.0.0.1:{port}", "--workers", "2"],
+                              env=env, capture_output=True, text=True, timeout=200)
+        assert done.returncode == 0, done.stderr[-2000:]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # what each of the cluster's 2 workers on 2 CPUs runs with: bit for bit
+        try:
+            assert main(["profile", *common, "--out", str(tmp_path / "serial")]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        ray_scores = json.loads((tmp_path / "ray" / "profile.json").read_text())["scores"]
+        assert ray_scores == json.loads((tmp_path / "serial" / "profile.json").read_text())["scores"]
     finally:
         signal.alarm(0)
-        ray_local.shutdown()
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
