@@ -98,7 +98,7 @@ def main() -> None:
         stamps: list[float] = []
         t0 = time.perf_counter()
         run_items(Nothing(), model, list(range(2000)), ExecutorConfig(kind, workers=None if kind == "serial" else 2),
-                  on_done=lambda *_: stamps.append(time.perf_counter()))
+                  on_done=lambda *_, stamps=stamps: stamps.append(time.perf_counter()))
         overhead[kind] = ((stamps[-1] - stamps[0]) / (len(stamps) - 1), stamps[0] - t0)
     shipped = ship(model)
     item_bytes = len(json.dumps([0, 0, 0])) + len(json.dumps({"kl": 0.123456789012345, "dloss": 0.123456789012345}))

@@ -15,7 +15,6 @@ only does the items that are missing, so a killed driver loses nothing and no it
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import json
 import multiprocessing
 import os
@@ -159,9 +158,6 @@ class _Worker:
             self._setup(ray_module().get(shipped[0]))
         return index, self.work.run(item)
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 _PROCESS_WORKER: _Worker | None = None
 
@@ -219,21 +215,17 @@ class Finished:
             write_text(self.folder / f"item-{index:08d}.json", json.dumps({"index": index, "result": result}))
 
 
-def sweep_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ run
 
 
-def run_items(work: Work, model: Model, items: Sequence[Any], config: ExecutorConfig = ExecutorConfig(), *,
+def run_items(work: Work, model: Model, items: Sequence[Any], config: ExecutorConfig | None = None, *,
               resume: Path | None = None, key: str = "",
               on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
     """Every item's result, in item order. Items already in `resume` (a finished item of this `key`) are not
     run again; `on_done(index, result)` is called in this process as each item finishes (a progress bar,
     a manifest), in the order they finish."""
 
-    config.check()
+    config = (config or ExecutorConfig()).check()
     finished = Finished(resume, key)
     todo = [i for i in range(len(items)) if i not in finished.results]
     for index, result in sorted(finished.results.items()):

@@ -156,7 +156,7 @@ def capture_to_store(model: Model, texts: Sequence[str], root: str | Path, *, si
                      layers: Sequence[int] | None = None, positions: str = "all", batch_size: int = 8,
                      seq_len: int | None = 128, dtype: torch.dtype = torch.float16, progress: bool = True,
                      after_chunk: Callable[[int], None] | None = None,
-                     executor: ExecutorConfig = ExecutorConfig()) -> ActivationStore:
+                     executor: ExecutorConfig | None = None) -> ActivationStore:
     """Capture `texts` batch by batch into a store at `root`; rerun the same call to resume. With an
     `executor`, workers capture batches in parallel, each writing its own chunk file; the store equals the
     serial one."""
