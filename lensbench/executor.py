@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import logging
 import multiprocessing
 import os
 import socket
@@ -30,6 +31,7 @@ import torch
 
 from .atomic import write_text
 from .jsonio import plain
+from .load import from_module
 from .errors import LensbenchError
 from .model import Model
 
@@ -111,8 +113,6 @@ def ship(model: Model) -> Shipped:
 
 def land(shipped: Shipped) -> Model:
     """The model again, each tensor a writable copy owned by this process (analyses edit weights in place)."""
-    from .load import from_module  # the spine's loader; deferred only to keep this module light to import
-
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = shipped.cls(shipped.config)
@@ -331,7 +331,6 @@ def connect(config: ExecutorConfig):
     if ray.is_initialized() and _CONNECTED[0] != config.address:
         ray.shutdown()
     if not ray.is_initialized():
-        import logging
         _CONNECTED[0] = config.address
         # Ray's switch for a node that is no cluster's: every server of a local Ray (GCS, raylet, object
         # manager, workers) then binds 127.0.0.1 instead of all interfaces. It is read when ray is imported
