@@ -361,7 +361,7 @@ def _run_ray(work, model, items, todo, config, done) -> None:
     workers = min(config.workers or cpus, len(todo))
     threads = max(1, cpus // workers)
     shipped = ray.put(ship(model))  # once; workers on the same node read it from the object store
-    remote = ray.remote(num_cpus=min(threads, cpus), max_restarts=-1, max_task_retries=config.retries)(_Worker)
+    remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=config.retries)(_Worker)
     actors = [remote.remote(None, work, threads) for _ in range(workers)]
     pending: dict[Any, int] = {}
     queue = list(todo)

@@ -5,6 +5,7 @@ import datetime
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +17,6 @@ from .executor import ExecutorConfig, run_items
 from .replay import STATE_SITES, DenseRun
 from .agreement import refresh
 from .capture import CaptureSpec, capture_batch, batches
-from dataclasses import dataclass
 from .errors import LensbenchError
 from .model import Model
 from .units import templates_of
