@@ -36,6 +36,7 @@ def units_for(model: Model, kinds: Sequence[str]) -> list[Unit]:
 @dataclass
 class Ablation(Scan):
     name: ClassVar[str] = "ablation"
+    layer_by_layer: ClassVar[bool] = True
     sites: ClassVar[tuple[str, ...]] = STATE_SITES
     needs_lm_head: ClassVar[bool] = True
 

@@ -40,6 +40,7 @@ _CHUNK = 256
 @dataclass
 class Geometry(Analyzer):
     name: ClassVar[str] = "geometry"
+    layer_by_layer: ClassVar[bool] = True
     sites: ClassVar[tuple[str, ...]] = STATE_SITES
     needs_lm_head: ClassVar[bool] = True
 

@@ -33,6 +33,7 @@ from ..profiles import LayerScores, Table
 @dataclass
 class KVSensitivity(Analyzer):
     name: ClassVar[str] = "kv_sensitivity"
+    layer_by_layer: ClassVar[bool] = True
     sites: ClassVar[tuple[str, ...]] = ("hook_resid_post",)  # the batches' tokens are what it reads
     needs_lm_head: ClassVar[bool] = True
 

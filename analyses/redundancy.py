@@ -90,6 +90,7 @@ class Redundancy(Analyzer):
     """Input/output similarity and relative contribution of every block and sublayer."""
 
     name = "redundancy"
+    layer_by_layer = True
     sites = tuple(SITE_KEYS.values())
 
     exclude_first_token: bool = True
@@ -164,7 +165,7 @@ class Redundancy(Analyzer):
         return out
 
     @torch.no_grad()
-    def _logit_lens(self, common: dict, layers_per_matmul: int = 8) -> list[LayerScores]:
+    def _logit_lens(self, common: dict, layers_per_matmul: int = 1) -> list[LayerScores]:
         adapter = self.model_.adapter
         states = self.sample_[:, : self.logit_lens_tokens]  # [L+1, n, d]
         L, n = states.shape[0] - 1, states.shape[1]
@@ -172,7 +173,9 @@ class Redundancy(Analyzer):
         final = torch.log_softmax(wide(adapter.unembed(states[-1].to(dtype))), -1)  # [n, vocab]
         top_final = final.topk(5, dim=-1).indices
         kl, overlap = [], []
-        for start in range(0, L, layers_per_matmul):  # several layers per GEMM against the vocabulary
+        # one layer per GEMM against the vocabulary: its float64 temporaries (n x vocab each, ~4 alive) stay
+        # within a batch's logits; 8 layers at once took 1.2 GB over the rest of a SmolLM2 profile
+        for start in range(0, L, layers_per_matmul):
             group = states[start:min(start + layers_per_matmul, L)]
             logp = torch.log_softmax(wide(adapter.unembed(group.reshape(-1, group.shape[-1]).to(dtype))), -1)
             logp = logp.reshape(group.shape[0], n, -1)

@@ -56,6 +56,7 @@ class _SkipBefore(nn.Module):
 @dataclass
 class SkipEffect(Scan):
     name: ClassVar[str] = "skip_effect"
+    layer_by_layer: ClassVar[bool] = True
     sites: ClassVar[tuple[str, ...]] = STATE_SITES
     needs_lm_head: ClassVar[bool] = True
 

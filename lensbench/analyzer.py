@@ -30,6 +30,9 @@ class Analyzer:
     name: ClassVar[str]
     sites: ClassVar[tuple[str, ...]] = ()
     needs_lm_head: ClassVar[bool] = False
+    # True when it reads the model only by running it (forwards, the LM head while scoring), so it runs on a
+    # layer-by-layer model (`lensbench.offload`); weight-reading analyses leave it False and are refused there
+    layer_by_layer: ClassVar[bool] = False
 
     def params(self) -> dict:
         """The keyword arguments it was made with (analyzers are dataclasses)."""

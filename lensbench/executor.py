@@ -34,6 +34,7 @@ from .jsonio import plain
 from .load import from_module
 from .errors import LensbenchError
 from .model import Model
+from .offload import is_offloaded
 
 EXECUTORS = ("serial", "process", "ray")
 LOCAL = "127.0.0.1"
@@ -93,6 +94,9 @@ class Shipped:
 
 
 def ship(model: Model) -> Shipped:
+    if is_offloaded(model.module):
+        raise LensbenchError("a layer-by-layer model runs in this process only (its weights stay in its files): "
+                             "drop --executor, or load the model whole to run on workers")
     model.fingerprint()  # computed once here, carried in the card
     seen: dict[int, int] = {}
     names, arrays, dtypes = [], [], []

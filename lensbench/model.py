@@ -10,6 +10,7 @@ from torch import nn
 
 from .adapters import Adapter
 from .errors import LensbenchError
+from .offload import resident
 
 
 @dataclass
@@ -125,9 +126,11 @@ def weights_fingerprint(module: nn.Module, samples: int = 4096) -> str:
     """
     h = hashlib.sha256()
     for name, p in canonical_parameters(module):
-        flat = p.detach().reshape(-1)
-        if flat.numel() > samples:
-            flat = flat[:: flat.numel() // samples][:samples]
+        with resident(p):  # a layer-by-layer model's weight is read in for this
+            flat = p.detach().reshape(-1)
+            if flat.numel() > samples:
+                flat = flat[:: flat.numel() // samples][:samples]
+            flat = flat.clone()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()

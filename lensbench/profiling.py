@@ -12,13 +12,14 @@ from typing import Sequence
 from tqdm import tqdm
 
 from .version import __version__
-from .analyzer import Scan, make
+from .analyzer import Scan, check_names, make, registered
 from .executor import ExecutorConfig, run_items
 from .replay import STATE_SITES, DenseRun
 from .agreement import refresh
 from .capture import CaptureSpec, capture_batch, batches
 from .errors import LensbenchError
 from .model import Model
+from .offload import is_offloaded
 from .units import templates_of
 from .profiles import Profile
 from . import checkpoint
@@ -131,6 +132,16 @@ def _sweep(model: Model, texts, scans: list[Scan], batch_size: int, seq_len: int
             a.end_batch(batch, its)
 
 
+def check_layer_by_layer(names: Sequence[str]) -> None:
+    """Refuse the analyses that read weights outside a forward pass, which a layer-by-layer model keeps on disk."""
+    check_names(names)
+    refused = [name for name in names if not registered()[name].layer_by_layer]
+    if refused:
+        ok = sorted(name for name, cls in registered().items() if cls.layer_by_layer)
+        raise LensbenchError(f"analysis {', '.join(refused)} reads weights outside the forward pass, which a "
+                             f"layer-by-layer model keeps on disk: drop --layer-by-layer, or use {', '.join(ok)}")
+
+
 def model_card(model: Model) -> dict:
     """What a Profile records about its model (the fingerprint identifies it)."""
     return dict(model.card, fingerprint=model.fingerprint(), n_layers=model.n_layers, d_model=model.d_model,
@@ -160,6 +171,8 @@ def profile_model(model: Model, texts: Sequence[str], *, analyses: Sequence[str]
         texts = [texts]
     seq_len = resolve_seq_len(model, seq_len)
     params = analysis_params or {}
+    if is_offloaded(model.module):
+        check_layer_by_layer(analyses)
     analyzers = [make(name, **params.get(name, {})) for name in analyses]
     for a in analyzers:
         if a.needs_lm_head and not model.is_causal_lm:

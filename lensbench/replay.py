@@ -19,10 +19,11 @@ from .surgery import Surgery, apply_units
 from .capture import CaptureSpec, capture_batch
 from .model import Batch, Model
 from .numeric import wide
+from .offload import resident
 from .units import Unit
 
 STATE_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
-_CHUNK = 256  # tokens per chunk when scoring against the vocabulary
+SCORE_CHUNK = 256  # tokens per chunk when scoring against the vocabulary
 
 
 class _Replay(nn.Module):
@@ -72,13 +73,13 @@ class DenseRun:
         ad = model.adapter
         linear = ad.linear_head()
         negent, nll, pW, pb, keep = [], [], [], [], []
-        with torch.no_grad():
+        with torch.no_grad(), resident(*ad.head_modules()):
             normed = ad.final_normed(post[-1][mask])
-            for s in range(0, normed.shape[0], _CHUNK):
-                logp = torch.log_softmax(wide(ad.head(normed[s:s + _CHUNK])), dim=-1)
+            for s in range(0, normed.shape[0], SCORE_CHUNK):
+                logp = torch.log_softmax(wide(ad.head(normed[s:s + SCORE_CHUNK])), dim=-1)
                 p = logp.exp()
                 negent.append((p * logp).sum(-1))
-                nll.append(_pick_nll(logp, targets[s:s + _CHUNK]))
+                nll.append(_pick_nll(logp, targets[s:s + SCORE_CHUNK]))
                 if linear is None:
                     keep.append(logp)
                 else:
@@ -148,23 +149,28 @@ def token_scores(model: Model, dense: DenseRun, normed: torch.Tensor) -> tuple[t
     ad = model.adapter
     linear = ad.linear_head()
     kls, nlls = [], []
-    for s in range(0, normed.shape[0], _CHUNK):
-        h, tgt = normed[s:s + _CHUNK], dense.targets[s:s + _CHUNK]
-        z = wide(ad.head(h))
-        if linear is None:
-            logq = torch.log_softmax(z, dim=-1)
-            logp = dense.logp[s:s + _CHUNK]
-            kls.append((logp.exp() * (logp - logq)).sum(-1))
-            nlls.append(_pick_nll(logq, tgt))
-            continue
-        lse = torch.logsumexp(z, dim=-1)
-        pz = (wide(h) * dense.pW[s:s + _CHUNK]).sum(-1)
-        if dense.pb is not None:
-            pz = pz + dense.pb[s:s + _CHUNK]
-        kls.append(dense.neg_entropy[s:s + _CHUNK] - pz + lse)
-        z_t = z.gather(1, tgt.clamp(min=0)[:, None])[:, 0]
-        nlls.append(torch.where(tgt >= 0, lse - z_t, torch.nan))
+    with resident(*ad.head_modules()):
+        for s in range(0, normed.shape[0], SCORE_CHUNK):
+            kl, nll = _chunk_scores(ad, linear, dense, normed, s)
+            kls.append(kl)
+            nlls.append(nll)
     return torch.cat(kls), torch.cat(nlls)
+
+
+def _chunk_scores(ad, linear, dense: DenseRun, normed: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL and next-token loss of the scored tokens s … s + SCORE_CHUNK."""
+    h, tgt = normed[s:s + SCORE_CHUNK], dense.targets[s:s + SCORE_CHUNK]
+    z = wide(ad.head(h))
+    if linear is None:
+        logq = torch.log_softmax(z, dim=-1)
+        logp = dense.logp[s:s + SCORE_CHUNK]
+        return (logp.exp() * (logp - logq)).sum(-1), _pick_nll(logq, tgt)
+    lse = torch.logsumexp(z, dim=-1)
+    pz = (wide(h) * dense.pW[s:s + SCORE_CHUNK]).sum(-1)
+    if dense.pb is not None:
+        pz = pz + dense.pb[s:s + SCORE_CHUNK]
+    z_t = z.gather(1, tgt.clamp(min=0)[:, None])[:, 0]
+    return dense.neg_entropy[s:s + SCORE_CHUNK] - pz + lse, torch.where(tgt >= 0, lse - z_t, torch.nan)
 
 
 def removal_scores(model: Model, dense: DenseRun, units: Sequence[Unit]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -221,6 +221,12 @@ class Adapter:
         """Logits from the final-normed state (what the base model returns as its last hidden state)."""
         return self.lm_head(normed)
 
+    def head_modules(self) -> list[nn.Module]:
+        """The modules `final_normed` and `head` run (held in memory together while a layer-by-layer model
+        scores against the vocabulary)."""
+        norm = [_get(self.base, self.final_norm)] if self.final_norm else []
+        return norm + ([self.lm_head] if self.lm_head is not None else [])
+
     def linear_head(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(W [vocab, d], bias) when the logits are exactly `normed @ W.T + bias`, else None."""
         if isinstance(self.lm_head, nn.Linear):

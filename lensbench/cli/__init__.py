@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..errors import LensbenchError
 from . import analysis, decisions, faces  # noqa: F401  (each module registers its commands)
-from .registry import COMMANDS, executor_of
+from .registry import COMMANDS, executor_of, memory_cap_of
 
 
 def _quiet() -> None:
@@ -60,6 +60,11 @@ def check_args(args) -> None:
         raise LensbenchError("--encoding applies to the file given with --texts: give --texts FILE, or drop --encoding")
     if hasattr(args, "executor"):
         args.executor_config = executor_of(args)
+    if hasattr(args, "layer_by_layer"):
+        args.memory_cap_bytes = memory_cap_of(args)
+        if args.layer_by_layer and getattr(args, "executor_config", None) and args.executor_config.kind != "serial":
+            raise LensbenchError("--layer-by-layer runs in this process (its weights stay in their files): drop "
+                                 "--executor, or drop --layer-by-layer to run on workers")
     port = getattr(args, "port", None)
     if port is not None and not 1 <= port <= 65535:
         raise LensbenchError(f"--port must be between 1 and 65535, got {port}")

@@ -19,6 +19,7 @@ from ..analyses.lrp import LRPConfig
 from ..analyses.lrp.attribute import attribute, unit_scores
 from ..analyses.lrp.plots import write_html
 from ..atomic import write_text
+from ..budget import check_fits
 from ..bundled import BUNDLED, CHUNKED
 from ..errors import LensbenchError
 from ..load import load
@@ -26,11 +27,11 @@ from ..probes.run import concept_depth_profile
 from ..probes.tasks import TASKS, load_task, load_task_file
 from ..probes.trainer import ProbeConfig
 from ..profiles import Profile
-from ..profiling import model_card, resolve_seq_len
+from ..profiling import check_layer_by_layer, model_card, resolve_seq_len
 from ..store import capture_to_store
 from ..summary import channels_summary, interventions_summary, redundancy_summary, sensitivity_summary
 from ..texts import bbc_news, read_text_file
-from .registry import command, executor_arguments
+from .registry import command, executor_arguments, layer_arguments
 from .workflow import existing_profile, merged, run_profile
 
 
@@ -85,11 +86,14 @@ def _profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="load and run the model in this dtype (default: float32; bfloat16 halves its memory)")
     executor_arguments(p)
+    layer_arguments(p)
 
 
 @command("profile", "profile a model into DIR/profile.json", _profile_arguments)
 def cmd_profile(args) -> int:
     check_names(args.analyses.split(","))  # before the model is loaded
+    if args.layer_by_layer:
+        check_layer_by_layer(args.analyses.split(","))
     if Path(args.out).suffix == ".json":
         raise LensbenchError(f"--out {args.out} names a file, but profile writes a folder (DIR/profile.json, "
                              f"layers.csv, its resume state): give --out {Path(args.out).with_suffix('')}")
@@ -100,7 +104,8 @@ def cmd_profile(args) -> int:
     profile, path = run_profile(args.model, Path(args.out), texts, seq_len=args.seq_len, max_tokens=args.max_tokens,
                                 batch_size=args.batch_size, analyses=args.analyses.split(","),
                                 overwrite=args.overwrite, data=data, analysis_params=_analysis_params(args.param),
-                                executor=args.executor_config, dtype=args.dtype)
+                                executor=args.executor_config, dtype=args.dtype,
+                                layer_by_layer=args.layer_by_layer, memory_cap=args.memory_cap_bytes)
     print(redundancy_summary(profile))
     if sensitivity_summary(profile):
         print(sensitivity_summary(profile))
@@ -133,16 +138,20 @@ def _capture_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="all", choices=("all", "last", "mean"))
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
+                   help="the dtype the activations are stored in")
     executor_arguments(p)
+    layer_arguments(p)
 
 
 @command("capture", "stream activations of a text file into a resumable on-disk store", _capture_arguments)
 def cmd_capture(args) -> int:
-    model = load(args.model)
     texts = read_text_file(args.texts, args.encoding)
+    model = load(args.model, layer_by_layer=args.layer_by_layer)
+    seq_len = resolve_seq_len(model, args.seq_len)
+    check_fits(model, args.batch_size, seq_len, args.memory_cap_bytes)
     store = capture_to_store(model, texts, args.out, sites=args.sites.split(","), positions=args.positions,
-                             batch_size=args.batch_size, seq_len=resolve_seq_len(model, args.seq_len),
+                             batch_size=args.batch_size, seq_len=seq_len,
                              dtype=getattr(torch, args.dtype), executor=args.executor_config)
     print(f"captured {store.n_tokens} tokens of {len(texts)} texts into {args.out}")
     return 0

@@ -47,6 +47,37 @@ def executor_arguments(p: argparse.ArgumentParser) -> None:
                    help="a running Ray cluster (implies --executor ray; default: start a local one on 127.0.0.1)")
 
 
+def layer_arguments(p: argparse.ArgumentParser) -> None:
+    """--layer-by-layer and --memory-cap, for the commands that run a model larger than memory."""
+    p.add_argument("--layer-by-layer", action="store_true",
+                   help="keep the weights in the model's safetensors files and read each module's in only while it "
+                        "runs (models larger than memory; forward-only analyses and capture)")
+    p.add_argument("--memory-cap", metavar="SIZE",
+                   help="with --layer-by-layer: refuse before reading any weight when the run's estimated memory "
+                        "exceeds SIZE, e.g. 2GiB or 500MB (default: the memory available now)")
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def memory_cap_of(args: argparse.Namespace) -> int | None:
+    """--memory-cap in bytes (None: not given), checked."""
+    if args.memory_cap is None:
+        return None
+    if not args.layer_by_layer:
+        raise LensbenchError("--memory-cap applies to a --layer-by-layer run: add --layer-by-layer or drop it")
+    text = args.memory_cap.strip().lower().replace(" ", "")
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        value = float(number) * _UNITS[text[len(number):]]
+    except (ValueError, KeyError):
+        value = -1.0
+    if value <= 0:
+        raise LensbenchError(f"--memory-cap {args.memory_cap!r} is not a size: give e.g. 2GiB, 500MB or 1e9")
+    return int(value)
+
+
 def executor_of(args: argparse.Namespace) -> ExecutorConfig:
     """The executor the flags ask for, checked (a Ray address is tried here, before any model loads)."""
     kind = args.executor or ("ray" if args.ray_address else "serial")

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..agreement import refresh
+from ..budget import check_fits
 from ..executor import ExecutorConfig
 from ..load import load
 from ..profiles import Profile
@@ -36,10 +37,11 @@ def run_profile(source: str, out: Path, texts: list[str] | None, *, seq_len: int
                 max_tokens: int | None = None, batch_size: int = 8, analyses: Sequence[str] = ("redundancy",),
                 overwrite: bool = False, data: dict | None = None, progress: bool = True,
                 analysis_params: dict | None = None, executor: ExecutorConfig | None = None,
-                dtype: str | None = None):
-    model = load(source, dtype=dtype)
-    previous = existing_profile(out, model, overwrite)
+                dtype: str | None = None, layer_by_layer: bool = False, memory_cap: int | None = None):
+    model = load(source, dtype=dtype, layer_by_layer=layer_by_layer)
     seq = resolve_seq_len(model, seq_len)
+    check_fits(model, batch_size, seq, memory_cap)  # before any weight of a layer-by-layer model is read
+    previous = existing_profile(out, model, overwrite)
     if texts is None:
         texts = bbc_news("calibration")
         data = {"source": BBC_CALIBRATION}
