@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from ..adapters import site_name
 from ..errors import LensbenchError
+from ..executor import ExecutorConfig, run_items
 from ..model import Model
 from ..profiles import LayerScores, Profile, Table
 from ..profiling import model_card
@@ -137,15 +138,50 @@ def run_key(model: Model, task: Task, site: str, conditions: Sequence[str], cfg:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class ProbeWork:
+    """`probe_task` of one [task index, condition] per item, for `concept_depth_profile` on an executor's
+    workers: each worker captures that condition's features (into the shared activation cache) and fits the
+    probes; the scores and depth rows come back as JSON."""
+
+    def __init__(self, tasks: Sequence[Task], cache: Path, site: str, cfg: ProbeConfig, seq_len: int,
+                 depth_params: dict | None):
+        self.tasks, self.cache, self.site, self.cfg = list(tasks), Path(cache), site, cfg
+        self.seq_len, self.depth_params = seq_len, depth_params
+
+    def setup(self, model: Model) -> None:
+        self.model = model
+
+    def run(self, item) -> dict:
+        task, condition = item
+        scores, rows = probe_task(self.model, self.tasks[task], self.cache, site=self.site, conditions=[condition],
+                                  cfg=self.cfg, seq_len=self.seq_len, depth_params=self.depth_params)
+        arrays: dict = {}
+        docs = [s.to_dict(arrays) for s in scores]
+        return {"scores": docs, "arrays": {k: v.tolist() for k, v in arrays.items()}, "rows": rows}
+
+
+def _landed(results: list[dict]) -> tuple[list[LayerScores], list[dict]]:
+    """A task's scores and rows from its conditions' work results, in the order `probe_task` gives them."""
+    scores, rows = [], []
+    for r in results:
+        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in r["arrays"].items()}
+        scores += [LayerScores.from_dict(d, arrays) for d in r["scores"]]
+        rows += r["rows"]
+    return scores, rows
+
+
 def concept_depth_profile(model: Model, tasks: Sequence[Task], cache: Path, *, site: str = "paper",
                           conditions: Sequence[str] = ("clean",), cfg: ProbeConfig = DEFAULT_PROBES,
                           seq_len: int = 256, depth_params: dict | None = None, progress: bool = True,
-                          checkpoint: Path | None = None):
+                          checkpoint: Path | None = None, executor: ExecutorConfig | None = None):
     """A Profile with every task's curves and a `concept_depth` table.
 
     With `checkpoint` (a directory), each finished task is saved there at once (atomically), and a
     rerun with the same model, task data and settings reads it back instead of probing again, so an
-    interrupted run resumes at the first unfinished task. The caller removes it when done."""
+    interrupted run resumes at the first unfinished task. The caller removes it when done.
+
+    With an executor other than serial, every (task, condition) not finished is a work item on its workers
+    (finished items kept in `checkpoint`/items), and the results are put together in the serial order."""
 
     def fresh(extra: dict | None = None) -> Profile:
         return Profile(model=model_card(model), data={"tasks": {t.name: t.provenance for t in tasks}},
@@ -169,13 +205,25 @@ def concept_depth_profile(model: Model, tasks: Sequence[Task], cache: Path, *, s
     finished: dict[str, str] = dict(saved.meta.get("finished", {})) if saved is not None else {}
     prof, rows = fresh(), []
     part = fresh({"finished": {}})
+    keys = [run_key(model, task, site, conditions, cfg, seq_len, depth_params) for task in tasks]
+    done = {i for i, task in enumerate(tasks) if saved is not None and finished.get(task.name) == keys[i]}
+    worked: dict[int, list[dict]] = {}
+    if executor is not None and executor.kind != "serial":
+        items = [[i, c] for i in range(len(tasks)) if i not in done for c in conditions]
+        results = run_items(ProbeWork(tasks, cache, site, cfg, seq_len, depth_params), model, items, executor,
+                            resume=Path(checkpoint) / "items" if checkpoint is not None else None,
+                            key=hashlib.sha256(" ".join(keys).encode()).hexdigest()[:16])
+        for (i, _), result in zip(items, results, strict=True):
+            worked.setdefault(i, []).append(result)
     bar = tqdm(tasks, desc="probing", unit="task", disable=not progress, file=sys.stderr, leave=False)
-    for task in bar:
+    for i, task in enumerate(bar):
         bar.set_postfix(task=task.name)
-        key = run_key(model, task, site, conditions, cfg, seq_len, depth_params)
-        if saved is not None and finished.get(task.name) == key:
+        key = keys[i]
+        if i in done:
             s = [v for v in saved.scores.values() if v.params.get("task") == task.name]
             r = [row for row in saved.tables["concept_depth"].rows if row["task"] == task.name]
+        elif i in worked:
+            s, r = _landed(worked[i])
         else:
             s, r = probe_task(model, task, cache, site=site, conditions=conditions, cfg=cfg, seq_len=seq_len,
                               depth_params=depth_params)

@@ -15,6 +15,7 @@ import torch
 from lensbench.cli import main
 from lensbench.errors import LensbenchError
 from lensbench.executor import ExecutorConfig, ItemFailed, land, run_items, ship
+from lensbench.jsonio import plain
 from lensbench.profiling import profile_model
 from lensbench.testing import SAMPLE_TEXTS, LoggedWork, tiny_model
 
@@ -207,3 +208,48 @@ def test_a_running_ray_cluster_by_address(tiny_dir, tmp_path, text_file):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+
+
+def _at_one_thread(fn):
+    """fn() with torch on one thread, what each of 2 workers on 2 CPUs gets."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_concept_depth_on_workers_equals_the_serial_run(tiny, tmp_path):
+    from lensbench.probes.run import concept_depth_profile
+    from lensbench.probes.tasks import load_task
+    from lensbench.probes.trainer import ProbeConfig
+
+    model = tiny("llama")
+    tasks = [load_task("coinflip", 20), load_task("cities", 20)]
+    kw = dict(site="resid", conditions=["clean", "noise", "int8"], cfg=ProbeConfig(seeds=(0,), folds=3), seq_len=128,
+              progress=False)
+    serial = _at_one_thread(lambda: concept_depth_profile(model, tasks, tmp_path / "serial", **kw))
+    ck = tmp_path / "ck"
+    other = concept_depth_profile(model, tasks, tmp_path / "workers", checkpoint=ck,
+                                  executor=ExecutorConfig("process", workers=2), **kw)
+    assert list(other.scores) == list(serial.scores) and len(serial.scores) == 2 * (3 * 4 + 2)
+    for name, scores in serial.scores.items():
+        assert np.array_equal(scores.values, other.scores[name].values, equal_nan=True), name
+        assert plain(scores.params) == other.scores[name].params  # as a saved profile has them (JSON lists)
+    assert other.tables["concept_depth"].rows == serial.tables["concept_depth"].rows
+    assert len(list((ck / "items").glob("*.json"))) == 6  # one finished item per task and condition
+
+
+def test_relevance_on_workers_equals_the_serial_run(tiny):
+    from lensbench.analyses.lrp.attribute import attribute_all, unit_scores
+
+    model = tiny("llama")
+    texts = list(SAMPLE_TEXTS[:3])
+    serial = _at_one_thread(lambda: attribute_all(model, texts))
+    other = attribute_all(model, texts, executor=ExecutorConfig("process", workers=2))
+    for a, b in zip(serial, other, strict=True):
+        for key, value in a.to_dict().items():
+            assert value == b.to_dict()[key], key
+    for a, b in zip(unit_scores(serial), unit_scores(other), strict=True):
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-12, err_msg=a.name)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lensbench.capture import Hooks
+from lensbench.executor import ExecutorConfig, run_items
 from lensbench.model import Model
 
 from .engine import LRPConfig, propagate
@@ -59,6 +60,11 @@ class Relevance:
     def to_dict(self) -> dict:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Relevance":
+        """The inverse of `to_dict` (arrays come back as float64 numpy arrays)."""
+        return cls(**{k: np.asarray(v, dtype=np.float64) if k in _ARRAYS else v for k, v in d.items()})
+
     def plot(self, kind: str = "tokens"):
         """plotly figure: "tokens" (a heatmap over the input tokens) or "layers" (layer × token map)."""
 
@@ -67,6 +73,34 @@ class Relevance:
         if kind == "layers":
             return layer_token_map(self)
         raise ValueError(f"kind must be 'tokens' or 'layers', not {kind!r}")
+
+
+_ARRAYS = ("scores", "other_inputs", "layer_tokens", "attn", "mlp", "heads")
+
+
+class AttributeWork:
+    """`attribute` of one prompt per item (a prompt's index), for `attribute_all` on an executor's workers."""
+
+    def __init__(self, texts: list[str], target, contrast, cfg: LRPConfig):
+        self.texts, self.target, self.contrast, self.cfg = texts, target, contrast, cfg
+
+    def setup(self, model: Model) -> None:
+        self.model = model
+
+    def run(self, index: int) -> dict:
+        return attribute(self.model, self.texts[index], target=self.target, contrast=self.contrast,
+                         cfg=self.cfg).to_dict()
+
+
+def attribute_all(model: Model, texts: list[str], target=None, contrast=None, cfg: LRPConfig | None = None,
+                  executor: ExecutorConfig | None = None) -> list[Relevance]:
+    """`attribute` of every prompt, in order; with an executor other than serial, one prompt per work item on
+    its workers (each result crosses as JSON, so its arrays come back as float64)."""
+    cfg = cfg or LRPConfig()
+    if executor is None or executor.kind == "serial":
+        return [attribute(model, t, target=target, contrast=contrast, cfg=cfg) for t in texts]
+    results = run_items(AttributeWork(list(texts), target, contrast, cfg), model, list(range(len(texts))), executor)
+    return [Relevance.from_dict(r) for r in results]
 
 
 @contextmanager

@@ -16,7 +16,7 @@ from ..analyses.channels import NULLS
 from ..analyses.interventions import interventions_table
 from ..analyses.laundry import curve_table, edit_table
 from ..analyses.lrp import LRPConfig
-from ..analyses.lrp.attribute import attribute, unit_scores
+from ..analyses.lrp.attribute import attribute_all, unit_scores
 from ..analyses.lrp.plots import write_html
 from ..atomic import write_text
 from ..budget import check_fits
@@ -229,7 +229,9 @@ def _concept_depth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seq-len", type=int, help="longest text in tokens (default 256)")
-    p.add_argument("--cache", help="activation store directory (default OUT/activations); reused by later runs")
+    p.add_argument("--cache", help="activation store directory (default OUT/activations); reused by later runs; "
+                   "with --executor on a cluster, a folder every worker sees")
+    executor_arguments(p)
 
 
 @command("concept-depth", "layer-wise probes per task: accuracy curves, controls, concept depth",
@@ -251,7 +253,8 @@ def cmd_concept_depth(args) -> int:
     cache = Path(args.cache) if args.cache else out / "activations"
     checkpoint = out / ".concept-depth-partial"  # finished tasks; a rerun of an interrupted run resumes here
     prof = concept_depth_profile(model, tasks, cache, site=site, conditions=conditions, cfg=cfg,
-                                 seq_len=resolve_seq_len(model, args.seq_len or 256), checkpoint=checkpoint)
+                                 seq_len=resolve_seq_len(model, args.seq_len or 256), checkpoint=checkpoint,
+                                 executor=args.executor_config)
     prof = merged(previous, prof)
     prof.save(out)
     shutil.rmtree(checkpoint, ignore_errors=True)
@@ -277,6 +280,7 @@ def _relevance_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=0.0, help="> 0: gamma rule on linear layers")
     p.add_argument("--lenient", action="store_true", help="absorb operations without a rule instead of failing")
     p.add_argument("--out", required=True, help="directory for relevance.json, relevance.html, profile.json")
+    executor_arguments(p)
 
 
 @command("relevance", "DynamicLRP relevance of a prediction: per token, layer × token, head", _relevance_arguments)
@@ -291,7 +295,8 @@ def cmd_relevance(args) -> int:
     cfg = LRPConfig(eps=args.eps, gamma=args.gamma, strict=not args.lenient, **rules)
     out = Path(args.out)
     previous = Profile.load(out, model=model) if (out / "profile.json").is_file() else None  # checked first
-    rels = [attribute(model, t, target=args.target, contrast=args.contrast, cfg=cfg) for t in texts]
+    rels = attribute_all(model, texts, target=args.target, contrast=args.contrast, cfg=cfg,
+                         executor=args.executor_config)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "relevance.json", json.dumps([r.to_dict() for r in rels], indent=1))
     write_html(rels[0], out / "relevance.html")
