@@ -229,7 +229,6 @@ def run_items(work: Work, model: Model, items: Sequence[Any], config: ExecutorCo
     run again; `on_done(index, result)` is called in this process as each item finishes (a progress bar,
     a manifest), in the order they finish."""
 
-    config = (config or ExecutorConfig()).check()
     finished = Finished(resume, key)
     todo = [i for i in range(len(items)) if i not in finished.results]
     for index, result in sorted(finished.results.items()):
@@ -237,60 +236,114 @@ def run_items(work: Work, model: Model, items: Sequence[Any], config: ExecutorCo
             on_done(index, result)
 
     def done(index: int, result: Any) -> None:
-        result = plain(result)
         finished.add(index, result)
         if on_done:
             on_done(index, result)
 
-    if config.kind != "serial" and config.workers is not None and config.workers > len(todo) > 0:
-        print(f"lensbench: {config.workers} workers asked for {len(todo)} items: using {len(todo)}", file=sys.stderr)
     if todo:
-        if config.kind == "serial":
-            work.setup(model)
-            for i in todo:
-                try:
-                    result = work.run(items[i])
-                except Exception as exc:
-                    raise _failed(items[i], exc) from exc
-                done(i, result)
-        elif config.kind == "process":
-            _run_processes(work, model, items, todo, config, done)
-        else:
-            _run_ray(work, model, items, todo, config, done)
+        with Workers(work, model, config, most=len(todo)) as workers:
+            workers.map([items[i] for i in todo], lambda j, result: done(todo[j], result))
     return [finished.results[i] for i in range(len(items))]
+
+
+class Workers:
+    """Workers started once and kept for several rounds of items (a search's generations): each gets the model
+    and sets the work up once; `map(items)` runs one round on them and returns its results in item order.
+    `most` caps the workers at the items there are (said when it lowers --workers)."""
+
+    def __init__(self, work: Work, model: Model, config: ExecutorConfig | None = None, most: int | None = None):
+        self.work, self.model, self.config = work, model, (config or ExecutorConfig()).check()
+        self.most = most
+
+    def __enter__(self) -> "Workers":
+        kind, asked = self.config.kind, self.config.workers
+        if kind != "serial" and asked is not None and self.most is not None and asked > self.most:
+            print(f"lensbench: {asked} workers asked for {self.most} items: using {self.most}", file=sys.stderr)
+        self.impl = {"serial": _Serial, "process": _Processes, "ray": _Ray}[kind](self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.impl.close()
+
+    def count(self, available: int) -> int:
+        return min(self.config.workers or available, self.most or available)
+
+    def map(self, items: Sequence[Any], done: Callable[[int, Any], None] | None = None) -> list[Any]:
+        """Every item's result (JSON values), in order; `done(index, result)` as each finishes."""
+        results: dict[int, Any] = {}
+
+        def finish(index: int, result: Any) -> None:
+            results[index] = result = plain(result)
+            if done:
+                done(index, result)
+
+        if items:
+            self.impl.map(list(items), finish)
+        return [results[i] for i in range(len(items))]
+
+
+class _Serial:
+    def __init__(self, workers: Workers):
+        self.work = workers.work
+        self.work.setup(workers.model)
+
+    def map(self, items, done) -> None:
+        for i, item in enumerate(items):
+            try:
+                result = self.work.run(item)
+            except Exception as exc:
+                raise _failed(item, exc) from exc
+            done(i, result)
+
+    def close(self) -> None:
+        pass
 
 
 def _threads(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def _run_processes(work, model, items, todo, config, done) -> None:
-    workers = min(config.workers or os.cpu_count() or 1, len(todo))
-    shipped = ship(model)
-    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded torch process
-    left, deaths = set(todo), 0
-    while left:
-        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_process_init,
-                                      initargs=(shipped, work, _threads(workers)))
-        futures = {pool.submit(_process_run, i, items[i]): i for i in sorted(left)}
-        try:
-            for fut in cf.as_completed(futures):
-                try:
-                    index, result = fut.result()
-                except cf.process.BrokenProcessPool:
-                    raise
-                except Exception as exc:
-                    raise _failed(items[futures[fut]], exc) from exc
-                done(index, result)
-                left.discard(index)
-        except cf.process.BrokenProcessPool:
-            deaths += 1
-            if deaths > config.retries:
-                raise LensbenchError(f"workers died {deaths} times (killed or out of memory) with {len(left)} items "
-                                     f"left: rerun with fewer --workers to continue from the finished items") from None
-            print(f"lensbench: a worker died; its {len(left)} unfinished items go to new workers", file=sys.stderr)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+class _Processes:
+    """Spawned local processes (no fork of a threaded torch process), each with the model landed once; a pool
+    that breaks (a worker killed) is replaced and gets the round's unfinished items, up to `retries` times."""
+
+    def __init__(self, workers: Workers):
+        self.n = workers.count(os.cpu_count() or 1)
+        self.work, self.retries = workers.work, workers.config.retries
+        self.shipped = ship(workers.model)
+        self.deaths = 0
+        self.pool = self._pool()
+
+    def _pool(self) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_process_init, initargs=(self.shipped, self.work, _threads(self.n)))
+
+    def map(self, items, done) -> None:
+        left = set(range(len(items)))
+        while left:
+            futures = {self.pool.submit(_process_run, i, items[i]): i for i in sorted(left)}
+            try:
+                for fut in cf.as_completed(futures):
+                    try:
+                        index, result = fut.result()
+                    except cf.process.BrokenProcessPool:
+                        raise
+                    except Exception as exc:
+                        raise _failed(items[futures[fut]], exc) from exc
+                    done(index, result)
+                    left.discard(index)
+            except cf.process.BrokenProcessPool:
+                self.deaths += 1
+                if self.deaths > self.retries:
+                    raise LensbenchError(f"workers died {self.deaths} times (killed or out of memory) with {len(left)} "
+                                         f"items left: rerun with fewer --workers to continue from the finished "
+                                         f"items") from None
+                print(f"lensbench: a worker died; its {len(left)} unfinished items go to new workers", file=sys.stderr)
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = self._pool()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------- Ray
@@ -359,43 +412,47 @@ def connect(config: ExecutorConfig):
     return ray
 
 
-def _run_ray(work, model, items, todo, config, done) -> None:
-    ray = connect(config)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    workers = min(config.workers or cpus, len(todo))
-    threads = max(1, cpus // workers)
-    shipped = ray.put(ship(model))  # once; workers on the same node read it from the object store
-    remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=config.retries)(_Worker)
-    actors = [remote.remote(None, work, threads) for _ in range(workers)]
-    pending: dict[Any, int] = {}
-    queue = list(todo)
+class _Ray:
+    """Ray actors, each with the model from the object store (put once per sweep) and the work set up once;
+    Ray restarts a killed actor and retries its items (`max_restarts`, `max_task_retries`)."""
 
-    def feed(actor) -> None:
-        if queue:
-            i = queue.pop(0)
-            ref = actor.run.remote(i, items[i], [shipped])  # in a list: fetched only by a worker not set up
-            pending[ref] = i
-            owner[ref] = actor
+    def __init__(self, workers: Workers):
+        ray = self.ray = connect(workers.config)
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n = workers.count(cpus)
+        threads = max(1, cpus // n)
+        self.retries = workers.config.retries
+        self.shipped = ray.put(ship(workers.model))  # once; workers on the same node read it from the object store
+        remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=self.retries)(_Worker)
+        self.actors = [remote.remote(None, workers.work, threads) for _ in range(n)]
 
-    owner: dict[Any, Any] = {}
-    try:
-        for actor in actors:
+    def map(self, items, done) -> None:
+        ray = self.ray
+        pending: dict[Any, tuple[int, Any]] = {}  # ref -> (item index, actor)
+        queue = list(range(len(items)))
+
+        def feed(actor) -> None:
+            if queue:
+                i = queue.pop(0)
+                ref = actor.run.remote(i, items[i], [self.shipped])  # in a list: fetched only by a worker not set up
+                pending[ref] = (i, actor)
+
+        for actor in self.actors:
             for _ in range(2):  # two in flight per worker: the next item is there when one finishes
                 feed(actor)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            i = pending.pop(ref)
-            actor = owner.pop(ref)
+            i, actor = pending.pop(ready[0])
             try:
-                index, result = ray.get(ref)
+                index, result = ray.get(ready[0])
             except ray.exceptions.RayTaskError as exc:
                 raise _failed(items[i], exc.cause if exc.cause is not None else exc) from None
             except ray.exceptions.RayActorError:
-                raise LensbenchError(f"a Ray worker died more than {config.retries} times on item "
+                raise LensbenchError(f"a Ray worker died more than {self.retries} times on item "
                                      f"{json.dumps(items[i])}; rerun to continue from the finished items") from None
             done(index, result)
             feed(actor)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
