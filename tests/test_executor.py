@@ -253,3 +253,34 @@ def test_relevance_on_workers_equals_the_serial_run(tiny):
             assert value == b.to_dict()[key], key
     for a, b in zip(unit_scores(serial), unit_scores(other), strict=True):
         np.testing.assert_allclose(a.values, b.values, rtol=1e-12, err_msg=a.name)
+
+
+@pytest.mark.parametrize("policy", ["evo", "evo-bits"])
+def test_searches_score_each_generation_on_workers_with_the_serial_result(policy):
+    """The searches' candidates scored on 2 process workers: the same plan, fitness history and evaluation
+    counts as the serial search at the workers' thread count."""
+    from lensbench.compress.policies import make_plan
+
+    model = tiny_model("llama", n_layers=6, seed=1)
+    analyses = ["redundancy", "ablation"] if policy == "evo" else ["redundancy", "quant_sensitivity"]
+    params = {"quant_sensitivity": {"bits": (2, 4, 8), "group_size": 32}}
+    prof = profile_model(model, list(SAMPLE_TEXTS), analyses=analyses, analysis_params=params, batch_size=4,
+                         seq_len=32, progress=False)
+    options = {"generations": 3, "offspring": 3}
+    if policy == "evo-bits":
+        options.update(group_size=32, levels="2,4,8")
+    budget = 2 if policy == "evo" else 4.0
+    serial = _at_one_thread(lambda: make_plan(policy, prof, budget, model=model, texts=list(SAMPLE_TEXTS),
+                                              **options))
+    other = make_plan(policy, prof, budget, model=model, texts=list(SAMPLE_TEXTS),
+                      executor=ExecutorConfig("process", workers=2), **options)
+    assert other.to_dict() == serial.to_dict()  # actions, predicted fitness, the search's history and counts
+
+
+def test_a_policy_that_runs_here_refuses_workers(tiny):
+    from lensbench.compress.policies import make_plan
+    from lensbench.errors import PlanError
+
+    prof = profile_model(tiny("llama"), list(SAMPLE_TEXTS), analyses=["redundancy"], progress=False)
+    with pytest.raises(PlanError, match="runs in this process, not on workers: drop --executor"):
+        make_plan("drop-block", prof, 1, ranking="redundancy", executor=ExecutorConfig("process", workers=2))

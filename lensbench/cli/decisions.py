@@ -20,7 +20,7 @@ from ..profiling import model_source, resolve_seq_len
 from ..saved import RECORD, read_record
 from ..summary import evaluation_summary
 from ..texts import bbc_news, read_text_file, select_texts
-from .registry import command
+from .registry import command, executor_arguments
 
 
 def saved_plan(path: Path) -> Plan:
@@ -59,6 +59,7 @@ def _plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--texts", help="calibration text file for searches (default: BBC news calibration split)")
     p.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
     p.add_argument("--max-tokens", type=int, default=2048, help="calibration tokens for searches")
+    executor_arguments(p)
     for name, flag in policy_flags().items():  # the policies' options, from their config dataclasses
         field = flag["field"]
         help_ = (_grouped({n: f.metadata["help"] for n, f in flag["policies"].items()}) + ". Default: "
@@ -80,13 +81,14 @@ def cmd_plan(args) -> int:
     policy = POLICIES[args.policy]
     options = {name: getattr(args, name) for name in policy_flags()}
     cfg = policy.configure(options)  # an option this policy does not take: one line, before the model loads
+    policy.check_executor(args.executor_config)
     model = texts = None
     if policy.runs_model(profile, cfg):
         model = load(args.model or model_source(profile.model))
         texts = read_text_file(args.texts, args.encoding) if args.texts else bbc_news("calibration")
         texts = select_texts(model, texts, 128, args.max_tokens)
     plan = make_plan(args.policy, profile, args.budget, model=model, texts=texts, progress=model is not None,
-                     **options)
+                     executor=args.executor_config, **options)
     path = plan.save(args.out)
     print(repr(plan))
     quant = plan.quant_actions()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ...calibration import CalibrationKL
+from ...capture import batches
+from ...executor import ExecutorConfig, Workers
 from ...errors import PlanError
 from ...model import Model
 from ...profiles import Profile
@@ -21,7 +23,7 @@ from ..plan import Plan
 from .budgets import unit_count
 from .rankings import drop_order, names_for
 from .registry import PolicyConfig, option, register
-from .search import SearchConfig, SearchResult, evolve
+from .search import Scored, SearchConfig, SearchResult, evolve
 
 State = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -86,30 +88,44 @@ def _mutate(state: State, L: int, rng: random.Random) -> State:
     return make_state(removed)
 
 
+class RemovedKL:
+    """The depth search's fitness as work items: [state, minibatch index or None] -> the calibration KL with the
+    state's units removed (each worker runs the dense model on the calibration batches once, in `setup`)."""
+
+    def __init__(self, texts: Sequence[str], batch_size: int, seq_len: int):
+        self.texts, self.batch_size, self.seq_len = list(texts), batch_size, seq_len
+
+    def setup(self, model: Model) -> None:
+        self.kl = CalibrationKL(model, self.texts, self.batch_size, self.seq_len)
+
+    def run(self, item) -> dict:
+        state, run = item
+        before = self.kl.n_tokens
+        kl = self.kl.removed(units_of(make_state(dict(state))), None if run is None else [self.kl.runs[run]])
+        return {"kl": kl, "tokens": self.kl.n_tokens - before}
+
+
 def evo_search(model: Model, texts: Sequence[str], counts: dict[str, int], seeds: dict[str, State],
-               cfg: EvoConfig = EvoConfig(), progress: bool = False) -> EvoResult:
-    """Search removed-unit sets with `counts` units per kind; returns the best state found."""
+               cfg: EvoConfig = EvoConfig(), progress: bool = False,
+               executor: ExecutorConfig | None = None) -> EvoResult:
+    """Search removed-unit sets with `counts` units per kind; returns the best state found. With an executor
+    other than serial, each generation's candidates are scored at once on its workers."""
     if not texts:
         raise PlanError("the evolutionary search needs calibration texts")
     L = model.n_layers
     rng = random.Random(cfg.seed)
-    kl = CalibrationKL(model, texts, cfg.batch_size, cfg.seq_len)
-    cache: dict[State, float] = {}
-
-    def full(state: State) -> float:
-        if state not in cache:
-            cache[state] = kl.removed(units_of(state))
-        return cache[state]
-
     population = dict(seeds)
     for j in range(cfg.initial_random):
         population[f"random{j}"] = make_state({k: rng.sample(range(L), n) for k, n in counts.items()})
-    found: SearchResult[State] = evolve(
-        population, full, lambda s, run: kl.removed(units_of(s), [run]), lambda s, r: _mutate(s, L, r), kl.runs,
-        SearchConfig(cfg.generations, cfg.offspring, cfg.survivors, cfg.seed), rng, progress)
+    n_runs = len(list(batches(model, list(texts), cfg.batch_size, cfg.seq_len)))
+    with Workers(RemovedKL(texts, cfg.batch_size, cfg.seq_len), model, executor) as workers:
+        fit = Scored(lambda s: [[kind, list(layers)] for kind, layers in s], workers)
+        found: SearchResult[State] = evolve(
+            population, fit.full, fit.mini, lambda s, r: _mutate(s, L, r), list(range(n_runs)),
+            SearchConfig(cfg.generations, cfg.offspring, cfg.survivors, cfg.seed), rng, progress, ahead=fit.ahead)
     return EvoResult(units_of(found.best), found.fitness,
                      {k: v for k, v in found.start.items() if not k.startswith("random")}, found.history,
-                     len(cache), found.n_mini, kl.n_tokens)
+                     fit.n_full, found.n_mini, fit.tokens)
 
 
 @dataclass(frozen=True)
@@ -120,11 +136,11 @@ class EvoOptions(PolicyConfig):
     seed: int = option(0, "random seed")
 
 
-@register("evo", EvoOptions, needs_model=True,
+@register("evo", EvoOptions, needs_model=True, sweeps=True,
           budget="units to remove: a count, or a fraction below 1 (of blocks; of each sublayer kind for --kind "
                  "sublayer)",
           description="evolutionary search scored by KL to the dense model (EvoPress)")
-def evo(profile: Profile, budget: float, cfg: EvoOptions, *, model, texts, progress) -> Plan:
+def evo(profile: Profile, budget: float, cfg: EvoOptions, *, model, texts, progress, executor=None) -> Plan:
     L = int(profile.model["n_layers"])
     k = unit_count(budget, L, "blocks" if cfg.kind == "block" else "attention and MLP sublayers each",
                    limit=L - 1 if cfg.kind == "block" else None)
@@ -132,7 +148,8 @@ def evo(profile: Profile, budget: float, cfg: EvoOptions, *, model, texts, progr
     if cfg.kind == "sublayer" and not model.adapter.sublayer_drop:
         raise PlanError(f"{model.name} is post-norm: search over blocks (--kind block)")
     search = EvoConfig(generations=cfg.generations, offspring=cfg.offspring, seed=cfg.seed)
-    result = evo_search(model, texts, counts, seeds_from_profile(profile, counts), search, progress=progress)
+    result = evo_search(model, texts, counts, seeds_from_profile(profile, counts), search, progress=progress,
+                        executor=executor)
     plan = Plan.drop(profile.model, result.units, predicted={"calibration_kl": result.fitness})
     plan.meta = {"search": result.record()}
     return plan

@@ -13,6 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from ...capture import batches
+from ...executor import Workers
 from ...profiles import Profile
 from ...texts import bbc_news
 from ..plan import Plan
@@ -20,7 +22,7 @@ from ...simquant import block_linears
 from .bits import Costs, GridOptions, QuantKL, plan_of
 from .budgets import check_average, check_group, levels as parse_levels
 from .registry import option, quiet_plan, register
-from .search import SearchConfig, evolve
+from .search import Scored, SearchConfig, evolve
 
 Key = tuple[int, str | None]
 
@@ -34,9 +36,30 @@ class EvoBitsOptions(GridOptions):
     seed: int = option(0, "random seed")
 
 
-@register("evo-bits", EvoBitsOptions, needs_model=True, budget="average weight bits over the blocks' linears",
+class QuantWork:
+    """The bit search's fitness as work items: [[[layer, linear, bits], ...], minibatch index or None] -> the
+    calibration KL with those bit-widths simulated (each worker runs the dense model once, in `setup`)."""
+
+    batch_size, seq_len = 2, 128
+
+    def __init__(self, texts: list[str], group_size: int, scheme: str):
+        self.texts, self.group_size, self.scheme = texts, group_size, scheme
+
+    def setup(self, model) -> None:
+        self.fit = QuantKL(model, self.texts, self.group_size, self.scheme, self.batch_size, self.seq_len)
+
+    def run(self, item) -> dict:
+        bits, run = item
+        before = self.fit.n_tokens
+        kl = self.fit({(i, n): b for i, n, b in bits}, None if run is None else [self.fit.runs[run]])
+        return {"kl": kl, "tokens": self.fit.n_tokens - before}
+
+
+@register("evo-bits", EvoBitsOptions, needs_model=True, sweeps=True,
+          budget="average weight bits over the blocks' linears",
           description="evolutionary search over bit-widths scored by calibration KL (EvoPress, quantisation)")
-def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, texts, progress) -> Plan:
+def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, texts, progress,
+             executor=None) -> Plan:
     check_group(cfg.group_size, cfg.scheme, cfg.method)
     opts = sorted(parse_levels(cfg.levels, None, cfg.scheme))
     L, names = model.n_layers, block_linears(model)
@@ -47,18 +70,10 @@ def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, tex
     n_params = {u: cost.size(u[1]) for u in units}
     rng = random.Random(cfg.seed)
     texts = list(texts) if texts else bbc_news("calibration", limit=8)
-    fit = QuantKL(model, texts, cfg.group_size, cfg.scheme, batch_size=2)
 
-    def expand(state: dict) -> dict[tuple[int, str], int]:
-        return {(i, n): b for (i, u), b in state.items() for n in (names if u is None else [u])}
-
-    cache: dict[tuple, float] = {}
-
-    def full(state: dict) -> float:
-        key = tuple(state[u] for u in units)
-        if key not in cache:
-            cache[key] = fit(expand(state))
-        return cache[key]
+    def payload(state: dict) -> list:
+        """[[layer, linear, bits], ...] of every linear, sorted: the state as a worker reads it."""
+        return sorted([i, n, b] for (i, u), b in state.items() for n in (names if u is None else [u]))
 
     def repair(state: dict) -> dict | None:
         for _ in range(10 * len(units)):
@@ -94,13 +109,17 @@ def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, tex
         s = repair({u: rng.choice(opts) for u in units})
         if s is not None:
             seeds[f"random{j}"] = s
-    found = evolve(seeds, full, lambda c, run: fit(expand(c), [run]), mutate, fit.runs,
-                   SearchConfig(cfg.generations, cfg.offspring, seed=cfg.seed), rng, progress, "bit search")
+    n_runs = len(list(batches(model, texts, QuantWork.batch_size, QuantWork.seq_len)))
+    with Workers(QuantWork(texts, cfg.group_size, cfg.scheme), model, executor) as workers:
+        fit = Scored(payload, workers)
+        found = evolve(seeds, fit.full, fit.mini, mutate, list(range(n_runs)),
+                       SearchConfig(cfg.generations, cfg.offspring, seed=cfg.seed), rng, progress, "bit search",
+                       ahead=fit.ahead)
     plan = plan_of(profile, found.best, cfg.group_size,
                    {"average_bits": cost.average(found.best), "calibration_kl": found.fitness}, cfg.scheme, cfg.method)
     plan.meta = {"search": {"calibration_kl_by_generation": found.history, "start_calibration_kl": found.start,
-                            "full_evaluations": len(cache), "minibatch_evaluations": found.n_mini,
-                            "tokens_forwarded": fit.n_tokens}}
+                            "full_evaluations": fit.n_full, "minibatch_evaluations": found.n_mini,
+                            "tokens_forwarded": fit.tokens}}
     return plan
 
 

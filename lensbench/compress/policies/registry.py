@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ...errors import PlanError
+from ...executor import ExecutorConfig
 from ...profiles import Profile
 from ..plan import Plan
 
@@ -53,6 +54,7 @@ class Policy:
     budget: str
     description: str
     needs_model: bool | Callable[[Profile, PolicyConfig], bool] = False
+    sweeps: bool = False  # its fitness evaluations run on an executor's workers (`executor=` is passed to it)
 
     @property
     def profile_only(self) -> bool:
@@ -62,6 +64,13 @@ class Policy:
     def runs_model(self, profile: Profile, cfg: PolicyConfig) -> bool:
         """Whether this policy, with these options, needs the model (and calibration texts for searches)."""
         return self.needs_model(profile, cfg) if callable(self.needs_model) else self.needs_model
+
+    def check_executor(self, executor: ExecutorConfig | None) -> None:
+        """Refuse workers for a policy that runs in this process."""
+        if executor is not None and executor.kind != "serial" and not self.sweeps:
+            sweeping = ", ".join(n for n, p in POLICIES.items() if p.sweeps)
+            raise PlanError(f"policy {self.name!r} runs in this process, not on workers: drop --executor (the "
+                            f"searches {sweeping} take it)")
 
     def configure(self, options: dict[str, Any]) -> PolicyConfig:
         """The typed config from keyword options (None means "not given"); unknown names are refused."""
@@ -79,18 +88,19 @@ POLICIES: dict[str, Policy] = {}
 
 
 def register(name: str, config: type[PolicyConfig], *, budget: str, description: str,
-             needs_model: bool | Callable[[Profile, PolicyConfig], bool] = False):
+             needs_model: bool | Callable[[Profile, PolicyConfig], bool] = False, sweeps: bool = False):
     """Register a policy function under `name` with its options dataclass. `needs_model` may depend on the
     profile and the options (an iterative drop runs the model; a bit policy reads the linears from it when the
-    profile does not list them)."""
+    profile does not list them). A policy that `sweeps` takes `executor=` and runs its evaluations there."""
     def deco(fn):
-        POLICIES[name] = Policy(name, fn, config, budget, description, needs_model)
+        POLICIES[name] = Policy(name, fn, config, budget, description, needs_model, sweeps)
         return fn
     return deco
 
 
 def make_plan(name: str, profile: Profile, budget: float, *, model=None, texts: Sequence[str] | None = None,
-              progress: bool = False, config: PolicyConfig | None = None, **options) -> Plan:
+              progress: bool = False, config: PolicyConfig | None = None, executor: ExecutorConfig | None = None,
+              **options) -> Plan:
     """The Plan that policy `name` makes from `profile` under `budget`; see `plan`."""
     if name not in POLICIES:
         raise PlanError(f"unknown policy {name!r}: use one of {', '.join(POLICIES)}")
@@ -117,18 +127,23 @@ def make_plan(name: str, profile: Profile, budget: float, *, model=None, texts: 
                 else " reads the blocks' linears from the model, as this profile does not list them (profile with "
                      "--analyses quant_sensitivity to record them)")
         raise PlanError(f"policy {name!r}{what}: give the model (lensbench plan ... --model SOURCE)")
+    policy.check_executor(executor)
     if model is not None:
         profile.check_model(model)
-    plan = policy.fn(profile, budget, cfg, model=model, texts=texts, progress=progress)
+    extra = {"executor": executor} if policy.sweeps else {}
+    plan = policy.fn(profile, budget, cfg, model=model, texts=texts, progress=progress, **extra)
     plan.policy = {"name": name, "budget": budget, **given}
     return plan
 
 
 def plan(profile: Profile, policy: str, budget: float, *, model=None, texts: Sequence[str] | None = None,
-         progress: bool = False, config: PolicyConfig | None = None, **options) -> Plan:
+         progress: bool = False, config: PolicyConfig | None = None, executor: ExecutorConfig | None = None,
+         **options) -> Plan:
     """The Plan that `policy` makes from `profile` under `budget` (`lensbench.plan`), with the policy's options
     as keywords or as its options dataclass (`config=`). Searches, an iterative drop, and bit policies whose
-    profile does not list the linears run `model` (on `texts`, calibration text).
+    profile does not list the linears run `model` (on `texts`, calibration text); the searches (evo, evo-bits)
+    score their candidates on an `executor`'s workers when given one, with the same result as serially at the
+    workers' thread count.
 
         >>> plan = lb.plan(profile, "drop-block", 1, ranking="redundancy")
         >>> len(plan.units())
@@ -136,7 +151,8 @@ def plan(profile: Profile, policy: str, budget: float, *, model=None, texts: Seq
         >>> from lensbench.compress.policies import DropOptions
         >>> plan = lb.plan(profile, "drop-block", 1, config=DropOptions(ranking="random", seed=1))
     """
-    return make_plan(policy, profile, budget, model=model, texts=texts, progress=progress, config=config, **options)
+    return make_plan(policy, profile, budget, model=model, texts=texts, progress=progress, config=config,
+                     executor=executor, **options)
 
 
 def quiet_plan(name: str, profile: Profile, budget: float, **options) -> Plan | None:

@@ -9,6 +9,7 @@ than the best state it started from.
 """
 from __future__ import annotations
 
+import json
 import random
 import sys
 from dataclasses import dataclass, field
@@ -17,8 +18,45 @@ from typing import Callable, Generic, Sequence, TypeVar
 from tqdm import tqdm
 
 from ...errors import PlanError
+from ...executor import Workers
 
 S = TypeVar("S")
+
+
+class Scored:
+    """A search's fitness on calibration text, cached per (state, minibatch): `full` and `mini` for `evolve`,
+    and `ahead`, which scores a set of states at once on `workers` (an executor's, or this process as the serial
+    one). `payload(state)` is the JSON that names a state to the workers' `Work`, whose `run([payload, run])`
+    returns {"kl": the fitness (run None: on all text), "tokens": the tokens it forwarded}."""
+
+    def __init__(self, payload: Callable[[S], Any], workers: Workers):
+        self.payload, self.workers = payload, workers
+        self.cache: dict[tuple[str, int | None], float] = {}
+        self.tokens = 0
+
+    def _key(self, state: S, run: int | None) -> tuple[str, int | None]:
+        return json.dumps(self.payload(state)), run
+
+    def ahead(self, states: Sequence[S], run: int | None) -> None:
+        todo = list(dict.fromkeys(k for k in (self._key(s, run) for s in states) if k not in self.cache))
+        results = self.workers.map([[json.loads(key), r] for key, r in todo])
+        for key, result in zip(todo, results, strict=True):
+            self.cache[key] = result["kl"]
+            self.tokens += result["tokens"]
+
+    def full(self, state: S) -> float:
+        return self.mini(state, None)
+
+    def mini(self, state: S, run: int | None) -> float:
+        key = self._key(state, run)
+        if key not in self.cache:
+            self.ahead([state], run)
+        return self.cache[key]
+
+    @property
+    def n_full(self) -> int:
+        """States scored on all calibration text."""
+        return sum(1 for _, run in self.cache if run is None)
 
 
 @dataclass(frozen=True)
@@ -40,12 +78,17 @@ class SearchResult(Generic[S]):
 
 def evolve(population: dict[str, S], full: Callable[[S], float], mini: Callable[[S, object], float],
            mutate: Callable[[S, random.Random], S | None], runs: Sequence, cfg: SearchConfig, rng: random.Random,
-           progress: bool = False, desc: str = "evolutionary search") -> SearchResult[S]:
+           progress: bool = False, desc: str = "evolutionary search",
+           ahead: Callable[[list[S], object], None] | None = None) -> SearchResult[S]:
     """Evolve from `population` (name -> state). `full(state)` is the fitness on all calibration text (lower is
     better; callers cache it), `mini(state, run)` on one minibatch of `runs`, `mutate(parent, rng)` a child or
-    None when no valid child was made."""
+    None when no valid child was made. `ahead(states, run)`, when given, is told every set of states about to
+    be scored together (run None: on all text) so it can score them at once on workers and cache the results
+    that `full` and `mini` then return; the search itself is the same."""
     if not population:
         raise PlanError("the search has no starting state that fits the budget: give a larger budget")
+    if ahead is not None:
+        ahead(list(population.values()), None)
     start = {name: full(s) for name, s in population.items()}
     parent = min(population.values(), key=full)
     history = [full(parent)]
@@ -61,7 +104,11 @@ def evolve(population: dict[str, S], full: Callable[[S], float], mini: Callable[
                 children.append(child)
         run = rng.choice(runs)
         n_mini += len(children)
+        if ahead is not None:
+            ahead(children, run)
         scored = sorted(children, key=lambda c: mini(c, run))[:cfg.survivors]
+        if ahead is not None:
+            ahead([*scored, parent], None)
         parent = min([*scored, parent], key=full)
         history.append(full(parent))
         bar.set_postfix(kl=f"{history[-1]:.4f}")
