@@ -418,12 +418,17 @@ class _Ray:
 
     def __init__(self, workers: Workers):
         ray = self.ray = connect(workers.config)
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n = workers.count(cpus)
+        if n > cpus:
+            print(f"lensbench: {n} workers asked for a cluster of {cpus} CPUs: using {cpus}", file=sys.stderr)
+            n = cpus
         threads = max(1, cpus // n)
         self.retries = workers.config.retries
         self.shipped = ray.put(ship(workers.model))  # once; workers on the same node read it from the object store
-        remote = ray.remote(num_cpus=threads, max_restarts=-1, max_task_retries=self.retries)(_Worker)
+        # one CPU each to place them, so n of them always fit however the CPUs are spread over nodes (an actor
+        # that asked for more than any node has left would wait forever); torch gets the cluster's share
+        remote = ray.remote(num_cpus=1, max_restarts=-1, max_task_retries=self.retries)(_Worker)
         self.actors = [remote.remote(None, workers.work, threads) for _ in range(n)]
 
     def map(self, items, done) -> None:

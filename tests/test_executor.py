@@ -167,16 +167,19 @@ def test_an_unreachable_ray_address_is_one_line_within_seconds():
 
 
 def test_a_running_ray_cluster_by_address(tiny_dir, tmp_path, text_file):
+    """A two-node cluster (`ray start --head` and `ray start --address`, one CPU each, on 127.0.0.1), joined by
+    address from the profile command in a process of its own: its 2 workers land one per node (each takes a
+    CPU), and the profile equals the serial one."""
     port = _free_port()
+    ray_cli = str(Path(sys.executable).parent / "ray")
     # loopback only, so no token authentication (ray start turns it on for a cluster others could reach)
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
-    # --block keeps `ray start` in the foreground as the parent of the cluster's processes, so ending its
-    # process group stops this cluster and no other Ray on the machine (`ray stop` would stop them all)
-    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-                             f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-                             "--include-dashboard=false", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    signal.alarm(240)  # a connection that hangs fails this test instead of the whole run
+    # --block keeps `ray start` in the foreground as the parent of the node's processes, so ending its process
+    # group stops this node and no other Ray on the machine (`ray stop` would stop them all)
+    nodes = [subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+                               "--num-cpus=1", "--include-dashboard=false", "--disable-usage-stats"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    signal.alarm(300)  # a connection that hangs fails this test instead of the whole run
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -184,8 +187,19 @@ def test_a_running_ray_cluster_by_address(tiny_dir, tmp_path, text_file):
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
-                assert time.monotonic() < deadline and head.poll() is None, "ray start --head did not come up"
+                assert time.monotonic() < deadline and nodes[0].poll() is None, "ray start --head did not come up"
                 time.sleep(0.5)
+        nodes.append(subprocess.Popen([ray_cli, "start", "--block", f"--address=127.0.0.1:{port}",
+                                       "--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+        while True:  # until the second node has joined
+            status = subprocess.run([ray_cli, "status", f"--address=127.0.0.1:{port}"], env=env, capture_output=True,
+                                    text=True, timeout=60).stdout
+            if status.count(" node_") >= 2:
+                break
+            assert time.monotonic() < deadline + 60 and nodes[1].poll() is None, f"the worker node did not join: {status}"
+            time.sleep(1)
         # the command a user runs, in a process of its own (this one has its own local Ray)
         common = [str(tiny_dir("llama")), "--analyses", "ablation", "--texts", str(text_file), "--seq-len", "32",
                   "--max-tokens", "60"]
@@ -203,11 +217,12 @@ def test_a_running_ray_cluster_by_address(tiny_dir, tmp_path, text_file):
         assert ray_scores == json.loads((tmp_path / "serial" / "profile.json").read_text())["scores"]
     finally:
         signal.alarm(0)
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        for node in reversed(nodes):
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
 
 
 def _at_one_thread(fn):

@@ -75,6 +75,31 @@ def test_capture_store_equals_the_whole_model(tmp_path, tiny_dir, texts):
         assert torch.equal(a.load(name), b.load(name))
 
 
+def test_gptq_layer_by_layer_equals_the_whole_model(tiny_dir):
+    """GPTQ's sequential pass with one block in memory at a time: the same codes, scales and errors."""
+    from lensbench.compress.gptq import GPTQConfig, quantize_model
+    from lensbench.compress.plan import Plan, Quant
+    from lensbench.profiling import model_card
+    from lensbench.testing import SAMPLE_TEXTS
+
+    path = tiny_dir("llama")
+    runs = {}
+    for layer_by_layer in (False, True):
+        model = lb.load(path, layer_by_layer=layer_by_layer)
+        block = model_card(model)["units"]["block"]
+        plan = Plan.quantize(model_card(model), {block.format(i=i): Quant(3, 16, method="gptq")
+                                                 for i in range(model.n_layers)})
+        runs[layer_by_layer] = quantize_model(model, plan.quant_targets(model), list(SAMPLE_TEXTS),
+                                              GPTQConfig(batch_size=4, seq_len=64))
+    assert _on_disk(model)  # every block's weights, and its in-place GPTQ edits, dropped after its pass
+    whole, lbl = runs[False], runs[True]
+    assert set(whole) == set(lbl) and whole
+    for name, r in whole.items():
+        for part in ("packed", "scales", "mins"):
+            assert torch.equal(getattr(r.packed, part), getattr(lbl[name].packed, part)), (name, part)
+        assert r.error == lbl[name].error and r.damp == lbl[name].damp
+
+
 def test_weight_readers_and_workers_are_refused(tiny_dir, texts):
     lbl = lb.load(tiny_dir("llama"), layer_by_layer=True)
     with pytest.raises(LensbenchError, match="quant_sensitivity reads weights outside the forward pass"):

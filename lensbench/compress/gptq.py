@@ -29,6 +29,7 @@ from ..errors import LensbenchError
 from ..gpu.quant import PackedWeight, QuantError, checked, dequantized, grid, pack, quantize, round_to_grid
 from ..gpu.reference import dequantize
 from ..model import Model
+from ..offload import is_offloaded, resident
 from ..surgery import Surgery
 from ..units import is_conv1d
 from .apply import cache_key, packed_cache
@@ -196,7 +197,9 @@ def _output(out):
 def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQConfig(),
                    progress: bool = False) -> dict[str, Result]:
     """GPTQ of the named linears ({module name: Quant}) of `model`'s blocks, block by block on `texts`; returns
-    {name: Result}. The model's weights are as they were afterwards."""
+    {name: Result}. The model's weights are as they were afterwards. A layer-by-layer model (`lensbench.offload`)
+    has one block's weights in memory at a time: each block is read in for its pass, quantised in place for the
+    next block's inputs, and dropped (with the edits) after it."""
     if not texts:
         raise LensbenchError("GPTQ needs calibration texts")
     ad = model.adapter
@@ -215,31 +218,44 @@ def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQCon
     bar = tqdm(total=model.n_layers, desc="GPTQ", unit="block", disable=not progress, file=sys.stderr, leave=False)
     try:
         for i, block in enumerate(ad.blocks):
-            mine = {n: root.get_submodule(n) for n in targets if n.startswith(paths[i] + ".")}
-            if mine:
-                hess = _Hessians(mine)
-                try:
-                    for x, kw, mask in zip(xs, kwargs, masks, strict=True):
-                        hess.mask = mask
-                        block(x, **kw[i])
-                finally:
-                    h = hess.close()
-                for name, module in mine.items():
-                    spec = targets[name]
-                    w = module.weight.T if is_conv1d(module) else module.weight
-                    try:
-                        results[name] = gptq_weight(w, h[name], spec.bits, spec.group_size, spec.scheme == "sym",
-                                                    cfg)
-                    except QuantError as exc:
-                        raise QuantError(f"{name}: {exc}") from None
-                    q = dequantize(results[name].packed).to(module.weight.dtype)
-                    surgery.overwrite(module.weight, q.T if is_conv1d(module) else q)
-            xs = [_output(block(x, **kw[i])) for x, kw in zip(xs, kwargs, strict=True)]
+            with resident(block):
+                xs = _block_pass(i, block, xs, kwargs, masks, targets, paths, root, surgery, results, cfg,
+                                 restore=not is_offloaded(block))
             bar.update(1)
     finally:
         surgery.restore()
         bar.close()
     return results
+
+
+def _block_pass(i: int, block: nn.Module, xs, kwargs, masks, targets: dict, paths: list[str], root: nn.Module,
+                surgery: Surgery, results: dict, cfg: GPTQConfig, restore: bool) -> list[torch.Tensor]:
+    """GPTQ of block i's targets from its inputs `xs`; the block's outputs with them quantised (the next block's
+    inputs). The quantised weights are written in place, through `surgery` when they must be `restore`d."""
+    mine = {n: root.get_submodule(n) for n in targets if n.startswith(paths[i] + ".")}
+    if mine:
+        hess = _Hessians(mine)
+        try:
+            for x, kw, mask in zip(xs, kwargs, masks, strict=True):
+                hess.mask = mask
+                block(x, **kw[i])
+        finally:
+            h = hess.close()
+        for name, module in mine.items():
+            spec = targets[name]
+            w = module.weight.T if is_conv1d(module) else module.weight
+            try:
+                results[name] = gptq_weight(w, h[name], spec.bits, spec.group_size, spec.scheme == "sym",
+                                            cfg)
+            except QuantError as exc:
+                raise QuantError(f"{name}: {exc}") from None
+            q = dequantize(results[name].packed).to(module.weight.dtype)
+            q = q.T if is_conv1d(module) else q
+            if restore:
+                surgery.overwrite(module.weight, q)
+            else:  # dropped with the block's weights when it leaves memory
+                module.weight.data.copy_(q)
+    return [_output(block(x, **kw[i])) for x, kw in zip(xs, kwargs, strict=True)]
 
 
 def prepare(model: Model, bound: Bound, texts, cfg: GPTQConfig = GPTQConfig(), progress: bool = False) -> dict:
