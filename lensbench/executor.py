@@ -5,7 +5,8 @@ A sweep hands `run_items` a `Work` (what one worker sets up once and then does p
 (JSON values, in a fixed order). Each worker gets the model once: `ship` packs its weights, config and
 tokenizer (no files needed on the worker's machine), `land` rebuilds it; on Ray the package goes into the
 object store once and every worker on that node reads it from there. Results come back as JSON values and
-are returned in item order, so a fold over them is the same whatever ran them.
+are returned in item order, so a fold over them is the same whatever ran them. A search that scores one
+generation after another uses `Workers` directly: started once, one `map(items)` per generation.
 
 Faults: a worker that dies (killed, out of memory) has its items retried on a new worker, up to `retries`
 times; a worker that raises stops the sweep with that item's one-line error. With `resume` (a folder)
