@@ -106,7 +106,8 @@ def main() -> None:
         held = rs[0]["weights"] if MODES[name][0] == "layer" else rs[0]["model_bytes"]
         lines.append(f"| {name} | {held / mib:.0f} | {np.median([r['base'] for r in rs]) / mib:.0f} | "
                      f"{np.median(peak):.0f}, {min(peak):.0f} | {np.median(over):.0f} | "
-                     f"{(rs[0]['weights'] + rs[0]['activations']) / mib:.0f} | {np.median(secs):.1f}, {min(secs):.1f} | "
+                     f"{(rs[0]['weights'] + rs[0]['activations']) / mib:.0f} | "
+                     f"{np.median(secs):.1f}, {min(secs):.1f} | "
                      f"{'equal, bit for bit' if same else f'largest relative difference {worst:.1e}'} |")
     ratio = np.median([r["peak"] for r in runs["layer by layer, float32"]]) / np.median([r["peak"] for r in
                                                                                       runs["whole, float32"]])

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 import lensbench as lb
 from lensbench.budget import check_fits, estimate
 from lensbench.errors import LensbenchError
-from lensbench.executor import ExecutorConfig, ship
+from lensbench.executor import ship
 from lensbench.offload import is_offloaded, resident
 from lensbench.profiling import profile_model
 from lensbench.store import capture_to_store

@@ -13,7 +13,7 @@ import json
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 from tqdm import tqdm
 
