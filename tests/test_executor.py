@@ -286,10 +286,16 @@ def test_searches_score_each_generation_on_workers_with_the_serial_result(policy
     assert other.to_dict() == serial.to_dict()  # actions, predicted fitness, the search's history and counts
 
 
-def test_a_policy_that_runs_here_refuses_workers(tiny):
+def test_a_policy_that_runs_here_refuses_workers(tiny, tmp_path, capsys):
     from lensbench.compress.policies import make_plan
     from lensbench.errors import PlanError
 
     prof = profile_model(tiny("llama"), list(SAMPLE_TEXTS), analyses=["redundancy"], progress=False)
     with pytest.raises(PlanError, match="runs in this process, not on workers: drop --executor"):
         make_plan("drop-block", prof, 1, ranking="redundancy", executor=ExecutorConfig("process", workers=2))
+    prof.save(tmp_path / "prof")
+    capsys.readouterr()
+    assert main(["plan", str(tmp_path / "prof"), "--policy", "drop-block", "--budget", "1", "--out",
+                 str(tmp_path / "plan.json"), "--executor", "process"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the searches evo, evo-bits take it" in err and len(err.splitlines()) == 1, err
