@@ -174,7 +174,7 @@ class Redundancy(Analyzer):
         top_final = final.topk(5, dim=-1).indices
         kl, overlap = [], []
         # one layer per GEMM against the vocabulary: its float64 temporaries (n x vocab each, ~4 alive) stay
-        # within a batch's logits; 8 layers at once took 1.2 GB over the rest of a SmolLM2 profile
+        # within a batch's logits, where 8 layers at once would hold 8 times as much
         for start in range(0, L, layers_per_matmul):
             group = states[start:min(start + layers_per_matmul, L)]
             logp = torch.log_softmax(wide(adapter.unembed(group.reshape(-1, group.shape[-1]).to(dtype))), -1)

@@ -194,19 +194,18 @@ def _as_named_in(module: nn.Module, index: dict[str, Stored], folder: Path) -> d
     return renamed
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
 def _map_big_allocations() -> None:
     """glibc serves an allocation below its mmap threshold from the heap and raises that threshold to the size of
     every mapped block freed (up to 32 MiB), so weights read in and dropped in turn end up in a heap that keeps
     their pages; with the threshold fixed at 1 MiB every weight and activation that size is mapped and handed
-    back when freed (on SmolLM2's profile: peak RSS 1.0-1.06 GB instead of 1.13-1.35 GB). Process-wide,
-    glibc only, set once a layer-by-layer model is built."""
+    back when freed. Process-wide, glibc only, set once a layer-by-layer model is built."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
     except (OSError, AttributeError):  # not glibc: its allocator decides
         pass
-
-
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
 
 def build(model_class, config, folder: Path, dtype: torch.dtype | None) -> nn.Module:
@@ -235,16 +234,15 @@ def build(model_class, config, folder: Path, dtype: torch.dtype | None) -> nn.Mo
         want = dtype if dtype is not None else stored.dtype
         stand_in = stand_ins.setdefault(id(param), nn.Parameter(_placeholder(param.shape, want), requires_grad=False))
         setattr(stand_in, _SOURCE, _Source(stored, want))
-    for sub in module.modules():
-        for name, param in sub._parameters.items():
-            if param is not None:
-                sub._parameters[name] = stand_ins[id(param)]
     for name, buf in module.named_buffers():
         if name in index:  # a persistent buffer stored with the weights
             owner, _, leaf = name.rpartition(".")
             module.get_submodule(owner).register_buffer(leaf, read(index[name], buf.dtype))
     for sub in module.modules():
-        if any(_source(p) is not None for p in sub._parameters.values()):
+        own = [name for name, param in sub._parameters.items() if param is not None]
+        for name in own:
+            sub._parameters[name] = stand_ins[id(sub._parameters[name])]
+        if own:  # its weights are read in for its forward and dropped after
             sub.register_forward_pre_hook(_before)
             sub.register_forward_hook(_after, always_call=True)
     return module

@@ -215,47 +215,40 @@ def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQCon
             raise LensbenchError(f"GPTQ quantises linear layers; {name} is a {type(module).__name__}")
     xs, kwargs, masks = _block_inputs(model, texts, cfg)
     surgery, results = Surgery(), {}
+    restore = not is_offloaded(root)  # a layer-by-layer model's edits go when its block leaves memory
     bar = tqdm(total=model.n_layers, desc="GPTQ", unit="block", disable=not progress, file=sys.stderr, leave=False)
     try:
         for i, block in enumerate(ad.blocks):
-            with resident(block):
-                xs = _block_pass(i, block, xs, kwargs, masks, targets, paths, root, surgery, results, cfg,
-                                 restore=not is_offloaded(block))
+            with resident(block):  # a layer-by-layer model's block: read in for its pass, its edits dropped after
+                mine = {n: root.get_submodule(n) for n in targets if n.startswith(paths[i] + ".")}
+                if mine:
+                    hess = _Hessians(mine)
+                    try:
+                        for x, kw, mask in zip(xs, kwargs, masks, strict=True):
+                            hess.mask = mask
+                            block(x, **kw[i])
+                    finally:
+                        h = hess.close()
+                    for name, module in mine.items():
+                        spec = targets[name]
+                        w = module.weight.T if is_conv1d(module) else module.weight
+                        try:
+                            results[name] = gptq_weight(w, h[name], spec.bits, spec.group_size,
+                                                        spec.scheme == "sym", cfg)
+                        except QuantError as exc:
+                            raise QuantError(f"{name}: {exc}") from None
+                        q = dequantize(results[name].packed).to(module.weight.dtype)
+                        q = q.T if is_conv1d(module) else q
+                        if restore:
+                            surgery.overwrite(module.weight, q)
+                        else:
+                            module.weight.data.copy_(q)
+                xs = [_output(block(x, **kw[i])) for x, kw in zip(xs, kwargs, strict=True)]
             bar.update(1)
     finally:
         surgery.restore()
         bar.close()
     return results
-
-
-def _block_pass(i: int, block: nn.Module, xs, kwargs, masks, targets: dict, paths: list[str], root: nn.Module,
-                surgery: Surgery, results: dict, cfg: GPTQConfig, restore: bool) -> list[torch.Tensor]:
-    """GPTQ of block i's targets from its inputs `xs`; the block's outputs with them quantised (the next block's
-    inputs). The quantised weights are written in place, through `surgery` when they must be `restore`d."""
-    mine = {n: root.get_submodule(n) for n in targets if n.startswith(paths[i] + ".")}
-    if mine:
-        hess = _Hessians(mine)
-        try:
-            for x, kw, mask in zip(xs, kwargs, masks, strict=True):
-                hess.mask = mask
-                block(x, **kw[i])
-        finally:
-            h = hess.close()
-        for name, module in mine.items():
-            spec = targets[name]
-            w = module.weight.T if is_conv1d(module) else module.weight
-            try:
-                results[name] = gptq_weight(w, h[name], spec.bits, spec.group_size, spec.scheme == "sym",
-                                            cfg)
-            except QuantError as exc:
-                raise QuantError(f"{name}: {exc}") from None
-            q = dequantize(results[name].packed).to(module.weight.dtype)
-            q = q.T if is_conv1d(module) else q
-            if restore:
-                surgery.overwrite(module.weight, q)
-            else:  # dropped with the block's weights when it leaves memory
-                module.weight.data.copy_(q)
-    return [_output(block(x, **kw[i])) for x, kw in zip(xs, kwargs, strict=True)]
 
 
 def prepare(model: Model, bound: Bound, texts, cfg: GPTQConfig = GPTQConfig(), progress: bool = False) -> dict:

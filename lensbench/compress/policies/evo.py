@@ -23,7 +23,7 @@ from ..plan import Plan
 from .budgets import unit_count
 from .rankings import drop_order, names_for
 from .registry import PolicyConfig, option, register
-from .search import Scored, SearchConfig, SearchResult, evolve
+from .search import FitnessWork, Scored, SearchConfig, SearchResult, evolve
 
 State = tuple[tuple[str, tuple[int, ...]], ...]
 
@@ -88,21 +88,18 @@ def _mutate(state: State, L: int, rng: random.Random) -> State:
     return make_state(removed)
 
 
-class RemovedKL:
-    """The depth search's fitness as work items: [state, minibatch index or None] -> the calibration KL with the
-    state's units removed (each worker runs the dense model on the calibration batches once, in `setup`)."""
+class RemovedKL(FitnessWork):
+    """The depth search's fitness: the calibration KL with a state's units removed (each worker runs the dense
+    model on the calibration batches once, in `setup`)."""
 
     def __init__(self, texts: Sequence[str], batch_size: int, seq_len: int):
         self.texts, self.batch_size, self.seq_len = list(texts), batch_size, seq_len
 
     def setup(self, model: Model) -> None:
-        self.kl = CalibrationKL(model, self.texts, self.batch_size, self.seq_len)
+        self.fit = CalibrationKL(model, self.texts, self.batch_size, self.seq_len)
 
-    def run(self, item) -> dict:
-        state, run = item
-        before = self.kl.n_tokens
-        kl = self.kl.removed(units_of(make_state(dict(state))), None if run is None else [self.kl.runs[run]])
-        return {"kl": kl, "tokens": self.kl.n_tokens - before}
+    def score(self, state, runs) -> float:
+        return self.fit.removed(units_of(make_state(dict(state))), runs)
 
 
 def evo_search(model: Model, texts: Sequence[str], counts: dict[str, int], seeds: dict[str, State],

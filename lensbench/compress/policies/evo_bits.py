@@ -22,7 +22,7 @@ from ...simquant import block_linears
 from .bits import Costs, GridOptions, QuantKL, plan_of
 from .budgets import check_average, check_group, levels as parse_levels
 from .registry import option, quiet_plan, register
-from .search import Scored, SearchConfig, evolve
+from .search import FitnessWork, Scored, SearchConfig, evolve
 
 Key = tuple[int, str | None]
 
@@ -36,9 +36,9 @@ class EvoBitsOptions(GridOptions):
     seed: int = option(0, "random seed")
 
 
-class QuantWork:
-    """The bit search's fitness as work items: [[[layer, linear, bits], ...], minibatch index or None] -> the
-    calibration KL with those bit-widths simulated (each worker runs the dense model once, in `setup`)."""
+class QuantWork(FitnessWork):
+    """The bit search's fitness: the calibration KL with [[layer, linear, bits], ...] simulated (each worker runs
+    the dense model once, in `setup`)."""
 
     batch_size, seq_len = 2, 128
 
@@ -48,11 +48,8 @@ class QuantWork:
     def setup(self, model) -> None:
         self.fit = QuantKL(model, self.texts, self.group_size, self.scheme, self.batch_size, self.seq_len)
 
-    def run(self, item) -> dict:
-        bits, run = item
-        before = self.fit.n_tokens
-        kl = self.fit({(i, n): b for i, n, b in bits}, None if run is None else [self.fit.runs[run]])
-        return {"kl": kl, "tokens": self.fit.n_tokens - before}
+    def score(self, bits, runs) -> float:
+        return self.fit({(i, n): b for i, n, b in bits}, runs)
 
 
 @register("evo-bits", EvoBitsOptions, needs_model=True, sweeps=True,

@@ -23,6 +23,23 @@ from ...executor import Workers
 S = TypeVar("S")
 
 
+class FitnessWork:
+    """A search's fitness as work items, [payload, minibatch index or None] -> {"kl", "tokens"}: `setup` sets
+    `self.fit` (an evaluator with calibration `runs` and a running `n_tokens`, built once per worker) and
+    `score(payload, runs)` scores one state on those runs (None: all of them)."""
+
+    fit: Any
+
+    def score(self, payload, runs) -> float:
+        raise NotImplementedError
+
+    def run(self, item) -> dict:
+        payload, run = item
+        before = self.fit.n_tokens
+        kl = self.score(payload, None if run is None else [self.fit.runs[run]])
+        return {"kl": kl, "tokens": self.fit.n_tokens - before}
+
+
 class Scored:
     """A search's fitness on calibration text, cached per (state, minibatch): `full` and `mini` for `evolve`,
     and `ahead`, which scores a set of states at once on `workers` (an executor's, or this process as the serial
@@ -87,8 +104,8 @@ def evolve(population: dict[str, S], full: Callable[[S], float], mini: Callable[
     that `full` and `mini` then return; the search itself is the same."""
     if not population:
         raise PlanError("the search has no starting state that fits the budget: give a larger budget")
-    if ahead is not None:
-        ahead(list(population.values()), None)
+    ahead = ahead or (lambda states, run: None)
+    ahead(list(population.values()), None)
     start = {name: full(s) for name, s in population.items()}
     parent = min(population.values(), key=full)
     history = [full(parent)]
@@ -104,11 +121,9 @@ def evolve(population: dict[str, S], full: Callable[[S], float], mini: Callable[
                 children.append(child)
         run = rng.choice(runs)
         n_mini += len(children)
-        if ahead is not None:
-            ahead(children, run)
+        ahead(children, run)
         scored = sorted(children, key=lambda c: mini(c, run))[:cfg.survivors]
-        if ahead is not None:
-            ahead([*scored, parent], None)
+        ahead([*scored, parent], None)
         parent = min([*scored, parent], key=full)
         history.append(full(parent))
         bar.set_postfix(kl=f"{history[-1]:.4f}")
