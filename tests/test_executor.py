@@ -59,13 +59,8 @@ def test_profile_scans_equal_the_serial_run(tiny, kind, request):
     analyses = ["ablation", "skip_effect", "quant_sensitivity", "redundancy"]
     params = {"skip_effect": {"mode": "future", "n_positions": 2}, "quant_sensitivity": {"bits": (2, 4)}}
     run = dict(analyses=analyses, analysis_params=params, batch_size=2, seq_len=32, progress=False)
-    threads = torch.get_num_threads()
     serial = profile_model(model, list(SAMPLE_TEXTS), **run)
-    torch.set_num_threads(1)  # what each of 2 workers on 2 CPUs gets
-    try:
-        serial_1 = profile_model(model, list(SAMPLE_TEXTS), **run)
-    finally:
-        torch.set_num_threads(threads)
+    serial_1 = _at_one_thread(lambda: profile_model(model, list(SAMPLE_TEXTS), **run))
     other = profile_model(model, list(SAMPLE_TEXTS), executor=ExecutorConfig(kind, workers=2), **run)
     assert other.data == serial.data
     assert set(other.scores) == set(serial.scores)
@@ -197,12 +192,8 @@ def test_a_running_ray_cluster_by_address(tiny_dir, tmp_path, text_file):
                                "--ray-address", f"127.0.0.1:{port}", "--workers", "2"],
                               env=env, capture_output=True, text=True, timeout=200)
         assert done.returncode == 0, done.stderr[-2000:]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # what each of the cluster's 2 workers on 2 CPUs runs with: bit for bit
-        try:
-            assert main(["profile", *common, "--out", str(tmp_path / "serial")]) == 0
-        finally:
-            torch.set_num_threads(threads)
+        # at the thread count each of the cluster's 2 workers on 2 CPUs runs with: bit for bit
+        assert _at_one_thread(lambda: main(["profile", *common, "--out", str(tmp_path / "serial")])) == 0
         ray_scores = json.loads((tmp_path / "ray" / "profile.json").read_text())["scores"]
         assert ray_scores == json.loads((tmp_path / "serial" / "profile.json").read_text())["scores"]
     finally:
