@@ -213,6 +213,12 @@ class Finished:
             except (ValueError, KeyError, OSError):
                 path.unlink(missing_ok=True)  # a damaged file is only lost time: the item runs again
 
+    def forget(self, index: int) -> None:
+        """Run item `index` again (what it wrote elsewhere was lost)."""
+        self.results.pop(index, None)
+        if self.folder is not None:
+            (self.folder / f"item-{index:08d}.json").unlink(missing_ok=True)
+
     def add(self, index: int, result: Any) -> None:
         self.results[index] = result
         if self.folder is not None:
@@ -225,12 +231,15 @@ class Finished:
 
 def run_items(work: Work, model: Model, items: Sequence[Any], config: ExecutorConfig | None = None, *,
               resume: Path | None = None, key: str = "",
-              on_done: Callable[[int, Any], None] | None = None) -> list[Any]:
+              on_done: Callable[[int, Any], None] | None = None,
+              lost: Callable[[int], bool] | None = None) -> list[Any]:
     """Every item's result, in item order. Items already in `resume` (a finished item of this `key`) are not
-    run again; `on_done(index, result)` is called in this process as each item finishes (a progress bar,
-    a manifest), in the order they finish."""
+    run again, unless `lost(index)` says what the item wrote elsewhere is gone; `on_done(index, result)` is
+    called in this process as each item finishes (a progress bar, a manifest), in the order they finish."""
 
     finished = Finished(resume, key)
+    for index in [i for i in finished.results if lost is not None and lost(i)]:
+        finished.forget(index)
     todo = [i for i in range(len(items)) if i not in finished.results]
     for index, result in sorted(finished.results.items()):
         if on_done:

@@ -6,7 +6,10 @@ import dataclasses
 from pathlib import Path
 
 from ..atomic import write_json
+from ..compress.database import LEVELS, SCHEMES, DatabaseConfig, build
 from ..compress.evaluate import EvalConfig, evaluate
+from ..compress.gptq import GPTQConfig
+from ..compress.policies.budgets import levels as parse_levels
 from ..compress.export import EXPORTERS, export, write
 from ..compress.formats import FORMATS
 from ..compress.lmeval import check_installed, task_name
@@ -101,6 +104,49 @@ def cmd_plan(args) -> int:
         print("predicted: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in plan.predicted.items() if k != "rounds"))
     print(f"wrote {path}")
+    return 0
+
+
+def _quant_db_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="bundled name, directory, .gguf file or hub name")
+    p.add_argument("--out", required=True, help="the database folder (a rerun with the same settings finishes it)")
+    p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="bit-widths to quantise every linear to "
+                   f"(default {','.join(map(str, LEVELS))})")
+    p.add_argument("--group-size", type=int, default=DatabaseConfig.group_size)
+    p.add_argument("--scheme", choices=SCHEMES, default="asym", help="asym (lensbench's packed format) or sym "
+                   "(what compress --format compressed-tensors stores)")
+    p.add_argument("--texts", help="calibration text file (default: the BBC news calibration split)")
+    p.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
+    p.add_argument("--calib", type=int, default=128, help="calibration texts for the Hessians (default 128)")
+    p.add_argument("--seq-len", type=int, default=GPTQConfig.seq_len, help="tokens per calibration text (default "
+                   f"{GPTQConfig.seq_len})")
+    p.add_argument("--damp", type=float, default=GPTQConfig.damp, help="dampening, a fraction of mean diag(H)")
+    p.add_argument("--no-act-order", action="store_true", help="quantise the columns in their own order")
+    p.add_argument("--kl-texts", type=int, default=DatabaseConfig.kl_texts, help="calibration texts (of 128 tokens) "
+                   "for the measured KL of each block at each level (0: none)")
+    executor_arguments(p)
+
+
+@command("quant-db", "a GPTQ database: every block linear quantised at every level, stored packed, with "
+                     "Hessian sensitivities", _quant_db_arguments)
+def cmd_quant_db(args) -> int:
+    levels = tuple(parse_levels(args.levels))
+    if args.calib < 1 or args.kl_texts < 0 or not args.damp > 0:
+        raise LensbenchError("--calib must be 1 or more, --kl-texts 0 or more and --damp above 0")
+    cfg = DatabaseConfig(levels, args.group_size, args.scheme,
+                         GPTQConfig(damp=args.damp, act_order=not args.no_act_order, seq_len=args.seq_len),
+                         kl_texts=args.kl_texts).check()  # before the model loads
+    model = load(args.model)
+    texts = read_text_file(args.texts, args.encoding) if args.texts else bbc_news("calibration")
+    db = build(model, texts[:args.calib], args.out, cfg, executor=args.executor_config, progress=True)
+    seconds = db.doc.get("seconds", {})
+    print(f"GPTQ database of {model.name}: {db.describe()}; {len(db.where)} linears")
+    if seconds:
+        print("  " + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
+    damp = max(r[n]["damp"] for rows in db.doc["errors"].values() for r in rows for n in db.linears)
+    print(f"  largest dampening used: {damp:g}" + (" (raised: the calibration Hessian was singular; give more "
+                                                   "text)" if damp > cfg.gptq.damp else ""))
+    print(f"wrote {db.folder} (scores in {db.folder / 'profile'})")
     return 0
 
 

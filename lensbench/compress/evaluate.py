@@ -39,7 +39,8 @@ from ..surgery import weight_bytes
 from ..texts import bbc_news
 from ..version import __version__
 from .apply import Target, applied
-from .gptq import GPTQConfig, prepare
+from .gptq import GPTQConfig
+from .database import prepare
 from .lmeval import run_task
 from .plan import Plan
 from lensbench.probes.cities import city_facts

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -49,13 +50,15 @@ class GPTQConfig:
 
 @dataclass
 class Result:
-    """One linear's GPTQ result: the packed weight, the dampening used, the layer error tr(ΔW H ΔWᵀ) and the
-    same error of round-to-nearest on the same grid layout, for comparison."""
+    """One linear's GPTQ result: the packed weight, the dampening used, the layer error tr(ΔW H ΔWᵀ), the same
+    error of round-to-nearest on the same grid layout (for comparison), tr(W H Wᵀ) and ||ΔW||²."""
 
     packed: PackedWeight
     damp: float
     error: float
     rtn_error: float
+    norm: float = 0.0  # tr(W H Wᵀ): `error / norm` is the normalised error (EvoPress's NMSE)
+    sq_error: float = 0.0  # ||ΔW||², HAWQ's perturbation term
 
 
 def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -130,7 +133,9 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
     original = weight.detach().double()
     approx = dequantize(packed).double()
     rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric))
-    return Result(packed, damp, layer_error(original, approx, hessian), layer_error(original, rtn, hessian))
+    return Result(packed, damp, layer_error(original, approx, hessian), layer_error(original, rtn, hessian),
+                  layer_error(original, torch.zeros_like(original), hessian),
+                  float(((original - approx) ** 2).sum()))
 
 
 class _Hessians:
@@ -141,24 +146,33 @@ class _Hessians:
         self.mask: torch.Tensor | None = None
         self.sums = {name: None for name in modules}
         self.counts = dict.fromkeys(modules, 0)
+        self.shared: dict[str, str] = {}  # name -> the first linear that reads the same input (q, k, v)
+        self.last: tuple = (None, None, None)  # (input tensor, its name, its product) of the latest call
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            x = args[0].detach()
-            x = (x[self.mask] if self.mask is not None and x.shape[:2] == self.mask.shape else
-                 x.reshape(-1, x.shape[-1])).float()
-            if not torch.isfinite(x).all():
-                raise LensbenchError(f"the calibration inputs of {name} hold NaN or Inf: check the model's weights "
-                                     f"and the calibration text")
-            s = (x.T @ x).double()  # one batch in float32, the running sum in float64
+            raw = args[0]
+            if raw is self.last[0]:  # the same input as the linear before: one product serves both
+                self.shared.setdefault(name, self.shared.get(self.last[1], self.last[1]))
+                s, n = self.last[2]
+            else:
+                x = raw.detach()
+                x = (x[self.mask] if self.mask is not None and x.shape[:2] == self.mask.shape else
+                     x.reshape(-1, x.shape[-1])).float()
+                if not torch.isfinite(x).all():
+                    raise LensbenchError(f"the calibration inputs of {name} hold NaN or Inf: check the model's "
+                                         f"weights and the calibration text")
+                s, n = (x.T @ x).double(), x.shape[0]  # one batch in float32, the running sum in float64
+                self.last = (raw, name, (s, n))
             self.sums[name] = s if self.sums[name] is None else self.sums[name] + s
-            self.counts[name] += x.shape[0]
+            self.counts[name] += n
         return hook
 
     def close(self) -> dict[str, torch.Tensor]:
         for h in self.handles:
             h.remove()
+        self.last = (None, None, None)
         return {name: 2 * s / max(self.counts[name], 1) for name, s in self.sums.items()}
 
 
@@ -193,6 +207,61 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def block_hessians(model: Model, names, texts, cfg: GPTQConfig = GPTQConfig()
+                   ) -> Iterator[tuple[int, dict[str, nn.Module], dict[str, torch.Tensor], dict[str, str]]]:
+    """For each block in order: (its index, its linears among `names` {name: module}, their Hessians, {name: the
+    linear whose input it shares}). The block is in memory (`resident`) while the caller holds the item; its
+    outputs, computed after the caller returns and with any edits the caller made to its weights, are the next
+    block's inputs, so a caller that quantises in place gets the paper's sequential GPTQ and one that does not
+    gets every block's Hessian from the dense model."""
+    ad, root = model.adapter, model.module
+    paths = [ad.block_path(i) for i in range(model.n_layers)]
+    xs, kwargs, masks = _block_inputs(model, texts, cfg)
+    for i, block in enumerate(ad.blocks):
+        with resident(block):  # a layer-by-layer model's block: read in for its pass, its edits dropped after
+            mine = {n: root.get_submodule(n) for n in names if n.startswith(paths[i] + ".")}
+            h, shared = {}, {}
+            if mine:
+                hess = _Hessians(mine)
+                try:
+                    for x, kw, mask in zip(xs, kwargs, masks, strict=True):
+                        hess.mask = mask
+                        block(x, **kw[i])
+                finally:
+                    h = hess.close()
+                shared = hess.shared
+            yield i, mine, h, shared
+            xs = [_output(block(x, **kw[i])) for x, kw in zip(xs, kwargs, strict=True)]
+
+
+def check_targets(model: Model, names) -> None:
+    """GPTQ takes the blocks' linear layers only: one line naming the first other module."""
+    root, ad = model.module, model.adapter
+    paths = [ad.block_path(i) for i in range(model.n_layers)]
+    outside = [n for n in names if not any(n.startswith(p + ".") for p in paths)]
+    if outside:
+        raise LensbenchError(f"GPTQ quantises the blocks' linear layers; {outside[0]} is outside them: quantise it "
+                             f"with method rtn")
+    for name in names:
+        module = root.get_submodule(name)
+        if not isinstance(module, nn.Linear) and not is_conv1d(module):
+            raise LensbenchError(f"GPTQ quantises linear layers; {name} is a {type(module).__name__}")
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """The [N, K] weight GPTQ works on (a GPT-2 Conv1D stores it transposed)."""
+    return module.weight.T if is_conv1d(module) else module.weight
+
+
+def solve(name: str, module: nn.Module, hessian: torch.Tensor, bits: int, group_size: int, scheme: str,
+          cfg: GPTQConfig) -> Result:
+    """GPTQ of one named linear; a grid or Hessian problem is one line naming it."""
+    try:
+        return gptq_weight(weight_of(module), hessian, bits, group_size, scheme == "sym", cfg)
+    except QuantError as exc:
+        raise QuantError(f"{name}: {exc}") from None
+
+
 @torch.no_grad()
 def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQConfig(),
                    progress: bool = False) -> dict[str, Result]:
@@ -202,48 +271,21 @@ def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQCon
     next block's inputs, and dropped (with the edits) after it."""
     if not texts:
         raise LensbenchError("GPTQ needs calibration texts")
-    ad = model.adapter
-    root = model.module
-    paths = [ad.block_path(i) for i in range(model.n_layers)]
-    outside = [n for n in targets if not any(n.startswith(p + ".") for p in paths)]
-    if outside:
-        raise LensbenchError(f"GPTQ quantises the blocks' linear layers; {outside[0]} is outside them: quantise it "
-                             f"with method rtn")
-    for name in targets:
-        module = root.get_submodule(name)
-        if not isinstance(module, nn.Linear) and not is_conv1d(module):
-            raise LensbenchError(f"GPTQ quantises linear layers; {name} is a {type(module).__name__}")
-    xs, kwargs, masks = _block_inputs(model, texts, cfg)
+    check_targets(model, targets)
     surgery, results = Surgery(), {}
-    restore = not is_offloaded(root)  # a layer-by-layer model's edits go when its block leaves memory
+    restore = not is_offloaded(model.module)  # a layer-by-layer model's edits go when its block leaves memory
     bar = tqdm(total=model.n_layers, desc="GPTQ", unit="block", disable=not progress, file=sys.stderr, leave=False)
     try:
-        for i, block in enumerate(ad.blocks):
-            with resident(block):  # a layer-by-layer model's block: read in for its pass, its edits dropped after
-                mine = {n: root.get_submodule(n) for n in targets if n.startswith(paths[i] + ".")}
-                if mine:
-                    hess = _Hessians(mine)
-                    try:
-                        for x, kw, mask in zip(xs, kwargs, masks, strict=True):
-                            hess.mask = mask
-                            block(x, **kw[i])
-                    finally:
-                        h = hess.close()
-                    for name, module in mine.items():
-                        spec = targets[name]
-                        w = module.weight.T if is_conv1d(module) else module.weight
-                        try:
-                            results[name] = gptq_weight(w, h[name], spec.bits, spec.group_size,
-                                                        spec.scheme == "sym", cfg)
-                        except QuantError as exc:
-                            raise QuantError(f"{name}: {exc}") from None
-                        q = dequantize(results[name].packed).to(module.weight.dtype)
-                        q = q.T if is_conv1d(module) else q
-                        if restore:
-                            surgery.overwrite(module.weight, q)
-                        else:
-                            module.weight.data.copy_(q)
-                xs = [_output(block(x, **kw[i])) for x, kw in zip(xs, kwargs, strict=True)]
+        for _, mine, h, _ in block_hessians(model, targets, texts, cfg):
+            for name, module in mine.items():
+                spec = targets[name]
+                results[name] = solve(name, module, h[name], spec.bits, spec.group_size, spec.scheme, cfg)
+                q = dequantize(results[name].packed).to(module.weight.dtype)
+                q = q.T if is_conv1d(module) else q
+                if restore:
+                    surgery.overwrite(module.weight, q)
+                else:
+                    module.weight.data.copy_(q)
             bar.update(1)
     finally:
         surgery.restore()
@@ -262,7 +304,7 @@ def prepare(model: Model, bound: Bound, texts, cfg: GPTQConfig = GPTQConfig(), p
     todo = {}
     for name, spec in targets.items():
         module = root.get_submodule(name)
-        key = cache_key(name, module.weight.T if is_conv1d(module) else module.weight, spec)
+        key = cache_key(name, weight_of(module), spec)
         if key not in cache:
             todo[name] = (spec, key)
     results = quantize_model(model, {n: s for n, (s, _) in todo.items()}, texts, cfg, progress) if todo else {}

@@ -259,7 +259,8 @@ class Plan:
                        for k, a in self.actions.items()}
         except QuantError as exc:
             raise PlanError(str(exc)) from None
-        return Plan(actions, self.model, dict(self.policy), dict(self.predicted), dict(self.meta))
+        meta = {k: v for k, v in self.meta.items() if k != "database"}  # its levels are of the recorded method
+        return Plan(actions, self.model, dict(self.policy), dict(self.predicted), meta)
 
     def quant_targets(self, model) -> dict[str, Quant]:
         """`{module name: Quant}` for every linear or embedding this plan quantises in `model`. Raises

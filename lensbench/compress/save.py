@@ -27,7 +27,7 @@ from ..load import load
 from ..saved import RECORD
 from ..texts import bbc_news
 from .formats import FORMATS
-from .gptq import prepare
+from .database import prepare
 from .plan import Plan
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...calibration import CalibrationKL
+from ..database import Database
 from ...errors import PlanError
 from ...gpu.ggml import bits_per_weight, ggml_type
 from ...gpu.quant import DEFAULT_GROUP_SIZE
@@ -52,6 +53,29 @@ def plan_of(profile: Profile, bits_of: dict[tuple[int, str | None], int], group_
         key = block.format(i=layer) + (f".{name}" if name else "")
         specs[key] = (b, group_size, scheme, method)
     return Plan.quantize(profile.model, specs, predicted=predicted)
+
+
+def grid_setup(profile: Profile, cfg: "GridOptions", levels) -> tuple[Profile, Database | None]:
+    """Check a bit policy's grid and, with `--database`, open the database, check it holds this model, grid and
+    `levels`, and return the profile with the database's scores added (the ranking `hessian`, `hawq`, ... read
+    them)."""
+    check_group(cfg.group_size, cfg.scheme, cfg.method)
+    if not cfg.database:
+        return profile, None
+    if cfg.method != "gptq":
+        raise PlanError(f"--database {cfg.database} holds GPTQ levels: add --method gptq")
+    db = Database.open(cfg.database)
+    db.check(profile.model.get("fingerprint"), profile.model.get("name"), cfg.group_size, cfg.scheme)
+    db.check_bits(levels)
+    scores = db.profile().scores
+    return Profile(profile.model, profile.data, {**profile.scores, **scores}, profile.meta, profile.tables), db
+
+
+def recorded(plan: Plan, db: Database | None) -> Plan:
+    """The plan with the database it was measured on, so evaluate and compress apply the same weights."""
+    if db is not None:
+        plan.meta = {**plan.meta, "database": {"folder": str(db.folder), "key": db.key}}
+    return plan
 
 
 def lists_linears(profile: Profile) -> bool:
@@ -117,7 +141,11 @@ class GridOptions(PolicyConfig):
     group_size: int = option(DEFAULT_GROUP_SIZE, "quantisation group size")
     scheme: str = option("asym", SCHEME_HELP, SCHEMES)
     method: str = option("rtn", "rounding written into the plan: rtn (round to nearest) or gptq (from calibration "
-                                "Hessians when the plan is evaluated or saved; the searches measure rtn)", METHODS)
+                                "Hessians when the plan is evaluated or saved; without --database the searches "
+                                "measure rtn)", METHODS)
+    database: str = option("", "a GPTQ database folder (lensbench quant-db; with --method gptq): its levels are what "
+                               "the searches measure and the plan applies, and its scores rank (hessian, hawq, "
+                               "augmented, gptq-kl)")
 
 
 @dataclass(frozen=True)
@@ -138,8 +166,8 @@ class BitsRankOptions(TwoLevelOptions):
           budget="average weight bits over the blocks' linears, between the two levels",
           description="LayerwiseQuant: the least important blocks by a ranking at the low bit-width, the rest high")
 def bits_rank(profile: Profile, budget: float, cfg: BitsRankOptions, *, model, texts, progress) -> Plan:
-    check_group(cfg.group_size, cfg.scheme, cfg.method)
     hi, lo = sorted(parse_levels(cfg.levels, 2, cfg.scheme), reverse=True)  # "4,2" or "2,4": the higher is high
+    profile, db = grid_setup(profile, cfg, (hi, lo))
     cost = Costs.of(profile, cfg.scheme, model)
     c_hi, c_lo = cost(None, hi), cost(None, lo)  # bits per weight of a block at each level
     check_average(budget, c_lo, c_hi)
@@ -150,8 +178,8 @@ def bits_rank(profile: Profile, budget: float, cfg: BitsRankOptions, *, model, t
         order = order[::-1]
     low = set(order[:n_lo])
     bits_of = {(i, None): (lo if i in low else hi) for i in range(L)}
-    return plan_of(profile, bits_of, cfg.group_size, {"average_bits": cost.average(bits_of), "n_low": n_lo,
-                                                      "low_blocks": sorted(low)}, cfg.scheme, cfg.method)
+    return recorded(plan_of(profile, bits_of, cfg.group_size, {"average_bits": cost.average(bits_of), "n_low": n_lo,
+                                                               "low_blocks": sorted(low)}, cfg.scheme, cfg.method), db)
 
 
 @dataclass(frozen=True)
@@ -159,6 +187,9 @@ class BitsDpOptions(GridOptions):
     levels: str = option("2,3,4,8", "the bit-widths to choose from")
     unit: str = option("block", "allocate per block or per linear", ("block", "linear"))
     resolution: int = option(4000, "steps of the budget the knapsack works on")
+    error: str = option("kl", "the per-unit error the knapsack adds up: kl (measured calibration KL: the profile's "
+                              "quant_sensitivity, or the database's gptq-kl per block) or nmse (the database's "
+                              "tr(ΔW H ΔWᵀ)/tr(W H Wᵀ), EvoPress's DP input; needs --database)", ("kl", "nmse"))
 
 
 @register("bits-dp", BitsDpOptions, needs_model=_reads_model,
@@ -166,8 +197,8 @@ class BitsDpOptions(GridOptions):
           description="knapsack dynamic programming on the measured per-unit KL at each bit-width (EvoPress DP "
                       "baseline)")
 def bits_dp(profile: Profile, budget: float, cfg: BitsDpOptions, *, model, texts, progress) -> Plan:
-    check_group(cfg.group_size, cfg.scheme, cfg.method)
     opts = sorted(parse_levels(cfg.levels, None, cfg.scheme))
+    profile, db = grid_setup(profile, cfg, opts)
     cost = Costs.of(profile, cfg.scheme, model)
     check_average(budget, cost(None, opts[0]), cost(None, opts[-1]))
     L = int(profile.model["n_layers"])
@@ -177,16 +208,17 @@ def bits_dp(profile: Profile, budget: float, cfg: BitsDpOptions, *, model, texts
     n_params = np.array([cost.size(n) for _, n in units], dtype=np.float64)
     err = np.zeros((len(units), len(opts)))
     for o, b in enumerate(opts):
-        s = sensitivity(profile, b, cfg.unit)
+        s = sensitivity(profile, b, cfg.unit, cfg.error, db is not None)
         linear_names = s.params.get("linears", list(sizes))
         for u, (i, n) in enumerate(units):
             err[u, o] = s.values[i] if n is None else s.values[i, linear_names.index(n)]
     bits = np.array([[cost(n, b) for b in opts] for _, n in units])
     choice = knapsack(err, n_params[:, None] * bits, budget * n_params.sum(), cfg.resolution)
     bits_of = {units[u]: opts[c] for u, c in enumerate(choice)}
-    return plan_of(profile, bits_of, cfg.group_size,
-                   {"average_bits": cost.average(bits_of),
-                    "sum_of_unit_kl": float(err[np.arange(len(units)), choice].sum())}, cfg.scheme, cfg.method)
+    return recorded(plan_of(profile, bits_of, cfg.group_size,
+                            {"average_bits": cost.average(bits_of),
+                             f"sum_of_unit_{cfg.error}": float(err[np.arange(len(units)), choice].sum())},
+                            cfg.scheme, cfg.method), db)
 
 
 def knapsack(err: np.ndarray, cost: np.ndarray, budget: float, resolution: int = 4000) -> list[int]:
@@ -221,12 +253,15 @@ def knapsack(err: np.ndarray, cost: np.ndarray, budget: float, resolution: int =
 
 class QuantKL:
     """Calibration KL (`lensbench.calibration`) of a bits assignment {(layer, linear name): bits}, with the
-    quantisation simulated in place and the unchanged prefix replayed."""
+    quantisation simulated in place (rounded to nearest, or the levels of a GPTQ `database` folder) and the
+    unchanged prefix replayed."""
 
-    def __init__(self, model, texts, group_size: int, scheme: str = "asym", batch_size: int = 4, seq_len: int = 128):
+    def __init__(self, model, texts, group_size: int, scheme: str = "asym", batch_size: int = 4, seq_len: int = 128,
+                 database: str = ""):
         self.model, self.group_size, self.scheme = model, group_size, scheme
         self.kl = CalibrationKL(model, texts, batch_size, seq_len)
-        self.cache: dict = {}  # dequantised weights, shared across evaluations
+        # dequantised weights, shared across evaluations: rounded to nearest, or a GPTQ database's levels
+        self.cache = Database.open(database).weights(model) if database else {}
 
     @property
     def runs(self):
@@ -255,14 +290,14 @@ class BitsBisectOptions(TwoLevelOptions):
           budget="quality bound: calibration KL to the dense model, nats per token",
           description="bisection for the most blocks (least sensitive first) at the low bit-width within the bound")
 def bits_bisect(profile: Profile, budget: float, cfg: BitsBisectOptions, *, model, texts, progress) -> Plan:
-    check_group(cfg.group_size, cfg.scheme, cfg.method)
     hi, lo = parse_levels(cfg.levels, 2, cfg.scheme)
+    profile, db = grid_setup(profile, cfg, (hi, lo))
     if not budget > 0:
         raise PlanError(f"the budget of bits-bisect is a KL bound above 0 (e.g. 0.1), got {budget}")
     L = model.n_layers
     order = block_order(profile, cfg.ranking, lo, cfg.seed)
     texts = list(texts) if texts else bbc_news("calibration", limit=8)
-    kl_of = QuantKL(model, texts, cfg.group_size, cfg.scheme)
+    kl_of = QuantKL(model, texts, cfg.group_size, cfg.scheme, database=cfg.database)
     names = block_linears(model)
 
     def bits_for(n: int) -> dict[tuple[int, str | None], int]:
@@ -287,4 +322,4 @@ def bits_bisect(profile: Profile, budget: float, cfg: BitsBisectOptions, *, mode
                     "calibration_kl": trail[a]}, cfg.scheme, cfg.method)
     plan.meta = {"search": {"evaluations": len(trail), "kl_by_n_low": {str(k): v for k, v in sorted(trail.items())},
                             "tokens": kl_of.n_tokens}}
-    return plan
+    return recorded(plan, db)

@@ -19,8 +19,8 @@ from ...profiles import Profile
 from ...texts import bbc_news
 from ..plan import Plan
 from ...simquant import block_linears
-from .bits import Costs, GridOptions, QuantKL, plan_of
-from .budgets import check_average, check_group, levels as parse_levels
+from .bits import Costs, GridOptions, QuantKL, grid_setup, plan_of, recorded
+from .budgets import check_average, levels as parse_levels
 from .registry import option, quiet_plan, register
 from .search import FitnessWork, Scored, SearchConfig, evolve
 
@@ -42,11 +42,12 @@ class QuantWork(FitnessWork):
 
     batch_size, seq_len = 2, 128
 
-    def __init__(self, texts: list[str], group_size: int, scheme: str):
-        self.texts, self.group_size, self.scheme = texts, group_size, scheme
+    def __init__(self, texts: list[str], group_size: int, scheme: str, database: str = ""):
+        self.texts, self.group_size, self.scheme, self.database = texts, group_size, scheme, database
 
     def setup(self, model) -> None:
-        self.fit = QuantKL(model, self.texts, self.group_size, self.scheme, self.batch_size, self.seq_len)
+        self.fit = QuantKL(model, self.texts, self.group_size, self.scheme, self.batch_size, self.seq_len,
+                           self.database)
 
     def score(self, bits, runs) -> float:
         return self.fit({(i, n): b for i, n, b in bits}, runs)
@@ -57,8 +58,8 @@ class QuantWork(FitnessWork):
           description="evolutionary search over bit-widths scored by calibration KL (EvoPress, quantisation)")
 def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, texts, progress,
              executor=None) -> Plan:
-    check_group(cfg.group_size, cfg.scheme, cfg.method)
     opts = sorted(parse_levels(cfg.levels, None, cfg.scheme))
+    profile, db = grid_setup(profile, cfg, opts)
     L, names = model.n_layers, block_linears(model)
     cost = Costs.of(profile, cfg.scheme, model)
     check_average(budget, cost(None, opts[0]), cost(None, opts[-1]))
@@ -93,9 +94,9 @@ def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, tex
         return repair(child)
 
     seeds: dict[str, dict] = {}
-    common = {"group_size": cfg.group_size, "scheme": cfg.scheme, "method": cfg.method}
+    common = {"group_size": cfg.group_size, "scheme": cfg.scheme, "method": cfg.method, "database": cfg.database}
     for name, plan in (("dp", quiet_plan("bits-dp", profile, budget, unit=cfg.unit, **common)),
-                       ("rank-quant", quiet_plan("bits-rank", profile, budget, ranking="quant",
+                       ("rank-quant", quiet_plan("bits-rank", profile, budget, ranking="gptq-kl" if db else "quant",
                                                  levels=f"{opts[-1]},{opts[0]}", **common))):
         if plan is not None:
             seeds[name] = _state_of(plan, units, profile)
@@ -107,7 +108,7 @@ def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, tex
         if s is not None:
             seeds[f"random{j}"] = s
     n_runs = len(list(batches(model, texts, QuantWork.batch_size, QuantWork.seq_len)))
-    with Workers(QuantWork(texts, cfg.group_size, cfg.scheme), model, executor) as workers:
+    with Workers(QuantWork(texts, cfg.group_size, cfg.scheme, cfg.database), model, executor) as workers:
         fit = Scored(payload, workers)
         found = evolve(seeds, fit.full, fit.mini, mutate, list(range(n_runs)),
                        SearchConfig(cfg.generations, cfg.offspring, seed=cfg.seed), rng, progress, "bit search",
@@ -117,7 +118,7 @@ def evo_bits(profile: Profile, budget: float, cfg: EvoBitsOptions, *, model, tex
     plan.meta = {"search": {"calibration_kl_by_generation": found.history, "start_calibration_kl": found.start,
                             "full_evaluations": fit.n_full, "minibatch_evaluations": found.n_mini,
                             "tokens_forwarded": fit.tokens}}
-    return plan
+    return recorded(plan, db)
 
 
 def _state_of(plan: Plan, units: list[Key], profile: Profile) -> dict:

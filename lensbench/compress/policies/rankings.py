@@ -2,7 +2,8 @@
 
 A ranking names a score per unit kind (`block`, `attn`, `mlp`) and the analysis that makes it. Drop and skip
 policies take the drop rankings; bit policies take the block rankings marked for them, plus `quant` (the
-measured KL of a block quantised to the low level). Every policy also takes `random` (seeded) and
+measured KL of a block quantised to the low level). A bit ranking's score name may hold `{bits}`: the low level
+it ranks at (the GPTQ database's scores, `lensbench quant-db`). Every policy also takes `random` (seeded) and
 `score:NAME` (any per-layer score with an importance direction). A new ranking is one row here.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ...units import Unit
 @dataclass(frozen=True)
 class Ranking:
     scores: dict[str, str]  # unit kind -> score name in the Profile
-    analysis: str  # the analysis that makes the scores (`lensbench profile --analyses NAME`)
+    analysis: str  # the analysis that makes the scores (`lensbench profile --analyses NAME`, or quant-db)
     used_by: tuple[str, ...] = ("drop",)  # "drop": drop/skip policies and EvoPress seeds; "bits": bit policies
 
 
@@ -31,6 +32,12 @@ RANKINGS: dict[str, Ranking] = {
     "skip": Ranking({"block": "skip_output_effect"}, "skip_effect"),
     "lim": Ranking({"block": "block_cosine"}, "redundancy", ("bits",)),  # LayerwiseQuant's LIM: the block cosine
     "zd": Ranking({"block": "zd"}, "weight_outliers", ("bits",)),  # LayerwiseQuant's z-score distribution
+    # from a GPTQ database (`compress.database`), at the low level: EvoPress's normalised layer error, HAWQ's
+    # trace score, the augmented score (Hessian term + end-to-end KL), and the measured KL at GPTQ's level
+    "hessian": Ranking({"block": "gptq_nmse_block_int{bits}"}, "quant-db", ("bits",)),
+    "hawq": Ranking({"block": "hawq_block_int{bits}"}, "quant-db", ("bits",)),
+    "augmented": Ranking({"block": "augmented_block_int{bits}"}, "quant-db", ("bits",)),
+    "gptq-kl": Ranking({"block": "gptq_kl_block_int{bits}"}, "quant-db", ("bits",)),
 }
 
 
@@ -38,8 +45,10 @@ def names_for(use: str) -> list[str]:
     return [n for n, r in RANKINGS.items() if use in r.used_by]
 
 
-def ranking_scores(profile: Profile, ranking: str, kind: str, use: str = "drop") -> LayerScores:
-    """The Profile's scores behind `ranking` for units of `kind`, checked to be usable as a ranking."""
+def ranking_scores(profile: Profile, ranking: str, kind: str, use: str = "drop", bits: int | None = None
+                   ) -> LayerScores:
+    """The Profile's scores behind `ranking` for units of `kind` (at level `bits` for a per-level bit ranking),
+    checked to be usable as a ranking."""
     if ranking.startswith("score:"):
         name = ranking[len("score:"):]
     else:
@@ -50,10 +59,13 @@ def ranking_scores(profile: Profile, ranking: str, kind: str, use: str = "drop")
         if kind not in RANKINGS[ranking].scores:
             raise PlanError(f"ranking {ranking!r} scores whole layers only, not {kind} sublayers: use ranking "
                             f"redundancy or ablation")
-        name = RANKINGS[ranking].scores[kind]
+        name = RANKINGS[ranking].scores[kind].format(bits=bits)
     if name not in profile.scores:
-        hint = (f"run lensbench profile MODEL --analyses {RANKINGS[ranking].analysis} --out DIR"
-                if ranking in RANKINGS else f"this profile has {', '.join(profile.scores)}")
+        analysis = RANKINGS[ranking].analysis if ranking in RANKINGS else None
+        hint = ("build a GPTQ database with lensbench quant-db MODEL --out DB (its levels including the low one) "
+                "and plan with --database DB --method gptq" if analysis == "quant-db" else
+                f"run lensbench profile MODEL --analyses {analysis} --out DIR" if analysis
+                else f"this profile has {', '.join(profile.scores)}")
         raise PlanError(f"the profile has no {name!r} scores for ranking {ranking!r}: {hint}")
     s = profile.scores[name]
     if s.higher_is_more_important is None or s.values.ndim != 1:
@@ -86,8 +98,20 @@ def ordered_candidates(profile: Profile, ranking: str, kinds: list[str], seed: i
     return sorted(out, key=lambda t: (np.nan_to_num(t[0], nan=np.inf), t[1]))
 
 
-def sensitivity(profile: Profile, bits: int, unit: str = "block") -> LayerScores:
-    """The measured KL of each block (or each block's linears) quantised to `bits` (quant_sensitivity)."""
+def sensitivity(profile: Profile, bits: int, unit: str = "block", error: str = "kl",
+                database: bool = False) -> LayerScores:
+    """Each block's (or each block's linears') error at `bits`: the measured KL (quant_sensitivity's, rounded to
+    nearest; a GPTQ database's per block) or, from a database, the normalised layer error (`error="nmse"`)."""
+    if database or error == "nmse":
+        if not database:
+            raise PlanError("the nmse error comes from a GPTQ database: give --database DB --method gptq (built "
+                            "with lensbench quant-db), or use --error kl")
+        name = f"gptq_{error}_{unit}_int{bits}"
+        if name not in profile.scores:
+            raise PlanError(f"the GPTQ database has no {name!r}" + (
+                ": it measures the KL per block; use --error nmse per linear" if unit == "linear" else
+                ": it was built without the KL (--kl-texts 0); use --error nmse or rebuild it"))
+        return profile.scores[name]
     name = f"quant_kl_{unit}_int{bits}"
     if name not in profile.scores:
         raise PlanError(f"the profile has no {name!r}: run lensbench profile MODEL --analyses quant_sensitivity "
@@ -100,5 +124,6 @@ def block_order(profile: Profile, ranking: str, lo: int, seed: int = 0) -> list[
     L = int(profile.model["n_layers"])
     if ranking == "random":
         return [int(i) for i in np.random.default_rng(seed).permutation(L)]
-    scores = sensitivity(profile, lo) if ranking == "quant" else ranking_scores(profile, ranking, "block", "bits")
+    scores = sensitivity(profile, lo) if ranking == "quant" else ranking_scores(profile, ranking, "block", "bits",
+                                                                                 lo)
     return scores.ranking()[::-1]
