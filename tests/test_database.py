@@ -17,7 +17,6 @@ from lensbench.compress.policies import make_plan
 from lensbench.errors import PlanError
 from lensbench.executor import ExecutorConfig
 from lensbench.gpu.quant import QuantError
-from lensbench.gpu.reference import dequantize
 from lensbench.profiling import profile_model
 from lensbench.simquant import block_linears, simulated
 from lensbench.testing import SAMPLE_TEXTS

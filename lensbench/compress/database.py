@@ -190,7 +190,7 @@ def _hessian_pass(model: Model, texts: list[str], folder: Path, key: str, cfg: D
     names = [f"{ad.block_path(i)}.{n}" for i in range(L) for n in rel]
     check_targets(model, names)
     bar = tqdm(total=L, desc="Hessians", unit="block", disable=not progress, file=sys.stderr, leave=False)
-    for i, mine, h, shared in block_hessians(model, names, texts, cfg.gptq):
+    for i, _, h, shared in block_hessians(model, names, texts, cfg.gptq):
         prefix = ad.block_path(i) + "."
         local = {n.removeprefix(prefix): s.removeprefix(prefix) for n, s in shared.items()}
         tensors = {n.removeprefix(prefix): t.float() for n, t in h.items() if n not in shared}
@@ -238,8 +238,8 @@ def build(model: Model, texts, out, cfg: DatabaseConfig = DatabaseConfig(), *,
     if cfg.kl_texts:
         bar = tqdm(total=len(items), desc="database KL", unit="item", disable=not progress, file=sys.stderr,
                    leave=False)
-        kls = run_items(KLWork(str(folder), doc, texts[:cfg.kl_texts], cfg), model, items, executor, resume=folder / "kl-items",
-                        key=key, on_done=lambda *_: bar.update(1))
+        kls = run_items(KLWork(str(folder), doc, texts[:cfg.kl_texts], cfg), model, items, executor,
+                        resume=folder / "kl-items", key=key, on_done=lambda *_: bar.update(1))
         bar.close()
         doc["kl_block"] = {str(b): [kls[levels.index(b) * L + i] for i in range(L)] for b in levels}
         kl_s = time.perf_counter() - started - hessian_s - solve_s
@@ -427,13 +427,13 @@ class Dequantised:
         self.values.clear()
 
 
-def prepare(model: Model, bound, texts, cfg: GPTQConfig = GPTQConfig(), progress: bool = False) -> dict:
+def prepare(model: Model, bound, texts, cfg: GPTQConfig | None = None, progress: bool = False) -> dict:
     """The packed weights of a bound plan's `gptq` entries where `apply` finds them: from the GPTQ database the
     plan was measured on (recorded in its meta), else by running GPTQ on calibration `texts` (`gptq.prepare`)."""
     record = bound.plan.meta.get("database")
     targets = {n: q for n, q in bound.quant.items() if q.method == "gptq"}
     if not record or not targets:
-        return gptq_prepare(model, bound, texts, cfg, progress)
+        return gptq_prepare(model, bound, texts, cfg or GPTQConfig(), progress)
     folder = Path(record["folder"])
     if not (folder / MANIFEST).is_file():
         raise PlanError(f"the plan's GPTQ levels come from the database {folder}, which is not there: rebuild it "
