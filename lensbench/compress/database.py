@@ -42,7 +42,7 @@ from ..atomic import write_json, write_with
 from ..calibration import CalibrationKL
 from ..errors import PlanError
 from ..executor import ExecutorConfig, run_items
-from ..gpu.quant import PackedWeight, QuantError, check_spec
+from ..gpu.quant import BITS, PackedWeight, QuantError, check_spec
 from ..gpu.reference import dequantize
 from ..model import Model
 from ..offload import resident
@@ -57,7 +57,7 @@ from .gptq import prepare as gptq_prepare
 FORMAT = "lensbench-gptq-database"
 VERSION = 1
 MANIFEST = "database.json"
-LEVELS = (2, 3, 4, 5, 6, 8)
+LEVELS = BITS  # every width the packed format holds (EvoPress also stores 5 and 6, which it has not)
 SCHEMES = ("asym", "sym")
 
 

@@ -207,6 +207,7 @@ def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+@torch.no_grad()
 def block_hessians(model: Model, names, texts, cfg: GPTQConfig = GPTQConfig()
                    ) -> Iterator[tuple[int, dict[str, nn.Module], dict[str, torch.Tensor], dict[str, str]]]:
     """For each block in order: (its index, its linears among `names` {name: module}, their Hessians, {name: the

@@ -1,0 +1,177 @@
+"""The bit-allocation study on GPTQ levels: at each average-bits budget, uniform bits, bits-rank with each ranking
+(LayerwiseQuant's LIM and ZD, the GPTQ database's Hessian NMSE, HAWQ trace, augmented and measured KL), its
+reverse, random orders (mean of 3), the knapsack DP on NMSE (EvoPress's baseline) and on measured KL, and the
+evolutionary search, every plan's weights taken from one GPTQ database (`lensbench quant-db`), scored on held-out
+BBC text (KL to the dense model, perplexity) and the BBC topic task.
+
+Both bundled models' weights come from 4-bit GGUF files (SmolLM2: Q4_1, group 32; Gemma-3-270M: Q4_K_M), so
+their "dense" weights already lie on a 4-bit grid; the grid here is group 128 asymmetric, which is not theirs.
+
+The database and the profile are kept under ~/.cache/lensbench/study and reused (a rerun skips them).
+Writes reports/QUANT.md's study section and appends to reports/BENCHMARKS.md.
+
+Usage: python benchmarks/quant_study.py [--models smollm2-135m,gemma3-270m] [--budgets 2.5,3,3.25,3.5,4,4.25]
+       [--calib 32] [--heldout 16] [--generations 12] [--workers 2]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_report, machine, versions  # noqa: E402
+
+import lensbench as lb  # noqa: E402
+from lensbench.compress.database import DatabaseConfig, build, prepare  # noqa: E402
+from lensbench.compress.evaluate import EvalConfig, text_quality, topic_accuracy  # noqa: E402
+from lensbench.compress.gptq import GPTQConfig  # noqa: E402
+from lensbench.compress.policies import make_plan  # noqa: E402
+from lensbench.executor import ExecutorConfig  # noqa: E402
+from lensbench.profiles import Profile  # noqa: E402
+from lensbench.profiling import profile_model  # noqa: E402
+from lensbench.texts import bbc_news  # noqa: E402
+
+REPORT = Path(__file__).resolve().parent.parent / "reports" / "QUANT.md"
+CACHE = Path(os.environ.get("LENSBENCH_STUDY", Path.home() / ".cache" / "lensbench" / "study"))
+LEVELS = (2, 3, 4, 8)
+RANKINGS = ("lim", "zd", "hessian", "hawq", "augmented", "gptq-kl")
+MARKER = "\n## Bit allocation on GPTQ levels\n"
+
+
+def two_levels(budget: float) -> tuple[int, int]:
+    """(high, low): the levels either side of the budget (an integer budget mixes the levels around it)."""
+    lo = max(b for b in LEVELS if b < budget)
+    hi = min(b for b in LEVELS if b > budget)
+    return hi, lo
+
+
+def plans_for(model, profile: Profile, budget: float, db: str, texts, generations: int, executor) -> dict:
+    common = {"group_size": 128, "method": "gptq", "database": db}
+    hi, lo = two_levels(budget)
+    rank = {"levels": f"{hi},{lo}", **common}
+    out = {}
+    flat = max(b for b in LEVELS if b <= budget + 1e-9)
+    out[f"uniform int{flat}"] = make_plan("bits-rank", profile, flat, levels=f"{LEVELS[-1]},{flat}" if flat <
+                                          LEVELS[-1] else "8,4", model=model, **common)
+    for r in RANKINGS:
+        out[f"rank {r}"] = make_plan("bits-rank", profile, budget, ranking=r, model=model, **rank)
+    out["rank gptq-kl reversed"] = make_plan("bits-rank", profile, budget, ranking="gptq-kl", reverse=True,
+                                             model=model, **rank)
+    for s in range(3):
+        out[f"random {s}"] = make_plan("bits-rank", profile, budget, ranking="random", seed=s, model=model, **rank)
+    levels = ",".join(map(str, LEVELS))
+    out["dp nmse (linear)"] = make_plan("bits-dp", profile, budget, levels=levels, unit="linear", error="nmse",
+                                        model=model, **common)
+    out["dp measured KL (block)"] = make_plan("bits-dp", profile, budget, levels=levels, error="kl", model=model,
+                                              **common)
+    out["evo-bits (block)"] = make_plan("evo-bits", profile, budget, levels=levels, generations=generations,
+                                        offspring=8, model=model, texts=texts, executor=executor, progress=True,
+                                        **common)
+    return out
+
+
+def study(name: str, args, executor) -> tuple[str, list]:
+    model = lb.load(name)
+    calib = bbc_news("calibration", limit=args.calib)
+    folder = CACHE / f"{name}-db-c{args.calib}"
+    t0 = time.time()
+    db = build(model, calib, folder, DatabaseConfig(levels=LEVELS, group_size=128, gptq=GPTQConfig(seq_len=512)),
+               executor=executor, progress=True)
+    db_s = time.time() - t0
+    prof_path = CACHE / f"{name}-profile"
+    if (prof_path / "profile.json").is_file():
+        profile = Profile.load(prof_path, model=model)
+    else:
+        profile = profile_model(model, bbc_news("calibration", limit=16), analyses=["redundancy", "weight_outliers"],
+                                progress=True, seq_len=128)
+        profile.save(prof_path)
+    heldout = bbc_news("heldout", limit=args.heldout)
+    cfg = EvalConfig(texts=args.heldout, seq_len=128)
+    texts = calib[:8]
+    rows = []
+    for budget in args.budgets:
+        t1 = time.time()
+        plans = plans_for(model, profile, budget, str(folder), texts, args.generations, executor)
+        for label, plan in plans.items():
+            prepare(model, plan.bind(model), [])
+            q = text_quality(model, plan, heldout, cfg)
+            task = topic_accuracy(model, plan, args.topics)
+            rows.append({"budget": budget, "method": label, "bits": plan.predicted["average_bits"],
+                         "kl": q["kl_to_dense"], "ppl": q["perplexity"], "dense_ppl": q["dense_perplexity"],
+                         "topic": task["topic_accuracy"], "dense_topic": task["dense_topic_accuracy"]})
+            print(f"{name} {budget} {label}: bits {rows[-1]['bits']:.3f} KL {q['kl_to_dense']:.4f} ppl "
+                  f"{q['perplexity']:.2f} topic {task['topic_accuracy']:.3f}", flush=True)
+        print(f"{name} budget {budget}: {time.time() - t1:.0f} s", flush=True)
+    seconds = db.doc.get("seconds", {})
+    head = (f"**{name}** (database: {args.calib} BBC calibration articles of up to 512 tokens, levels "
+            f"{','.join(map(str, LEVELS))}, group 128 asymmetric, act-order; built in "
+            f"{sum(seconds.values()) / 60:.1f} min of which GPTQ {seconds.get('gptq', 0) / 60:.1f} min"
+            f"{' (reused from an earlier run)' if db_s < 60 else ''}; dense held-out perplexity "
+            f"{rows[0]['dense_ppl']:.2f}, dense topic accuracy {rows[0]['dense_topic']:.3f})")
+    return head, rows
+
+
+def table(rows: list) -> list[str]:
+    lines = ["| budget | method | average bits | held-out KL | perplexity | topic accuracy |", "|---|---|---|---|---|---|"]
+    by_budget: dict[float, list] = {}
+    for r in rows:
+        by_budget.setdefault(r["budget"], []).append(r)
+    for budget, rs in by_budget.items():
+        randoms = [r for r in rs if r["method"].startswith("random")]
+        rest = [r for r in rs if not r["method"].startswith("random")]
+        if randoms:
+            rest.append({"method": f"random (mean of {len(randoms)})",
+                         **{k: statistics.mean(r[k] for r in randoms) for k in ("bits", "kl", "ppl", "topic")}})
+        best = min(r["kl"] for r in rest)
+        for r in rest:
+            mark = "**" if r["kl"] == best else ""
+            lines.append(f"| {budget:g} | {r['method']} | {r['bits']:.3f} | {mark}{r['kl']:.4f}{mark} | "
+                         f"{r['ppl']:.2f} | {r['topic']:.3f} |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--budgets", default="2.5,3,3.25,3.5,4,4.25")
+    ap.add_argument("--calib", type=int, default=32)
+    ap.add_argument("--heldout", type=int, default=16)
+    ap.add_argument("--topics", type=int, default=40)
+    ap.add_argument("--generations", type=int, default=12)
+    ap.add_argument("--workers", type=int, default=2, help="process workers for the database and the search")
+    args = ap.parse_args()
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    torch.set_num_threads(2)
+    executor = ExecutorConfig("process", args.workers) if args.workers > 1 else None
+    load0, t0 = os.getloadavg()[0], time.time()
+    parts = []
+    for name in args.models.split(","):
+        head, rows = study(name, args, executor)
+        parts.append(head + "\n\n" + "\n".join(table(rows)))
+    body = (f"`python benchmarks/quant_study.py --models {args.models} --budgets "
+            f"{','.join(f'{b:g}' for b in args.budgets)} --calib {args.calib} --heldout {args.heldout} --generations "
+            f"{args.generations} --workers {args.workers}` in {(time.time() - t0) / 60:.0f} min; {machine()}; "
+            f"{versions('torch', 'transformers')}; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} "
+            f"at the end. Every block linear from one GPTQ database per model; embedding and head float32. Budgets "
+            f"are average code bits over the blocks' linears (scales not counted). `rank X`: the least important "
+            f"blocks by ranking X at the level below the budget, the rest at the level above; `uniform`: every "
+            f"block at the highest level within the budget. Quality: {args.heldout} held-out BBC articles of 128 "
+            f"tokens (never the calibration split), and {args.topics} BBC topic multiple-choice items. Lowest KL per "
+            f"budget in bold.\n\n" + "\n\n".join(parts) + "\n")
+    print(body)
+    append_report("Bit allocation on GPTQ levels (benchmarks/quant_study.py)", body)
+    text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
+    before, _, after = text.partition(MARKER)
+    rest = after.split("\n## ", 1)
+    tail = ("\n## " + rest[1]) if len(rest) == 2 else ""
+    REPORT.write_text(before.rstrip() + "\n" + MARKER + "\n" + body + tail)
+
+
+if __name__ == "__main__":
+    main()
