@@ -118,7 +118,8 @@ def study(name: str, args, executor) -> tuple[str, list]:
 
 
 def table(rows: list) -> list[str]:
-    lines = ["| budget | method | average bits | held-out KL | perplexity | topic accuracy |", "|---|---|---|---|---|---|"]
+    lines = ["| budget | method | average bits | held-out KL | perplexity | topic accuracy |",
+             "|---|---|---|---|---|---|"]
     by_budget: dict[float, list] = {}
     for r in rows:
         by_budget.setdefault(r["budget"], []).append(r)
