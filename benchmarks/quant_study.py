@@ -57,8 +57,8 @@ def plans_for(model, profile: Profile, budget: float, db: str, texts, generation
     rank = {"levels": f"{hi},{lo}", **common}
     out = {}
     flat = max(b for b in LEVELS if b <= budget + 1e-9)
-    out[f"uniform int{flat}"] = make_plan("bits-rank", profile, flat, levels=f"{LEVELS[-1]},{flat}" if flat <
-                                          LEVELS[-1] else "8,4", model=model, **common)
+    out[f"uniform int{flat}"] = make_plan("bits-rank", profile, flat, levels=f"{LEVELS[-1]},{flat}", model=model,
+                                          **common)
     for r in RANKINGS:
         out[f"rank {r}"] = make_plan("bits-rank", profile, budget, ranking=r, model=model, **rank)
     out["rank gptq-kl reversed"] = make_plan("bits-rank", profile, budget, ranking="gptq-kl", reverse=True,

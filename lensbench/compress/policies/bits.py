@@ -84,7 +84,7 @@ def lists_linears(profile: Profile) -> bool:
 
 
 def _reads_model(profile: Profile, cfg) -> bool:
-    return not lists_linears(profile)
+    return not lists_linears(profile) and not getattr(cfg, "database", "")  # a GPTQ database lists them too
 
 
 class Costs:
