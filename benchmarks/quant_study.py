@@ -16,6 +16,7 @@ Usage: python benchmarks/quant_study.py [--models smollm2-135m,gemma3-270m] [--b
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -28,8 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, machine, versions  # noqa: E402
 
 import lensbench as lb  # noqa: E402
-from lensbench.compress.database import DatabaseConfig, build, prepare  # noqa: E402
-from lensbench.compress.evaluate import EvalConfig, text_quality, topic_accuracy  # noqa: E402
+from lensbench.capture import batches  # noqa: E402
+from lensbench.compress.database import DatabaseConfig, build  # noqa: E402
+from lensbench.compress.evaluate import batch_scores  # noqa: E402
+from lensbench.compress.zeroshot import bbc_topics, topic_task  # noqa: E402
+from lensbench.numeric import wide  # noqa: E402
+from lensbench.simquant import simulated  # noqa: E402
 from lensbench.compress.gptq import GPTQConfig  # noqa: E402
 from lensbench.compress.policies import make_plan  # noqa: E402
 from lensbench.executor import ExecutorConfig  # noqa: E402
@@ -76,6 +81,38 @@ def plans_for(model, profile: Profile, budget: float, db: str, texts, generation
     return out
 
 
+class Quality:
+    """Held-out KL to the dense model, perplexity and the topic task of a plan's database weights, simulated in
+    place (`simquant`: what the packed weights compute, up to float summation order; the packed kernels are not
+    what is measured here). The dense side is computed once."""
+
+    def __init__(self, model, db, heldout: list[str], topics: int):
+        self.model, self.weights = model, db.weights(model)
+        self.batches = list(batches(model, heldout, 4, 128))
+        with torch.no_grad():
+            self.dense = [self._logp(b) for b in self.batches]
+        self.items = bbc_topics(topics)
+        self.dense_topic = topic_task(model, topics, items=self.items)["accuracy"]
+
+    def _logp(self, batch):
+        out = self.model.module(**batch.model_inputs(), use_cache=False).logits[batch.content_mask]
+        return torch.log_softmax(wide(out), -1)
+
+    @torch.no_grad()
+    def __call__(self, plan) -> dict:
+        targets = {n: (q.bits, q.group_size, q.scheme) for n, q in plan.quant_targets(self.model).items()}
+        tot = {"kl": 0.0, "nll": 0.0, "dense_nll": 0.0, "n_kl": 0, "n_next": 0}
+        with simulated(self.model, targets, self.weights):
+            for batch, logp in zip(self.batches, self.dense, strict=True):
+                for k, v in batch_scores(batch, logp, self._logp(batch)).items():
+                    tot[k] += v
+            topic = topic_task(self.model, len(self.items), items=self.items)["accuracy"]
+        self.weights.clear()
+        return {"kl": tot["kl"] / tot["n_kl"], "ppl": math.exp(tot["nll"] / tot["n_next"]),
+                "dense_ppl": math.exp(tot["dense_nll"] / tot["n_next"]), "topic": topic,
+                "dense_topic": self.dense_topic}
+
+
 def study(name: str, args, executor) -> tuple[str, list]:
     model = lb.load(name)
     calib = bbc_news("calibration", limit=args.calib)
@@ -91,22 +128,18 @@ def study(name: str, args, executor) -> tuple[str, list]:
         profile = profile_model(model, bbc_news("calibration", limit=16), analyses=["redundancy", "weight_outliers"],
                                 progress=True, seq_len=128)
         profile.save(prof_path)
-    heldout = bbc_news("heldout", limit=args.heldout)
-    cfg = EvalConfig(texts=args.heldout, seq_len=128)
+    quality = Quality(model, db, bbc_news("heldout", limit=args.heldout), args.topics)
     texts = calib[:8]
     rows = []
     for budget in args.budgets:
         t1 = time.time()
         plans = plans_for(model, profile, budget, str(folder), texts, args.generations, executor)
         for label, plan in plans.items():
-            prepare(model, plan.bind(model), [])
-            q = text_quality(model, plan, heldout, cfg)
-            task = topic_accuracy(model, plan, args.topics)
             rows.append({"budget": budget, "method": label, "bits": plan.predicted["average_bits"],
-                         "kl": q["kl_to_dense"], "ppl": q["perplexity"], "dense_ppl": q["dense_perplexity"],
-                         "topic": task["topic_accuracy"], "dense_topic": task["dense_topic_accuracy"]})
-            print(f"{name} {budget} {label}: bits {rows[-1]['bits']:.3f} KL {q['kl_to_dense']:.4f} ppl "
-                  f"{q['perplexity']:.2f} topic {task['topic_accuracy']:.3f}", flush=True)
+                         **quality(plan)})
+            r = rows[-1]
+            print(f"{name} {budget} {label}: bits {r['bits']:.3f} KL {r['kl']:.4f} ppl {r['ppl']:.2f} topic "
+                  f"{r['topic']:.3f}", flush=True)
         print(f"{name} budget {budget}: {time.time() - t1:.0f} s", flush=True)
     seconds = db.doc.get("seconds", {})
     head = (f"**{name}** (database: {args.calib} BBC calibration articles of up to 512 tokens, levels "
@@ -163,8 +196,9 @@ def main() -> None:
             f"are average code bits over the blocks' linears (scales not counted). `rank X`: the least important "
             f"blocks by ranking X at the level below the budget, the rest at the level above; `uniform`: every "
             f"block at the highest level within the budget. Quality: {args.heldout} held-out BBC articles of 128 "
-            f"tokens (never the calibration split), and {args.topics} BBC topic multiple-choice items. Lowest KL per "
-            f"budget in bold.\n\n" + "\n\n".join(parts) + "\n")
+            f"tokens (never the calibration split), and {args.topics} BBC topic multiple-choice items, with the "
+            f"database's weights simulated in place (what the packed weights compute, up to float summation order). "
+            f"Lowest KL per budget in bold.\n\n" + "\n\n".join(parts) + "\n")
     print(body)
     append_report("Bit allocation on GPTQ levels (benchmarks/quant_study.py)", body)
     text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
