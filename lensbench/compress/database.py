@@ -51,8 +51,7 @@ from ..profiling import model_card
 from ..simquant import block_linears, linear_inputs, linear_params, simulated
 from ..units import is_conv1d
 from .apply import cache_key, packed_cache
-from .gptq import GPTQConfig, block_hessians, check_targets, solve, weight_of
-from .gptq import prepare as gptq_prepare
+from .gptq import GPTQConfig, block_hessians, check_targets, prepare as gptq_prepare, solve, weight_of
 
 FORMAT = "lensbench-gptq-database"
 VERSION = 1
@@ -231,7 +230,7 @@ def build(model: Model, texts, out, cfg: DatabaseConfig = DatabaseConfig(), *,
     bar.close()
     solve_s = time.perf_counter() - started - hessian_s
     doc = {"format": FORMAT, "version": VERSION, "key": key, "settings": setup, "card": model_card(model),
-           "block": model.adapter.block_path(0).rsplit(".", 1)[0] + ".{i}", "linears": names,
+           "linears": names,
            "linear_params": linear_params(model, 0), "linear_inputs": linear_inputs(model, 0),
            "errors": {str(b): [solved[levels.index(b) * L + i] for i in range(L)] for b in levels}}
     kl_s = 0.0
@@ -270,7 +269,7 @@ class Database:
         self.levels: list[int] = self.settings["levels"]
         self.group_size, self.scheme = self.settings["group_size"], self.settings["scheme"]
         self.n_layers = len(next(iter(doc["errors"].values())))
-        block = doc["block"]
+        block = doc["card"]["units"]["block"]  # the card's name template of a block
         self.where = {f"{block.format(i=i)}.{n}": (i, n) for i in range(self.n_layers) for n in self.linears}
         self._files: dict[tuple[int, int], dict] = {}
 
@@ -419,9 +418,6 @@ class Dequantised:
             q = dequantize(self.db.packed(name, bits)).to(module.weight.dtype)
             self.values[key] = q.T if is_conv1d(module) else q
         return self.values[key]
-
-    def __setitem__(self, key, value) -> None:
-        self.values[key] = value
 
     def clear(self) -> None:
         self.values.clear()

@@ -154,7 +154,7 @@ class _Hessians:
         def hook(module, args, output):
             raw = args[0]
             if raw is self.last[0]:  # the same input as the linear before: one product serves both
-                self.shared.setdefault(name, self.shared.get(self.last[1], self.last[1]))
+                self.shared[name] = self.last[1]
                 s, n = self.last[2]
             else:
                 x = raw.detach()
