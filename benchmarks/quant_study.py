@@ -8,7 +8,7 @@ Both bundled models' weights come from 4-bit GGUF files (SmolLM2: Q4_1, group 32
 their "dense" weights already lie on a 4-bit grid; the grid here is group 128 asymmetric, which is not theirs.
 
 The database and the profile are kept under ~/.cache/lensbench/study and reused (a rerun skips them).
-Writes reports/QUANT.md's study section and appends to reports/BENCHMARKS.md.
+Writes one section per model in reports/QUANT.md (as each model finishes) and appends to reports/BENCHMARKS.md.
 
 Usage: python benchmarks/quant_study.py [--models smollm2-135m,gemma3-270m] [--budgets 2.5,3,3.25,3.5,4,4.25]
        [--calib 32] [--heldout 16] [--generations 12] [--workers 2]
@@ -183,29 +183,30 @@ def main() -> None:
     args.budgets = [float(b) for b in args.budgets.split(",")]
     torch.set_num_threads(2)
     executor = ExecutorConfig("process", args.workers) if args.workers > 1 else None
-    load0, t0 = os.getloadavg()[0], time.time()
-    parts = []
-    for name in args.models.split(","):
+    for name in args.models.split(","):  # one report section per model, written as soon as it is done
+        load0, t0 = os.getloadavg()[0], time.time()
         head, rows = study(name, args, executor)
-        parts.append(head + "\n\n" + "\n".join(table(rows)))
-    body = (f"`python benchmarks/quant_study.py --models {args.models} --budgets "
-            f"{','.join(f'{b:g}' for b in args.budgets)} --calib {args.calib} --heldout {args.heldout} --generations "
-            f"{args.generations} --workers {args.workers}` in {(time.time() - t0) / 60:.0f} min; {machine()}; "
-            f"{versions('torch', 'transformers')}; load average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} "
-            f"at the end. Every block linear from one GPTQ database per model; embedding and head float32. Budgets "
-            f"are average code bits over the blocks' linears (scales not counted). `rank X`: the least important "
-            f"blocks by ranking X at the level below the budget, the rest at the level above; `uniform`: every "
-            f"block at the highest level within the budget. Quality: {args.heldout} held-out BBC articles of 128 "
-            f"tokens (never the calibration split), and {args.topics} BBC topic multiple-choice items, with the "
-            f"database's weights simulated in place (what the packed weights compute, up to float summation order). "
-            f"Lowest KL per budget in bold.\n\n" + "\n\n".join(parts) + "\n")
-    print(body)
-    append_report("Bit allocation on GPTQ levels (benchmarks/quant_study.py)", body)
-    text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
-    before, _, after = text.partition(MARKER)
-    rest = after.split("\n## ", 1)
-    tail = ("\n## " + rest[1]) if len(rest) == 2 else ""
-    REPORT.write_text(before.rstrip() + "\n" + MARKER + "\n" + body + tail)
+        body = (f"`python benchmarks/quant_study.py --models {name} --budgets "
+                f"{','.join(f'{b:g}' for b in args.budgets)} --calib {args.calib} --heldout {args.heldout} --topics "
+                f"{args.topics} --generations {args.generations} --workers {args.workers}` in "
+                f"{(time.time() - t0) / 60:.0f} min; {machine()}; {versions('torch', 'transformers')}; load average "
+                f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above 2: another job shared the "
+                f"cores). Every block linear from one GPTQ database; embedding and head float32. Budgets are average "
+                f"code bits over the blocks' linears (scales not counted). `rank X`: the least important blocks by "
+                f"ranking X at the level below the budget, the rest at the level above; `uniform`: every block at "
+                f"the highest level within the budget; `random`: mean of 3 seeds. Quality: {args.heldout} held-out "
+                f"BBC articles of 128 tokens (never the calibration split) and {args.topics} BBC topic "
+                f"multiple-choice items, with the database's weights simulated in place (what the packed weights "
+                f"compute, up to float summation order). Lowest KL per budget in bold.\n\n"
+                + head + "\n\n" + "\n".join(table(rows)) + "\n")
+        print(body)
+        append_report(f"Bit allocation on GPTQ levels, {name} (benchmarks/quant_study.py)", body)
+        marker = f"{MARKER.rstrip()}: {name}\n"
+        text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
+        before, _, after = text.partition(marker)
+        rest = after.split("\n## ", 1)
+        tail = ("\n## " + rest[1]) if len(rest) == 2 else ""
+        REPORT.write_text(before.rstrip() + "\n" + marker + "\n" + body + tail)
 
 
 if __name__ == "__main__":
