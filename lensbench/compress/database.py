@@ -222,25 +222,24 @@ def build(model: Model, texts, out, cfg: DatabaseConfig = DatabaseConfig(), *,
     names = block_linears(model)
     L, levels = model.n_layers, sorted(cfg.levels)
     items = [[i, b] for b in levels for i in range(L)]
-    bar = tqdm(total=len(items), desc="GPTQ database", unit="item", disable=not progress, file=sys.stderr,
-               leave=False)
-    solved = run_items(SolveWork(str(folder), key, cfg, names), model, items, executor, resume=folder / "items",
-                       key=key, on_done=lambda *_: bar.update(1),
-                       lost=lambda j: _metadata(_level_path(folder, *items[j])).get("key") != key)
-    bar.close()
+
+    def sweep(desc: str, work, resume: str, lost=None) -> dict[str, list]:
+        """The items' results on the executor, as {level: [one per block]}."""
+        with tqdm(total=len(items), desc=desc, unit="item", disable=not progress, file=sys.stderr,
+                  leave=False) as bar:
+            out = run_items(work, model, items, executor, resume=folder / resume, key=key,
+                            on_done=lambda *_: bar.update(1), lost=lost)
+        return {str(b): out[k * L:(k + 1) * L] for k, b in enumerate(levels)}
+
+    errors = sweep("GPTQ database", SolveWork(str(folder), key, cfg, names), "items",
+                   lost=lambda j: _metadata(_level_path(folder, *items[j])).get("key") != key)
     solve_s = time.perf_counter() - started - hessian_s
     doc = {"format": FORMAT, "version": VERSION, "key": key, "settings": setup, "card": model_card(model),
-           "linears": names,
-           "linear_params": linear_params(model, 0), "linear_inputs": linear_inputs(model, 0),
-           "errors": {str(b): [solved[levels.index(b) * L + i] for i in range(L)] for b in levels}}
+           "linears": names, "linear_params": linear_params(model, 0), "linear_inputs": linear_inputs(model, 0),
+           "errors": errors}
     kl_s = 0.0
     if cfg.kl_texts:
-        bar = tqdm(total=len(items), desc="database KL", unit="item", disable=not progress, file=sys.stderr,
-                   leave=False)
-        kls = run_items(KLWork(str(folder), doc, texts[:cfg.kl_texts], cfg), model, items, executor,
-                        resume=folder / "kl-items", key=key, on_done=lambda *_: bar.update(1))
-        bar.close()
-        doc["kl_block"] = {str(b): [kls[levels.index(b) * L + i] for i in range(L)] for b in levels}
+        doc["kl_block"] = sweep("database KL", KLWork(str(folder), doc, texts[:cfg.kl_texts], cfg), "kl-items")
         kl_s = time.perf_counter() - started - hessian_s - solve_s
     doc["seconds"] = {"hessians": hessian_s, "gptq": solve_s, "kl": kl_s}
     db = Database(folder, doc)
