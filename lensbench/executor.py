@@ -22,6 +22,8 @@ import multiprocessing
 import os
 import socket
 import sys
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +171,16 @@ _PROCESS_WORKER: _Worker | None = None
 
 def _process_init(shipped: Shipped, work: Work, threads: int) -> None:
     global _PROCESS_WORKER
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     _PROCESS_WORKER = _Worker(shipped, work, threads)
+
+
+def _exit_with(parent: int) -> None:
+    """End this worker when its driver is gone: a pool's workers wait on its queue forever otherwise, each
+    holding a copy of the model, after the driver is killed (the driver's rerun resumes with new workers)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 def _process_run(index: int, item: Any) -> tuple[int, Any]:

@@ -136,6 +136,34 @@ def test_a_killed_driver_resumes_without_doing_an_item_twice(tiny, tmp_path):
     assert other == expected[:2] and sorted(i for _, i in ran(tmp_path / "third")) == ITEMS[:2]
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] in ("Z", "X")  # a zombie
+    except (OSError, IndexError):
+        return True
+
+
+def test_process_workers_of_a_killed_driver_exit(tmp_path):
+    """A driver killed by SIGKILL leaves no process worker waiting, each with a copy of the model."""
+    log = tmp_path / "log"
+    script = ("from lensbench.executor import ExecutorConfig, run_items\n"
+              "from lensbench.testing import LoggedWork, tiny_model\n"
+              f"run_items(LoggedWork({str(log)!r}, pause=30), tiny_model('llama'), list(range(8)), "
+              "ExecutorConfig('process', workers=2))\n")
+    driver = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    while len({pid for pid, _ in ran(log)} if log.exists() else ()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = {pid for pid, _ in ran(log)}
+    assert len(workers) == 2
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 30  # the watchdog looks twice a second; slack for a loaded machine
+    while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(pid) for pid in workers)
+
+
 @pytest.mark.parametrize("kind", ["serial", "process", "ray"])
 def test_a_raising_item_stops_the_sweep_in_one_line_and_keeps_the_rest(tiny, tmp_path, kind, request):
     if kind == "ray":
