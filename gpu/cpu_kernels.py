@@ -13,13 +13,17 @@ their bit patterns into float32.
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
+from . import cpu_torch
 from .quant import PackedWeight
 
+EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # keep decode off torch's bfloat16 kernels
 GEMV_MAX_ROWS = 12  # above this many activation rows, the tiled dequantise + GEMM path is faster
 TILE = 256  # output rows dequantised at a time by the tiled path
 _H2F = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -207,7 +211,12 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     """x [..., K] @ W_hat.T (+ bias) on the CPU; float32 accumulation, result in x's dtype.
     Kept to a handful of tensor operations: at decode sizes Python overhead is a visible share."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = gemv(x2, pw) if x2.shape[0] <= GEMV_MAX_ROWS else tiled(x2, pw)
+    if x2.shape[0] > GEMV_MAX_ROWS:
+        y = tiled(x2, pw)
+    elif not EXACT and cpu_torch.supported(pw):
+        y = cpu_torch.matmul(x2, pw)
+    else:
+        y = gemv(x2, pw)
     if bias is not None:
         y.add_(bias)  # y is float32 and freshly made (tiled returns a transposed view: add_ works on it too)
     if x.dtype != torch.float32:
@@ -224,6 +233,12 @@ def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
     p, sc, mn = _arrays(sub)
     _kernels(pw.bits)[1](p, sc, mn, pw.group_size, _H2F, 0, out.numpy())
     return out[:, : pw.shape[1]]
+
+
+def set_exact(exact: bool) -> None:
+    """True: decode runs the exact float32 kernels here instead of torch's bfloat16 ones (`cpu_torch`)."""
+    global EXACT
+    EXACT = bool(exact)
 
 
 def set_threads(n: int) -> None:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lensbench.gpu import cpu_kernels, dispatch, quant, reference
+from lensbench.gpu import cpu_torch, cpu_kernels, dispatch, quant, reference
 from lensbench.gpu.quant import QuantError
 
 SHAPES = [(40, 100, 32), (33, 136, 64), (64, 256, 128), (24, 72, -1), (16, 520, 128)]  # (N, K, group)
@@ -52,7 +52,8 @@ def test_packed_bytes_are_what_the_format_says(bits):
 @pytest.mark.parametrize("bits", quant.BITS)
 @pytest.mark.parametrize("n,k,gs", SHAPES)
 @pytest.mark.parametrize("rows", [1, 5, 40])  # decode (gemv) and prefill (tiled) paths
-def test_cpu_kernel_matches_reference(bits, n, k, gs, rows):
+def test_cpu_kernel_matches_reference(bits, n, k, gs, rows, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "EXACT", True)  # the float32 kernels; torch's bfloat16 int4 one below
     pw = quant.quantize(_weight(n, k), bits, gs)
     x = torch.randn(rows, k)
     bias = torch.randn(n)
@@ -60,6 +61,47 @@ def test_cpu_kernel_matches_reference(bits, n, k, gs, rows):
     out = cpu_kernels.matmul(x, pw, bias)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("n,k,gs,g", [(64, 576, 128, 64), (192, 576, 64, 64), (48, 256, 128, 128), (32, 512, 256, 256),
+                                      (16, 96, 32, 32), (32, 72, -1, None), (40, 128, 32, None), (16, 520, 128, None)])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int4_decode_on_torchs_kernel_matches_the_reference(n, k, gs, g, rows):
+    """int4 decode runs torch's bfloat16 kernel where its layout holds the weight (scales repeated onto a
+    group size it takes), else the exact kernel: both within their rounding of the reference."""
+    pw = quant.quantize(_weight(n, k), 4, gs)
+    assert cpu_torch.int4_group(pw) == g
+    x, bias = torch.randn(rows, k), torch.randn(n)
+    ref = reference.matmul(x, pw, bias)
+    out = cpu_kernels.matmul(x, pw, bias)
+    tol = 1e-5 if g is None else 1e-2  # bfloat16 activations, scales and zeros: 8 significant bits
+    assert out.shape == ref.shape and (out - ref).abs().max() <= tol * ref.abs().max()
+    assert ("_torch_layout" in pw.__dict__) == (g is not None)
+    cpu_kernels.set_exact(True)
+    try:
+        assert (cpu_kernels.matmul(x, pw, bias) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    finally:
+        cpu_kernels.set_exact(False)
+
+
+@pytest.mark.parametrize("scheme,gs,torchs", [("sym", -1, True), ("sym", 64, False), ("asym", -1, False)])
+@pytest.mark.parametrize("k", [200, 40, 576])  # K not a multiple of 32 is padded (the kernel crashes on it)
+def test_int8_decode_on_torchs_kernel_for_symmetric_rows(scheme, gs, torchs, k):
+    pw = quant.quantize(_weight(48, k), 8, gs, symmetric=scheme == "sym")
+    torchs = torchs or (scheme == "sym" and gs >= k)  # one group per row however it was asked for
+    assert cpu_torch.supported(pw) == torchs
+    x = torch.randn(2, k)
+    ref = reference.matmul(x, pw)
+    out = cpu_kernels.matmul(x, pw)
+    assert (out - ref).abs().max() <= (1e-2 if torchs else 1e-5) * ref.abs().max()
+
+
+def test_int4_layout_converts_rows_in_chunks_like_torch_at_once(monkeypatch):
+    pw = quant.quantize(_weight(160, 64), 4, 32)
+    whole = torch._convert_weight_to_int4pack_for_cpu(quant.unpack(pw).to(torch.int32), 1)
+    monkeypatch.setattr(cpu_torch, "CHUNK", 64)  # 3 chunks, the last one short
+    k, packed, g, sz = cpu_torch.layout(pw)
+    assert torch.equal(packed, whole) and g == 32 and sz.shape == (2, 160, 2)
 
 
 def test_cpu_tiled_path_holds_one_tile_not_the_weight():
