@@ -162,3 +162,21 @@ def test_weights_beyond_float16_range_are_refused():
     w[0, 0] = 1e6
     with pytest.raises(QuantError, match="float16"):
         quant.quantize(w, 8, 32)
+
+
+def test_gpu_check_dry_run_runs_every_case_and_writes_the_report(tmp_path):
+    """benchmarks/gpu_check.py is run for real only on a GPU; its dry run keeps it from rotting here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    out = tmp_path / "GPU.md"
+    run = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    text = out.read_text()
+    assert "288 of 288 cases within tolerance" in text and "4096x14336" in text and "int4 g128" in text
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True)
+        assert refused.returncode == 2 and "no CUDA device" in refused.stderr and "--dry-run" in refused.stderr

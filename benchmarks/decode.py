@@ -1,0 +1,368 @@
+"""Whole-model batch-1 decode of SmolLM2-135M, side by side in one run: lensbench's packed formats, torchao's
+weight-only int8/int4 and llama.cpp (llama-cpp-python, if installed: `./run llama`), each as a speed-up over
+its own dense baseline and in absolute tokens/s, with a roofline and a run under load.
+
+* Bandwidth: torch copy and triad on the threads the models use (best of 5), measured first.
+* Decode: a 128-token prompt (untimed prefill), then `--decode` greedy steps with the KV cache, every
+  method once per round in a shuffled order (`--rounds`). lensbench packs every linear, the LM head
+  and the embedding (group 128): int8 asym (numba kernel), int8 sym per-row and int4 (torch's bfloat16
+  weight-only kernels, `gpu/cpu_torch.py`), int4 exact (numba, float32). torchao runs on a bfloat16 copy
+  (its CPU kernels need bfloat16), so its baseline is that copy. llama.cpp: F32 written by lensbench,
+  then F16, Q8_0, Q4_0 and Q4_K_M made by llama.cpp's own quantiser; baseline F32.
+* Roofline: bytes read per decoded token (weights as the kernel reads them, plus the KV cache at the mean
+  context), achieved GB/s and its fraction of the triad bandwidth; the time outside the linears from
+  torch's profiler (every linear wrapped in a `record_function`).
+* Prefill at `--prefill` prompt lengths, lensbench packed vs dense, interleaved.
+* Under load: the lensbench decode rounds again with one CPU-bound process competing for the cores.
+
+Usage: python benchmarks/decode.py [--rounds 5] [--decode 32] [--prefill 128,512] [--load-rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_report, machine, versions  # noqa: E402
+
+import lensbench  # noqa: E402
+from lensbench.compress.apply import apply  # noqa: E402
+from lensbench.compress.plan import Plan  # noqa: E402
+from lensbench.gpu import cpu_kernels  # noqa: E402
+from lensbench.gpu.modules import QuantLinear  # noqa: E402
+from lensbench.profiling import model_card  # noqa: E402
+from lensbench.texts import bbc_news  # noqa: E402
+
+warnings.filterwarnings("ignore")
+REPORT = Path(__file__).resolve().parent.parent / "reports" / "DECODE.md"
+GROUP = 128
+LB = {"lensbench int8 g128": (8, GROUP, "asym"), "lensbench int8 sym row": (8, -1, "sym"),
+      "lensbench int4 g128": (4, GROUP, "asym"), "lensbench int4 g128 exact": (4, GROUP, "asym")}
+LLAMA = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
+
+
+def bandwidth() -> dict:
+    """GB/s of torch copy (2 arrays moved) and triad (3) on 128 MB float32 arrays, best of 5."""
+    n = 1 << 25
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    best = {"copy": 0.0, "triad": 0.0}
+    for _ in range(5):
+        t0 = time.perf_counter()
+        a.copy_(b)
+        t1 = time.perf_counter()
+        torch.add(b, c, alpha=2.0, out=a)
+        t2 = time.perf_counter()
+        best["copy"] = max(best["copy"], 2 * 4 * n / (t1 - t0) / 1e9)
+        best["triad"] = max(best["triad"], 3 * 4 * n / (t2 - t1) / 1e9)
+    return best
+
+
+def whole_model_plan(model, bits: int, group: int, scheme: str) -> Plan:
+    linears = (nn.Linear, nn.Embedding)
+    names = {n: (bits, group, scheme) for n, m in model.module.named_modules() if isinstance(m, linears)}
+    return Plan.quantize(model_card(model), names, policy={"name": f"int{bits}-{scheme}-g{group}-all"})
+
+
+@torch.no_grad()
+def decode_seconds(module, ids: torch.Tensor, steps: int) -> float:
+    out = module(input_ids=ids, use_cache=True)
+    cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = module(input_ids=nxt, cache=cache, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def prefill_seconds(module, ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    module(input_ids=ids, use_cache=True)
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def lensbench_variant(model, plan: Plan | None, exact: bool = False):
+    if plan is None:
+        yield model.module
+        return
+    cpu_kernels.set_exact(exact)
+    try:
+        with apply(model, plan):
+            yield model.module
+    finally:
+        cpu_kernels.set_exact(False)
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of every linear's weight as its decode kernel reads it (torch's layout where one is used)."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, QuantLinear):
+            lay = m.pw.__dict__.get("_torch_layout")
+            total += sum(t.nbytes for t in lay if isinstance(t, torch.Tensor)) if lay else m.pw.nbytes
+        elif isinstance(m, nn.Linear):
+            total += m.weight.nbytes
+    return total
+
+
+def kv_bytes(model, context: float) -> float:
+    cfg = model.module.config
+    kv_dim = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    return context * cfg.num_hidden_layers * 2 * kv_dim * 4
+
+
+@torch.no_grad()
+def outside_linears(module, ids: torch.Tensor, steps: int = 8) -> float:
+    """Share of decode wall time spent outside the linears, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    handles, open_ = [], {}
+
+    def pre(mod, args):
+        open_[id(mod)] = record_function("bench::linear")
+        open_[id(mod)].__enter__()
+
+    def post(mod, args, out):
+        open_.pop(id(mod)).__exit__(None, None, None)
+
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, QuantLinear)):
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    out = module(input_ids=ids, use_cache=True)
+    cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = module(input_ids=nxt, cache=cache, use_cache=True)
+                cache, nxt = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+            wall = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    lin = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "bench::linear") / 1e6
+    return max(0.0, 1 - lin / wall)
+
+
+def llama_models(model, work: Path, ctx: int) -> tuple[dict, dict, str]:
+    """{name: Llama} for F32 (written by lensbench) and llama.cpp's own quantisations of it, file bytes,
+    and a note when llama-cpp-python is missing."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {}, {}, "llama-cpp-python is not installed (./run llama builds it): llama.cpp rows left out"
+    from compress import llama_quantize  # benchmarks/compress.py
+
+    from lensbench.compress.save import compress
+
+    f32 = compress(model, Plan({}, model_card(model)), format="gguf", out=work / "f32", dtype="float32")
+    files = {"llama.cpp F32": f32.path / f32.record["file"]}
+    for ftype in LLAMA:
+        files[f"llama.cpp {ftype}"] = work / f"{ftype}.gguf"
+        llama_quantize(files["llama.cpp F32"], files[f"llama.cpp {ftype}"], ftype)
+    llms = {k: Llama(str(p), logits_all=False, verbose=False, n_ctx=ctx, n_threads=torch.get_num_threads(),
+                     n_batch=ctx) for k, p in files.items()}
+    return llms, {k: p.stat().st_size for k, p in files.items()}, ""
+
+
+def llama_decode_seconds(llm, prompt: list[int], steps: int) -> float:
+    import numpy as np
+
+    llm.reset()
+    llm.eval(prompt)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return time.perf_counter() - t0
+
+
+def torchao_models(model) -> tuple[dict, str]:
+    """{name: module} for a bfloat16 copy and torchao's int8/int4 weight-only on it; notes on what refused."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        return {}, f"torchao is not installed ({exc})"
+    dense = copy.deepcopy(model.module).to(torch.bfloat16)
+    out, notes = {"torch bf16": dense}, []
+    for name, cfg in (("torchao int8 wo", Int8WeightOnlyConfig()), ("torchao int4 wo", Int4WeightOnlyConfig(GROUP))):
+        m = copy.deepcopy(dense)
+        try:
+            quantize_(m, cfg)
+            decode_seconds(m, torch.tensor([[1, 2, 3]]), 1)
+            out[name] = m
+        except Exception as exc:  # noqa: BLE001 - a refusal is a result to report
+            notes.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+    return out, "; ".join(notes)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--prefill", default="128,512")
+    ap.add_argument("--prefill-rounds", type=int, default=3)
+    ap.add_argument("--load-rounds", type=int, default=3)
+    ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--no-torchao", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    t_start = time.time()
+    bw = bandwidth()
+    print(f"bandwidth: copy {bw['copy']:.1f} GB/s, triad {bw['triad']:.1f} GB/s", flush=True)
+
+    model = lensbench.load("smollm2-135m")
+    text = " ".join(bbc_news("heldout")[:4])
+    ids = model.tokenize([text], max_length=args.prompt).input_ids
+    plans = {k: whole_model_plan(model, *v) for k, v in LB.items()}
+    methods = {"lensbench fp32": lambda: decode_seconds(model.module, ids, args.decode)}
+    for k, plan in plans.items():
+        exact = k.endswith("exact")
+        methods[k] = (lambda p=plan, e=exact:
+                      _in(lensbench_variant(model, p, e), lambda m: decode_seconds(m, ids, args.decode)))
+    notes = []
+    if not args.no_torchao:
+        tao, note = torchao_models(model)
+        notes += [note] if note else []
+        for k, m in tao.items():
+            methods[k] = lambda m=m: decode_seconds(m, ids, args.decode)
+    work = Path(tempfile.mkdtemp(prefix="lensbench-decode-"))
+    llms, llama_bytes, note = ({}, {}, "left out (--no-llama)") if args.no_llama else \
+        llama_models(model, work, args.prompt + args.decode + 8)
+    notes += [note] if note else []
+    prompt = ids[0].tolist()
+    for k, llm in llms.items():
+        methods[k] = lambda llm=llm: llama_decode_seconds(llm, prompt, args.decode)
+
+    for f in methods.values():  # warm-up: kernels compiled, layouts made, caches filled
+        f()
+    times = _interleaved(methods, args.rounds)
+    rows = _rows(times, args.decode)
+
+    # roofline and profile, lensbench only
+    context = args.prompt + args.decode / 2
+    roof = {}
+    for k in ["lensbench fp32", *plans]:
+        with lensbench_variant(model, plans.get(k), k.endswith("exact")) as m:
+            wb = weight_bytes(m)
+            share = outside_linears(m, ids)
+        per_tok = wb + kv_bytes(model, context)
+        tps = rows[k]["tokens_per_s"]
+        gbs = per_tok * tps / 1e9
+        roof[k] = {"bytes_per_token": per_tok, "gb_s": gbs, "of_triad": gbs / bw["triad"], "outside_linears": share}
+    for k, b in llama_bytes.items():
+        per_tok = b + kv_bytes(model, context)  # the whole file: SmolLM2's output matrix is its embedding
+        roof[k] = {"bytes_per_token": per_tok, "gb_s": per_tok * rows[k]["tokens_per_s"] / 1e9,
+                   "of_triad": per_tok * rows[k]["tokens_per_s"] / 1e9 / bw["triad"], "outside_linears": None}
+
+    # prefill: lensbench packed vs dense at each prompt length
+    prefill = {}
+    long_text = " ".join(bbc_news("heldout")[:64])
+    for n in [int(v) for v in args.prefill.split(",")]:
+        pids = model.tokenize([long_text], max_length=n).input_ids
+        pm = {"lensbench fp32": lambda p=pids: prefill_seconds(model.module, p)}
+        for k in ("lensbench int8 g128", "lensbench int4 g128"):
+            pm[k] = lambda p=pids, plan=plans[k]: _in(lensbench_variant(model, plan), lambda m: prefill_seconds(m, p))
+        for f in pm.values():
+            f()
+        prefill[int(pids.shape[1])] = _interleaved(pm, args.prefill_rounds)
+
+    # under load: one competing CPU-bound process
+    load_keys = ["lensbench fp32", "lensbench int8 g128", "lensbench int4 g128"]
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1)
+        loaded = _interleaved({k: methods[k] for k in load_keys}, args.load_rounds)
+    finally:
+        hog.kill()
+    write(args, bw, rows, roof, prefill, loaded, times, notes, time.time() - t_start)
+
+
+def _in(ctx, fn):
+    with ctx as m:
+        return fn(m)
+
+
+def _interleaved(methods: dict, rounds: int) -> dict[str, list[float]]:
+    from _common import interleaved
+
+    return interleaved(methods, rounds)
+
+
+def _rows(times: dict, steps: int) -> dict:
+    out = {}
+    for k, v in times.items():
+        out[k] = {"tokens_per_s": steps / statistics.median(v), "best_tokens_per_s": steps / min(v)}
+    return out
+
+
+BASE = {"lensbench": "lensbench fp32", "torch": "torch bf16", "torchao": "torch bf16", "llama.cpp": "llama.cpp F32"}
+
+
+def _paired(times: dict, k: str) -> float:
+    base = times[BASE[k.split()[0]]]
+    return statistics.median(b / x for b, x in zip(base, times[k], strict=True))
+
+
+def write(args, bw, rows, roof, prefill, loaded, times, notes, seconds) -> None:
+    load = subprocess.run(["cat", "/proc/loadavg"], capture_output=True, text=True).stdout.split()[:3]
+    lines = [f"SmolLM2-135M, batch 1, {args.prompt}-token prompt, {args.decode} greedy decode steps, "
+             f"{args.rounds} interleaved rounds (shuffled order per round), 2 threads. Speed-up = the median over "
+             f"rounds of (baseline time / method time) in the same round, against the method's own dense baseline "
+             f"(lensbench and llama.cpp: float32; torchao: the bfloat16 copy its kernels need). "
+             f"Machine: {machine()}; load average at the end {' '.join(load)}. Measured bandwidth: copy "
+             f"{bw['copy']:.1f} GB/s, triad {bw['triad']:.1f} GB/s. {seconds / 60:.1f} min.", "",
+             "| method | tokens/s (median) | tokens/s (best) | x own dense (paired) | bytes/token | GB/s | of triad "
+             "| time outside linears |", "|---|---|---|---|---|---|---|---|"]
+    for k, r in rows.items():
+        ro = roof.get(k)
+        extra = "- | - | - | -"
+        if ro:
+            share = "-" if ro["outside_linears"] is None else f"{ro['outside_linears']:.0%}"
+            extra = f"{ro['bytes_per_token'] / 1e6:.1f} MB | {ro['gb_s']:.1f} | {ro['of_triad']:.0%} | {share}"
+        lines.append(f"| {k} | {r['tokens_per_s']:.1f} | {r['best_tokens_per_s']:.1f} | {_paired(times, k):.2f} "
+                     f"| {extra} |")
+    if notes:
+        lines += ["", "Left out: " + "; ".join(notes) + "."]
+    lines += ["", "Prefill (lensbench, whole model packed), tokens/s and speed-up over float32 (paired median):", "",
+              "| prompt tokens | fp32 tokens/s | int8 g128 | x fp32 | int4 g128 | x fp32 |",
+              "|---|---|---|---|---|---|"]
+    for n, t in prefill.items():
+        f = n / statistics.median(t["lensbench fp32"])
+        cells = []
+        for k in ("lensbench int8 g128", "lensbench int4 g128"):
+            ratio = statistics.median(b / x for b, x in zip(t["lensbench fp32"], t[k], strict=True))
+            cells.append(f"{n / statistics.median(t[k]):.0f} | {ratio:.2f}")
+        lines.append(f"| {n} | {f:.0f} | {' | '.join(cells)} |")
+    lines += ["", f"Under load (one `while True: pass` process on the 2 cores, {args.load_rounds} rounds): decode "
+              "tokens/s and packed/dense ratio, quiet (above) vs loaded:", "",
+              "| method | tokens/s loaded | x fp32 quiet | x fp32 loaded | loaded / quiet ratio |",
+              "|---|---|---|---|---|"]
+    base = loaded["lensbench fp32"]
+    for k, v in loaded.items():
+        r_load = statistics.median(b / x for b, x in zip(base, v, strict=True))
+        r_quiet = _paired(times, k)
+        lines.append(f"| {k} | {args.decode / statistics.median(v):.1f} | {r_quiet:.2f} | {r_load:.2f} | "
+                     f"{r_load / r_quiet:.2f} |")
+    lines += ["", "Versions: " + versions("lensbench", "torch", "torchao", "transformers", "numba", "llama-cpp-python")]
+    body = "\n".join(lines)
+    print(body, flush=True)
+    REPORT.write_text("# Whole-model decode, side by side (benchmarks/decode.py)\n\nWritten by the newest run; every "
+                      "run is also appended to BENCHMARKS.md.\n\n" + body + "\n")
+    append_report("Whole-model decode side by side (benchmarks/decode.py)", body)
+
+
+if __name__ == "__main__":
+    main()
