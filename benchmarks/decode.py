@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
+import random
 import statistics
 import subprocess
 import sys
@@ -156,13 +158,12 @@ def outside_linears(module, ids: torch.Tensor, steps: int = 8) -> float:
     return max(0.0, 1 - lin / wall)
 
 
-def llama_models(model, work: Path, ctx: int) -> tuple[dict, dict, str]:
-    """{name: Llama} for F32 (written by lensbench) and llama.cpp's own quantisations of it, file bytes,
-    and a note when llama-cpp-python is missing."""
+def llama_files(model, work: Path) -> tuple[dict[str, Path], str]:
+    """{name: GGUF path}: F32 written by lensbench, then llama.cpp's own quantisations of it; or a note why not."""
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
-        return {}, {}, "llama-cpp-python is not installed (./run llama builds it): llama.cpp rows left out"
+        return {}, "llama-cpp-python is not installed (./run llama builds it): llama.cpp rows left out"
     from compress import llama_quantize  # benchmarks/compress.py
 
     from lensbench.compress.save import compress
@@ -172,9 +173,7 @@ def llama_models(model, work: Path, ctx: int) -> tuple[dict, dict, str]:
     for ftype in LLAMA:
         files[f"llama.cpp {ftype}"] = work / f"{ftype}.gguf"
         llama_quantize(files["llama.cpp F32"], files[f"llama.cpp {ftype}"], ftype)
-    llms = {k: Llama(str(p), logits_all=False, verbose=False, n_ctx=ctx, n_threads=torch.get_num_threads(),
-                     n_batch=ctx) for k, p in files.items()}
-    return llms, {k: p.stat().st_size for k, p in files.items()}, ""
+    return files, ""
 
 
 def llama_decode_seconds(llm, prompt: list[int], steps: int) -> float:
@@ -207,6 +206,57 @@ def torchao_models(model) -> tuple[dict, str]:
     return out, "; ".join(notes)
 
 
+class Worker:
+    """Another process that holds some of the methods (torchao's models, llama.cpp's) and runs one measurement
+    when asked: each family runs alone, as a user would run it, so no library's idle threads (ggml's polling
+    pool, a second OpenMP pool) share the cores with another's timed run."""
+
+    def __init__(self, family: str, args, extra: list[str]):
+        cmd = [sys.executable, __file__, "--worker", family, "--prompt", str(args.prompt), "--decode",
+               str(args.decode), *extra]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.names, self.note = json.loads(self._read())
+
+    def _read(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return line[7:]
+        raise RuntimeError(f"the {self.proc.args[3]} worker ended early (exit {self.proc.wait()})")
+
+    def time(self, name: str) -> float:
+        self.proc.stdin.write(name + "\n")
+        self.proc.stdin.flush()
+        return float(self._read())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def worker(family: str, args) -> None:
+    """The worker's side: load the family's methods, then time whichever one the driver names."""
+    torch.set_num_threads(2)
+    model = lensbench.load("smollm2-135m")
+    ids = model.tokenize([" ".join(bbc_news("heldout")[:4])], max_length=args.prompt).input_ids
+    methods, note = {}, ""
+    if family == "torchao":
+        tao, note = torchao_models(model)
+        methods = {k: (lambda m=m: decode_seconds(m, ids, args.decode)) for k, m in tao.items()}
+    else:
+        from llama_cpp import Llama
+
+        prompt = ids[0].tolist()
+        for k, path in json.loads(args.files).items():
+            llm = Llama(path, logits_all=True, verbose=False, n_ctx=args.prompt + args.decode + 8,
+                        n_threads=2, n_batch=args.prompt)
+            methods[k] = lambda llm=llm: llama_decode_seconds(llm, prompt, args.decode)
+    for f in methods.values():  # warm-up
+        f()
+    print("RESULT " + json.dumps([list(methods), note]), flush=True)
+    for line in sys.stdin:
+        print(f"RESULT {methods[line.strip()]()!r}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
@@ -217,7 +267,11 @@ def main(argv=None) -> None:
     ap.add_argument("--load-rounds", type=int, default=3)
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-torchao", action="store_true")
+    ap.add_argument("--worker", choices=("torchao", "llama"), help=argparse.SUPPRESS)
+    ap.add_argument("--files", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args)
     torch.set_num_threads(2)
     t_start = time.time()
     bw = bandwidth()
@@ -232,23 +286,29 @@ def main(argv=None) -> None:
         exact = k.endswith("exact")
         methods[k] = (lambda p=plan, e=exact:
                       _in(lensbench_variant(model, p, e), lambda m: decode_seconds(m, ids, args.decode)))
-    notes = []
-    if not args.no_torchao:
-        tao, note = torchao_models(model)
-        notes += [note] if note else []
-        for k, m in tao.items():
-            methods[k] = lambda m=m: decode_seconds(m, ids, args.decode)
-    work = Path(tempfile.mkdtemp(prefix="lensbench-decode-"))
-    llms, llama_bytes, note = ({}, {}, "left out (--no-llama)") if args.no_llama else \
-        llama_models(model, work, args.prompt + args.decode + 8)
-    notes += [note] if note else []
-    prompt = ids[0].tolist()
-    for k, llm in llms.items():
-        methods[k] = lambda llm=llm: llama_decode_seconds(llm, prompt, args.decode)
-
+    notes, workers = [], []
     for f in methods.values():  # warm-up: kernels compiled, layouts made, caches filled
         f()
-    times = _interleaved(methods, args.rounds)
+    if not args.no_torchao:
+        workers.append(Worker("torchao", args, []))
+    files: dict[str, Path] = {}
+    if args.no_llama:
+        notes.append("llama.cpp left out (--no-llama)")
+    else:
+        files, note = llama_files(model, Path(tempfile.mkdtemp(prefix="lensbench-decode-")))
+        notes += [note] if note else []
+        if files:
+            workers.append(Worker("llama", args, ["--files", json.dumps({k: str(p) for k, p in files.items()})]))
+    for w in workers:
+        notes += [w.note] if w.note else []
+        for k in w.names:
+            methods[k] = lambda w=w, k=k: w.time(k)
+    llama_bytes = {k: p.stat().st_size for k, p in files.items()}
+    try:
+        times = _interleaved(methods, args.rounds)
+    finally:
+        for w in workers:
+            w.close()
     rows = _rows(times, args.decode)
 
     # roofline and profile, lensbench only
@@ -295,10 +355,19 @@ def _in(ctx, fn):
         return fn(m)
 
 
-def _interleaved(methods: dict, rounds: int) -> dict[str, list[float]]:
-    from _common import interleaved
-
-    return interleaved(methods, rounds)
+def _interleaved(methods: dict, rounds: int, seed: int = 0) -> dict[str, list[float]]:
+    """Every method once per round in a shuffled order; each returns the seconds of its own timed part (the
+    decode steps, not the prefill before them). A 50 ms pause before each lets the previous method's spinning
+    threads (OpenMP's, ggml's) go idle."""
+    rng = random.Random(seed)
+    times = {k: [] for k in methods}
+    for _ in range(rounds):
+        order = list(methods)
+        rng.shuffle(order)
+        for k in order:
+            time.sleep(0.05)
+            times[k].append(methods[k]())
+    return times
 
 
 def _rows(times: dict, steps: int) -> dict:

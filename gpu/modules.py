@@ -18,6 +18,7 @@ class _Packed(nn.Module):
         self.register_buffer("scales", pw.scales)
         self.register_buffer("mins", pw.mins)
         self.bits, self.group_size, self.shape = pw.bits, pw.group_size, pw.shape
+        self.__dict__["_pw"] = pw  # the same object apply's cache holds, with what kernels derived from it
 
     @property
     def pw(self) -> PackedWeight:
