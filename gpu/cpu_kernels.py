@@ -25,7 +25,8 @@ from .quant import PackedWeight
 
 EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # keep decode off torch's bfloat16 kernels
 GEMV_MAX_ROWS = 12  # above this many activation rows, the tiled dequantise + GEMM path is faster
-TILE = 256  # output rows dequantised at a time by the tiled path
+TILE = 256  # the fewest output rows dequantised at a time by the tiled path
+TILE_BYTES = 8 << 20  # its float32 buffer: SmolLM2's linears fit whole (one GEMM each), its LM head in 14 tiles
 _H2F = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
@@ -192,19 +193,28 @@ def gemv(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     return out
 
 
-def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int = TILE) -> torch.Tensor:
-    """x2 [M, K] float -> [M, N] float32, dequantising `tile` output rows at a time into one buffer."""
+def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None) -> torch.Tensor:
+    """x2 [M, K] float -> [M, N] float32 (contiguous), dequantising `tile` output rows at a time into one
+    reused buffer (default: as many rows as fit in TILE_BYTES, at least TILE)."""
     xp = _padded(x2, pw)
     n = pw.shape[0]
-    out_t = torch.empty(n, xp.shape[0], dtype=torch.float32)  # [N, M]: row tiles are contiguous
+    tile = tile or max(TILE, TILE_BYTES // (4 * pw.k_padded))
     buf = torch.empty(min(tile, n), pw.k_padded, dtype=torch.float32)
     p, sc, mn = _arrays(pw)
+    dequant = _kernels(pw.bits)[1]
+    if tile >= n:  # one tile: the GEMM writes [M, N] directly
+        dequant(p, sc, mn, pw.group_size, _H2F, 0, buf.numpy())
+        return torch.mm(xp, buf.T)
+    out_t = torch.empty(n, xp.shape[0], dtype=torch.float32)  # [N, M]: row tiles are contiguous
     for n0 in range(0, n, tile):
         rows = min(tile, n - n0)
         b = buf[:rows]
-        _kernels(pw.bits)[1](p, sc, mn, pw.group_size, _H2F, n0, b.numpy())
+        dequant(p, sc, mn, pw.group_size, _H2F, n0, b.numpy())
         torch.mm(b, xp.T, out=out_t[n0:n0 + rows])
-    return out_t.T
+    # contiguous: a transposed result reaches attention as q/k/v with strided heads, and torch's SDPA then
+    # leaves its flash kernel for the math one, which materialises the whole score matrix (2.4x slower
+    # prefill at 2048 tokens, measured)
+    return out_t.T.contiguous()
 
 
 def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,7 +228,7 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     else:
         y = gemv(x2, pw)
     if bias is not None:
-        y.add_(bias)  # y is float32 and freshly made (tiled returns a transposed view: add_ works on it too)
+        y.add_(bias)  # y is float32 and freshly made
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
     return y.reshape(*x.shape[:-1], pw.shape[0]) if x.dim() != 2 else y
