@@ -180,3 +180,49 @@ def test_gpu_check_dry_run_runs_every_case_and_writes_the_report(tmp_path):
     if not torch.cuda.is_available():
         refused = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True)
         assert refused.returncode == 2 and "no CUDA device" in refused.stderr and "--dry-run" in refused.stderr
+
+
+def test_adaptive_threads_measure_each_count_then_run_the_fastest_and_re_explore():
+    from lensbench.gpu.threads import Adaptive, candidates
+
+    assert candidates(1) == [1] and candidates(2) == [1, 2] and candidates(6) == [1, 2, 4, 6]
+    policy = Adaptive(2, explore=8)
+    seconds = {1: 0.03, 2: 0.01}  # 2 threads faster (a quiet machine)
+    ran = []
+    for _ in range(24):
+        n = policy.choose()
+        ran.append(n)
+        policy.record(n, seconds[n])
+    assert ran[:4] == [1, 1, 2, 2]  # each measured twice first
+    assert ran[4:].count(1) == 3 and ran[7] == 1  # then the fastest, the other once per 8 steps
+    seconds = {1: 0.03, 2: 0.2}  # load arrives: 2 threads now stall at every barrier
+    for _ in range(40):
+        n = policy.choose()
+        policy.record(n, seconds[n])
+    assert policy.best() == 1
+
+
+def test_adaptive_threads_wrap_decode_steps_only_and_give_the_users_setting_back():
+    from lensbench.gpu import threads
+
+    class Net(torch.nn.Module):
+        def forward(self, input_ids=None):
+            if input_ids.numel() == 3:
+                raise RuntimeError("boom")
+            return torch.get_num_threads()
+
+    user = torch.get_num_threads()
+    net = Net()
+    remove = threads.install(net, max_tokens=4)
+    try:
+        used = [net(input_ids=torch.zeros(1, 1, dtype=torch.long)) for _ in range(6)]
+        assert set(used) <= set(threads.candidates(user)) and torch.get_num_threads() == user
+        assert net(input_ids=torch.zeros(1, 20, dtype=torch.long)) == user  # prefill: the user's count
+        with pytest.raises(RuntimeError):
+            net(input_ids=torch.zeros(1, 3, dtype=torch.long))
+        net(input_ids=torch.zeros(1, 20, dtype=torch.long))
+        assert torch.get_num_threads() == user  # restored after a step that raised
+        assert sum(len(t) for t in net.lensbench_threads.times.values()) == 6
+    finally:
+        remove()
+    assert "lensbench_threads" not in net.__dict__ and torch.get_num_threads() == user

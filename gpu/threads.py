@@ -1,0 +1,104 @@
+"""How many threads a packed decode step runs on, chosen by measuring the steps themselves.
+
+On a shared CPU a kernel split over every core waits at its end for whichever of its threads the OS has
+preempted, for a scheduler time slice each time: with one competing CPU-bound process on 2 cores, SmolLM2's
+int8 decode fell from 37 to 5 tokens/s on 2 threads while 1 thread ran 33 (benchmarks/decode.py,
+reports/DECODE.md). Which count is faster depends on the load of the moment, so `Adaptive` times every
+decode step, keeps the recent times of each candidate count (1, 2, 4, ... up to the configured threads),
+runs the fastest by median, and tries another every `explore` steps so it notices when load comes or goes.
+
+`install(module)` puts it around a model's forward for decode-size calls (≤ `max_tokens` tokens); the
+user's thread setting is restored after every step.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+
+import torch
+
+MAX_TOKENS = 12  # the decode-size calls the packed kernels run as matrix-vector products
+
+
+def candidates(max_threads: int) -> list[int]:
+    out, n = [], 1
+    while n < max_threads:
+        out.append(n)
+        n *= 2
+    return out + [max_threads]
+
+
+class Adaptive:
+    """Choose a thread count per step from the recent step times of each candidate."""
+
+    def __init__(self, max_threads: int, explore: int = 32, window: int = 8):
+        self.options = candidates(max(1, max_threads))
+        self.times = {n: deque(maxlen=window) for n in self.options}
+        self.explore = explore
+        self.steps = 0
+        self.turn = 0
+
+    def best(self) -> int:
+        return min(self.options, key=lambda n: statistics.median(self.times[n]))
+
+    def choose(self) -> int:
+        self.steps += 1
+        for n in self.options:  # every count measured twice before choosing
+            if len(self.times[n]) < 2:
+                return n
+        if len(self.options) > 1 and self.steps % self.explore == 0:
+            others = [n for n in self.options if n != self.best()]
+            self.turn += 1
+            return others[self.turn % len(others)]
+        return self.best()
+
+    def record(self, threads: int, seconds: float) -> None:
+        self.times[threads].append(seconds)
+
+
+def _set(n: int) -> None:
+    torch.set_num_threads(n)
+    try:
+        from .cpu_kernels import set_threads  # optional: numba
+    except ImportError:  # pragma: no cover
+        return
+    set_threads(n)
+
+
+def install(module: torch.nn.Module, max_tokens: int = MAX_TOKENS) -> callable:
+    """Adaptive threads around `module`'s decode-size forwards; returns the function that removes them."""
+    policy = Adaptive(torch.get_num_threads())
+    state: dict = {}
+
+    def pre(mod, args, kwargs):
+        if state:  # the previous step raised before its end: give the user's setting back first
+            _set(state["user"])
+            state.clear()
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor) or ids.numel() > max_tokens or ids.is_cuda:
+            return None
+        state.update(user=torch.get_num_threads(), n=policy.choose())
+        _set(state["n"])
+        state["t0"] = time.perf_counter()
+        return None
+
+    def post(mod, args, kwargs, out):
+        if state:
+            policy.record(state["n"], time.perf_counter() - state["t0"])
+            _set(state["user"])
+            state.clear()
+        return None
+
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
+               module.register_forward_hook(post, with_kwargs=True)]
+    module.__dict__["lensbench_threads"] = policy
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+        module.__dict__.pop("lensbench_threads", None)
+        if state:
+            _set(state.pop("user"))
+            state.clear()
+    return remove
