@@ -13,6 +13,7 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
   context), achieved GB/s and its fraction of the triad bandwidth; the time outside the linears from
   torch's profiler (every linear wrapped in a `record_function`).
 * Prefill at `--prefill` prompt lengths, lensbench packed vs dense, interleaved.
+* Crossover: the decode path and the prefill path on all block linears at 1..64 activation rows.
 * Under load: the lensbench decode rounds again with one CPU-bound process competing for the cores.
 
 Usage: python benchmarks/decode.py [--rounds 5] [--decode 32] [--prefill 128,512] [--load-rounds 3]
@@ -265,6 +266,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill", default="128,512")
     ap.add_argument("--prefill-rounds", type=int, default=3)
     ap.add_argument("--load-rounds", type=int, default=3)
+    ap.add_argument("--crossover-rounds", type=int, default=5)
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-torchao", action="store_true")
     ap.add_argument("--worker", choices=("torchao", "llama"), help=argparse.SUPPRESS)
@@ -339,6 +341,9 @@ def main(argv=None) -> None:
             f()
         prefill[int(pids.shape[1])] = _interleaved(pm, args.prefill_rounds)
 
+    # the decode/prefill crossover: both CPU paths on every block linear, by activation rows
+    crossover = crossover_rows(model, args.crossover_rounds)
+
     # under load: one competing CPU-bound process
     load_keys = ["lensbench fp32", "lensbench int8 g128", "lensbench int4 g128"]
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
@@ -347,7 +352,7 @@ def main(argv=None) -> None:
         loaded = _interleaved({k: methods[k] for k in load_keys}, args.load_rounds)
     finally:
         hog.kill()
-    write(args, bw, rows, roof, prefill, loaded, times, notes, time.time() - t_start)
+    write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, time.time() - t_start)
 
 
 def _in(ctx, fn):
@@ -385,7 +390,34 @@ def _paired(times: dict, k: str) -> float:
     return statistics.median(b / x for b, x in zip(base, times[k], strict=True))
 
 
-def write(args, bw, rows, roof, prefill, loaded, times, notes, seconds) -> None:
+def crossover_rows(model, rounds: int) -> dict:
+    """Seconds for all 210 block linears of SmolLM2 at each number of activation rows, on the decode path
+    (`cpu_kernels.matmul` below its row threshold: torch's int4/int8 kernel or numba's gemv) and on the
+    prefill path (dequantised tiles into torch's GEMM), so the threshold is read off a measurement."""
+    from lensbench.gpu import quant
+
+    weights = [m.weight.detach() for b in model.adapter.blocks for m in b.modules() if isinstance(m, nn.Linear)]
+    out = {}
+    for bits in (8, 4):
+        pws = [quant.quantize(w, bits, GROUP) for w in weights]
+        for m in (1, 2, 4, 8, 12, 16, 24, 32, 64):
+            xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
+            small = cpu_kernels.cpu_torch.matmul if bits == 4 else cpu_kernels.gemv
+            methods = {"decode": lambda xs=xs, f=small, pws=pws: [f(xs[p.shape[1]], p) for p in pws],
+                       "prefill": lambda xs=xs, pws=pws: [cpu_kernels.tiled(xs[p.shape[1]], p) for p in pws]}
+            for f in methods.values():
+                f()
+            t = {k: [] for k in methods}
+            for _ in range(rounds):
+                for k, f in methods.items():
+                    t0 = time.perf_counter()
+                    f()
+                    t[k].append(time.perf_counter() - t0)
+            out[(bits, m)] = {k: statistics.median(v) for k, v in t.items()}
+    return out
+
+
+def write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, seconds) -> None:
     load = subprocess.run(["cat", "/proc/loadavg"], capture_output=True, text=True).stdout.split()[:3]
     lines = [f"SmolLM2-135M, batch 1, {args.prompt}-token prompt, {args.decode} greedy decode steps, "
              f"{args.rounds} interleaved rounds (shuffled order per round), 2 threads. Speed-up = the median over "
@@ -415,6 +447,15 @@ def write(args, bw, rows, roof, prefill, loaded, times, notes, seconds) -> None:
             ratio = statistics.median(b / x for b, x in zip(t["lensbench fp32"], t[k], strict=True))
             cells.append(f"{n / statistics.median(t[k]):.0f} | {ratio:.2f}")
         lines.append(f"| {n} | {f:.0f} | {' | '.join(cells)} |")
+    lines += ["", f"Decode path vs prefill path on SmolLM2's 210 block linears by activation rows (ms, median of "
+              f"{args.crossover_rounds}; int4: torch's kernel vs tiles, int8 g128: numba gemv vs tiles); lensbench "
+              f"switches to tiles above {cpu_kernels.TORCH_MAX_ROWS} rows on torch's kernels, "
+              f"{cpu_kernels.GEMV_MAX_ROWS} on numba's:", "",
+              "| rows | int4 decode path | int4 tiles | int8 decode path | int8 tiles |", "|---|---|---|---|---|"]
+    for m in sorted({m for _, m in crossover}):
+        c4, c8 = crossover[(4, m)], crossover[(8, m)]
+        lines.append(f"| {m} | {c4['decode'] * 1e3:.1f} | {c4['prefill'] * 1e3:.1f} | {c8['decode'] * 1e3:.1f} | "
+                     f"{c8['prefill'] * 1e3:.1f} |")
     lines += ["", f"Under load (one `while True: pass` process on the 2 cores, {args.load_rounds} rounds): decode "
               "tokens/s and packed/dense ratio, quiet (above) vs loaded:", "",
               "| method | tokens/s loaded | x fp32 quiet | x fp32 loaded | loaded / quiet ratio |",

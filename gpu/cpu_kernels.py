@@ -14,6 +14,7 @@ their bit patterns into float32.
 from __future__ import annotations
 
 import os
+import threading
 
 import numba
 import numpy as np
@@ -24,7 +25,10 @@ from . import cpu_torch
 from .quant import PackedWeight
 
 EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # keep decode off torch's bfloat16 kernels
-GEMV_MAX_ROWS = 12  # above this many activation rows, the tiled dequantise + GEMM path is faster
+# Above these many activation rows the tiled dequantise + GEMM path is faster (benchmarks/decode.py measures
+# both paths by rows on SmolLM2's linears, reports/DECODE.md): numba's gemv, and torch's int4/int8 kernels.
+GEMV_MAX_ROWS = 12
+TORCH_MAX_ROWS = 32
 TILE = 256  # the fewest output rows dequantised at a time by the tiled path
 TILE_BYTES = 8 << 20  # its float32 buffer: SmolLM2's linears fit whole (one GEMM each), its LM head in 14 tiles
 _H2F = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -193,13 +197,26 @@ def gemv(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     return out
 
 
+_BUFFERS = threading.local()
+
+
+def _buffer(numel: int) -> torch.Tensor:
+    """A float32 scratch buffer of at least `numel` values, kept per thread: a fresh multi-MB tensor per call
+    is fresh pages from the OS each time, whose faults cost more than the dequantisation itself (measured:
+    210 SmolLM2 linears at 16 rows: 175 ms with a new 3.5 MB buffer per call, 61 ms reusing one)."""
+    buf = getattr(_BUFFERS, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _BUFFERS.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
 def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None) -> torch.Tensor:
     """x2 [M, K] float -> [M, N] float32 (contiguous), dequantising `tile` output rows at a time into one
     reused buffer (default: as many rows as fit in TILE_BYTES, at least TILE)."""
     xp = _padded(x2, pw)
     n = pw.shape[0]
     tile = tile or max(TILE, TILE_BYTES // (4 * pw.k_padded))
-    buf = torch.empty(min(tile, n), pw.k_padded, dtype=torch.float32)
+    buf = _buffer(min(tile, n) * pw.k_padded).view(min(tile, n), pw.k_padded)
     p, sc, mn = _arrays(pw)
     dequant = _kernels(pw.bits)[1]
     if tile >= n:  # one tile: the GEMM writes [M, N] directly
@@ -221,12 +238,13 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     """x [..., K] @ W_hat.T (+ bias) on the CPU; float32 accumulation, result in x's dtype.
     Kept to a handful of tensor operations: at decode sizes Python overhead is a visible share."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > GEMV_MAX_ROWS:
-        y = tiled(x2, pw)
-    elif not EXACT and cpu_torch.supported(pw):
+    rows = x2.shape[0]
+    if rows <= TORCH_MAX_ROWS and not EXACT and cpu_torch.supported(pw):
         y = cpu_torch.matmul(x2, pw)
-    else:
+    elif rows <= GEMV_MAX_ROWS:
         y = gemv(x2, pw)
+    else:
+        y = tiled(x2, pw)
     if bias is not None:
         y.add_(bias)  # y is float32 and freshly made
     if x.dtype != torch.float32:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dispatch
+from . import dispatch, fusion
 from .quant import PackedWeight, QuantError, quantize
 from .reference import dequantize
 
@@ -50,6 +50,13 @@ class QuantLinear(_Packed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if dispatch.CPU_KERNELS and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            fuser = self.__dict__.get("fuser")  # set by `fusion.install`: one call for linears sharing x
+            if fuser is not None and x.numel() <= fusion.MAX_ROWS * x.shape[-1]:
+                y = fuser.run(self, x, dispatch.cpu_matmul)
+                if y is not None:
+                    if self.bias is not None:
+                        y.add_(self.bias)
+                    return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             return dispatch.cpu_matmul(x, self.pw, self.bias)  # the common case, without the dispatch checks
         return dispatch.matmul(x, self.pw, self.bias)
 

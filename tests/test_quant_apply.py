@@ -146,3 +146,35 @@ def test_embedding_the_kernels_cannot_run_is_refused(tiny):
             pass
     ids = _ids(model)
     model.module(input_ids=ids)  # nothing was left half-applied
+
+
+def test_decode_runs_linears_reading_one_input_as_one_call_with_the_same_logits(tiny, monkeypatch):
+    """q/k/v and gate/up are learnt as groups on the first decode step and run fused from the second: one
+    kernel call each, logits as with separate calls."""
+    from lensbench.gpu import dispatch, fusion
+
+    model = tiny("llama")
+    plan = Plan.quantize(model_card(model), {"re:.*layers\\.\\d+\\..*": (4, 32)})
+    ids = _ids(model, 1, 8)
+
+    def decode(steps=4):
+        calls, logits = [], []
+        real = dispatch.cpu_matmul
+        monkeypatch.setattr(dispatch, "cpu_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with torch.no_grad(), apply(model, plan):
+            out = model.module(input_ids=ids, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(steps):
+                calls.clear()
+                out = model.module(input_ids=nxt, cache=out.cache, use_cache=True)
+                logits.append(out.logits[0, -1])
+                nxt = out.logits[:, -1:].argmax(-1)
+            monkeypatch.setattr(dispatch, "cpu_matmul", real)
+            return torch.stack(logits), len(calls)
+
+    fused, fused_calls = decode()
+    monkeypatch.setattr(fusion, "install", lambda root, linears: (lambda: None))
+    alone, alone_calls = decode()
+    layers = model.module.config.num_hidden_layers
+    assert alone_calls == 7 * layers and fused_calls == 4 * layers  # q,k,v | o | gate,up | down
+    assert torch.allclose(fused, alone, rtol=0, atol=1e-5 * alone.abs().max().item())

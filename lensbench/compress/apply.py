@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..gpu import threads
+from ..gpu import fusion, threads
 from ..gpu.modules import QuantEmbedding, QuantLinear
 from ..errors import PlanError
 from ..gpu.quant import PackedWeight, QuantError, quantize
@@ -84,7 +84,7 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True)
     targets = bound.quant
     root = model.module
     by_weight: dict[tuple, object] = {}  # (data_ptr, spec) -> packed, for tied tables
-    swapped_any = False
+    linears: list[QuantLinear] = []
     for name in sorted(targets, key=lambda n: not isinstance(root.get_submodule(n), nn.Embedding)):
         module, spec = root.get_submodule(name), targets[name]
         if not isinstance(module, nn.Embedding) and not isinstance(module, nn.Linear) and not is_conv1d(module):
@@ -110,9 +110,11 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True)
             new = QuantLinear(pw, module.bias, w.dtype)
         by_weight[(w.data_ptr(), spec)] = pw
         surgery.swap(root, name, new)
-        swapped_any = True
-    if swapped_any and next(root.parameters()).device.type == "cpu":
+        if isinstance(new, QuantLinear):
+            linears.append(new)
+    if linears and next(root.parameters()).device.type == "cpu":
         surgery.undo.append(threads.install(root))  # decode steps on as many threads as are fastest now
+        surgery.undo.append(fusion.install(root, linears))  # linears reading one input: one call at decode
 
 
 @handles(KV)
