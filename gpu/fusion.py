@@ -5,9 +5,10 @@ kernel launch, output) is a visible share of its time. Attention's q, k and v pr
 tensor, as do an MLP's gate and up projections; their packed rows concatenate into one weight of the same
 format, so one call computes all of them and each linear takes its slice.
 
-The groups are learnt, not declared: during the first decode step after `install`, linears called one after
-another with the very same input tensor are linked (any architecture, no names needed); at the end of that
-step each group with one packed format (bits, group size, K) gets its concatenated weight. From then on the
+The groups are learnt, not declared: during the first decode step after `install` (run on the exact kernels),
+linears called one after another with the very same input tensor are linked (any architecture, no names
+needed); at the end of that step each group with one packed format (bits, group size, K) gets its
+concatenated weight, kept on the members' PackedWeight for later entries of the same plan. From then on the
 first member called with an input computes the whole group and keeps the other members' slices (holding a
 reference to the input, so identity is never confused with a recycled address); a member called with any
 other input runs alone. Outputs are those of the separate calls (each output row depends only on its own
@@ -60,13 +61,17 @@ class Fuser:
                                    (first.bits, first.group_size, first.shape[1]) for m in members):
             return
         pws = [m.pw for m in members]
-        weight = PackedWeight(torch.cat([p.packed for p in pws]), torch.cat([p.scales for p in pws]),
-                              torch.cat([p.mins for p in pws]), first.bits, first.group_size,
-                              (sum(p.shape[0] for p in pws), first.shape[1]))
-        group = Group(members, weight)
+        # kept on the first member's PackedWeight, which apply's cache keeps across entries: a plan entered
+        # again (interleaved speed rounds) does not concatenate and convert its groups again
+        made = first.__dict__.setdefault("_fused", {})
+        key = tuple(id(p) for p in pws)
+        if key not in made:
+            made[key] = PackedWeight(torch.cat([p.packed for p in pws]), torch.cat([p.scales for p in pws]),
+                                     torch.cat([p.mins for p in pws]), first.bits, first.group_size,
+                                     (sum(p.shape[0] for p in pws), first.shape[1]))
+        group = Group(members, made[key])
         for m in members:
             self.groups[m] = group
-            m.pw.__dict__.pop("_torch_layout", None)  # the group's weight serves decode from now on
 
     # --- one linear's call --------------------------------------------------------------------------------
     def run(self, module, x: torch.Tensor, matmul) -> torch.Tensor | None:
@@ -79,7 +84,10 @@ class Fuser:
                 else:
                     self.links.append([self.last[0], module])
             self.last = (module, x)
-            return None
+            # the exact kernel: a torch kernel would first convert this linear's weight to its own layout,
+            # which the group's weight makes unneeded from the next step on
+            from .cpu_kernels import gemv  # optional: numba (fusion is installed where it is)
+            return gemv(x.reshape(-1, x.shape[-1]), module.pw)
         group = self.groups.get(module)
         if group is None:
             return None

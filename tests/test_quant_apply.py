@@ -172,9 +172,19 @@ def test_decode_runs_linears_reading_one_input_as_one_call_with_the_same_logits(
             monkeypatch.setattr(dispatch, "cpu_matmul", real)
             return torch.stack(logits), len(calls)
 
+    from lensbench.gpu import cpu_kernels
+
+    fast, fast_calls = decode()  # torch's bfloat16 kernels (the first, learning step runs the exact ones)
+    monkeypatch.setattr(cpu_kernels, "EXACT", True)  # the exact kernels everywhere: same arithmetic per row
     fused, fused_calls = decode()
+    install = fusion.install
     monkeypatch.setattr(fusion, "install", lambda root, linears: (lambda: None))
     alone, alone_calls = decode()
     layers = model.module.config.num_hidden_layers
-    assert alone_calls == 7 * layers and fused_calls == 4 * layers  # q,k,v | o | gate,up | down
+    assert alone_calls == 7 * layers and fused_calls == fast_calls == 4 * layers  # q,k,v | o | gate,up | down
     assert torch.allclose(fused, alone, rtol=0, atol=1e-5 * alone.abs().max().item())
+    assert torch.allclose(fast, alone, rtol=0, atol=2e-2 * alone.abs().max().item())
+    monkeypatch.setattr(fusion, "install", install)
+    with apply(model, plan):  # a second entry reuses the groups' concatenated weights
+        head = next(m for m in model.module.modules() if isinstance(m, QuantLinear))
+        assert head.pw.__dict__.get("_fused")
