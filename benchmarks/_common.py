@@ -43,17 +43,21 @@ class PeakRSS:
         self.peak_delta = self.peak - self.start
 
 
-def interleaved(methods: dict, rounds: int, seed: int = 0) -> dict[str, list[float]]:
-    """Run every method once per round in a shuffled order; seconds per call for each method."""
+def interleaved(methods: dict, rounds: int, seed: int = 0, self_timed: bool = False,
+                pause: float = 0.0) -> dict[str, list[float]]:
+    """Run every method once per round in a shuffled order; seconds per call for each method (with
+    `self_timed`, the seconds each call returns: the part it times itself). `pause` seconds of sleep before
+    each call let the previous method's spinning threads go idle."""
     rng = random.Random(seed)
     times = {k: [] for k in methods}
     for _ in range(rounds):
         order = list(methods)
         rng.shuffle(order)
         for name in order:
+            time.sleep(pause)
             t0 = time.perf_counter()
-            methods[name]()
-            times[name].append(time.perf_counter() - t0)
+            got = methods[name]()
+            times[name].append(got if self_timed else time.perf_counter() - t0)
     return times
 
 

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import copy
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, machine, versions  # noqa: E402
+from _common import append_report, interleaved, machine, versions  # noqa: E402
 
 import lensbench  # noqa: E402
 from lensbench.compress.apply import apply  # noqa: E402
@@ -360,19 +359,10 @@ def _in(ctx, fn):
         return fn(m)
 
 
-def _interleaved(methods: dict, rounds: int, seed: int = 0) -> dict[str, list[float]]:
-    """Every method once per round in a shuffled order; each returns the seconds of its own timed part (the
-    decode steps, not the prefill before them). A 50 ms pause before each lets the previous method's spinning
-    threads (OpenMP's, ggml's) go idle."""
-    rng = random.Random(seed)
-    times = {k: [] for k in methods}
-    for _ in range(rounds):
-        order = list(methods)
-        rng.shuffle(order)
-        for k in order:
-            time.sleep(0.05)
-            times[k].append(methods[k]())
-    return times
+def _interleaved(methods: dict, rounds: int) -> dict[str, list[float]]:
+    """Interleaved rounds of methods that return the seconds of their own timed part (the decode steps, not
+    the prefill before them), 50 ms apart so the previous method's spinning threads (OpenMP's, ggml's) idle."""
+    return interleaved(methods, rounds, self_timed=True, pause=0.05)
 
 
 def _rows(times: dict, steps: int) -> dict:
@@ -407,13 +397,7 @@ def crossover_rows(model, rounds: int) -> dict:
                        "prefill": lambda xs=xs, pws=pws: [cpu_kernels.tiled(xs[p.shape[1]], p) for p in pws]}
             for f in methods.values():
                 f()
-            t = {k: [] for k in methods}
-            for _ in range(rounds):
-                for k, f in methods.items():
-                    t0 = time.perf_counter()
-                    f()
-                    t[k].append(time.perf_counter() - t0)
-            out[(bits, m)] = {k: statistics.median(v) for k, v in t.items()}
+            out[(bits, m)] = {k: statistics.median(v) for k, v in interleaved(methods, rounds).items()}
     return out
 
 
