@@ -202,8 +202,8 @@ _BUFFERS = threading.local()
 
 def _buffer(numel: int) -> torch.Tensor:
     """A float32 scratch buffer of at least `numel` values, kept per thread: a fresh multi-MB tensor per call
-    is fresh pages from the OS each time, whose faults cost more than the dequantisation itself (measured:
-    210 SmolLM2 linears at 16 rows: 175 ms with a new 3.5 MB buffer per call, 61 ms reusing one)."""
+    is fresh pages from the OS each time, faulted in on every call (the tiled path's time is in the decode
+    benchmark's crossover table)."""
     buf = getattr(_BUFFERS, "buf", None)
     if buf is None or buf.numel() < numel:
         buf = _BUFFERS.buf = torch.empty(numel, dtype=torch.float32)
@@ -229,8 +229,8 @@ def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None) -> torch.
         dequant(p, sc, mn, pw.group_size, _H2F, n0, b.numpy())
         torch.mm(b, xp.T, out=out_t[n0:n0 + rows])
     # contiguous: a transposed result reaches attention as q/k/v with strided heads, and torch's SDPA then
-    # leaves its flash kernel for the math one, which materialises the whole score matrix (2.4x slower
-    # prefill at 2048 tokens, measured)
+    # leaves its flash kernel for the math one, which materialises the whole score matrix (packed
+    # prefill at 2048 tokens ran 0.41x dense in the benchmark run before this fix, reports/BENCHMARKS.md)
     return out_t.T.contiguous()
 
 

@@ -25,7 +25,6 @@ MAX_ROWS = 12  # decode-size calls only: prefill's tiled GEMM gains nothing from
 
 class Group:
     def __init__(self, members: list, weight: PackedWeight):
-        self.members = members
         self.weight = weight
         bounds, start = {}, 0
         for m in members:
