@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from . import dispatch, fusion
+from .mixed import MixedWeight
 from .quant import PackedWeight, QuantError, quantize
 from .reference import dequantize
 
@@ -97,3 +98,46 @@ class QuantEmbedding(_Packed):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits}, group_size={self.group_size}"
+
+
+class MixedQuantLinear(nn.Module):
+    """A QuantLinear whose input groups have different widths (`gpu.mixed.MixedWeight`, BAQ's allocation): one
+    packed matmul per width on its input columns, summed."""
+
+    def __init__(self, mw: MixedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.parts = nn.ModuleList(_Part(cols, pw) for cols, pw in mw.parts)
+        self.group_bits, self.group_size = mw.group_bits, mw.group_size
+        self.out_features, self.in_features = mw.shape
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.dtype = dtype
+
+    @property
+    def mw(self) -> MixedWeight:
+        return MixedWeight([(p.cols, p.pw) for p in self.parts], self.group_bits, self.group_size,
+                           (self.out_features, self.in_features))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy of the quantised weight, for code that reads `.weight` (the forward never does)."""
+        return self.mw.dequantize(self.dtype).to(self.parts[0].packed.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = None
+        for part in self.parts:
+            out = dispatch.matmul(x.index_select(-1, part.cols), part.pw, None)
+            y = out if y is None else y.add_(out)
+        return y if self.bias is None else y.add_(self.bias.to(y.dtype))
+
+    def extra_repr(self) -> str:
+        widths = ", ".join(f"int{p.bits} x {len(p.cols)}" for p in self.parts)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {widths} inputs, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+class _Part(_Packed):
+    """One width's columns of a MixedQuantLinear."""
+
+    def __init__(self, cols: torch.Tensor, pw: PackedWeight):
+        super().__init__(pw)
+        self.register_buffer("cols", cols)

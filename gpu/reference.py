@@ -10,7 +10,10 @@ from .quant import PackedWeight, unpack
 
 
 def dequantize(pw: PackedWeight, rows: torch.Tensor | slice | None = None, dtype=torch.float32) -> torch.Tensor:
-    """The dense weight [n, K] the packed codes stand for (the chosen rows, all by default)."""
+    """The dense weight [n, K] the packed codes stand for (the chosen rows, all by default); a
+    `mixed.MixedWeight` (one PackedWeight per width) dequantises its parts."""
+    if not isinstance(pw, PackedWeight):
+        return pw.dequantize(dtype) if rows is None else pw.dequantize(dtype)[rows]
     q = unpack(pw, rows).to(torch.float32)
     scales = (pw.scales if rows is None else pw.scales[rows]).float()
     mins = (pw.mins if rows is None else pw.mins[rows]).float()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .gpu import ggml
+from .gpu.mixed import quantize_mixed
 from .gpu.quant import quantize
 from .gpu.reference import dequantize
 from .model import Model
@@ -53,6 +54,8 @@ def dequantised(weight: torch.Tensor, spec: Grid, conv1d: bool = False) -> torch
     if spec.scheme == "gguf":
         arr = w.detach().to(torch.float32).cpu().numpy()
         q = torch.from_numpy(ggml.roundtrip(arr, ggml.ggml_type(spec.bits, arr.shape[1])))
+    elif getattr(spec, "group_bits", ()):  # a plan's Quant with one width per input group (BAQ)
+        q = quantize_mixed(w, spec.group_bits, spec.group_size, spec.scheme == "sym").dequantize()
     else:
         q = dequantize(quantize(w, spec.bits, spec.group_size, symmetric=spec.scheme == "sym"))
     q = q.to(device=weight.device, dtype=weight.dtype)

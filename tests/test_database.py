@@ -91,6 +91,7 @@ def _profile(model):
     ("bits-rank", {"ranking": "augmented", "levels": "4,2"}),
     ("bits-rank", {"ranking": "gptq-kl", "levels": "4,2"}),
     ("evo-bits", {"levels": "2,4,8", "generations": 2, "offspring": 2}),
+    ("bits-baq", {"levels": "2,4,8"}),
 ])
 def test_bit_policies_plan_from_the_database_and_evaluate_applies_its_weights(built, policy, options):
     model, db = built
@@ -106,8 +107,7 @@ def test_bit_policies_plan_from_the_database_and_evaluate_applies_its_weights(bu
     with torch.no_grad():
         with apply(model, plan):
             got = model.module(**ids).logits
-        targets = {n: (q.bits, 16, "asym") for n, q in bound.quant.items()}
-        with simulated(model, targets, db.weights(model)):
+        with simulated(model, bound.quant, db.weights(model)):
             want = model.module(**ids).logits
     assert torch.allclose(got, want, atol=1e-4)
 

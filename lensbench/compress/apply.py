@@ -28,7 +28,8 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ..gpu import fusion, threads
-from ..gpu.modules import QuantEmbedding, QuantLinear
+from ..gpu.mixed import MixedWeight, quantize_mixed
+from ..gpu.modules import MixedQuantLinear, QuantEmbedding, QuantLinear
 from ..errors import PlanError
 from ..gpu.quant import PackedWeight, QuantError, quantize
 from ..gpu.reference import dequantize
@@ -64,8 +65,9 @@ def cache_key(name: str, weight: torch.Tensor, spec: Quant) -> tuple:
     return name, spec, weight.data_ptr(), weight._version, weight.stride()
 
 
-def packed_weight(model: Model, name: str, weight: torch.Tensor, spec: Quant) -> PackedWeight:
-    """`weight` [N, K] of module `name` packed as `spec`: from the cache, or rounded to nearest now."""
+def packed_weight(model: Model, name: str, weight: torch.Tensor, spec: Quant) -> PackedWeight | MixedWeight:
+    """`weight` [N, K] of module `name` packed as `spec`: from the cache, or rounded to nearest now (a
+    MixedWeight when `spec` gives per-group widths)."""
     cache = packed_cache(model)
     key = cache_key(name, weight, spec)
     if key not in cache:
@@ -73,7 +75,10 @@ def packed_weight(model: Model, name: str, weight: torch.Tensor, spec: Quant) ->
             raise PlanError(f"{name} is quantised with {spec.method}, which needs calibration text: evaluate or "
                             f"compress the plan (they run it), or call lensbench.compress.gptq.prepare first")
         try:
-            cache[key] = quantize(weight, spec.bits, spec.group_size, symmetric=spec.scheme == "sym").to(weight.device)
+            sym = spec.scheme == "sym"
+            q = (quantize_mixed(weight, spec.group_bits, spec.group_size, sym) if spec.group_bits else
+                 quantize(weight, spec.bits, spec.group_size, symmetric=sym))
+            cache[key] = q.to(weight.device)
         except QuantError as exc:
             raise QuantError(f"{name}: {exc}") from None
     return cache[key]
@@ -107,7 +112,8 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True)
                 pw = tied if tied is not None else packed_weight(model, name, w, spec)
             else:  # GPT-2's Conv1D keeps its weight [in, out]
                 pw = packed_weight(model, name, w.T, spec)
-            new = QuantLinear(pw, module.bias, w.dtype)
+            new = (MixedQuantLinear(pw, module.bias, w.dtype) if isinstance(pw, MixedWeight) else
+                   QuantLinear(pw, module.bias, w.dtype))
         by_weight[(w.data_ptr(), spec)] = pw
         surgery.swap(root, name, new)
         if isinstance(new, QuantLinear):

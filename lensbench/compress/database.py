@@ -42,6 +42,7 @@ from ..atomic import write_json, write_with
 from ..calibration import CalibrationKL
 from ..errors import PlanError
 from ..executor import ExecutorConfig, run_items
+from ..gpu.mixed import MixedWeight
 from ..gpu.quant import BITS, PackedWeight, QuantError, check_spec
 from ..gpu.reference import dequantize
 from ..model import Model
@@ -114,6 +115,13 @@ def _metadata(path: Path) -> dict:
         return {}
 
 
+def _hessians(folder: Path, layer: int, names: list[str]) -> dict[str, torch.Tensor]:
+    """Block `layer`'s saved Hessians of the linears `names` (relative to the block)."""
+    with safe_open(str(_hessian_path(folder, layer)), "pt") as f:
+        shared = json.loads(f.metadata()["shared"])
+        return {n: f.get_tensor(shared.get(n, n)) for n in names}
+
+
 def _save(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     write_with(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), meta))
 
@@ -135,10 +143,7 @@ class SolveWork:
         layer, bits = item
         folder, ad = Path(self.folder), self.model.adapter
         block = ad.blocks[layer]
-        path = _hessian_path(folder, layer)
-        with safe_open(str(path), "pt") as f:
-            shared = json.loads(f.metadata()["shared"])
-            hessians = {n: f.get_tensor(shared.get(n, n)) for n in self.names}
+        hessians = _hessians(folder, layer, self.names)
         tensors, out = {}, {}
         with resident(block):
             for rel in self.names:
@@ -325,16 +330,35 @@ class Database:
                 self._files[(layer, bits)] = {"meta": meta, "tensors": {k: f.get_tensor(k) for k in f.keys()}}
         return self._files[(layer, bits)]
 
-    def packed(self, name: str, bits: int) -> PackedWeight:
-        """The packed weight of module `name` (its full name in the model) at `bits`."""
+    def _where(self, name: str) -> tuple[int, str]:
         if name not in self.where:
             raise PlanError(f"{name} is not in the GPTQ database {self.folder} (it holds the blocks' linears)")
+        return self.where[name]
+
+    def packed(self, name: str, bits: int) -> PackedWeight:
+        """The packed weight of module `name` (its full name in the model) at `bits`."""
         self.check_bits([bits])
-        layer, rel = self.where[name]
+        layer, rel = self._where(name)
         f = self._file(layer, bits)
         t, meta = f["tensors"], f["meta"][rel]
         return PackedWeight(t[f"{rel}.packed"], t[f"{rel}.scales"], t[f"{rel}.mins"], bits, meta["group_size"],
                             tuple(meta["shape"]))
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """The saved calibration Hessian of module `name` (from the dense model's inputs)."""
+        layer, rel = self._where(name)
+        if _metadata(_hessian_path(self.folder, layer)).get("key") != self.key:
+            raise PlanError(f"{_hessian_path(self.folder, layer)} is missing or of other settings: build the "
+                            f"database again")
+        return _hessians(self.folder, layer, [rel])[rel]
+
+    def mixed(self, name: str, module, group_bits) -> MixedWeight:
+        """GPTQ of module `name` with one width per input group (BAQ's allocation) from its saved Hessian: what
+        the levels would hold if the database had that level (same Hessian, grid and GPTQ settings)."""
+        self.check_bits(set(group_bits))
+        r = solve(name, module, self.hessian(name), list(group_bits), self.group_size, self.scheme,
+                  GPTQConfig(**self.settings["gptq"]))
+        return r.packed
 
     def weights(self, model: Model) -> "Dequantised":
         return Dequantised(self, model)
@@ -348,7 +372,9 @@ class Database:
             if (spec.group_size, spec.scheme) != (self.group_size, self.scheme):
                 raise PlanError(f"{name}: the plan asks for group {spec.group_size} {spec.scheme}, the GPTQ "
                                 f"database {self.folder} holds group {self.group_size} {self.scheme}")
-            cache[cache_key(name, weight_of(root.get_submodule(name)), spec)] = self.packed(name, spec.bits)
+            module = root.get_submodule(name)
+            cache[cache_key(name, weight_of(module), spec)] = (self.mixed(name, module, spec.group_bits)
+                                                                if spec.group_bits else self.packed(name, spec.bits))
             done.append(name)
         return done
 
@@ -414,7 +440,9 @@ class Dequantised:
                 raise PlanError(f"the GPTQ database holds group {self.db.group_size} {self.db.scheme}, not "
                                 f"group {group_size} {scheme}")
             module = self.root.get_submodule(name)
-            q = dequantize(self.db.packed(name, bits)).to(module.weight.dtype)
+            widths = getattr(spec, "group_bits", ())  # a plan's Quant with one width per input group (BAQ)
+            pw = self.db.mixed(name, module, widths) if widths else self.db.packed(name, bits)
+            q = dequantize(pw).to(module.weight.dtype)
             self.values[key] = q.T if is_conv1d(module) else q
         return self.values[key]
 

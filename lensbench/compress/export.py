@@ -56,6 +56,9 @@ def export(plan: Plan, model, fmt: str) -> tuple[object, str]:
     if "gguf" in schemes or len(schemes) > 1:
         raise PlanError("this plan uses the gguf scheme or mixes schemes, which these tools' configs cannot "
                         "express; save it with lensbench compress --format gguf")
+    if any(s.group_bits for s in targets.values()):
+        raise PlanError("this plan gives linears per-group bit-widths (bits-baq), which these tools' configs cannot "
+                        "express (one width per layer); save it with lensbench compress --format hf")
     if plan.units():
         raise PlanError("this plan also removes layers, which these quantisation tools cannot express; export a "
                         "plan that only quantises")

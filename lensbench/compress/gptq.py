@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..capture import batches
 from ..errors import LensbenchError
+from ..gpu.mixed import MixedWeight, check_group_bits, quantize_mixed, split
 from ..gpu.quant import PackedWeight, QuantError, checked, dequantized, grid, pack, quantize, round_to_grid
 from ..gpu.reference import dequantize
 from ..model import Model
@@ -50,15 +51,18 @@ class GPTQConfig:
 
 @dataclass
 class Result:
-    """One linear's GPTQ result: the packed weight, the dampening used, the layer error tr(ΔW H ΔWᵀ), the same
-    error of round-to-nearest on the same grid layout (for comparison), tr(W H Wᵀ) and ||ΔW||²."""
+    """One linear's GPTQ result: the packed weight (a MixedWeight when its groups have different widths), the
+    dampening used, the layer error tr(ΔW H ΔWᵀ), the same error of round-to-nearest on the same grid layout (for
+    comparison), tr(W H Wᵀ), ||ΔW||² and GPTQ's loss per input column, Σ_rows (w - q)² / [U]_jj² (the OBQ
+    error each column's rounding adds; BAQ allocates bits from it)."""
 
-    packed: PackedWeight
+    packed: PackedWeight | MixedWeight
     damp: float
     error: float
     rtn_error: float
     norm: float = 0.0  # tr(W H Wᵀ): `error / norm` is the normalised error (EvoPress's NMSE)
     sq_error: float = 0.0  # ||ΔW||², HAWQ's perturbation term
+    column_loss: torch.Tensor | None = None  # [K]
 
 
 def layer_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -86,27 +90,32 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
 
 
 @torch.no_grad()
-def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                cfg: GPTQConfig = GPTQConfig()) -> Result:
-    """GPTQ of one weight [N, K] with its Hessian [K, K] onto the packed grid (`bits`, `group_size`, scheme)."""
-    padded, gs = checked(weight, bits, group_size)
+def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int | Sequence[int], group_size: int,
+                symmetric: bool = False, cfg: GPTQConfig = GPTQConfig()) -> Result:
+    """GPTQ of one weight [N, K] with its Hessian [K, K] onto the packed grid (`bits`, `group_size`, scheme);
+    `bits` may give one width per input group (BAQ), which gives a MixedWeight."""
     n, k = weight.shape
+    uniform = isinstance(bits, int)
+    if not uniform:
+        check_group_bits(bits, group_size, k)
+    padded, gs = checked(weight, bits if uniform else max(bits), group_size)
     w = padded[:, :k].clone().double()
     h = hessian.detach().double().clone()
     dead = torch.diag(h) == 0  # inputs never seen: no information, quantise them as they are
     h[dead, dead] = 1
     groups = [(g0, min(g0 + gs, k)) for g0 in range(0, k, gs)]
+    width = [bits] * len(groups) if uniform else [int(b) for b in bits]
     scales = torch.zeros(n, len(groups), dtype=torch.float16)
     mins = torch.zeros(n, len(groups), dtype=torch.float16)
     order = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
     if cfg.act_order:  # static groups: grids from the original weights, so the layout stays group-contiguous
         for g, (a, b) in enumerate(groups):
-            scales[:, g], mins[:, g] = grid(w[:, a:b].float(), bits, symmetric)
+            scales[:, g], mins[:, g] = grid(w[:, a:b].float(), width[g], symmetric)
     w, h = w[:, order].float(), h[order][:, order]
     upper, damp = _inverse_factor(h, cfg.damp)  # in float64; the column updates run in float32, as GPTQ's own
     upper = upper.float()
     group_of = torch.tensor([g for g, (a, b) in enumerate(groups) for _ in range(a, b)])[order]
-    codes = torch.zeros(n, k)
+    codes, losses = torch.zeros(n, k), torch.zeros(k, dtype=torch.float64)
     block = max(gs, cfg.block // gs * gs)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -118,24 +127,30 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_si
             if not cfg.act_order and col == groups[g][0]:  # a group starts: its grid from the updated columns
                 end = groups[g][1]
                 span = w1[:, i:i + (end - col)] if end <= i2 else torch.cat([w1[:, i:], w[:, i2:end]], 1)
-                scales[:, g], mins[:, g] = grid(span, bits, symmetric)
-            q = round_to_grid(w1[:, i:i + 1], scales[:, g], mins[:, g], bits, symmetric)
+                scales[:, g], mins[:, g] = grid(span, width[g], symmetric)
+            q = round_to_grid(w1[:, i:i + 1], scales[:, g], mins[:, g], width[g], symmetric)
             codes[:, col] = q[:, 0]
             dq = dequantized(q, scales[:, g], mins[:, g])[:, 0]
             e = (w1[:, i] - dq) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err[:, i] = e
         w[:, i2:] -= err @ upper[i1:i2, i2:]
-    codes = codes[:, torch.argsort(order)]
-    full = torch.zeros(n, padded.shape[1])
-    full[:, :k] = codes
-    packed = pack(full, scales, mins, bits, gs, (n, k))
+        losses[i1:i2] = (err.double() ** 2).sum(0)
+    back = torch.argsort(order)
+    codes, losses = codes[:, back], losses[back]
+    if uniform:
+        full = torch.zeros(n, padded.shape[1])
+        full[:, :k] = codes
+        packed = pack(full, scales, mins, bits, gs, (n, k))
+        rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric))
+    else:
+        packed = split(codes, scales, mins, width, gs, (n, k))
+        rtn = dequantize(quantize_mixed(weight, width, gs, symmetric))
     original = weight.detach().double()
     approx = dequantize(packed).double()
-    rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric))
     return Result(packed, damp, layer_error(original, approx, hessian), layer_error(original, rtn, hessian),
                   layer_error(original, torch.zeros_like(original), hessian),
-                  float(((original - approx) ** 2).sum()))
+                  float(((original - approx) ** 2).sum()), losses)
 
 
 class _Hessians:
@@ -254,8 +269,8 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.T if is_conv1d(module) else module.weight
 
 
-def solve(name: str, module: nn.Module, hessian: torch.Tensor, bits: int, group_size: int, scheme: str,
-          cfg: GPTQConfig) -> Result:
+def solve(name: str, module: nn.Module, hessian: torch.Tensor, bits: int | Sequence[int], group_size: int,
+          scheme: str, cfg: GPTQConfig) -> Result:
     """GPTQ of one named linear; a grid or Hessian problem is one line naming it."""
     try:
         return gptq_weight(weight_of(module), hessian, bits, group_size, scheme == "sym", cfg)
@@ -280,7 +295,8 @@ def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQCon
         for _, mine, h, _ in block_hessians(model, targets, texts, cfg):
             for name, module in mine.items():
                 spec = targets[name]
-                results[name] = solve(name, module, h[name], spec.bits, spec.group_size, spec.scheme, cfg)
+                bits = list(spec.group_bits) if spec.group_bits else spec.bits
+                results[name] = solve(name, module, h[name], bits, spec.group_size, spec.scheme, cfg)
                 q = dequantize(results[name].packed).to(module.weight.dtype)
                 q = q.T if is_conv1d(module) else q
                 if restore:

@@ -31,6 +31,7 @@ from ..atomic import write_json
 from ..errors import LensbenchError, PlanError
 from ..kvcache import KVSpec
 from ..gpu.ggml import GGUF_BITS
+from ..gpu.mixed import check_group_bits
 from ..gpu.quant import DEFAULT_GROUP_SIZE, QuantError, check_spec
 from ..units import KINDS, Unit, is_conv1d, normalise, templates_of, unit_templates
 
@@ -76,12 +77,16 @@ class Drop(Action):
 @dataclass(frozen=True, order=True)
 class Quant(Action):
     """Store the named linears (or an embedding) packed: bit-width, group size (asym/sym), grid and rounding
-    (`rtn`, or `gptq` from calibration Hessians). Unpacks as `bits, group_size, scheme = quant`."""
+    (`rtn`, or `gptq` from calibration Hessians). Unpacks as `bits, group_size, scheme = quant`.
+
+    `group_bits` gives one width per input group of one linear (BAQ's allocation, `compress.baq`); `bits` is
+    then the widest of them, and the linear is held as one packed part per width (`gpu.mixed`)."""
 
     bits: int
     group_size: int = DEFAULT_GROUP_SIZE
     scheme: str = "asym"
     method: str = "rtn"
+    group_bits: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -98,8 +103,28 @@ class Quant(Action):
             object.__setattr__(self, "group_size", 0)
         else:
             check_spec(self.bits, self.group_size)
+        if self.group_bits:
+            self._check_group_bits()
         object.__setattr__(self, "bits", int(self.bits))
         object.__setattr__(self, "group_size", int(self.group_size))
+
+    def _check_group_bits(self) -> None:
+        widths = self.group_bits
+        if isinstance(widths, (str, bytes)) or not all(isinstance(b, int) and not isinstance(b, bool)
+                                                       for b in widths):
+            raise QuantError(f"group_bits must be a list of bit-widths, got {widths!r}")
+        if self.scheme == "gguf" or self.group_size <= 0:
+            raise QuantError("per-group bit-widths need the asym or sym scheme with a positive group size")
+        for b in widths:
+            check_spec(b, self.group_size)
+        object.__setattr__(self, "group_bits", tuple(widths))
+        if self.bits != max(widths):
+            raise QuantError(f"bits={self.bits} must be the widest of group_bits ({max(widths)})")
+
+    def check_inputs(self, name: str, in_features: int) -> None:
+        """One line when `group_bits` does not hold one width per input group of linear `name`."""
+        if self.group_bits:
+            check_group_bits(self.group_bits, self.group_size, in_features, name)
 
     def __iter__(self):  # the grid: what simulated quantisation and the exporters read
         return iter((self.bits, self.group_size, self.scheme))
@@ -112,12 +137,15 @@ class Quant(Action):
             out["scheme"] = self.scheme
         if self.method != "rtn":
             out["method"] = self.method
+        if self.group_bits:
+            out["group_bits"] = list(self.group_bits)
         return out
 
     @classmethod
     def from_dict(cls, doc: dict) -> "Quant":
+        widths = doc.get("group_bits", ())
         return cls(doc.get("bits"), doc.get("group_size", DEFAULT_GROUP_SIZE), doc.get("scheme", "asym"),
-                   doc.get("method", "rtn"))
+                   doc.get("method", "rtn"), tuple(widths) if isinstance(widths, list) else widths)
 
 
 
@@ -285,6 +313,9 @@ class Plan:
                 example = next(n for n, m in leaves.items() if not isinstance(m, nn.Embedding))
                 raise PlanError(f"plan quantises {key!r}, but {model.name} has no linear or embedding layer by that "
                                 f"name (e.g. {example!r})")
+            if spec.group_bits:
+                for name in hits:
+                    _check_group_widths(name, leaves[name], spec)
             out.update(dict.fromkeys(hits, spec))
         return out
 
@@ -373,6 +404,17 @@ class Plan:
         plan = cls(doc["actions"], doc["model"], doc.get("policy", {}), doc.get("predicted", {}), doc.get("meta", {}))
         plan.units()  # validates names against the plan's own card
         return plan
+
+
+def _check_group_widths(name: str, module: nn.Module, spec: Quant) -> None:
+    """Per-group widths fit linear `name` (one per input group); an embedding takes one width."""
+    if isinstance(module, nn.Embedding):
+        raise PlanError(f"plan gives {name} per-group bit-widths, which an embedding does not take: give it one "
+                        f"bits value")
+    try:
+        spec.check_inputs(name, module.weight.shape[0 if is_conv1d(module) else 1])
+    except QuantError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def _match(actions: dict[str, Action], templates: dict[str, str], n_layers: int,

@@ -32,6 +32,10 @@ def _check(model, targets) -> None:
     if bad:
         raise PlanError(f"the plan quantises {bad[0]} (and {len(bad) - 1} more) with the {targets[bad[0]].scheme} "
                         f"scheme; compressed-tensors stores the symmetric grid: make the plan with --scheme sym")
+    mixed = sorted(n for n, s in targets.items() if s.group_bits)
+    if mixed:
+        raise PlanError(f"the plan gives {mixed[0]} (and {len(mixed) - 1} more) per-group bit-widths (bits-baq), which "
+                        f"compressed-tensors cannot store (one width per tensor): save it with --format hf")
     root = model.module
     for name, spec in targets.items():
         module = root.get_submodule(name)

@@ -11,6 +11,7 @@ builds its flags and help from them and every budget that cannot be met is refus
     iterative.py  the iterative variant of the drop policies (re-scored each round)
     evo.py        evo: which units to remove, by evolutionary search
     bits.py       bits-rank, bits-dp, bits-bisect: bit-widths under an average-bits budget
+    baq.py        bits-baq: bit-widths across each linear's input groups (BAQ)
     evo_bits.py   evo-bits: bit-widths by evolutionary search
     kv_tuner.py   kv-tuner: KV-cache bits per layer (KVTuner: pruning, grouping, NSGA-II)
     rankings.py   the rankings every policy reads from a Profile (one table)
@@ -21,7 +22,8 @@ imported below.
 """
 from __future__ import annotations
 
-from . import drop, evo, bits, evo_bits, kv_tuner  # noqa: F401,I001  (each module registers its policies, in this order)
+from . import drop, evo, bits, baq, evo_bits, kv_tuner  # noqa: F401,I001  (each module registers its policies, in this order)
+from .baq import BitsBaqOptions
 from .bits import BitsBisectOptions, BitsDpOptions, BitsRankOptions
 from .drop import BalancedSkipOptions, DropOptions, RankingSkipOptions
 from .evo import EvoOptions
@@ -30,6 +32,6 @@ from .kv_tuner import KVTunerOptions
 from .rankings import RANKINGS
 from .registry import POLICIES, Policy, PolicyConfig, make_plan, option, plan, register
 
-__all__ = ["POLICIES", "RANKINGS", "BalancedSkipOptions", "BitsBisectOptions", "BitsDpOptions", "BitsRankOptions",
-           "DropOptions", "EvoBitsOptions", "EvoOptions", "KVTunerOptions", "Policy", "PolicyConfig",
+__all__ = ["POLICIES", "RANKINGS", "BalancedSkipOptions", "BitsBaqOptions", "BitsBisectOptions", "BitsDpOptions",
+           "BitsRankOptions", "DropOptions", "EvoBitsOptions", "EvoOptions", "KVTunerOptions", "Policy", "PolicyConfig",
            "RankingSkipOptions", "make_plan", "option", "plan", "register"]
