@@ -1,8 +1,8 @@
 """The bit-allocation study on GPTQ levels: at each average-bits budget, uniform bits, bits-rank with each ranking
 (LayerwiseQuant's LIM and ZD, the GPTQ database's Hessian NMSE, HAWQ trace, augmented and measured KL), its
-reverse, random orders (mean of 3), the knapsack DP on NMSE (EvoPress's baseline) and on measured KL, and the
-evolutionary search, every plan's weights taken from one GPTQ database (`lensbench quant-db`), scored on held-out
-BBC text (KL to the dense model, perplexity) and the BBC topic task.
+reverse, random orders (mean of 3), the knapsack DP on NMSE (EvoPress's baseline) and on measured KL, the
+evolutionary search and BAQ (`bits-baq`), every plan's weights taken from one GPTQ database (`lensbench quant-db`),
+scored on held-out BBC text (KL to the dense model, perplexity) and the BBC topic task.
 
 Both bundled models' weights come from 4-bit GGUF files (SmolLM2: Q4_1, group 32; Gemma-3-270M: Q4_K_M), so
 their "dense" weights already lie on a 4-bit grid; the grid here is group 128 asymmetric, which is not theirs.
@@ -11,7 +11,7 @@ The database and the profile are kept under ~/.cache/lensbench/study and reused 
 Writes one section per model in reports/QUANT.md (as each model finishes) and appends to reports/BENCHMARKS.md.
 
 Usage: python benchmarks/quant_study.py [--models smollm2-135m,gemma3-270m] [--budgets 2.5,3,3.25,3.5,4,4.25]
-       [--calib 32] [--heldout 16] [--generations 12] [--workers 2]
+       [--calib 32] [--heldout 16] [--generations 12] [--workers 2] [--methods uniform,baq,dp]
 """
 from __future__ import annotations
 
@@ -56,29 +56,34 @@ def two_levels(budget: float) -> tuple[int, int]:
     return hi, lo
 
 
-def plans_for(model, profile: Profile, budget: float, db: str, texts, generations: int, executor) -> dict:
+def plans_for(model, profile: Profile, budget: float, db: str, texts, generations: int, executor,
+              methods: list[str] | None = None) -> dict:
+    """{row label: plan} at `budget`; `methods` keeps the rows whose label starts with one of them."""
     common = {"group_size": 128, "method": "gptq", "database": db}
     hi, lo = two_levels(budget)
     rank = {"levels": f"{hi},{lo}", **common}
-    out = {}
-    flat = max(b for b in LEVELS if b <= budget + 1e-9)
-    out[f"uniform int{flat}"] = make_plan("bits-rank", profile, flat, levels=f"{LEVELS[-1]},{flat}", model=model,
-                                          **common)
-    for r in RANKINGS:
-        out[f"rank {r}"] = make_plan("bits-rank", profile, budget, ranking=r, model=model, **rank)
-    out["rank gptq-kl reversed"] = make_plan("bits-rank", profile, budget, ranking="gptq-kl", reverse=True,
-                                             model=model, **rank)
-    for s in range(3):
-        out[f"random {s}"] = make_plan("bits-rank", profile, budget, ranking="random", seed=s, model=model, **rank)
     levels = ",".join(map(str, LEVELS))
-    out["dp nmse (linear)"] = make_plan("bits-dp", profile, budget, levels=levels, unit="linear", error="nmse",
-                                        model=model, **common)
-    out["dp measured KL (block)"] = make_plan("bits-dp", profile, budget, levels=levels, error="kl", model=model,
-                                              **common)
-    out["evo-bits (block)"] = make_plan("evo-bits", profile, budget, levels=levels, generations=generations,
-                                        offspring=8, model=model, texts=texts, executor=executor, progress=True,
-                                        **common)
-    return out
+    flat = max(b for b in LEVELS if b <= budget + 1e-9)
+    make = {f"uniform int{flat}": lambda: make_plan("bits-rank", profile, flat, levels=f"{LEVELS[-1]},{flat}",
+                                                    model=model, **common)}
+    for r in RANKINGS:
+        make[f"rank {r}"] = lambda r=r: make_plan("bits-rank", profile, budget, ranking=r, model=model, **rank)
+    make["rank gptq-kl reversed"] = lambda: make_plan("bits-rank", profile, budget, ranking="gptq-kl", reverse=True,
+                                                      model=model, **rank)
+    for seed in range(3):
+        make[f"random {seed}"] = lambda seed=seed: make_plan("bits-rank", profile, budget, ranking="random", seed=seed,
+                                                             model=model, **rank)
+    make["dp nmse (linear)"] = lambda: make_plan("bits-dp", profile, budget, levels=levels, unit="linear",
+                                                 error="nmse", model=model, **common)
+    make["dp measured KL (block)"] = lambda: make_plan("bits-dp", profile, budget, levels=levels, error="kl",
+                                                       model=model, **common)
+    make["evo-bits (block)"] = lambda: make_plan("evo-bits", profile, budget, levels=levels, generations=generations,
+                                                 offspring=8, model=model, texts=texts, executor=executor,
+                                                 progress=True, **common)
+    make["baq (per input group)"] = lambda: make_plan("bits-baq", profile, budget, levels=levels, model=model,
+                                                      progress=True, **common)
+    return {label: fn() for label, fn in make.items()
+            if not methods or any(label.startswith(m) for m in methods)}
 
 
 class Quality:
@@ -100,7 +105,7 @@ class Quality:
 
     @torch.no_grad()
     def __call__(self, plan) -> dict:
-        targets = {n: (q.bits, q.group_size, q.scheme) for n, q in plan.quant_targets(self.model).items()}
+        targets = plan.quant_targets(self.model)  # Quant entries: BAQ's carry their per-group widths
         tot = {"kl": 0.0, "nll": 0.0, "dense_nll": 0.0, "n_kl": 0, "n_next": 0}
         with simulated(self.model, targets, self.weights):
             for batch, logp in zip(self.batches, self.dense, strict=True):
@@ -133,7 +138,7 @@ def study(name: str, args, executor) -> tuple[str, list]:
     rows = []
     for budget in args.budgets:
         t1 = time.time()
-        plans = plans_for(model, profile, budget, str(folder), texts, args.generations, executor)
+        plans = plans_for(model, profile, budget, str(folder), texts, args.generations, executor, args.methods)
         for label, plan in plans.items():
             rows.append({"budget": budget, "method": label, "bits": plan.predicted["average_bits"],
                          **quality(plan)})
@@ -179,7 +184,10 @@ def main() -> None:
     ap.add_argument("--topics", type=int, default=40)
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--workers", type=int, default=2, help="process workers for the database and the search")
+    ap.add_argument("--methods", default="", help="only the rows whose label starts with one of these (comma-"
+                                                 "separated, e.g. uniform,baq,dp); default every row")
     args = ap.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     torch.set_num_threads(2)
     executor = ExecutorConfig("process", args.workers) if args.workers > 1 else None
@@ -188,13 +196,16 @@ def main() -> None:
         head, rows = study(name, args, executor)
         body = (f"`python benchmarks/quant_study.py --models {name} --budgets "
                 f"{','.join(f'{b:g}' for b in args.budgets)} --calib {args.calib} --heldout {args.heldout} --topics "
-                f"{args.topics} --generations {args.generations} --workers {args.workers}` in "
+                f"{args.topics} --generations {args.generations} --workers {args.workers}"
+                f"{' --methods ' + ','.join(args.methods) if args.methods else ''}` in "
                 f"{(time.time() - t0) / 60:.0f} min; {machine()}; {versions('torch', 'transformers')}; load average "
                 f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above 2: another job shared the "
                 f"cores). Every block linear from one GPTQ database; embedding and head float32. Budgets are average "
                 f"code bits over the blocks' linears (scales not counted). `rank X`: the least important blocks by "
                 f"ranking X at the level below the budget, the rest at the level above; `uniform`: every block at "
-                f"the highest level within the budget; `random`: mean of 3 seeds. Quality: {args.heldout} held-out "
+                f"the highest level within the budget; `random`: mean of 3 seeds; `baq`: every linear at the budget on "
+                f"average, its input groups of 128 at widths from GPTQ's column losses (BAQ, `bits-baq`), GPTQ "
+                f"from the database's Hessians. Quality: {args.heldout} held-out "
                 f"BBC articles of 128 tokens (never the calibration split) and {args.topics} BBC topic "
                 f"multiple-choice items, with the database's weights simulated in place (what the packed weights "
                 f"compute, up to float summation order). Lowest KL per budget in bold.\n\n"

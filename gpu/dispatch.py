@@ -27,6 +27,24 @@ else:  # pragma: no cover
     cpu_matmul = reference.matmul
 
 
+TRITON_BITS = (4, 8)  # the widths the CUDA kernels run
+
+
+def missing_kernel(pw: PackedWeight, device: torch.device) -> str | None:
+    """Why no kernel runs `pw` on `device` (so `matmul` would take the reference path, which dequantises the whole
+    weight on every call), or None when one does."""
+    if device.type == "cuda":
+        if not _have("triton"):
+            return "the CUDA kernels need Triton (pip install 'lensbench[gpu]')"
+        if pw.bits not in TRITON_BITS:
+            return (f"the CUDA kernels run int{' and int'.join(map(str, TRITON_BITS))}, not int{pw.bits} (choose "
+                    f"bits {' or '.join(map(str, TRITON_BITS))})")
+        return None
+    if device.type != "cpu":
+        return f"no packed kernel runs on {device.type} (the kernels run on cpu and cuda)"
+    return None if _have("numba") else "the CPU kernels need numba (pip install numba)"
+
+
 def kernel_for(x: torch.Tensor, pw: PackedWeight) -> str:
     """Which implementation `matmul` uses for these operands: "triton", "cpu" or "reference"."""
     if torch.is_grad_enabled() and x.requires_grad:

@@ -185,3 +185,4 @@ def test_exports_and_compressed_tensors_refuse_per_group_widths(tiny, tmp_path):
         export(plan, model, "torchao")
     with pytest.raises(PlanError, match="per-group bit-widths"):
         compress(model, plan, format="compressed-tensors", out=tmp_path / "ct")
+

@@ -13,7 +13,7 @@ from lensbench.surgery import weight_bytes
 from lensbench.errors import PlanError
 from lensbench.gpu import reference
 from lensbench.gpu.modules import QuantEmbedding, QuantLinear
-from lensbench.gpu.quant import quantize
+from lensbench.gpu.quant import QuantError, quantize
 from lensbench.compress.plan import Plan
 from lensbench.profiling import model_card
 
@@ -188,3 +188,26 @@ def test_decode_runs_linears_reading_one_input_as_one_call_with_the_same_logits(
     with apply(model, plan):  # a second entry reuses the groups' concatenated weights
         head = next(m for m in model.module.modules() if isinstance(m, QuantLinear))
         assert head.pw.__dict__.get("_fused")
+
+
+def test_a_weight_without_a_kernel_on_its_device_is_refused_unless_slow_is_allowed(tiny, monkeypatch):
+    from lensbench.compress import apply as apply_module
+    from lensbench.gpu import dispatch
+
+    pw3, pw4 = quantize(torch.randn(8, 32), 3, 16), quantize(torch.randn(8, 32), 4, 16)
+    why = dispatch.missing_kernel(pw3, torch.device("cuda"))
+    assert ("not int3" in why) if dispatch._have("triton") else ("Triton" in why)
+    assert dispatch.missing_kernel(pw4, torch.device("cpu")) is None
+    assert "mps" in dispatch.missing_kernel(pw4, torch.device("mps"))
+    model = tiny("llama")
+    plan = Plan.quantize(model_card(model), {"model.layers.0.mlp.down_proj": (3, 16)})
+    # as on a CUDA device: no kernel for int3
+    monkeypatch.setattr(apply_module, "missing_kernel", lambda pw, device: "no kernel for int3" if pw.bits == 3
+                        else None)
+    with pytest.raises(QuantError, match=r"model.layers.0.mlp.down_proj: no kernel for int3; or pass allow_slow=True"):
+        with apply(model, plan):
+            pass
+    with apply(model, plan, allow_slow=True):
+        pass
+    with apply(model, plan.bind(model)._replace(allow_slow=True)):
+        pass

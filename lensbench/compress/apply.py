@@ -21,13 +21,14 @@ plan, as interleaved speed rounds do, does not quantise again.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from ..gpu import fusion, threads
+from ..gpu.dispatch import missing_kernel
 from ..gpu.mixed import MixedWeight, quantize_mixed
 from ..gpu.modules import MixedQuantLinear, QuantEmbedding, QuantLinear
 from ..errors import PlanError
@@ -41,13 +42,23 @@ from .plan import KV, Action, Bound, Drop, Plan, Quant
 from ..simquant import dequantised
 
 Target = Plan | Bound | Sequence[Unit] | Model  # a Model: another loaded model (a saved checkpoint) in its place
-Handler = Callable[[Model, Bound, Surgery, bool], None]
+
+
+class Options(NamedTuple):
+    """How `apply` executes a plan: `packed` modules (else dense tensors holding the dequantised values), and
+    whether a packed weight with no kernel on its device may run on the slow reference path."""
+
+    packed: bool = True
+    allow_slow: bool = False
+
+
+Handler = Callable[[Model, Bound, Surgery, Options], None]
 HANDLERS: dict[type[Action], Handler] = {}
 
 
 def handles(action_type: type[Action]):
     """Register the function that executes every action of `action_type` in a bound plan:
-    `handler(model, bound, surgery, packed)`, recording each change in `surgery` so it is undone."""
+    `handler(model, bound, surgery, options)`, recording each change in `surgery` so it is undone."""
     def deco(fn: Handler) -> Handler:
         HANDLERS[action_type] = fn
         return fn
@@ -85,7 +96,7 @@ def packed_weight(model: Model, name: str, weight: torch.Tensor, spec: Quant) ->
 
 
 @handles(Quant)
-def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True) -> None:
+def _quantise(model: Model, bound: Bound, surgery: Surgery, options: Options) -> None:
     targets = bound.quant
     root = model.module
     by_weight: dict[tuple, object] = {}  # (data_ptr, spec) -> packed, for tied tables
@@ -95,7 +106,7 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True)
         if not isinstance(module, nn.Embedding) and not isinstance(module, nn.Linear) and not is_conv1d(module):
             raise QuantError(f"{name} is a {type(module).__name__}, not a linear layer")
         w = module.weight
-        if spec.scheme == "gguf" or not packed:  # the weight holds exactly the values a reader computes with
+        if spec.scheme == "gguf" or not options.packed:  # the weight holds exactly the values a reader computes with
             if spec.method == "rtn":
                 surgery.overwrite(w, dequantised(w, spec, is_conv1d(module)))
             else:
@@ -115,6 +126,8 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True)
             new = (MixedQuantLinear(pw, module.bias, w.dtype) if isinstance(pw, MixedWeight) else
                    QuantLinear(pw, module.bias, w.dtype))
         by_weight[(w.data_ptr(), spec)] = pw
+        if not isinstance(new, QuantEmbedding):  # a lookup reads only its rows on any device
+            _check_kernel(name, pw, w.device, options)
         surgery.swap(root, name, new)
         if isinstance(new, QuantLinear):
             linears.append(new)
@@ -123,8 +136,17 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, packed: bool = True)
         surgery.undo.append(fusion.install(root, linears))  # linears reading one input: one call at decode
 
 
+def _check_kernel(name: str, pw: PackedWeight | MixedWeight, device: torch.device, options: Options) -> None:
+    """One line when no kernel runs `pw` on `device`, unless the slow reference path was asked for."""
+    for part in (p for _, p in pw.parts) if isinstance(pw, MixedWeight) else (pw,):
+        why = missing_kernel(part, device)
+        if why and not options.allow_slow:
+            raise QuantError(f"{name}: {why}; or pass allow_slow=True (lensbench.apply, EvalConfig) to run it on the "
+                             f"reference path, which dequantises the whole weight on every call")
+
+
 @handles(KV)
-def _kv(model: Model, bound: Bound, surgery: Surgery, packed: bool = True) -> None:
+def _kv(model: Model, bound: Bound, surgery: Surgery, options: Options) -> None:
     if not bound.kv:
         return
     ad, gone = model.adapter, {u.layer for u in bound.units if u.kind in ("block", "attn")}
@@ -145,17 +167,18 @@ def _kv(model: Model, bound: Bound, surgery: Surgery, packed: bool = True) -> No
 
 
 @handles(Drop)
-def _drop(model: Model, bound: Bound, surgery: Surgery, packed: bool = True) -> None:
+def _drop(model: Model, bound: Bound, surgery: Surgery, options: Options) -> None:
     remove_units(model, bound.units, surgery)
 
 
 @contextlib.contextmanager
-def apply(model: Model, plan: Plan | Bound, *, packed: bool = True) -> Iterator[Model]:
+def apply(model: Model, plan: Plan | Bound, *, packed: bool = True, allow_slow: bool = False) -> Iterator[Model]:
     """Run `model` with `plan` applied inside the block; the dense model is back afterwards, also
     after an exception. The plan is checked against the model before anything changes (pass
     `plan.bind(model)` to check it once for many entries). With `packed=False` quantised weights stay
     ordinary tensors holding their dequantised values (what a saved checkpoint stores for a reader that
-    dequantises).
+    dequantises). A packed weight that no kernel runs on its device (int2/int3 on CUDA) is refused in one line
+    unless `allow_slow=True` (or a Bound's `allow_slow`) lets it run on the reference path.
 
         >>> with lb.apply(model, plan):                     # a plan that drops one block
         ...     inside = model.module.config.num_hidden_layers
@@ -165,8 +188,9 @@ def apply(model: Model, plan: Plan | Bound, *, packed: bool = True) -> Iterator[
     bound = plan if isinstance(plan, Bound) else plan.bind(model)
     surgery = Surgery()
     try:
+        options = Options(packed, allow_slow or bound.allow_slow)
         for handler in HANDLERS.values():
-            handler(model, bound, surgery, packed)
+            handler(model, bound, surgery, options)
         yield model
     finally:
         surgery.restore()

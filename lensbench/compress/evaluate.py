@@ -62,6 +62,7 @@ class EvalConfig:
     gptq_seq_len: int = 512
     context: int = 0  # > 0: prompt tokens before the decoded, scored ones (KV-cache quality); see the docstring
     kv_context: int = 512  # the context used for a plan with KV entries when `context` is 0
+    allow_slow: bool = False  # packed weights with no kernel on the model's device (int2/3 on CUDA) run the reference
 
 
 def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Sequence[str] | None = None,
@@ -77,7 +78,8 @@ def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Se
         >>> report["kl_to_dense"] > 0 and report["weight_bytes"] < report["dense_weight_bytes"]
         True
     """
-    bound = plan.bind(model)  # a bad plan is refused before any work; resolved once for every entry below
+    # a bad plan is refused before any work; resolved once for every entry below
+    bound = plan.bind(model)._replace(allow_slow=cfg.allow_slow)
     context = cfg.context or (cfg.kv_context if bound.kv else 0)
     if context:
         check_context(model, context, cfg.decode_tokens, bound.kv.values())

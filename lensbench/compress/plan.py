@@ -191,6 +191,7 @@ class Bound(NamedTuple):
     units: list[Unit]
     quant: dict[str, Quant]
     kv: dict[int, KV] = {}
+    allow_slow: bool = False  # `apply`: a packed weight no kernel runs on its device may take the reference path
 
 
 # --- the plan -----------------------------------------------------------------------------------------
