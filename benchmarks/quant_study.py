@@ -5,13 +5,14 @@ evolutionary search and BAQ (`bits-baq`), every plan's weights taken from one GP
 scored on held-out BBC text (KL to the dense model, perplexity) and the BBC topic task.
 
 Both bundled models' weights come from 4-bit GGUF files (SmolLM2: Q4_1, group 32; Gemma-3-270M: Q4_K_M), so
-their "dense" weights already lie on a 4-bit grid; the grid here is group 128 asymmetric, which is not theirs.
+their "dense" weights already lie on a 4-bit grid; the grid here is group 128 (or `--group-size`) asymmetric, which
+is not theirs (SmolLM2's group 32 asymmetric int4 is: avoid that row for conclusions).
 
 The database and the profile are kept under ~/.cache/lensbench/study and reused (a rerun skips them).
 Writes one section per model in reports/QUANT.md (as each model finishes) and appends to reports/BENCHMARKS.md.
 
 Usage: python benchmarks/quant_study.py [--models smollm2-135m,gemma3-270m] [--budgets 2.5,3,3.25,3.5,4,4.25]
-       [--calib 32] [--heldout 16] [--generations 12] [--workers 2] [--methods uniform,baq,dp]
+       [--calib 32] [--heldout 16] [--generations 12] [--workers 2] [--methods uniform,baq,dp] [--group-size 128]
 """
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def two_levels(budget: float) -> tuple[int, int]:
 
 
 def plans_for(model, profile: Profile, budget: float, db: str, texts, generations: int, executor,
-              methods: list[str] | None = None) -> dict:
+              methods: list[str] | None = None, group_size: int = 128) -> dict:
     """{row label: plan} at `budget`; `methods` keeps the rows whose label starts with one of them."""
-    common = {"group_size": 128, "method": "gptq", "database": db}
+    common = {"group_size": group_size, "method": "gptq", "database": db}
     hi, lo = two_levels(budget)
     rank = {"levels": f"{hi},{lo}", **common}
     levels = ",".join(map(str, LEVELS))
@@ -81,6 +82,9 @@ def plans_for(model, profile: Profile, budget: float, db: str, texts, generation
                                                  offspring=8, model=model, texts=texts, executor=executor,
                                                  progress=True, **common)
     make["baq (per input group)"] = lambda: make_plan("bits-baq", profile, budget, levels=levels, model=model,
+                                                      progress=True, **common)
+    if budget >= 3:  # the same without int2, whose GPTQ loss is above the 2^(-2b) model (the database errors show)
+        make["baq, levels 3,4,8"] = lambda: make_plan("bits-baq", profile, budget, levels="3,4,8", model=model,
                                                       progress=True, **common)
     return {label: fn() for label, fn in make.items()
             if not methods or any(label.startswith(m) for m in methods)}
@@ -121,10 +125,10 @@ class Quality:
 def study(name: str, args, executor) -> tuple[str, list]:
     model = lb.load(name)
     calib = bbc_news("calibration", limit=args.calib)
-    folder = CACHE / f"{name}-db-c{args.calib}"
+    folder = CACHE / (f"{name}-db-c{args.calib}" + (f"-g{args.group_size}" if args.group_size != 128 else ""))
     t0 = time.time()
-    db = build(model, calib, folder, DatabaseConfig(levels=LEVELS, group_size=128, gptq=GPTQConfig(seq_len=512)),
-               executor=executor, progress=True)
+    cfg = DatabaseConfig(levels=LEVELS, group_size=args.group_size, gptq=GPTQConfig(seq_len=512))
+    db = build(model, calib, folder, cfg, executor=executor, progress=True)
     db_s = time.time() - t0
     prof_path = CACHE / f"{name}-profile"
     if (prof_path / "profile.json").is_file():
@@ -138,17 +142,19 @@ def study(name: str, args, executor) -> tuple[str, list]:
     rows = []
     for budget in args.budgets:
         t1 = time.time()
-        plans = plans_for(model, profile, budget, str(folder), texts, args.generations, executor, args.methods)
+        plans = plans_for(model, profile, budget, str(folder), texts, args.generations, executor, args.methods,
+                          args.group_size)
         for label, plan in plans.items():
             rows.append({"budget": budget, "method": label, "bits": plan.predicted["average_bits"],
                          **quality(plan)})
             r = rows[-1]
+            layer = plan.predicted.get("layer_error_vs_reference_gptq")  # BAQ: Σ tr(ΔW H ΔWᵀ) against uniform
             print(f"{name} {budget} {label}: bits {r['bits']:.3f} KL {r['kl']:.4f} ppl {r['ppl']:.2f} topic "
-                  f"{r['topic']:.3f}", flush=True)
+                  f"{r['topic']:.3f}" + (f" layer error {layer:.3f} x uniform GPTQ's" if layer else ""), flush=True)
         print(f"{name} budget {budget}: {time.time() - t1:.0f} s", flush=True)
     seconds = db.doc.get("seconds", {})
     head = (f"**{name}** (database: {args.calib} BBC calibration articles of up to 512 tokens, levels "
-            f"{','.join(map(str, LEVELS))}, group 128 asymmetric, act-order; built in "
+            f"{','.join(map(str, LEVELS))}, group {args.group_size} asymmetric, act-order; built in "
             f"{sum(seconds.values()) / 60:.1f} min of which GPTQ {seconds.get('gptq', 0) / 60:.1f} min"
             f"{' (reused from an earlier run)' if db_s < 60 else ''}; dense held-out perplexity "
             f"{rows[0]['dense_ppl']:.2f}, dense topic accuracy {rows[0]['dense_topic']:.3f})")
@@ -184,6 +190,7 @@ def main() -> None:
     ap.add_argument("--topics", type=int, default=40)
     ap.add_argument("--generations", type=int, default=12)
     ap.add_argument("--workers", type=int, default=2, help="process workers for the database and the search")
+    ap.add_argument("--group-size", type=int, default=128, help="the grid's group size (asymmetric)")
     ap.add_argument("--methods", default="", help="only the rows whose label starts with one of these (comma-"
                                                  "separated, e.g. uniform,baq,dp); default every row")
     args = ap.parse_args()
@@ -197,15 +204,16 @@ def main() -> None:
         body = (f"`python benchmarks/quant_study.py --models {name} --budgets "
                 f"{','.join(f'{b:g}' for b in args.budgets)} --calib {args.calib} --heldout {args.heldout} --topics "
                 f"{args.topics} --generations {args.generations} --workers {args.workers}"
+                f"{f' --group-size {args.group_size}' if args.group_size != 128 else ''}"
                 f"{' --methods ' + ','.join(args.methods) if args.methods else ''}` in "
                 f"{(time.time() - t0) / 60:.0f} min; {machine()}; {versions('torch', 'transformers')}; load average "
                 f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above 2: another job shared the "
                 f"cores). Every block linear from one GPTQ database; embedding and head float32. Budgets are average "
                 f"code bits over the blocks' linears (scales not counted). `rank X`: the least important blocks by "
                 f"ranking X at the level below the budget, the rest at the level above; `uniform`: every block at "
-                f"the highest level within the budget; `random`: mean of 3 seeds; `baq`: every linear at the budget on "
-                f"average, its input groups of 128 at widths from GPTQ's column losses (BAQ, `bits-baq`), GPTQ "
-                f"from the database's Hessians. Quality: {args.heldout} held-out "
+                f"the highest level within the budget; `random`: mean of 3 seeds; `baq`: every linear at the budget "
+                f"on average, its input groups of {args.group_size} at widths from GPTQ's column losses (BAQ, "
+                f"`bits-baq`), GPTQ from the database's Hessians. Quality: {args.heldout} held-out "
                 f"BBC articles of 128 tokens (never the calibration split) and {args.topics} BBC topic "
                 f"multiple-choice items, with the database's weights simulated in place (what the packed weights "
                 f"compute, up to float summation order). Lowest KL per budget in bold.\n\n"

@@ -59,13 +59,22 @@ def _codes(pg, length, bits, buf):
             b1[j] = (b >> 2) & 3
             b2[j] = (b >> 4) & 3
             b3[j] = b >> 6
-    else:  # 3 bits: three byte planes of length/8 bytes
+    elif bits == 3:  # three byte planes of length/8 bytes
         e = length // 8
         mid, top = pg[e:], pg[2 * e:]
         for j in range(e):
             w = np.int32(pg[j]) | (np.int32(mid[j]) << 8) | (np.int32(top[j]) << 16)
             for t in range(8):
                 buf[j + t * e] = (w >> (3 * t)) & 7
+    else:  # 5 and 6 bits: `bits` byte planes of length/8 bytes, each word holding 8 codes
+        e = length // 8
+        mask = (1 << bits) - 1
+        for j in range(e):
+            w = np.int64(0)
+            for p in range(bits):
+                w |= np.int64(pg[p * e + j]) << (8 * p)
+            for t in range(8):
+                buf[j + t * e] = (w >> (bits * t)) & mask
 
 
 @njit(inline="always", fastmath=True)

@@ -31,7 +31,7 @@ class _Packed(nn.Module):
 
 
 class QuantLinear(_Packed):
-    """y = x @ W_hat.T + b with W_hat packed (int2/3/4/8, group-wise scales and mins)."""
+    """y = x @ W_hat.T + b with W_hat packed (int2/3/4/5/6/8, group-wise scales and mins)."""
 
     def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__(pw)

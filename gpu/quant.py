@@ -23,8 +23,9 @@ shifts and masks on contiguous slices — the same code path in Triton, numba an
 * 8 bits: one value per byte;
 * 4 bits: byte j holds q[j] (low nibble) and q[j + G/2] (high nibble);
 * 2 bits: byte j holds q[j + t*G/4] in bits 2t..2t+1, t = 0..3;
-* 3 bits: 24-bit word j holds q[j + t*G/8] in bits 3t..3t+2, t = 0..7, stored as three byte
-  planes of G/8 bytes (low, middle, high byte of the words).
+* 3, 5 and 6 bits: the (8·bits)-bit word j holds q[j + t*G/8] in bits bits·t .. bits·t + bits - 1,
+  t = 0..7, stored as `bits` byte planes of G/8 bytes (byte p of every word in plane p; 3 bits: the
+  low, middle and high byte of 24-bit words).
 
 So a row takes K_pad * bits / 8 bytes plus 4 bytes per group: int4 with groups of 128 costs
 4.25 bits per weight, int8 8.25 (a little more where a short last group adds a scale).
@@ -37,7 +38,8 @@ import torch
 
 from lensbench.errors import LensbenchError
 
-BITS = (2, 3, 4, 8)
+BITS = (2, 3, 4, 5, 6, 8)
+PLANAR = (3, 5, 6)  # the widths stored as byte planes of 8-value words
 DEFAULT_GROUP_SIZE = 128
 
 
@@ -196,9 +198,9 @@ def pack_planes(q: torch.Tensor, bits: int) -> torch.Tensor:
         parts = q.unflatten(-1, (per, -1)).to(torch.int32)  # part t = q[t*gs/per : (t+1)*gs/per]
         word = sum(parts[..., t, :] << (bits * t) for t in range(per))
         return word.to(torch.uint8)
-    parts = q.unflatten(-1, (8, -1)).to(torch.int32)  # 3 bits: 8 slices of gs/8
-    word = sum(parts[..., t, :] << (3 * t) for t in range(8))
-    return torch.cat([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1).to(torch.uint8)
+    parts = q.unflatten(-1, (8, -1)).to(torch.int64)  # 3, 5, 6 bits: 8 slices of gs/8
+    word = sum(parts[..., t, :] << (bits * t) for t in range(8))
+    return torch.cat([(word >> (8 * p)) & 0xFF for p in range(bits)], dim=-1).to(torch.uint8)
 
 
 def unpack(pw: PackedWeight, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
@@ -216,7 +218,8 @@ def unpack(pw: PackedWeight, rows: torch.Tensor | slice | None = None) -> torch.
             per, mask = 8 // bits, (1 << bits) - 1
             out += [(g >> (bits * t)) & mask for t in range(per)]
         else:
-            planes = g.to(torch.int32).unflatten(-1, (3, length // 8))
-            word = planes[..., 0, :] | (planes[..., 1, :] << 8) | (planes[..., 2, :] << 16)
-            out += [((word >> (3 * t)) & 7).to(torch.uint8) for t in range(8)]
+            planes = g.to(torch.int64).unflatten(-1, (bits, length // 8))
+            word = sum(planes[..., p, :] << (8 * p) for p in range(bits))
+            mask = (1 << bits) - 1
+            out += [((word >> (bits * t)) & mask).to(torch.uint8) for t in range(8)]
     return torch.cat(out, dim=-1)

@@ -82,7 +82,7 @@ def test_bisect_keeps_the_bound_and_reports_its_evaluations(quant_profile):
 
 @pytest.mark.parametrize("policy,budget,options,msg", [
     ("bits-rank", 5.0, {"levels": "4,2"}, "between 2 and 4"),
-    ("bits-rank", 3.0, {"levels": "4,5"}, "level 5"),
+    ("bits-rank", 3.0, {"levels": "4,7"}, "level 7"),
     ("bits-rank", 3.0, {"levels": "4"}, "must name 2"),
     ("bits-rank", 3.0, {"group_size": 12}, "multiple of 8"),
     ("bits-rank", 3.0, {"ranking": "nonsense"}, "unknown ranking"),

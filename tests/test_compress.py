@@ -96,9 +96,11 @@ def test_compressed_tensors_checkpoint_loads_in_transformers(tiny, tmp_path):
     plan = Plan.drop(model_card(model), [Unit(1, "block")])
     plan.actions["model.layers.0"] = Quant(4, group_size=16, scheme="sym")
     plan.actions["model.layers.2.mlp"] = Quant(8, group_size=32, scheme="sym")
+    plan.actions["model.layers.2.self_attn"] = Quant(5, group_size=16, scheme="sym")  # packed as 5-bit codes too
     saved = compress(model, plan, format="compressed-tensors", out=tmp_path / "ck")
     qc = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]
-    assert qc["format"] == "pack-quantized" and saved.record["groups"] == {"int4/g16": 7, "int8/g32": 3}
+    assert qc["format"] == "pack-quantized"
+    assert saved.record["groups"] == {"int4/g16": 7, "int8/g32": 3, "int5/g16": 4}
     targets = sorted(t for g in qc["config_groups"].values() for t in g["targets"])
     assert "model.layers.1.mlp.down_proj" in targets  # block 2 renumbered to 1
     ids = ids_for(model)

@@ -117,7 +117,7 @@ def test_quantise_and_drop_in_one_plan(tiny):
 
 
 @pytest.mark.parametrize("action,msg", [
-    ({"op": "quant", "bits": 5, "group_size": 32}, "bits=5"),
+    ({"op": "quant", "bits": 7, "group_size": 32}, "bits=7"),
     ({"op": "quant", "bits": 4, "group_size": 20}, "multiple of 8"),
 ])
 def test_bad_quant_actions_are_refused_on_load(tmp_path, tiny, action, msg):

@@ -136,7 +136,7 @@ def test_dispatch_picks_the_cpu_kernel_on_cpu_and_embedding_lookup_reads_rows():
     assert torch.equal(rows, reference.dequantize(pw)[ids])
 
 
-@pytest.mark.parametrize("bits,gs,msg", [(5, 128, "bits=5"), (4, 12, "multiple of 8"), (4, 0, "positive"),
+@pytest.mark.parametrize("bits,gs,msg", [(7, 128, "bits=7"), (4, 12, "multiple of 8"), (4, 0, "positive"),
                                          (True, 128, "bits=True"), (8, 64.0, "group_size=64.0")])
 def test_bad_specs_are_refused(bits, gs, msg):
     with pytest.raises(QuantError, match=msg):

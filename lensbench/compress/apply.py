@@ -177,7 +177,7 @@ def apply(model: Model, plan: Plan | Bound, *, packed: bool = True, allow_slow: 
     after an exception. The plan is checked against the model before anything changes (pass
     `plan.bind(model)` to check it once for many entries). With `packed=False` quantised weights stay
     ordinary tensors holding their dequantised values (what a saved checkpoint stores for a reader that
-    dequantises). A packed weight that no kernel runs on its device (int2/int3 on CUDA) is refused in one line
+    dequantises). A packed weight that no kernel runs on its device (int2/3/5/6 on CUDA) is refused in one line
     unless `allow_slow=True` (or a Bound's `allow_slow`) lets it run on the reference path.
 
         >>> with lb.apply(model, plan):                     # a plan that drops one block

@@ -57,7 +57,7 @@ from .gptq import GPTQConfig, block_hessians, check_targets, prepare as gptq_pre
 FORMAT = "lensbench-gptq-database"
 VERSION = 1
 MANIFEST = "database.json"
-LEVELS = BITS  # every width the packed format holds (EvoPress also stores 5 and 6, which it has not)
+LEVELS = BITS  # every width the packed format holds: 2, 3, 4, 5, 6, 8 (EvoPress stores these levels too)
 SCHEMES = ("asym", "sym")
 
 
