@@ -197,6 +197,15 @@ def test_the_cli_builds_a_database_and_plans_from_it(tiny_dir, tmp_path):
                                  "--out", str(tmp_path / "p.json")], capture_output=True, text=True)
     assert plan.returncode == 0, plan.stderr
     assert json.loads((tmp_path / "p.json").read_text())["meta"]["database"]["folder"] == str(tmp_path / "db")
+    baq = run + ["plan", str(tmp_path / "db" / "profile"), "--policy", "bits-baq", "--budget", "3", "--levels", "2,4",
+                 "--group-size", "16", "--method", "gptq", "--database", str(tmp_path / "db"), "--model", str(src),
+                 "--out", str(tmp_path / "baq.json")]
+    plan = subprocess.run(baq, capture_output=True, text=True)
+    assert plan.returncode == 0, plan.stderr
+    doc = json.loads((tmp_path / "baq.json").read_text())
+    assert doc["predicted"]["average_bits"] <= 3 and doc["meta"]["database"]["folder"] == str(tmp_path / "db")
+    wrong = subprocess.run(baq + ["--reference", "8"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--reference 8" in wrong.stderr and len(wrong.stderr.strip().splitlines()) == 1
     bad = subprocess.run(run + ["quant-db", str(src), "--out", str(tmp_path / "x"), "--levels", "4,7"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "level 7" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
