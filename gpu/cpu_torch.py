@@ -50,8 +50,8 @@ def int8_rows(pw: PackedWeight) -> bool:
 def supported(pw: PackedWeight) -> bool:
     """Whether a torch kernel runs `pw` (answered once per weight: this sits on the decode hot path)."""
     ok = pw.__dict__.get("_torch_ok")
-    if ok is None:
-        ok = pw.__dict__["_torch_ok"] = int4_group(pw) is not None or int8_rows(pw)
+    if ok is None:  # a `lean` weight (`compress.apply.convert`) keeps no second copy of its codes
+        ok = pw.__dict__["_torch_ok"] = not pw.__dict__.get("lean") and (int4_group(pw) is not None or int8_rows(pw))
     return ok
 
 

@@ -12,7 +12,7 @@ from .quant import PackedWeight, QuantError, quantize
 from .reference import dequantize
 
 
-class _Packed(nn.Module):
+class PackedModule(nn.Module):
     def __init__(self, pw: PackedWeight):
         super().__init__()
         self.register_buffer("packed", pw.packed)
@@ -30,7 +30,7 @@ class _Packed(nn.Module):
         return pw
 
 
-class QuantLinear(_Packed):
+class QuantLinear(PackedModule):
     """y = x @ W_hat.T + b with W_hat packed (int2/3/4/5/6/8, group-wise scales and mins)."""
 
     def __init__(self, pw: PackedWeight, bias: torch.Tensor | None, dtype: torch.dtype):
@@ -66,7 +66,7 @@ class QuantLinear(_Packed):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
-class QuantEmbedding(_Packed):
+class QuantEmbedding(PackedModule):
     """An nn.Embedding whose table is packed; a lookup dequantises only the rows it reads."""
 
     def __init__(self, pw: PackedWeight, dtype: torch.dtype):
@@ -135,7 +135,7 @@ class MixedQuantLinear(nn.Module):
                 f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
-class _Part(_Packed):
+class _Part(PackedModule):
     """One width's columns of a MixedQuantLinear."""
 
     def __init__(self, cols: torch.Tensor, pw: PackedWeight):

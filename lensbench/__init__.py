@@ -50,6 +50,7 @@ _LAZY = {
     "cache_bytes": "lensbench.kvcache",
     "plan": "lensbench.compress.policies",
     "apply": "lensbench.compress.apply",
+    "convert": "lensbench.compress.apply",
     "evaluate": "lensbench.compress.evaluate",
     "EvalConfig": "lensbench.compress.evaluate",
     "compress": "lensbench.compress",
@@ -66,5 +67,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["Batch", "Drop", "EvalConfig", "KV", "KVCache", "KVSpec", "LayerScores", "LensbenchError", "Model", "Plan",
-           "Profile", "Quant", "Trace", "apply", "cache_bytes", "capture", "compress", "evaluate", "load", "plan",
+           "Profile", "Quant", "Trace", "apply", "cache_bytes", "capture", "compress", "convert", "evaluate", "load",
+           "plan",
            "profile", "profile_model", "__version__"]

@@ -36,7 +36,8 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
 def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None = None,
-         revision: str | None = None, device: str = "cpu", layer_by_layer: bool = False) -> Model:
+         revision: str | None = None, device: str = "cpu", layer_by_layer: bool = False,
+         mmap: bool = True) -> Model:
     """Load a model from any supported source (see the module docstring) into a `Model`: the Hugging Face
     module, its tokenizer, the adapter that names its parts, and a card with its fingerprint.
 
@@ -46,7 +47,9 @@ def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None 
 
     `layer_by_layer=True` leaves the weights in the model's safetensors files and reads each module's in only
     while it runs (`lensbench.offload`), for models larger than memory; a local folder, a hub name, a GGUF file
-    or a bundled name (both through their converted safetensors copy).
+    or a bundled name (both through their converted safetensors copy). `mmap=False` reads the weight files
+    into memory instead of mapping them: a mapping stays resident until the process ends, even after the weights
+    are released, so a model that `lensbench.convert` packs in place should be loaded without it.
     """
     if isinstance(source, Model):
         return source
@@ -58,16 +61,16 @@ def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None 
     text = str(source)
     if text in bundled.NAMES:
         path, card = bundled.resolve(text)
-        model = load(path, dtype=dtype, device=device, layer_by_layer=layer_by_layer)
+        model = load(path, dtype=dtype, device=device, layer_by_layer=layer_by_layer, mmap=mmap)
         model.card.update(card)
         return model
     path = Path(text).expanduser()
     if path.suffix.lower() == ".gguf" or path.exists():
-        return _load_local(path, dtype=dtype, device=device, layer_by_layer=layer_by_layer)
+        return _load_local(path, dtype=dtype, device=device, layer_by_layer=layer_by_layer, mmap=mmap)
     if _looks_like_path(text):
         raise LensbenchError(f"model path {text} does not exist: check the path, or use a bundled name "
                              f"({', '.join(bundled.NAMES)})")
-    return _load_hub(text, revision=revision, dtype=dtype, device=device, layer_by_layer=layer_by_layer)
+    return _load_hub(text, revision=revision, dtype=dtype, device=device, layer_by_layer=layer_by_layer, mmap=mmap)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -121,29 +124,29 @@ def _dtype(dtype):
         raise LensbenchError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None
 
 
-def _load_local(path: Path, *, dtype, device, layer_by_layer: bool = False) -> Model:
+def _load_local(path: Path, *, dtype, device, layer_by_layer: bool = False, mmap: bool = True) -> Model:
     if not path.exists():
         raise LensbenchError(f"model path {path} does not exist: check the path")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise LensbenchError(f"{path} is a file but not a .gguf file: give a GGUF file or a model directory")
-        return _load_gguf(path, dtype=dtype, device=device, layer_by_layer=layer_by_layer)
+        return _load_gguf(path, dtype=dtype, device=device, layer_by_layer=layer_by_layer, mmap=mmap)
     if is_own_layout(path):
         if layer_by_layer:
             raise LensbenchError(f"{path} is a folder lensbench compress wrote; layer-by-layer mode reads Hugging "
                                  f"Face folders: load it without --layer-by-layer")
         return load_own_layout(path, dtype=_dtype(dtype), device=device)
     if saved_gguf(path) is not None:  # a folder lensbench compress --format gguf wrote
-        return _load_gguf(saved_gguf(path), dtype=dtype, device=device, layer_by_layer=layer_by_layer)
+        return _load_gguf(saved_gguf(path), dtype=dtype, device=device, layer_by_layer=layer_by_layer, mmap=mmap)
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         hint = f" (it holds {ggufs[0].name}: pass that file)" if ggufs else ""
         raise LensbenchError(f"{path} has no config.json, so it is not a Hugging Face model directory{hint}")
     return _load_hf_dir(path, dtype=dtype, device=device, card={"source": str(path.resolve())},
-                        layer_by_layer=layer_by_layer)
+                        layer_by_layer=layer_by_layer, mmap=mmap)
 
 
-def _load_hf_dir(path: Path, *, dtype, device, card: dict, layer_by_layer: bool = False) -> Model:
+def _load_hf_dir(path: Path, *, dtype, device, card: dict, layer_by_layer: bool = False, mmap: bool = True) -> Model:
     import transformers  # heavy: transformers, imported when a model is loaded
     from transformers import AutoConfig, AutoTokenizer  # heavy: transformers, imported when a model is loaded
 
@@ -166,7 +169,7 @@ def _load_hf_dir(path: Path, *, dtype, device, card: dict, layer_by_layer: bool 
                                          f"--layer-by-layer")
                 module = offload.build(_auto_class(config), config, path, _dtype(dtype))
             else:
-                module = _auto_class(config).from_pretrained(path, dtype=_dtype(dtype) or "auto")
+                module = _auto_class(config).from_pretrained(path, dtype=_dtype(dtype) or "auto", disable_mmap=not mmap)
     except LensbenchError:
         raise
     except Exception as exc:  # corrupt or missing weight files surface here with many exception types
@@ -212,7 +215,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --- GGUF ------------------------------------------------------------------------------------
-def _load_gguf(path: Path, *, dtype, device, layer_by_layer: bool = False) -> Model:
+def _load_gguf(path: Path, *, dtype, device, layer_by_layer: bool = False, mmap: bool = True) -> Model:
     """Dequantise a GGUF file once, cache a safetensors copy keyed by the file's hash, reuse it."""
     sha = _file_sha256(path)
     target = bundled.cache_dir() / "gguf" / sha[:16]
@@ -220,15 +223,15 @@ def _load_gguf(path: Path, *, dtype, device, layer_by_layer: bool = False) -> Mo
             "local_dir": str(target)}  # the converted copy: a plain HF directory other tools can load
     if not (target / "lensbench-cache.json").is_file():
         _convert_gguf(path, target, sha)
-        return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer)
+        return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer, mmap=mmap)
     try:
-        return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer)
+        return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer, mmap=mmap)
     except LensbenchError:  # the cached copy is damaged (a full disk, an edit): convert once more from the GGUF
         print(f"lensbench: the converted copy of {path.name} in {target} is damaged; converting it again",
               file=sys.stderr)
         shutil.rmtree(target, ignore_errors=True)
         _convert_gguf(path, target, sha)
-        return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer)
+        return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer, mmap=mmap)
 
 
 def _convert_gguf(path: Path, target: Path, sha: str) -> None:
@@ -272,7 +275,7 @@ def _check_gguf_header(path: Path) -> None:
 
 
 # --- hub -------------------------------------------------------------------------------------
-def _load_hub(name: str, *, revision, dtype, device, layer_by_layer: bool = False) -> Model:
+def _load_hub(name: str, *, revision, dtype, device, layer_by_layer: bool = False, mmap: bool = True) -> Model:
     """A Hugging Face hub name: downloads (or reads the HF cache) then loads like a local directory."""
     try:
         from huggingface_hub import snapshot_download  # heavy: the hub client, only for hub names
@@ -283,5 +286,5 @@ def _load_hub(name: str, *, revision, dtype, device, layer_by_layer: bool = Fals
         raise LensbenchError(
             f"cannot fetch {name!r} from the Hugging Face hub ({_first_line(exc)}); without network access use a "
             f"local directory, a .gguf file, or a bundled model ({', '.join(bundled.NAMES)})") from None
-    return _load_hf_dir(Path(local), dtype=dtype, device=device, layer_by_layer=layer_by_layer,
+    return _load_hf_dir(Path(local), dtype=dtype, device=device, layer_by_layer=layer_by_layer, mmap=mmap,
                         card={"name": name, "source": f"hf://{name}", "revision": revision or "main"})

@@ -15,6 +15,8 @@ def test_local_directory_round_trip(tiny, tiny_dir, texts):
     a, b = capture(m, texts[:2]), capture(ref, texts[:2])
     for k in a.keys():
         torch.testing.assert_close(a[k], b[k])
+    read = lensbench.load(str(path), mmap=False)  # the weight file read into memory instead of mapped
+    assert read.fingerprint() == m.fingerprint()
 
 
 def test_module_sources_unwrap_to_the_same_model(tiny, texts):

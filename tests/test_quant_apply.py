@@ -211,3 +211,37 @@ def test_a_weight_without_a_kernel_on_its_device_is_refused_unless_slow_is_allow
         pass
     with apply(model, plan.bind(model)._replace(allow_slow=True)):
         pass
+
+
+def test_convert_keeps_only_the_packed_weights(tiny):
+    import gc
+    import weakref
+
+    from lensbench.compress.apply import convert
+    from lensbench.load import from_module
+    from lensbench.surgery import Unit
+
+    base = tiny("llama")
+    model = from_module(copy.deepcopy(base.module), base.tokenizer)
+    plan = Plan.quantize(model_card(model), {f"model.layers.{i}": (4, 16) for i in range(model.n_layers)}
+                         | {"model.embed_tokens": (8, 16), "lm_head": (8, 16)})
+    ids = model.tokenize(["The cat sat on the mat."]).input_ids
+    with torch.no_grad():
+        with apply(model, plan):
+            want = model.module(ids).logits
+    dense = [weakref.ref(m.weight) for m in model.module.modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    with pytest.raises(PlanError, match="cannot remove"):
+        convert(model, Plan.drop(model_card(model), [Unit(0, "block")]))
+    old_print = model.fingerprint()
+    assert convert(model, plan, lean=True) is model
+    gc.collect()
+    assert all(ref() is None for ref in dense)  # no float copy of a quantised weight is kept anywhere
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in model.module.modules())
+    assert model.fingerprint() != old_print
+    packed = [m for m in model.module.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    assert all(m.pw.__dict__.get("lean") for m in packed)
+    with torch.no_grad():
+        got = model.module(ids).logits
+        model.module.generate(ids, max_new_tokens=3, do_sample=False)  # decode steps on the exact kernels
+    assert torch.allclose(got, want, atol=1e-4)
+    assert not any("_torch_layout" in m.pw.__dict__ for m in packed)  # lean: no second copy of the codes

@@ -125,8 +125,14 @@ class Adapter:
         self.base = getattr(model, prefix, None) if prefix else None
         if not isinstance(self.base, nn.Module):
             self.base = model  # the bare base model was handed in
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self.lm_head = head if self.is_causal_lm else None  # None for encoders and bare base models
+
+    @property
+    def lm_head(self) -> nn.Module | None:
+        """The output projection; None for encoders and bare base models. Looked up on every use, so it is the
+        module a plan swapped in (`apply`, `convert`), never a stale one."""
+        if not self.is_causal_lm or not hasattr(self.model, "get_output_embeddings"):
+            return None
+        return self.model.get_output_embeddings()
 
     @property
     def has_lm_head(self) -> bool:

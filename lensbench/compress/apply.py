@@ -21,6 +21,8 @@ plan, as interleaved speed rounds do, does not quantise again.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
@@ -30,7 +32,7 @@ from transformers.cache_utils import DynamicCache
 from ..gpu import fusion, threads
 from ..gpu.dispatch import missing_kernel
 from ..gpu.mixed import MixedWeight, quantize_mixed
-from ..gpu.modules import MixedQuantLinear, QuantEmbedding, QuantLinear
+from ..gpu.modules import MixedQuantLinear, PackedModule, QuantEmbedding, QuantLinear
 from ..errors import PlanError
 from ..gpu.quant import PackedWeight, QuantError, quantize
 from ..gpu.reference import dequantize
@@ -194,6 +196,45 @@ def apply(model: Model, plan: Plan | Bound, *, packed: bool = True, allow_slow: 
         yield model
     finally:
         surgery.restore()
+
+
+def convert(model: Model, plan: Plan | Bound, *, lean: bool = False, allow_slow: bool = False) -> Model:
+    """Quantise `model` in place for good (torchao's `quantize_`): every layer the plan quantises keeps only its
+    packed weight and the dense one is released, so the process holds the packed bytes, not both. There is no way
+    back (load the model again for the dense one), so a plan that removes layers is refused: save it with
+    `lensbench compress` instead. With `lean=True` decode also stays off torch's weight-only kernels, whose own
+    copy of the codes would sit beside the packed bytes (decode then runs the exact numba kernels: less memory,
+    slower). Returns `model`, whose fingerprint is now that of its packed weights."""
+    bound = plan if isinstance(plan, Bound) else plan.bind(model)
+    if bound.units:
+        raise PlanError(f"convert quantises in place and cannot remove {bound.units[0]}: save the plan with "
+                        f"lensbench compress (or run it inside lensbench.apply)")
+    surgery = Surgery()
+    options = Options(True, allow_slow or bound.allow_slow)
+    for handler in HANDLERS.values():
+        handler(model, bound, surgery, options)
+    surgery.undo.clear()  # no way back: the dense modules and weights the undo held are released
+    model.__dict__.pop("packed_cache", None)  # the packed weights now live in the modules only
+    for module in model.module.modules():
+        if lean and isinstance(module, PackedModule):
+            module.pw.__dict__["lean"] = True
+    model.card.pop("fingerprint", None)
+    _own_storage(model.module)
+    return model
+
+
+def _own_storage(module: nn.Module) -> None:
+    """Give every tensor left in `module` its own storage, then hand freed memory back to the OS. A checkpoint
+    loaded from a memory-mapped file leaves its tensors as views of one mapping, which stays resident while any
+    view (a norm's weight) lives; and glibc keeps freed heap memory unless asked to trim it."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t.data = t.data.clone()
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def applied(model: Model, target: Target):

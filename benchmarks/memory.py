@@ -1,0 +1,135 @@
+"""Resident memory of a packed SmolLM2-135M against its packed bytes: after loading, inside `apply` (the dense
+model kept for restoring), after `convert` (in place, the dense weights released) with torch's decode kernels
+and `lean` (no second copy of the codes), with the weight file memory-mapped (the default) and read into memory
+(`lb.load(..., mmap=False)`: a mapping stays resident after its weights are released), each after a forward and
+16 greedy decode steps.
+
+Each case runs in a fresh process (RSS is per process), reading /proc/self/status: VmRSS now and VmHWM (peak).
+"model bytes" are the bytes the model's parameters and buffers hold (`surgery.weight_bytes`: the packed codes,
+scales and mins, the norms, and any float weight the plan leaves); the baseline is the same process after
+importing torch, transformers and lensbench and compiling the packed kernels, before the model loads. The plan
+packs every block linear, the embedding and the tied LM head at int4 group 128 (round to nearest).
+
+Usage: python benchmarks/memory.py [--bits 4] [--group-size 128]
+Appends to reports/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import append_report, machine, versions  # noqa: E402
+
+CASES = ("dense", "apply", "convert", "convert-lean", "convert, loaded with mmap=False",
+         "convert-lean, loaded with mmap=False")
+
+
+def _status() -> dict:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def warm_up(bits: int, group_size: int) -> None:
+    """Compile the packed kernels (numba's JIT code stays resident) before the baseline is read, so what is
+    attributed to the model is the model's."""
+    import torch
+
+    from lensbench.gpu import cpu_kernels
+    from lensbench.gpu.quant import quantize
+
+    pw = quantize(torch.randn(64, 2 * group_size), bits, group_size)
+    for rows in (1, 16, 64):
+        cpu_kernels.matmul(torch.randn(rows, 2 * group_size), pw)
+    cpu_kernels.dequantize_rows(pw, torch.arange(4))
+
+
+def worker(case: str, bits: int, group_size: int) -> dict:
+
+    import ctypes
+
+    import torch
+
+    import lensbench as lb
+    from lensbench.compress.apply import convert
+    from lensbench.profiling import model_card
+    from lensbench.surgery import weight_bytes
+
+    torch.set_num_threads(2)
+    warm_up(bits, group_size)
+    base = _status()
+    model = lb.load("smollm2-135m", mmap="mmap=False" not in case)
+    loaded = _status()
+    specs = {f"model.layers.{i}": (bits, group_size) for i in range(model.n_layers)}
+    plan = lb.Plan.quantize(model_card(model), specs | {"model.embed_tokens": (bits, group_size),
+                                                        "lm_head": (bits, group_size)})
+    ids = model.tokenize(["The history of the city begins with a small settlement by the river, where"]).input_ids
+
+    def run() -> None:
+        with torch.no_grad():
+            model.module(ids)
+            model.module.generate(ids, max_new_tokens=16, do_sample=False)
+
+    def measure() -> dict:
+        run()
+        out = {"model_bytes": weight_bytes(model.module), "after": _status()}
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what is left is live, not memory the allocator keeps for reuse
+        return out | {"trimmed": _status()}
+
+    row = {"case": case, "base": base, "loaded": loaded}
+    if case == "dense":
+        return row | measure()
+    if case == "apply":
+        with lb.apply(model, plan):
+            return row | measure()
+    convert(model, plan, lean=case.startswith("convert-lean"))
+    return row | {"converted": _status()} | measure()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.bits, args.group_size)))
+        return
+    rows = []
+    for case in CASES:
+        out = subprocess.run([sys.executable, __file__, "--worker", case, "--bits", str(args.bits), "--group-size",
+                              str(args.group_size)], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{case} failed: {out.stderr.strip().splitlines()[-1]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{case}: RSS over baseline {(r['after']['VmRSS'] - r['base']['VmRSS']) / 2**20:.0f} MiB, model bytes "
+              f"{r['model_bytes'] / 2**20:.0f} MiB", flush=True)
+    mib = 2 ** 20
+    lines = [f"SmolLM2-135M, int{args.bits} group {args.group_size} on every block linear, the embedding and the tied "
+             f"head; each case in a fresh process, after a forward and 16 decode steps. RSS over the baseline (the "
+             f"process with torch, transformers and lensbench imported and the kernels compiled, before loading). "
+             f"{machine()}; "
+             f"{versions('torch', 'transformers')}.", "",
+             "| case | model bytes (MiB) | RSS over baseline (MiB) | RSS / model bytes | after malloc_trim (MiB) | "
+             "right after convert (MiB) | peak over baseline (MiB) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rss = r["after"]["VmRSS"] - r["base"]["VmRSS"]
+        conv = f"{(r['converted']['VmRSS'] - r['base']['VmRSS']) / mib:.1f}" if "converted" in r else "—"
+        trim = (r["trimmed"]["VmRSS"] - r["base"]["VmRSS"]) / mib
+        lines.append(f"| {r['case']} | {r['model_bytes'] / mib:.1f} | {rss / mib:.1f} | {rss / r['model_bytes']:.2f} | "
+                     f"{trim:.1f} | {conv} | {(r['after']['VmHWM'] - r['base']['VmRSS']) / mib:.1f} |")
+    body = "\n".join(lines) + "\n"
+    print(body)
+    append_report("Resident memory of packed models (benchmarks/memory.py)", body)
+
+
+if __name__ == "__main__":
+    main()
