@@ -84,7 +84,7 @@ def plans_for(model, profile: Profile, budget: float, db: str, texts, generation
     make["baq (per input group)"] = lambda: make_plan("bits-baq", profile, budget, levels=levels, model=model,
                                                       progress=True, **common)
     if budget >= 3:  # the same without int2, whose GPTQ loss is above the 2^(-2b) model (the database errors show)
-        make["baq, levels 3,4,8"] = lambda: make_plan("bits-baq", profile, budget, levels="3,4,8", model=model,
+        make["baq-no-int2 (levels 3,4,8)"] = lambda: make_plan("bits-baq", profile, budget, levels="3,4,8", model=model,
                                                       progress=True, **common)
     return {label: fn() for label, fn in make.items()
             if not methods or any(label.startswith(m) for m in methods)}
@@ -220,7 +220,8 @@ def main() -> None:
                 + head + "\n\n" + "\n".join(table(rows)) + "\n")
         print(body)
         append_report(f"Bit allocation on GPTQ levels, {name} (benchmarks/quant_study.py)", body)
-        marker = f"{MARKER.rstrip()}: {name}\n"
+        marker = (f"{MARKER.rstrip()}: {name}" + (f", group {args.group_size}" if args.group_size != 128 else "")
+                  + (f", rows {','.join(args.methods)}" if args.methods else "") + "\n")
         text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
         before, _, after = text.partition(marker)
         rest = after.split("\n## ", 1)
