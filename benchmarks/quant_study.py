@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -157,8 +158,17 @@ def study(name: str, args, executor) -> tuple[str, list]:
             f"{','.join(map(str, LEVELS))}, group {args.group_size} asymmetric, act-order; built in "
             f"{sum(seconds.values()) / 60:.1f} min of which GPTQ {seconds.get('gptq', 0) / 60:.1f} min"
             f"{' (reused from an earlier run)' if db_s < 60 else ''}; dense held-out perplexity "
-            f"{rows[0]['dense_ppl']:.2f}, dense topic accuracy {rows[0]['dense_topic']:.3f})")
+            f"{rows[0]['dense_ppl']:.2f}, dense topic accuracy {rows[0]['dense_topic']:.3f}). " + level_ratios(db))
     return head, rows
+
+
+def level_ratios(db) -> str:
+    """How GPTQ's layer error tr(ΔW H ΔWᵀ) grows between the database's levels, against BAQ's model 2^(-2b)."""
+    parts = []
+    for lo, hi in zip(LEVELS, LEVELS[1:], strict=False):
+        ratio = db.table(lo, "error") / np.maximum(db.table(hi, "error"), 1e-30)
+        parts.append(f"int{lo}/int{hi} {np.median(ratio):.2f} (model {4 ** (hi - lo):g})")
+    return "GPTQ layer error between levels, median over the linears: " + ", ".join(parts) + "."
 
 
 def table(rows: list) -> list[str]:
