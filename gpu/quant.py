@@ -39,7 +39,6 @@ import torch
 from lensbench.errors import LensbenchError
 
 BITS = (2, 3, 4, 5, 6, 8)
-PLANAR = (3, 5, 6)  # the widths stored as byte planes of 8-value words
 DEFAULT_GROUP_SIZE = 128
 
 

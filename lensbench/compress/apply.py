@@ -215,21 +215,18 @@ def convert(model: Model, plan: Plan | Bound, *, lean: bool = False, allow_slow:
         handler(model, bound, surgery, options)
     surgery.undo.clear()  # no way back: the dense modules and weights the undo held are released
     model.__dict__.pop("packed_cache", None)  # the packed weights now live in the modules only
-    for module in model.module.modules():
-        if lean and isinstance(module, PackedModule):
-            module.pw.__dict__["lean"] = True
+    if lean:
+        for module in model.module.modules():
+            if isinstance(module, PackedModule):
+                module.pw.__dict__["lean"] = True
     model.card.pop("fingerprint", None)
-    _own_storage(model.module)
+    _trim()
     return model
 
 
-def _own_storage(module: nn.Module) -> None:
-    """Give every tensor left in `module` its own storage, then hand freed memory back to the OS. A checkpoint
-    loaded from a memory-mapped file leaves its tensors as views of one mapping, which stays resident while any
-    view (a norm's weight) lives; and glibc keeps freed heap memory unless asked to trim it."""
-    for t in [*module.parameters(), *module.buffers()]:
-        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
-            t.data = t.data.clone()
+def _trim() -> None:
+    """Hand the released weights' memory back to the OS: glibc keeps freed heap memory unless asked to trim it.
+    (A memory-mapped weight file stays resident whatever is freed: load with `mmap=False`.)"""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

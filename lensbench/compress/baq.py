@@ -94,13 +94,16 @@ def group_sums(column_loss: torch.Tensor, group_size: int) -> tuple[list[float],
 
 @dataclass
 class BAQResult:
-    """BAQ of one linear: its GPTQ result at the allocated widths, the reference run's, the widths and the
-    realised average width."""
+    """BAQ of one linear: its GPTQ result at the allocated widths, the reference run's and the widths."""
 
     result: Result
     reference: Result
     group_bits: list[int]
-    rate: float
+
+    @property
+    def rate(self) -> float:
+        """The realised average width: at most the budget, below it when no upgrade fits the rest."""
+        return float(self.result.packed.bits)
 
 
 def baq_weight(weight: torch.Tensor, hessian: torch.Tensor, budget: float, group_size: int,
@@ -111,8 +114,6 @@ def baq_weight(weight: torch.Tensor, hessian: torch.Tensor, budget: float, group
     ref = gptq_weight(weight, hessian, ref_bits, group_size, symmetric, cfg)
     loss, sizes = group_sums(ref.column_loss, ref.packed.group_size)
     widths = allocate(loss, sizes, ref_bits, budget, baq.levels)
-    rate = sum(b * s for b, s in zip(widths, sizes, strict=True)) / sum(sizes)
-    if len(set(widths)) == 1 and widths[0] == ref_bits:
-        return BAQResult(ref, ref, widths, rate)
     bits = widths[0] if len(set(widths)) == 1 else widths
-    return BAQResult(gptq_weight(weight, hessian, bits, group_size, symmetric, cfg), ref, widths, rate)
+    result = ref if bits == ref_bits else gptq_weight(weight, hessian, bits, group_size, symmetric, cfg)
+    return BAQResult(result, ref, widths)

@@ -62,7 +62,7 @@ class EvalConfig:
     gptq_seq_len: int = 512
     context: int = 0  # > 0: prompt tokens before the decoded, scored ones (KV-cache quality); see the docstring
     kv_context: int = 512  # the context used for a plan with KV entries when `context` is 0
-    allow_slow: bool = False  # packed weights with no kernel on the model's device (int2/3 on CUDA) run the reference
+    allow_slow: bool = False  # packed weights without a kernel on the device (int2/3/5/6 on CUDA) run the reference
 
 
 def evaluate(model: Model, plan: Plan, cfg: EvalConfig = EvalConfig(), texts: Sequence[str] | None = None,
