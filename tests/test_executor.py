@@ -74,7 +74,9 @@ def test_profile_scans_equal_the_serial_run(tiny, kind, request):
 
 def test_serial_process_and_ray_items_are_equal(tiny, tmp_path, ray_local):
     model = tiny("llama")
-    out = {kind: run_items(LoggedWork(str(tmp_path / kind)), model, ITEMS, ExecutorConfig(kind, workers=2))
+    # each item takes 0.5 s, so the slower worker to start still finds items left (a CI run once saw one
+    # worker take all 8 instant items before the other was up)
+    out = {kind: run_items(LoggedWork(str(tmp_path / kind), pause=0.5), model, ITEMS, ExecutorConfig(kind, workers=2))
            for kind in ("serial", "process", "ray")}
     assert out["serial"] == out["process"] == out["ray"]
     assert ray_local.get_runtime_context().gcs_address.startswith("127.0.0.1:")  # nothing listens beyond this host
