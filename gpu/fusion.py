@@ -125,3 +125,10 @@ def install(root: torch.nn.Module, linears: list) -> callable:
         for m in linears:
             m.__dict__.pop("fuser", None)
     return remove
+
+
+def unlearnt(linears: list) -> bool:
+    """Whether a fuser installed on any of `linears` has yet to see its first decode step (which learns its
+    groups): a caller that runs steps outside the model's hooks (a compiled step) runs one eager step first."""
+    fusers = {id(f): f for f in (m.__dict__.get("fuser") for m in linears) if f is not None}
+    return any(not f.groups and not f.links for f in fusers.values())

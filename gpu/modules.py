@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dispatch, fusion
+from . import compiled, dispatch, fusion
 from .mixed import MixedWeight
 from .quant import PackedWeight, QuantError, quantize
 from .reference import dequantize
@@ -50,6 +50,8 @@ class QuantLinear(PackedModule):
         return dequantize(self.pw, dtype=self.dtype).to(self.packed.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and compiled.prepared(self):  # a compiled decode step
+            return compiled.linear(self, x, self.bias)
         if dispatch.CPU_KERNELS and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
             fuser = self.__dict__.get("fuser")  # set by `fusion.install`: one call for linears sharing x
             if fuser is not None and x.numel() <= fusion.MAX_ROWS * x.shape[-1]:
@@ -94,6 +96,8 @@ class QuantEmbedding(PackedModule):
         return dequantize(self.pw, dtype=self.dtype).to(self.packed.device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and compiled.prepared(self):
+            return compiled.rows(self, ids)
         return dispatch.embedding(ids, self.pw, self.dtype)
 
     def extra_repr(self) -> str:
@@ -125,7 +129,11 @@ class MixedQuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = None
         for part in self.parts:
-            out = dispatch.matmul(x.index_select(-1, part.cols), part.pw, None)
+            xs = x.index_select(-1, part.cols)
+            if torch.compiler.is_compiling() and compiled.prepared(part):
+                out = compiled.linear(part, xs)
+            else:
+                out = dispatch.matmul(xs, part.pw, None)
             y = out if y is None else y.add_(out)
         return y if self.bias is None else y.add_(self.bias.to(y.dtype))
 

@@ -18,7 +18,9 @@ def dequantize(pw: PackedWeight, rows: torch.Tensor | slice | None = None, dtype
     scales = (pw.scales if rows is None else pw.scales[rows]).float()
     mins = (pw.mins if rows is None else pw.mins[rows]).float()
     lengths = torch.tensor([length for _, length in pw.group_bounds()])
-    w = q * scales.repeat_interleave(lengths, dim=1) + mins.repeat_interleave(lengths, dim=1)
+    kp = pw.k_padded  # a known output size keeps this traceable by torch.compile (the compiled embedding lookup)
+    w = (q * scales.repeat_interleave(lengths, dim=1, output_size=kp)
+         + mins.repeat_interleave(lengths, dim=1, output_size=kp))
     return w[:, : pw.shape[1]].to(dtype)
 
 

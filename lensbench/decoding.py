@@ -1,0 +1,121 @@
+"""Greedy decoding with a static KV cache and one compiled decode step, for dense and packed models (CPU).
+
+At batch 1 a decode step of a small model is hundreds of small operations (norms, rotary embeddings,
+attention over the cache, residual adds) around the linears, each paying Python and dispatcher overhead;
+`torch.compile` turns the step into a few generated C++ loops plus the linears' kernels. The step needs
+shapes that do not change, hence transformers' `StaticCache` (one buffer of `max_length` positions per
+layer). Packed modules are prepared first (`gpu.compiled`): each one's kernel is chosen once and traced
+into the graph as an aten op or a lensbench custom op, so the graph does not break at the kernels.
+
+    dec = Decoder(model)                      # after `lb.convert(model, plan)` or inside `lb.apply`
+    ids = dec.generate(prompt_ids, 64)        # [B, T + 64]; the first call compiles (tens of seconds)
+
+The prompt runs eagerly (its length varies); only the one-token step is compiled, once per batch size.
+Forward hooks on the model's modules do not run inside a compiled graph, so a model carrying any is refused:
+capture with the eager model (`model.module.generate`, `lb.capture`), which this leaves untouched.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .errors import LensbenchError
+from .gpu import compiled, fusion
+from .gpu.modules import PackedModule, QuantEmbedding
+from .model import Model
+
+ATTENTION = ("sdpa", "eager")  # the attention implementations a static cache runs with
+
+
+class DecodeError(LensbenchError):
+    """A model or request the compiled decoder cannot run."""
+
+
+def _hooked(module: torch.nn.Module) -> str | None:
+    for name, m in module.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            if m is not module:  # the root's hooks are not called: the step calls its forward directly
+                return name
+    return None
+
+
+def _cheap_guards(entries) -> list[bool]:
+    """Which of dynamo's guards a compiled step checks on every call: all but those that a module's attributes
+    and hooks are as they were when traced (dictionary and attribute lookups on each of hundreds of modules,
+    1.5 ms of a 10 ms SmolLM2 int4 step in the profile). A Decoder is made for a model that no longer changes
+    (`forward hooks` are refused up front); which modules and weights a graph runs is still guarded (their
+    types, the packed weights' handles), so a Decoder made after the model changes does not run an old graph."""
+    return [not (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in ("DICT_NOT_CONTAINS", "HASATTR"))
+            for e in entries]
+
+
+class Decoder:
+    """Greedy generation on `model` with a static KV cache of `max_length` positions; `compile=False` runs the
+    same steps eagerly (the reference the compiled step must match)."""
+
+    def __init__(self, model: Model, max_length: int = 1024, compile: bool = True):
+        module = model.module
+        if not model.is_causal_lm:
+            raise DecodeError(f"{model.name} has no LM head: the decoder generates text from causal LMs only")
+        attn = getattr(module.config, "_attn_implementation", None)
+        if attn not in ATTENTION:
+            raise DecodeError(f"{model.name} runs attention {attn!r}, which the static cache does not hold (a "
+                              f"packed KV cache plan?): decode with model.module.generate, or drop the KV plan")
+        hooked = _hooked(module)
+        if hooked is not None:
+            raise DecodeError(f"module {hooked!r} carries forward hooks, which a compiled step would not run: "
+                              f"remove them (end the capture) or decode with model.module.generate")
+        if next(module.parameters()).device.type != "cpu":
+            raise DecodeError("the compiled decoder runs on the CPU; on CUDA use model.module.generate with "
+                              "transformers' static cache")
+        self.model, self.module, self.max_length = model, module, int(max_length)
+        packed = [m for m in module.modules() if isinstance(m, PackedModule)]
+        self._tables = [m for m in packed if isinstance(m, QuantEmbedding)]
+        self._linears = [m for m in packed if not isinstance(m, QuantEmbedding)]
+        if fusion.unlearnt(self._linears):  # one eager decode-size step: packed linears sharing an input are found
+            with torch.no_grad():
+                module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
+        self.on_torch_kernels = compiled.prepare(self._linears, self._tables)
+        self.step = (torch.compile(module.forward, dynamic=False, options={"guard_filter_fn": _cheap_guards})
+                     if compile else module.forward)
+        self._cache = None
+        self.timings: dict = {}  # of the last `generate`: prompt_tokens, prefill_s, decode_steps, decode_s
+
+    def _fresh_cache(self, batch: int):
+        from transformers import StaticCache  # heavy: transformers' cache module
+
+        if self._cache is None or self._cache[0] != batch:
+            self._cache = (batch, StaticCache(config=self.module.config, max_cache_len=self.max_length))
+        else:
+            self._cache[1].reset()
+        return self._cache[1]
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """The prompt `ids` [B, T] (no padding) followed by `max_new_tokens` greedy tokens: [B, T + new]."""
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise DecodeError(f"ids must be a [batch, tokens] LongTensor, got {tuple(ids.shape)} {ids.dtype}")
+        if max_new_tokens < 1:
+            raise DecodeError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        total = ids.shape[1] + max_new_tokens
+        if total > self.max_length:
+            raise DecodeError(f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the cache's "
+                              f"{self.max_length} positions: make the Decoder with max_length={total} or more")
+        cache = self._fresh_cache(ids.shape[0])
+        t0 = time.perf_counter()
+        out = self.module.forward(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        tokens = [ids, out.logits[:, -1].argmax(-1, keepdim=True)]
+        t1 = time.perf_counter()
+        for pos in range(ids.shape[1], total - 1):
+            position = torch.full((ids.shape[0], 1), pos, dtype=torch.long)
+            out = self.step(input_ids=tokens[-1], cache=cache, use_cache=True, position_ids=position)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.timings = {"prompt_tokens": ids.shape[1], "prefill_s": t1 - t0, "decode_steps": max_new_tokens - 1,
+                        "decode_s": time.perf_counter() - t1}
+        return torch.cat(tokens, dim=1)
+
+    def close(self) -> None:
+        """Forget the kernel choices made for the packed modules (the model's eager path never reads them)."""
+        compiled.release(self._linears + self._tables)
+        self._cache = None

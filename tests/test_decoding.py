@@ -1,0 +1,112 @@
+"""The compiled decoder (`lensbench.decoding.Decoder`): its greedy tokens are those of transformers' own
+`generate` on the same model, dense and packed (torch's int4/int8 kernels, the numba op, mixed widths, a packed
+embedding and LM head), the compiled graph does not break at the kernels, and what it cannot run is refused in
+one line."""
+import pytest
+import torch
+from torch import nn
+
+from lensbench.compress.apply import apply, convert
+from lensbench.compress.plan import Plan, Quant
+from lensbench.decoding import DecodeError, Decoder
+from lensbench.gpu import compiled
+from lensbench.gpu.modules import PackedModule
+from lensbench.profiling import model_card
+from lensbench.testing import tiny_model
+
+PROMPT = 10
+NEW = 6
+
+
+def _ids(model, batch=1):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(5, model.module.config.vocab_size, (batch, PROMPT), generator=g)
+
+
+def _eager(model, ids):
+    return model.module.generate(ids, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
+
+
+def _plan(model, spec):
+    """Every block linear, the LM head and the embedding at `spec(name)`."""
+    names = [n for n, m in model.module.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    return Plan.quantize(model_card(model), {n: spec(n) for n in names})
+
+
+def _mixed(k):
+    """BAQ-style widths per input group of 8 columns (`gpu.mixed`)."""
+    widths = (4, 2, 3, 8, 4, 2, 3, 4)[: k // 8]
+    return Quant(max(widths), 8, group_bits=widths)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama", seed=3, attn="sdpa")
+
+
+def test_dense_tokens_equal_transformers_generate(llama):
+    ids = _ids(llama, batch=2)
+    dec = Decoder(llama, max_length=32)
+    assert torch.equal(dec.generate(ids, NEW), _eager(llama, ids))
+    assert dec.timings["decode_steps"] == NEW - 1 and dec.timings["prompt_tokens"] == PROMPT
+    # a second call reuses the cache and the compiled step
+    assert torch.equal(dec.generate(ids[:, :7], NEW), _eager(llama, ids[:, :7]))
+
+
+@pytest.mark.parametrize("case", ["int4", "int8-sym-row", "mixed-widths", "int3-exact"])
+def test_packed_tokens_equal_eager_apply(llama, case):
+    specs = {
+        "int4": lambda n: (4, 32, "asym"),  # torch's int4 kernel, fused q/k/v and gate/up groups
+        "int8-sym-row": lambda n: (8, -1, "sym") if "embed" not in n else (8, 32, "asym"),  # torch's int8 kernel
+        "mixed-widths": lambda n: (_mixed(64 if "down" in n else 32) if "proj" in n else (3, 16, "asym")),
+        "int3-exact": lambda n: (3, 16, "asym"),  # the numba custom op
+    }
+    ids = _ids(llama)
+    with apply(llama, _plan(llama, specs[case])):
+        want = _eager(llama, ids)
+        dec = Decoder(llama, max_length=32)
+        assert torch.equal(dec.generate(ids, NEW), want)
+        linears = [m for m in llama.module.modules() if isinstance(m, PackedModule) and compiled.prepared(m)]
+        assert linears
+        if case in ("int4", "int8-sym-row"):
+            assert dec.on_torch_kernels > 0
+        dec.close()
+        assert not any(compiled.prepared(m) for m in llama.module.modules())
+
+
+def test_the_step_is_one_graph(llama):
+    """The packed kernels are traced into the graph (aten ops or the custom op), never a graph break."""
+    import torch._dynamo as dynamo
+
+    with apply(llama, _plan(llama, lambda n: (4, 32, "asym") if "proj" in n else (3, 16, "asym"))):
+        Decoder(llama, max_length=32)  # prepares the modules
+        out = llama.module(input_ids=_ids(llama), use_cache=True)
+        step = dict(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
+        explained = dynamo.explain(llama.module.forward)(**step)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_converted_model(llama):
+    import copy
+
+    model = copy.deepcopy(llama)
+    model.module = copy.deepcopy(llama.module)
+    ids = _ids(model)
+    convert(model, _plan(model, lambda n: (4, 32, "asym")))
+    assert torch.equal(Decoder(model, max_length=32).generate(ids, NEW), _eager(model, ids))
+
+
+def test_bad_input_is_one_line(llama, minilm):
+    with pytest.raises(DecodeError, match="no LM head"):
+        Decoder(minilm)
+    dec = Decoder(llama, max_length=12, compile=False)
+    with pytest.raises(DecodeError, match="max_length=16 or more"):
+        dec.generate(_ids(llama), 6)
+    with pytest.raises(DecodeError, match="LongTensor"):
+        dec.generate(_ids(llama)[0], 2)
+    handle = llama.module.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(DecodeError, match="model.layers.0.*forward hooks"):
+            Decoder(llama)
+    finally:
+        handle.remove()
