@@ -9,6 +9,9 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
   weight-only kernels, `gpu/cpu_torch.py`), int4 exact (numba, float32). torchao runs on a bfloat16 copy
   (its CPU kernels need bfloat16), so its baseline is that copy. llama.cpp: F32 written by lensbench,
   then F16, Q8_0, Q4_0 and Q4_K_M made by llama.cpp's own quantiser; baseline F32.
+* Compiled: `lensbench.decoding.Decoder` (a static KV cache and one torch.compile'd decode step) on copies
+  of the model converted for good (`convert`): fp32, int8 g128, int8 sym per-row and int4 g128, against the
+  compiled fp32. The compile itself (tens of seconds each) happens before the rounds and is printed.
 * Roofline: bytes read per decoded token (weights as the kernel reads them, plus the KV cache at the mean
   context), achieved GB/s and its fraction of the triad bandwidth; the time outside the linears from
   torch's profiler (every linear wrapped in a `record_function`).
@@ -52,6 +55,11 @@ GROUP = 128
 LB = {"lensbench int8 g128": (8, GROUP, "asym"), "lensbench int8 sym row": (8, -1, "sym"),
       "lensbench int4 g128": (4, GROUP, "asym"), "lensbench int4 g128 exact": (4, GROUP, "asym")}
 LLAMA = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
+# the compiled decode step (`lensbench.decoding.Decoder`) on models converted for good, against its own compiled fp32
+COMPILED = {"lensbench-compiled fp32": None, "lensbench-compiled int8 g128": (8, GROUP, "asym"),
+            "lensbench-compiled int8 sym row": (8, -1, "sym"), "lensbench-compiled int4 g128": (4, GROUP, "asym")}
+LINEAR_OPS = {"aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
+              "lensbench::packed_matmul"}
 
 
 def bandwidth() -> dict:
@@ -155,6 +163,48 @@ def outside_linears(module, ids: torch.Tensor, steps: int = 8) -> float:
         for h in handles:
             h.remove()
     lin = sum(e.cpu_time_total for e in prof.key_averages() if e.key == "bench::linear") / 1e6
+    return max(0.0, 1 - lin / wall)
+
+
+def compiled_decoders(ids: torch.Tensor, steps: int) -> dict:
+    """{name: Decoder} for COMPILED: each on its own copy of the model (converted in place for good: the
+    Decoder's prepared modules must stay), compiled by a first call."""
+    from lensbench.compress.apply import convert
+    from lensbench.decoding import Decoder
+
+    out = {}
+    for name, spec in COMPILED.items():
+        model = lensbench.load("smollm2-135m")
+        if spec is not None:
+            convert(model, whole_model_plan(model, *spec))
+        t0 = time.perf_counter()
+        out[name] = Decoder(model, max_length=ids.shape[1] + steps + 1)
+        out[name].generate(ids, 2)
+        print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def compiled_seconds(dec, ids: torch.Tensor, steps: int) -> float:
+    """Seconds of `steps` compiled decode steps after the prompt (the prompt's own time not counted)."""
+    dec.generate(ids, steps + 1)
+    return dec.timings["decode_s"]
+
+
+@torch.no_grad()
+def compiled_outside_linears(dec, ids: torch.Tensor, steps: int = 8) -> float:
+    """Share of compiled decode time outside the linears' kernels (LINEAR_OPS), from torch's profiler: the
+    prompt alone is profiled too and taken off, as the steps cannot be profiled apart from it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spent = []
+    for n in (1, steps + 1):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            dec.generate(ids, n)
+            wall = time.perf_counter() - t0
+        lin = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in LINEAR_OPS) / 1e6
+        spent.append((wall, lin))
+    wall, lin = spent[1][0] - spent[0][0], spent[1][1] - spent[0][1]
     return max(0.0, 1 - lin / wall)
 
 
@@ -287,6 +337,9 @@ def main(argv=None) -> None:
         exact = k.endswith("exact")
         methods[k] = (lambda p=plan, e=exact:
                       _in(lensbench_variant(model, p, e), lambda m: decode_seconds(m, ids, args.decode)))
+    decoders = compiled_decoders(ids, args.decode)
+    for k, dec in decoders.items():
+        methods[k] = lambda dec=dec: compiled_seconds(dec, ids, args.decode)
     notes, workers = [], []
     for f in methods.values():  # warm-up: kernels compiled, layouts made, caches filled
         f()
@@ -323,6 +376,11 @@ def main(argv=None) -> None:
         tps = rows[k]["tokens_per_s"]
         gbs = per_tok * tps / 1e9
         roof[k] = {"bytes_per_token": per_tok, "gb_s": gbs, "of_triad": gbs / bw["triad"], "outside_linears": share}
+    for k, dec in decoders.items():
+        per_tok = weight_bytes(dec.module) + kv_bytes(model, dec.max_length)  # the static cache is read whole
+        gbs = per_tok * rows[k]["tokens_per_s"] / 1e9
+        roof[k] = {"bytes_per_token": per_tok, "gb_s": gbs, "of_triad": gbs / bw["triad"],
+                   "outside_linears": compiled_outside_linears(dec, ids)}
     for k, b in llama_bytes.items():
         per_tok = b + kv_bytes(model, context)  # the whole file: SmolLM2's output matrix is its embedding
         roof[k] = {"bytes_per_token": per_tok, "gb_s": per_tok * rows[k]["tokens_per_s"] / 1e9,
@@ -344,7 +402,8 @@ def main(argv=None) -> None:
     crossover = crossover_rows(model, args.crossover_rounds)
 
     # under load: one competing CPU-bound process
-    load_keys = ["lensbench fp32", "lensbench int8 g128", "lensbench int4 g128"]
+    load_keys = ["lensbench fp32", "lensbench int8 g128", "lensbench int4 g128", "lensbench-compiled fp32",
+                 "lensbench-compiled int4 g128"]
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(1)
@@ -372,7 +431,8 @@ def _rows(times: dict, steps: int) -> dict:
     return out
 
 
-BASE = {"lensbench": "lensbench fp32", "torch": "torch bf16", "torchao": "torch bf16", "llama.cpp": "llama.cpp F32"}
+BASE = {"lensbench": "lensbench fp32", "lensbench-compiled": "lensbench-compiled fp32", "torch": "torch bf16",
+        "torchao": "torch bf16", "llama.cpp": "llama.cpp F32"}
 
 
 def _paired(times: dict, k: str) -> float:
@@ -406,7 +466,9 @@ def write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, second
     lines = [f"SmolLM2-135M, batch 1, {args.prompt}-token prompt, {args.decode} greedy decode steps, "
              f"{args.rounds} interleaved rounds (shuffled order per round), 2 threads. Speed-up = the median over "
              f"rounds of (baseline time / method time) in the same round, against the method's own dense baseline "
-             f"(lensbench and llama.cpp: float32; torchao: the bfloat16 copy its kernels need). "
+             f"(lensbench and llama.cpp: float32; lensbench-compiled, the compiled decode step of "
+             f"`lensbench.decoding.Decoder` with a static KV cache: its own compiled float32; torchao: the bfloat16 "
+             f"copy its kernels need). "
              f"Machine: {machine()}; load average at the end {' '.join(load)}. Measured bandwidth: copy "
              f"{bw['copy']:.1f} GB/s, triad {bw['triad']:.1f} GB/s. {seconds / 60:.1f} min.", "",
              "| method | tokens/s (median) | tokens/s (best) | x own dense (paired) | bytes/token | GB/s | of triad "
@@ -442,10 +504,10 @@ def write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, second
                      f"{c8['prefill'] * 1e3:.1f} |")
     lines += ["", f"Under load (one `while True: pass` process on the 2 cores, {args.load_rounds} rounds): decode "
               "tokens/s and packed/dense ratio, quiet (above) vs loaded:", "",
-              "| method | tokens/s loaded | x fp32 quiet | x fp32 loaded | loaded / quiet ratio |",
+              "| method | tokens/s loaded | x own fp32 quiet | x own fp32 loaded | loaded / quiet ratio |",
               "|---|---|---|---|---|"]
-    base = loaded["lensbench fp32"]
     for k, v in loaded.items():
+        base = loaded[BASE[k.split()[0]]]
         r_load = statistics.median(b / x for b, x in zip(base, v, strict=True))
         r_quiet = _paired(times, k)
         lines.append(f"| {k} | {args.decode / statistics.median(v):.1f} | {r_quiet:.2f} | {r_load:.2f} | "

@@ -9,7 +9,8 @@ load of the moment, so `Adaptive` times every decode step, keeps the recent time
 steps so it notices when load comes or goes.
 
 `install(module)` puts it around a model's forward for decode-size calls (≤ `max_tokens` tokens); the
-user's thread setting is restored after every step.
+user's thread setting is restored after every step. The compiled decoder (`lensbench.decoding`) runs the same
+policy around its compiled steps, which call no module hooks.
 """
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ class Adaptive:
         self.times[threads].append(seconds)
 
 
-def _set(n: int) -> None:
+def use(n: int) -> None:
+    """Run torch's (and numba's) kernels on `n` threads."""
     torch.set_num_threads(n)
     try:
         from .cpu_kernels import set_threads  # optional: numba
@@ -74,20 +76,20 @@ def install(module: torch.nn.Module, max_tokens: int = MAX_TOKENS) -> callable:
 
     def pre(mod, args, kwargs):
         if state:  # the previous step raised before its end: give the user's setting back first
-            _set(state["user"])
+            use(state["user"])
             state.clear()
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or ids.numel() > max_tokens or ids.is_cuda:
             return None
         state.update(user=torch.get_num_threads(), n=policy.choose())
-        _set(state["n"])
+        use(state["n"])
         state["t0"] = time.perf_counter()
         return None
 
     def post(mod, args, kwargs, out):
         if state:
             policy.record(state["n"], time.perf_counter() - state["t0"])
-            _set(state["user"])
+            use(state["user"])
             state.clear()
         return None
 
@@ -100,6 +102,6 @@ def install(module: torch.nn.Module, max_tokens: int = MAX_TOKENS) -> callable:
             h.remove()
         module.__dict__.pop("lensbench_threads", None)
         if state:
-            _set(state.pop("user"))
+            use(state.pop("user"))
             state.clear()
     return remove

@@ -10,7 +10,9 @@ into the graph as an aten op or a lensbench custom op, so the graph does not bre
     dec = Decoder(model)                      # after `lb.convert(model, plan)` or inside `lb.apply`
     ids = dec.generate(prompt_ids, 64)        # [B, T + 64]; the first call compiles (tens of seconds)
 
-The prompt runs eagerly (its length varies); only the one-token step is compiled, once per batch size.
+The prompt runs eagerly (its length varies); only the one-token step is compiled, once per batch size. Each
+step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as eager packed decode
+does): on cores shared with another busy process one thread beats two.
 Forward hooks on the model's modules do not run inside a compiled graph, so a model carrying any is refused:
 capture with the eager model (`model.module.generate`, `lb.capture`), which this leaves untouched.
 """
@@ -21,7 +23,7 @@ import time
 import torch
 
 from .errors import LensbenchError
-from .gpu import compiled, fusion
+from .gpu import compiled, fusion, threads
 from .gpu.modules import PackedModule, QuantEmbedding
 from .model import Model
 
@@ -80,6 +82,7 @@ class Decoder:
         self.step = (torch.compile(module.forward, dynamic=False, options={"guard_filter_fn": _cheap_guards})
                      if compile else module.forward)
         self._cache = None
+        self._threads = threads.Adaptive(torch.get_num_threads())  # as the eager packed path: see gpu.threads
         self.timings: dict = {}  # of the last `generate`: prompt_tokens, prefill_s, decode_steps, decode_s
 
     def _fresh_cache(self, batch: int):
@@ -107,10 +110,18 @@ class Decoder:
         out = self.module.forward(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         tokens = [ids, out.logits[:, -1].argmax(-1, keepdim=True)]
         t1 = time.perf_counter()
-        for pos in range(ids.shape[1], total - 1):
-            position = torch.full((ids.shape[0], 1), pos, dtype=torch.long)
-            out = self.step(input_ids=tokens[-1], cache=cache, use_cache=True, position_ids=position)
-            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+        user = torch.get_num_threads()
+        try:
+            for pos in range(ids.shape[1], total - 1):
+                position = torch.full((ids.shape[0], 1), pos, dtype=torch.long)
+                n = self._threads.choose()
+                threads.use(n)
+                t = time.perf_counter()
+                out = self.step(input_ids=tokens[-1], cache=cache, use_cache=True, position_ids=position)
+                tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+                self._threads.record(n, time.perf_counter() - t)
+        finally:
+            threads.use(user)
         self.timings = {"prompt_tokens": ids.shape[1], "prefill_s": t1 - t0, "decode_steps": max_new_tokens - 1,
                         "decode_s": time.perf_counter() - t1}
         return torch.cat(tokens, dim=1)
