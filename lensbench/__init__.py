@@ -12,6 +12,7 @@ skipping or quantising them costs.
     report = lb.evaluate(model, plan)                         # quality, speed, bytes vs the dense model
     kv = lb.plan(profile, "kv-tuner", 4.0, model=model)       # KV-cache bits per layer (profile kv_sensitivity)
     lb.compress(model, plan, format="gguf", out="smollm2-pruned")   # a checkpoint llama.cpp loads
+    lb.Decoder(lb.convert(model, plan)).generate(ids, 64)     # greedy decode, one compiled step (CPU)
 
 `import lensbench` imports the spine only (loading, capture, Profiles); the decision layer
 (`lensbench.compress`: plans, policies, kernels, writers) is imported the first time one of its names is used.
@@ -51,6 +52,7 @@ _LAZY = {
     "plan": "lensbench.compress.policies",
     "apply": "lensbench.compress.apply",
     "convert": "lensbench.compress.apply",
+    "Decoder": "lensbench.decoding",
     "evaluate": "lensbench.compress.evaluate",
     "EvalConfig": "lensbench.compress.evaluate",
     "compress": "lensbench.compress",
@@ -66,7 +68,6 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = ["Batch", "Drop", "EvalConfig", "KV", "KVCache", "KVSpec", "LayerScores", "LensbenchError", "Model", "Plan",
-           "Profile", "Quant", "Trace", "apply", "cache_bytes", "capture", "compress", "convert", "evaluate", "load",
-           "plan",
-           "profile", "profile_model", "__version__"]
+__all__ = ["Batch", "Decoder", "Drop", "EvalConfig", "KV", "KVCache", "KVSpec", "LayerScores", "LensbenchError",
+           "Model", "Plan", "Profile", "Quant", "Trace", "apply", "cache_bytes", "capture", "compress", "convert",
+           "evaluate", "load", "plan", "profile", "profile_model", "__version__"]
