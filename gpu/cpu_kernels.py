@@ -29,6 +29,7 @@ EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # keep decode off torc
 # both paths by rows on SmolLM2's linears, reports/DECODE.md): numba's gemv, and torch's int4/int8 kernels.
 GEMV_MAX_ROWS = 12
 TORCH_MAX_ROWS = 32
+ROWS_PER_TASK = 64  # output rows per parallel task of gemv and dequant_rows (each task allocates its buffer once)
 TILE = 256  # the fewest output rows dequantised at a time by the tiled path
 TILE_BYTES = 8 << 20  # its float32 buffer: SmolLM2's linears fit whole (one GEMM each), its LM head in 14 tiles
 _H2F = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -109,17 +110,18 @@ def _make_kernels(bits: int):
         for m in range(m_rows):
             for g in range(n_groups):
                 xsum[m, g] = x[m, g * gs:min(k_pad, g * gs + gs)].sum()
-        for n in prange(n_out):
-            buf = np.empty(gs, np.float32)
-            row = p[n]
-            for m in range(m_rows):
-                xm = x[m]
-                acc = np.float32(0.0)
-                for g in range(n_groups):
-                    base = g * gs
-                    d = _dot_group(row[base * bits // 8:], min(gs, k_pad - base), bits, xm[base:], buf)
-                    acc += d * h2f[sc[n, g]] + h2f[mn[n, g]] * xsum[m, g]
-                out[m, n] = acc
+        for c in prange((n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+            buf = np.empty(gs, np.float32)  # once per task: an allocation per row cost more than the row
+            for n in range(c * ROWS_PER_TASK, min(n_out, c * ROWS_PER_TASK + ROWS_PER_TASK)):
+                row = p[n]
+                for m in range(m_rows):
+                    xm = x[m]
+                    acc = np.float32(0.0)
+                    for g in range(n_groups):
+                        base = g * gs
+                        d = _dot_group(row[base * bits // 8:], min(gs, k_pad - base), bits, xm[base:], buf)
+                        acc += d * h2f[sc[n, g]] + h2f[mn[n, g]] * xsum[m, g]
+                    out[m, n] = acc
 
     @njit(parallel=True, fastmath=True, nogil=True)
     def gemv4(x, p, sc, mn, gs, h2f, out):
@@ -158,19 +160,31 @@ def _make_kernels(bits: int):
     def dequant_rows(p, sc, mn, gs, h2f, n0, out):
         rows, k_pad = out.shape
         n_groups = sc.shape[1]
-        for r in prange(rows):
-            n = n0 + r
-            buf = np.empty(gs, np.float32)
-            row = p[n]
-            for g in range(n_groups):
-                base = g * gs
-                length = min(gs, k_pad - base)
-                _codes(row[base * bits // 8:], length, bits, buf)
-                s = h2f[sc[n, g]]
-                lo = h2f[mn[n, g]]
-                dst = out[r, base:]
-                for j in range(length):
-                    dst[j] = buf[j] * s + lo
+        for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+            buf = np.empty(gs, np.float32)  # once per task, as in gemv
+            for r in range(c * ROWS_PER_TASK, min(rows, c * ROWS_PER_TASK + ROWS_PER_TASK)):
+                n = n0 + r
+                row = p[n]
+                for g in range(n_groups):
+                    base = g * gs
+                    length = min(gs, k_pad - base)
+                    s = h2f[sc[n, g]]
+                    lo = h2f[mn[n, g]]
+                    dst = out[r, base:]
+                    pg = row[base * bits // 8:]
+                    if bits == 4:  # straight from the bytes: the low nibbles are the group's first half
+                        h = length // 2
+                        dhi = dst[h:]
+                        for j in range(h):
+                            dst[j] = np.float32(pg[j] & 15) * s + lo
+                            dhi[j] = np.float32(pg[j] >> 4) * s + lo
+                    elif bits == 8:
+                        for j in range(length):
+                            dst[j] = np.float32(pg[j]) * s + lo
+                    else:
+                        _codes(pg, length, bits, buf)
+                        for j in range(length):
+                            dst[j] = buf[j] * s + lo
 
     return (gemv4 if bits == 4 else gemv), dequant_rows
 
@@ -231,16 +245,16 @@ def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None) -> torch.
     if tile >= n:  # one tile: the GEMM writes [M, N] directly
         dequant(p, sc, mn, pw.group_size, _H2F, 0, buf.numpy())
         return torch.mm(xp, buf.T)
-    out_t = torch.empty(n, xp.shape[0], dtype=torch.float32)  # [N, M]: row tiles are contiguous
+    # each tile's GEMM writes its columns of the [M, N] result in place (BLAS takes the row stride): the result
+    # is contiguous, as attention needs (a transposed one sent q/k/v to SDPA with strided heads, and its math
+    # kernel then ran packed prefill at 0.41x dense, reports/BENCHMARKS.md), without a transposing copy of it
+    out = torch.empty(xp.shape[0], n, dtype=torch.float32)
     for n0 in range(0, n, tile):
         rows = min(tile, n - n0)
         b = buf[:rows]
         dequant(p, sc, mn, pw.group_size, _H2F, n0, b.numpy())
-        torch.mm(b, xp.T, out=out_t[n0:n0 + rows])
-    # contiguous: a transposed result reaches attention as q/k/v with strided heads, and torch's SDPA then
-    # leaves its flash kernel for the math one, which materialises the whole score matrix (packed
-    # prefill at 2048 tokens ran 0.41x dense in the benchmark run before this fix, reports/BENCHMARKS.md)
-    return out_t.T.contiguous()
+        torch.mm(xp, b.T, out=out[:, n0:n0 + rows])
+    return out
 
 
 def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
