@@ -1,9 +1,9 @@
 """`create_app(paths)`: the lensbench workbench, a multi-page Dash app over one or more Profiles.
 
 Pages (one module each in `pages/`, registered in `pages.PAGES`): overview, redundancy & sensitivity,
-concept depth, channels, relevance, plan explorer, KV cache. Heavy results stay server-side in `State`;
-callbacks are plain functions of keys. Run with `lensbench app PROFILE_DIR ... [--host] [--port]`
-(binds 127.0.0.1 unless told otherwise).
+concept depth, channels, relevance, plan explorer, quantisation (a GPTQ database), KV cache. Heavy results
+stay server-side in `State`; callbacks are plain functions of keys. Run with `lensbench app PROFILE_DIR ...
+[--host] [--port]` (binds 127.0.0.1 unless told otherwise).
 """
 from __future__ import annotations
 

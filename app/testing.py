@@ -36,7 +36,7 @@ def open_dropdown(driver, dropdown_id: str, text: str, timeout: float = 10.0):
 
 
 REAL_PROFILES = ("plans-smollm2/profile", "channels-smollm2", "concept-depth/smollm2", "lrp-smollm2/profile",
-                 "kv-smollm2/profile")
+                 "kv-smollm2/profile", "quant-db-smollm2/profile")
 
 
 def workbench_profile(reports: Path, out: Path) -> Path:

@@ -13,7 +13,7 @@ REPORTS = Path(__file__).resolve().parent.parent / "reports"
 needs_browser = pytest.mark.skipif(CHROMIUM is None or DRIVER is None,
                                    reason="Chromium and chromedriver are not installed (.ci/run installs them)")
 PAGES = {"/": "ov-strip-graph", "/redundancy": "rd-curve-fig", "/concept-depth": "cd-fig", "/channels": "ch-fig",
-         "/relevance": "rl-run", "/plans": "pl-make", "/kv": "kv-grid-fig"}
+         "/relevance": "rl-run", "/plans": "pl-make", "/quant": "qt-linear-fig", "/kv": "kv-grid-fig"}
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +187,38 @@ def test_kv_page_shows_the_grid_and_searches_a_pareto_front(browser, served):
     assert "kv-tuner" in figure_title(browser, "kv-front-fig")
     assert "bits, calibration KL" in browser.find_element(By.ID, "kv-status").text
     assert console_errors(browser) == []
+
+
+@needs_browser
+def test_quant_page_level_and_score_switch(browser, served):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(served + "/quant")
+    wait_for(browser, "qt-linear-fig")
+    wait_text(browser, "qt-ratios", "int2 / int3")
+    assert "at int3" in figure_title(browser, "qt-linear-fig")
+    browser.find_element(By.CSS_SELECTOR, "#qt-level input[value='2']").click()
+    WebDriverWait(browser, 30).until(lambda d: "at int2" in figure_title(d, "qt-linear-fig"))
+    browser.find_element(By.CSS_SELECTOR, "#qt-score input[value='hawq']").click()
+    WebDriverWait(browser, 30).until(lambda d: "HAWQ" in figure_title(d, "qt-linear-fig"))
+    assert "Calibration KL" in figure_title(browser, "qt-kl-fig")
+    assert console_errors(browser) == []
+
+
+def test_quant_figures_from_the_real_database(workbench):
+    """The committed SmolLM2 database (group 128 asym, levels 2/3/4/8): GPTQ's error grows faster per bit
+    removed than BAQ's 4x model at the low levels, as the study reported."""
+    from lensbench.app.pages.quant import block_figure, levels, linear_figure, ratio_rows
+    from lensbench.profiles import Profile
+
+    profile = Profile.load(workbench)
+    assert levels(profile) == [2, 3, 4, 8]
+    fig = linear_figure(profile, "gptq_nmse", 3)
+    assert len(fig.data[0].z) == 30 and list(fig.data[0].x)[0].endswith("q_proj")
+    assert [t.name for t in block_figure(profile, "hawq").data] == ["int2", "int3", "int4", "int8"]
+    ratios = {r["levels"]: r["median"] for r in ratio_rows(profile)}
+    assert ratios["int2 / int3"] > 5 and 4 < ratios["int3 / int4"] < 5.5
 
 
 def test_kv_figures_from_the_real_profile(workbench):

@@ -1,4 +1,4 @@
 """One module per page: PATH, TITLE, layout(state) and register(app, state). Registered in PAGES."""
-from . import channels, concept, kv, overview, plans, redundancy, relevance
+from . import channels, concept, kv, overview, plans, quant, redundancy, relevance
 
-PAGES = [overview, redundancy, concept, channels, relevance, plans, kv]
+PAGES = [overview, redundancy, concept, channels, relevance, plans, quant, kv]
