@@ -44,7 +44,8 @@ from lensbench.profiles import Profile  # noqa: E402
 from lensbench.profiling import profile_model  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
 
-REPORT = Path(__file__).resolve().parent.parent / "reports" / "QUANT.md"
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+REPORT = REPORTS / "QUANT.md"
 CACHE = Path(os.environ.get("LENSBENCH_STUDY", Path.home() / ".cache" / "lensbench" / "study"))
 LEVELS = (2, 3, 4, 8)
 RANKINGS = ("lim", "zd", "hessian", "hawq", "augmented", "gptq-kl")
@@ -123,10 +124,14 @@ class Quality:
                 "dense_topic": self.dense_topic}
 
 
+def db_folder(name: str, args) -> Path:
+    return CACHE / (f"{name}-db-c{args.calib}" + (f"-g{args.group_size}" if args.group_size != 128 else ""))
+
+
 def study(name: str, args, executor) -> tuple[str, list]:
     model = lb.load(name)
     calib = bbc_news("calibration", limit=args.calib)
-    folder = CACHE / (f"{name}-db-c{args.calib}" + (f"-g{args.group_size}" if args.group_size != 128 else ""))
+    folder = db_folder(name, args)
     t0 = time.time()
     cfg = DatabaseConfig(levels=LEVELS, group_size=args.group_size, gptq=GPTQConfig(seq_len=512))
     db = build(model, calib, folder, cfg, executor=executor, progress=True)
@@ -191,6 +196,28 @@ def table(rows: list) -> list[str]:
     return lines
 
 
+def save_study(name: str, db_folder: Path, command: str, rows: list) -> Path:
+    """The rows as JSON beside a copy of the database's profile, reports/quant-db-<model>/{profile,study.json},
+    which the app's quantisation page opens (`lensbench app reports/quant-db-<model>/profile`). A row replaces
+    the earlier one of the same budget, method and group size; other runs' rows are kept."""
+    import shutil
+
+    from lensbench.atomic import write_json
+    from lensbench.jsonio import read as read_json
+
+    out = REPORTS / f"quant-db-{name.split('-')[0]}"
+    if not (out / "profile" / "profile.json").is_file():
+        shutil.copytree(db_folder / "profile", out / "profile", dirs_exist_ok=True)
+    path = out / "study.json"
+    doc = read_json(path) if path.is_file() else {"model": name, "rows": []}
+    group = int(command.split("--group-size ")[1].split()[0]) if "--group-size " in command else 128
+    fresh = [{**r, "group_size": group, "command": command, "date": time.strftime("%Y-%m-%d")} for r in rows]
+    seen = {(r["budget"], r["method"], r["group_size"]) for r in fresh}
+    doc["rows"] = [r for r in doc["rows"] if (r["budget"], r["method"], r["group_size"]) not in seen] + fresh
+    write_json(path, doc)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
@@ -229,6 +256,8 @@ def main() -> None:
                 f"compute, up to float summation order). Lowest KL per budget in bold.\n\n"
                 + head + "\n\n" + "\n".join(table(rows)) + "\n")
         print(body)
+        command = body.split("`")[1]
+        print("wrote", save_study(name, db_folder(name, args), command, rows))
         append_report(f"Bit allocation on GPTQ levels, {name} (benchmarks/quant_study.py)", body)
         marker = (f"{MARKER.rstrip()}: {name}" + (f", group {args.group_size}" if args.group_size != 128 else "")
                   + (f", rows {','.join(args.methods)}" if args.methods else "") + "\n")

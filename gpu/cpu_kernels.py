@@ -5,8 +5,9 @@
   the integer dot product and its min multiplies the group's activation sum:
       y[m, n] = sum_g scale[n, g] * (q[n, g] . x[m, g]) + min[n, g] * sum(x[m, g])
   Threads split the output rows.
-* `tiled` — many rows (prefill): `TILE` output rows at a time are dequantised into one reused
-  float32 buffer and multiplied with torch's GEMM, so peak extra memory is one tile, not the weight.
+* `tiled` — many rows (prefill): `TILE` output rows at a time are dequantised (on the calling thread: see
+  `dequant_rows`) into one reused float32 buffer and multiplied with torch's GEMM, so peak extra memory is one
+  tile, not the weight.
 
 Scales and mins are stored as float16 (numba has no CPU float16): a 65,536-entry table turns
 their bit patterns into float32.
@@ -29,7 +30,7 @@ EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # keep decode off torc
 # both paths by rows on SmolLM2's linears, reports/DECODE.md): numba's gemv, and torch's int4/int8 kernels.
 GEMV_MAX_ROWS = 12
 TORCH_MAX_ROWS = 32
-ROWS_PER_TASK = 64  # output rows per parallel task of gemv and dequant_rows (each task allocates its buffer once)
+ROWS_PER_TASK = 64  # output rows per parallel task of gemv (each task allocates its buffer once)
 TILE = 256  # the fewest output rows dequantised at a time by the tiled path
 TILE_BYTES = 8 << 20  # its float32 buffer: SmolLM2's linears fit whole (one GEMM each), its LM head in 14 tiles
 _H2F = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
@@ -156,35 +157,39 @@ def _make_kernels(bits: int):
                     acc += d * h2f[sc[n, g]] + h2f[mn[n, g]] * xsum[m, g]
                 out[m, n] = acc
 
-    @njit(parallel=True, fastmath=True, nogil=True)
+    # Dequantising runs on the calling thread (the tiled path and lookups). numba's parallel loops run on the
+    # system's OpenMP runtime and torch's GEMM on the one torch ships: two thread pools, each spinning after its
+    # region while the other wants the cores. Alternating them (dequantise, GEMM, dequantise, ...) took 17 ms over
+    # SmolLM2's 210 block linears in some processes and 100-115 ms in others; on one thread, 19 ms in every
+    # process (2 cores).
+    @njit(fastmath=True, nogil=True)
     def dequant_rows(p, sc, mn, gs, h2f, n0, out):
         rows, k_pad = out.shape
         n_groups = sc.shape[1]
-        for c in prange((rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-            buf = np.empty(gs, np.float32)  # once per task, as in gemv
-            for r in range(c * ROWS_PER_TASK, min(rows, c * ROWS_PER_TASK + ROWS_PER_TASK)):
-                n = n0 + r
-                row = p[n]
-                for g in range(n_groups):
-                    base = g * gs
-                    length = min(gs, k_pad - base)
-                    s = h2f[sc[n, g]]
-                    lo = h2f[mn[n, g]]
-                    dst = out[r, base:]
-                    pg = row[base * bits // 8:]
-                    if bits == 4:  # straight from the bytes: the low nibbles are the group's first half
-                        h = length // 2
-                        dhi = dst[h:]
-                        for j in range(h):
-                            dst[j] = np.float32(pg[j] & 15) * s + lo
-                            dhi[j] = np.float32(pg[j] >> 4) * s + lo
-                    elif bits == 8:
-                        for j in range(length):
-                            dst[j] = np.float32(pg[j]) * s + lo
-                    else:
-                        _codes(pg, length, bits, buf)
-                        for j in range(length):
-                            dst[j] = buf[j] * s + lo
+        buf = np.empty(gs, np.float32)
+        for r in range(rows):
+            n = n0 + r
+            row = p[n]
+            for g in range(n_groups):
+                base = g * gs
+                length = min(gs, k_pad - base)
+                s = h2f[sc[n, g]]
+                lo = h2f[mn[n, g]]
+                dst = out[r, base:]
+                pg = row[base * bits // 8:]
+                if bits == 4:  # straight from the bytes: the low nibbles are the group's first half
+                    h = length // 2
+                    dhi = dst[h:]
+                    for j in range(h):
+                        dst[j] = np.float32(pg[j] & 15) * s + lo
+                        dhi[j] = np.float32(pg[j] >> 4) * s + lo
+                elif bits == 8:
+                    for j in range(length):
+                        dst[j] = np.float32(pg[j]) * s + lo
+                else:
+                    _codes(pg, length, bits, buf)
+                    for j in range(length):
+                        dst[j] = buf[j] * s + lo
 
     return (gemv4 if bits == 4 else gemv), dequant_rows
 

@@ -1,18 +1,25 @@
-"""Quantisation: a GPTQ database's measurements (`lensbench quant-db MODEL --out DB`, opened as `DB/profile`).
+"""Quantisation: a GPTQ database's measurements (`lensbench quant-db MODEL --out DB`, opened as `DB/profile`),
+and the bit-allocation study run on it when a `study.json` lies beside that profile folder
+(`benchmarks/quant_study.py` writes reports/quant-db-<model>/{profile,study.json}).
 
 Per linear, the normalised layer error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) (or HAWQ's trace score) at a chosen level as a
 layer × linear heatmap; per block, every level's error against depth, and the calibration KL measured with only
 that block quantised; and how fast GPTQ's error grows per bit removed (the median over linears of the error
-ratio between neighbouring levels, against the 4x per bit that the rate-distortion model behind BAQ assumes)."""
+ratio between neighbouring levels, against the 4x per bit that the rate-distortion model behind BAQ assumes).
+The study: held-out KL against average bits, one line per allocation method, and its table."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 
-from ..components import graph, missing, opened_or_notice, profile_picker
+from lensbench.errors import LensbenchError
+from lensbench.jsonio import read_document
+
+from ..components import graph, missing, notice, opened_or_notice, profile_picker
 
 PATH, TITLE = "/quant", "Quantisation"
 SCORES = {"gptq_nmse": "GPTQ layer error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)", "hawq": "HAWQ trace score Σ tr(H)/n ||ΔW||²"}
@@ -35,6 +42,7 @@ def layout(state):
         html.Div(id="qt-linears"),
         html.Div(id="qt-blocks"),
         html.Div(id="qt-ratios"),
+        html.Div(id="qt-study"),
     ])
 
 
@@ -98,12 +106,64 @@ def ratio_table(profile) -> html.Table:
     return html.Table([head, *rows], className="card", id="qt-ratio-table")
 
 
+def study_file(path: str) -> Path:
+    """Where the study of a database profile opened from `path` (its folder or profile.json) lies."""
+    folder = Path(path)
+    folder = folder.parent if folder.suffix == ".json" else folder
+    return folder.parent / "study.json"
+
+
+def study_figure(doc: dict) -> go.Figure:
+    by_method: dict[str, list] = {}
+    for r in sorted(doc["rows"], key=lambda r: r["bits"]):
+        by_method.setdefault(f"{r['method']} (g{r.get('group_size', 128)})", []).append(r)
+    fig = go.Figure()
+    for method, rows in by_method.items():
+        fig.add_trace(go.Scatter(x=[r["bits"] for r in rows], y=[r["kl"] for r in rows], mode="lines+markers",
+                                 name=method, text=[f"budget {r['budget']:g}, perplexity {r['ppl']:.2f}" for r in rows],
+                                 hovertemplate=f"{method}<br>%{{x:.3f}} bits, KL %{{y:.4g}}, %{{text}}<extra></extra>"))
+    fig.update_layout(title=f"Bit allocation study on {doc.get('model', '?')}: held-out KL against average bits",
+                      xaxis_title="average code bits over the blocks' linears", yaxis_title="held-out KL (nats/token)",
+                      yaxis_type="log", height=480, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def study_table(doc: dict) -> html.Table:
+    head = html.Tr([html.Th(h) for h in ("budget", "method", "group", "average bits", "held-out KL", "perplexity",
+                                         "topic accuracy", "run")])
+    rows = []
+    for r in sorted(doc["rows"], key=lambda r: (r["budget"], r["kl"])):
+        rows.append(html.Tr([html.Td(f"{r['budget']:g}"), html.Td(r["method"]), html.Td(r.get("group_size", 128)),
+                             html.Td(f"{r['bits']:.3f}"), html.Td(f"{r['kl']:.4f}"), html.Td(f"{r['ppl']:.2f}"),
+                             html.Td(f"{r['topic']:.3f}"), html.Td(r.get("date", ""))]))
+    return html.Table([head, *rows], className="card", id="qt-study-table")
+
+
+def study_view(path: str):
+    f = study_file(path)
+    if not f.is_file():
+        return notice(f"No allocation study beside this database ({f} does not exist): python "
+                      f"benchmarks/quant_study.py writes one.", "info")
+    try:
+        doc = read_document(f, LensbenchError, "run benchmarks/quant_study.py again")
+    except LensbenchError as exc:
+        return notice(str(exc), "error")
+    return html.Div([graph(study_figure(doc), "qt-study-fig"), study_table(doc)])
+
+
 def register(app, state):
     @app.callback(Output("qt-level", "options"), Output("qt-level", "value"), Input("qt-profile", "value"))
     def choices(key):
         profile, _ = opened_or_notice(state, key)
         lv = levels(profile) if profile is not None else []
         return [{"label": f"int{b}", "value": b} for b in lv], (3 if 3 in lv else (lv[0] if lv else None))
+
+    @app.callback(Output("qt-study", "children"), Input("qt-profile", "value"))
+    def study(key):
+        profile, _ = opened_or_notice(state, key)
+        if profile is None or not levels(profile):
+            return None
+        return study_view(state.get(key).path)
 
     @app.callback(Output("qt-linears", "children"), Output("qt-blocks", "children"), Output("qt-ratios", "children"),
                   Input("qt-profile", "value"), Input("qt-score", "value"), Input("qt-level", "value"))
