@@ -10,9 +10,10 @@ into the graph as an aten op or a lensbench custom op, so the graph does not bre
     dec = Decoder(model)                      # after `lb.convert(model, plan)` or inside `lb.apply`
     ids = dec.generate(prompt_ids, 64)        # [B, T + 64]; the first call compiles (tens of seconds)
 
-The prompt runs eagerly (its length varies); only the one-token step is compiled, once per batch size. Each
-step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as eager packed decode
-does): on cores shared with another busy process one thread beats two.
+The prompt runs eagerly (its length varies); only the one-token step is compiled, once per batch size and
+thread count. Each step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as
+eager packed decode does: on cores shared with another busy process one thread beats two), so the first
+steps on each count compile.
 Forward hooks on the model's modules do not run inside a compiled graph, so a model carrying any is refused:
 capture with the eager model (`model.module.generate`, `lb.capture`), which this leaves untouched.
 """
