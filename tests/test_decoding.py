@@ -110,3 +110,19 @@ def test_bad_input_is_one_line(llama, minilm):
             Decoder(llama)
     finally:
         handle.remove()
+
+
+def test_cli_generate_with_a_plan(capsys, tmp_path, tiny_dir):
+    import lensbench
+    from lensbench.cli import main
+
+    model_dir = str(tiny_dir("llama"))
+    model = lensbench.load(model_dir)
+    plan = _plan(model, lambda n: (4, 32, "asym")).save(tmp_path / "plan.json")
+    capsys.readouterr()
+    assert main(["generate", model_dir, "--plan", str(plan), "--prompt", "The report said", "--new-tokens", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "compiled" in err and "tokens/s decode" in err
+    assert main(["generate", model_dir, "--prompt", "x", "--new-tokens", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--new-tokens must be 1 or more" in err[0]

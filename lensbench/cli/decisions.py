@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import sys
+import time
 from pathlib import Path
 
 from ..atomic import write_json
@@ -221,6 +224,40 @@ def cmd_evaluate(args) -> int:
         print(f"  lm-eval {le['task']}: " + ", ".join(f"{k.split(',')[0]} {v:.3f} (dense {le['dense'][k]:.3f})"
                                                      for k, v in le["plan"].items() if "stderr" not in k))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="bundled name, directory, .gguf file or hub name (a causal LM)")
+    p.add_argument("--plan", help="plan JSON to apply first (its quantised layers run on the packed kernels)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
+    p.add_argument("--eager", action="store_true", help="run the decode steps eagerly instead of compiling one")
+
+
+@command("generate", "greedy text from a model (a plan applied first) with a static KV cache and a compiled "
+                     "decode step, and its speed", _generate_arguments)
+def cmd_generate(args) -> int:
+    from ..compress.apply import apply
+    from ..decoding import Decoder
+
+    if args.new_tokens < 1:
+        raise LensbenchError(f"--new-tokens must be 1 or more, got {args.new_tokens}")
+    plan = Plan.load(args.plan) if args.plan else None
+    model = load(args.model)
+    ids = model.tokenize([args.prompt]).input_ids
+    with apply(model, plan) if plan is not None else contextlib.nullcontext():
+        t0 = time.perf_counter()
+        dec = Decoder(model, max_length=ids.shape[1] + args.new_tokens, compile=not args.eager)
+        out = dec.generate(ids, args.new_tokens)  # the first call compiles the step
+        first = time.perf_counter() - t0
+        dec.generate(ids, args.new_tokens)  # a compiled step's speed, from a second call
+        t = dec.timings
+    print(model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    speed = f"{t['decode_steps'] / t['decode_s']:.1f} tokens/s decode" if t["decode_steps"] else "no decode step"
+    print(f"{'plan ' + repr(plan) if plan is not None else 'dense'}, {'eager' if args.eager else 'compiled'}: "
+          f"{ids.shape[1]} prompt tokens in {t['prefill_s']:.2f} s, {speed} (second call); first call, compiling "
+          f"included, {first:.1f} s", file=sys.stderr)
     return 0
 
 
