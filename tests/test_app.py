@@ -221,6 +221,34 @@ def test_quant_figures_from_the_real_database(workbench):
     assert ratios["int2 / int3"] > 5 and 4 < ratios["int3 / int4"] < 5.5
 
 
+def test_quant_study_from_the_committed_gemma_run():
+    """reports/quant-db-gemma3/study.json (benchmarks/quant_study.py, Gemma-3-270M at 4 and 4.25 bits): one line per
+    method, uniform int4 flat across the two budgets, and the page finds the file beside the profile folder."""
+    from lensbench.app.pages.quant import study_figure, study_file, study_table
+    from lensbench.jsonio import read
+
+    path = REPORTS / "quant-db-gemma3" / "profile"
+    assert study_file(str(path)) == path.parent / "study.json"
+    assert study_file(str(path / "profile.json")) == path.parent / "study.json"
+    doc = read(study_file(str(path)))
+    fig = study_figure(doc)
+    uniform = next(t for t in fig.data if t.name.startswith("uniform int4"))
+    assert list(uniform.y) == [uniform.y[0]] * 2 and len(fig.data) >= 4
+    assert len(study_table(doc).children) == len(doc["rows"]) + 1
+
+
+@needs_browser
+def test_quant_page_draws_the_study_beside_a_database(browser):
+    from lensbench.app import create_app
+
+    with serving(create_app([REPORTS / "quant-db-gemma3" / "profile"])) as url:
+        browser.get(url + "/quant")
+        wait_for(browser, "qt-study-fig")
+        assert "gemma3-270m" in figure_title(browser, "qt-study-fig")
+        wait_for(browser, "qt-linear-fig")
+        assert console_errors(browser) == []
+
+
 def test_kv_figures_from_the_real_profile(workbench):
     from lensbench.app.pages.kv import front_figure, grid_figure
     from lensbench.profiles import Profile
