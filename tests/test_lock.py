@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def mismatches(locked: dict[str, str], installed: dict[str, str]) -> list[str]:
 
 
 def installed_versions() -> dict[str, str]:
-    return {_norm(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    """What the venv's site-packages hold. Not `sys.path`: importing setuptools (torch.compile's C++ builder does)
+    appends its `_vendor` folder, whose older packaging, zipp, wheel ... would then shadow the installed ones."""
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {_norm(d.metadata["Name"]): d.version for d in metadata.distributions(path=paths) if d.metadata["Name"]}
 
 
 def test_the_venv_matches_the_lock():

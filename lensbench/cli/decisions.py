@@ -238,8 +238,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 @command("generate", "greedy text from a model (a plan applied first) with a static KV cache and a compiled "
                      "decode step, and its speed", _generate_arguments)
 def cmd_generate(args) -> int:
-    from ..compress.apply import apply
-    from ..decoding import Decoder
+    from ..compress.apply import apply  # heavy: the packed kernels (numba), for this command only
+    from ..decoding import Decoder  # heavy: torch.compile and the custom ops, for this command only
 
     if args.new_tokens < 1:
         raise LensbenchError(f"--new-tokens must be 1 or more, got {args.new_tokens}")
