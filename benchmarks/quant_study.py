@@ -196,7 +196,7 @@ def table(rows: list) -> list[str]:
     return lines
 
 
-def save_study(name: str, db_folder: Path, command: str, rows: list) -> Path:
+def save_study(name: str, db_folder: Path, command: str, rows: list, group: int) -> Path:
     """The rows as JSON beside a copy of the database's profile, reports/quant-db-<model>/{profile,study.json},
     which the app's quantisation page opens (`lensbench app reports/quant-db-<model>/profile`). A row replaces
     the earlier one of the same budget, method and group size; other runs' rows are kept."""
@@ -210,7 +210,6 @@ def save_study(name: str, db_folder: Path, command: str, rows: list) -> Path:
         shutil.copytree(db_folder / "profile", out / "profile", dirs_exist_ok=True)
     path = out / "study.json"
     doc = read_json(path) if path.is_file() else {"model": name, "rows": []}
-    group = int(command.split("--group-size ")[1].split()[0]) if "--group-size " in command else 128
     fresh = [{**r, "group_size": group, "command": command, "date": time.strftime("%Y-%m-%d")} for r in rows]
     seen = {(r["budget"], r["method"], r["group_size"]) for r in fresh}
     doc["rows"] = [r for r in doc["rows"] if (r["budget"], r["method"], r["group_size"]) not in seen] + fresh
@@ -257,7 +256,7 @@ def main() -> None:
                 + head + "\n\n" + "\n".join(table(rows)) + "\n")
         print(body)
         command = body.split("`")[1]
-        print("wrote", save_study(name, db_folder(name, args), command, rows))
+        print("wrote", save_study(name, db_folder(name, args), command, rows, args.group_size))
         append_report(f"Bit allocation on GPTQ levels, {name} (benchmarks/quant_study.py)", body)
         marker = (f"{MARKER.rstrip()}: {name}" + (f", group {args.group_size}" if args.group_size != 128 else "")
                   + (f", rows {','.join(args.methods)}" if args.methods else "") + "\n")

@@ -159,9 +159,9 @@ def _make_kernels(bits: int):
 
     # Dequantising runs on the calling thread (the tiled path and lookups). numba's parallel loops run on the
     # system's OpenMP runtime and torch's GEMM on the one torch ships: two thread pools, each spinning after its
-    # region while the other wants the cores. Alternating them (dequantise, GEMM, dequantise, ...) took 17 ms over
-    # SmolLM2's 210 block linears in some processes and 100-115 ms in others; on one thread, 19 ms in every
-    # process (2 cores).
+    # region while the other wants the cores. Alternating them (dequantise, GEMM, dequantise, ...) over SmolLM2's
+    # 210 block linears at 1 row took 20 ms in some decode benchmark runs and 108-143 ms in others (the crossover
+    # tables in reports/BENCHMARKS.md); on one thread the run since gave 21-23 ms.
     @njit(fastmath=True, nogil=True)
     def dequant_rows(p, sc, mn, gs, h2f, n0, out):
         rows, k_pad = out.shape

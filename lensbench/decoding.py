@@ -36,17 +36,15 @@ class DecodeError(LensbenchError):
 
 
 def _hooked(module: torch.nn.Module) -> str | None:
-    for name, m in module.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks:
-            if m is not module:  # the root's hooks are not called: the step calls its forward directly
-                return name
-    return None
+    # the root's own hooks are not called (the step calls its forward directly), so only submodules count
+    return next((name for name, m in module.named_modules()
+                 if m is not module and (m._forward_hooks or m._forward_pre_hooks)), None)
 
 
 def _cheap_guards(entries) -> list[bool]:
     """Which of dynamo's guards a compiled step checks on every call: all but those that a module's attributes
-    and hooks are as they were when traced (dictionary and attribute lookups on each of hundreds of modules,
-    1.5 ms of a 10 ms SmolLM2 int4 step in the profile). A Decoder is made for a model that no longer changes
+    and hooks are as they were when traced (dictionary and attribute lookups on each of hundreds of modules, paid
+    on every step; their cost is not measured by a benchmark here). A Decoder is made for a model that no longer changes
     (`forward hooks` are refused up front); which modules and weights a graph runs is still guarded (their
     types, the packed weights' handles), so a Decoder made after the model changes does not run an old graph."""
     return [not (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in ("DICT_NOT_CONTAINS", "HASATTR"))
