@@ -3,13 +3,15 @@ grids) against a slow column-by-column reference, a case solved by hand, its lay
 linear of a tiny model, the sequential pipeline, plans that carry the method, and bad input."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from lensbench.compress.apply import apply
-from lensbench.compress.gptq import GPTQConfig, gptq_weight, layer_error, prepare, quantize_model
+from lensbench.compress.gptq import GPTQConfig, gptq_ggml, gptq_weight, layer_error, prepare, quantize_model
 from lensbench.compress.plan import Plan, Quant
 from lensbench.errors import LensbenchError, PlanError
+from lensbench.gpu import ggml
 from lensbench.gpu.quant import QuantError, dequantized, grid, round_to_grid
 from lensbench.gpu.reference import dequantize
 from lensbench.profiling import model_card
@@ -17,18 +19,26 @@ from lensbench.simquant import block_linears
 from lensbench.testing import SAMPLE_TEXTS
 
 
-def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, symmetric: bool, damp: float):
+def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, symmetric: bool, damp: float,
+                   ggml_grid=None):
     """The optimal-brain-quantisation update done literally: one column at a time with the inverse Hessian
-    updated by Gaussian elimination of the quantised column (no Cholesky, no lazy blocks)."""
+    updated by Gaussian elimination of the quantised column (no Cholesky, no lazy blocks). With `ggml_grid`
+    (a `gpu.ggml.Grid` fitted to the original weights) each column rounds onto that fixed grid instead."""
     w = w.double().clone()
     n, k = w.shape
     h = h.double() + damp * torch.diag(h).mean() * torch.eye(k, dtype=torch.float64)
     hinv = torch.linalg.inv(h)
     out = torch.zeros_like(w)
     for j in range(k):
-        if j % gs == 0:
-            s, m = grid(w[:, j:min(j + gs, k)].float(), bits, symmetric)
-        q = dequantized(round_to_grid(w[:, j:j + 1].float(), s, m, bits, symmetric), s, m)[:, 0].double()
+        if ggml_grid is not None:
+            s = torch.from_numpy(ggml_grid.scale[:, j // ggml_grid.sub]).double()
+            low = torch.from_numpy(ggml_grid.low[:, j // ggml_grid.sub]).double()
+            code = torch.where(s != 0, torch.round((w[:, j] - low) / torch.where(s != 0, s, 1)), 0)
+            q = code.clamp(0, ggml_grid.qmax) * s + low
+        else:
+            if j % gs == 0:
+                s, m = grid(w[:, j:min(j + gs, k)].float(), bits, symmetric)
+            q = dequantized(round_to_grid(w[:, j:j + 1].float(), s, m, bits, symmetric), s, m)[:, 0].double()
         out[:, j] = q
         e = (w[:, j] - q) / hinv[j, j]
         w[:, j + 1:] -= e[:, None] * hinv[j, j + 1:][None, :]
@@ -145,9 +155,56 @@ def test_the_method_is_recorded_in_the_plan_and_read_back(tmp_path, tiny):
     assert "method" not in rtn  # an RTN plan's JSON is what it always was
 
 
-def test_gptq_onto_gguf_grids_and_outside_blocks_are_refused(tiny):
-    with pytest.raises(QuantError, match="GGUF"):
-        Quant(4, 0, "gguf", "gptq")
+# --- GPTQ onto llama.cpp's GGML grids ------------------------------------------------------------------------
+GGML_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "Q3_K", "Q4_K"])
+def test_gptq_on_a_ggml_grid_matches_the_column_by_column_reference(qtype):
+    w, h = problem(n=8, k=256)
+    fast = gptq_ggml(w, h, qtype, GPTQConfig(block=64, act_order=False)).packed.dequantize().double()
+    slow = reference_gptq(w, h, 0, 0, False, 0.01, ggml_grid=ggml.fit(w.numpy(), qtype))
+    assert torch.isclose(fast, slow, atol=1e-4).float().mean() > 0.995
+    assert layer_error(w, fast, h) == pytest.approx(layer_error(w, slow, h), rel=1e-3)
+
+
+@pytest.mark.parametrize("qtype", GGML_TYPES)
+def test_gptq_on_ggml_grids_beats_llama_cpps_rounding_with_its_scales(qtype):
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    w, h = problem(n=8, k=256)
+    r = gptq_ggml(w, h, qtype)
+    assert r.error < r.rtn_error  # rtn_error: gguf's own quantiser (llama.cpp's reference rounding)
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    assert r.packed.data.shape == (8, 256 // block * nbytes) and r.packed.data.dtype == np.uint8
+    # the bytes are what gguf's reader decodes to the values GPTQ computed with
+    back = quants.dequantize(r.packed.data, GGMLQuantizationType[qtype])
+    assert np.array_equal(back, r.packed.dequantize().numpy())
+    # a 32-value type's float16 scale is the one llama.cpp's quantiser writes (the grid is fitted to the original
+    # weights): only the codes differ (a K-quant's grid: the diagonal-Hessian test below)
+    if not qtype.endswith("_K"):
+        ref = ggml.quantize(w.numpy(), qtype).reshape(-1, nbytes)[:, :2]
+        assert np.array_equal(r.packed.data.reshape(-1, nbytes)[:, :2], ref)
+
+
+def test_a_diagonal_hessian_makes_gptq_on_a_ggml_grid_round_to_nearest():
+    """No coupling between inputs: GPTQ has nothing to compensate, and its bytes are the K-quant quantiser's."""
+    w, _ = problem(k=256)
+    h = torch.diag(torch.rand(256, dtype=torch.float64) + 0.5)
+    r = gptq_ggml(w, h, "Q4_K")
+    assert np.array_equal(r.packed.data, ggml.quantize(w.numpy(), "Q4_K"))
+
+
+def test_gptq_on_a_ggml_grid_refuses_bad_input():
+    w, h = problem(k=96)
+    with pytest.raises(QuantError, match="multiples of 256"):
+        gptq_ggml(w, h, "Q4_K")
+    w[0, 0] = float("inf")
+    with pytest.raises(QuantError, match="NaN or Inf"):
+        gptq_ggml(w, h, "Q4_0")
+
+
+def test_outside_blocks_are_refused(tiny):
     with pytest.raises(QuantError, match="method 'obq' is not known"):
         Quant(4, 32, "asym", "obq")
     model = tiny("llama")
@@ -184,3 +241,28 @@ def test_a_gptq_checkpoint_loads_in_transformers_with_the_gptq_logits(tiny, tmp_
     with torch.no_grad(), apply(model, plan.with_method("rtn")):
         rtn = model.module(ids).logits.numpy()
     assert abs(got - want).max() <= 1e-3 < abs(got - rtn).max()
+
+
+def test_a_gptq_gguf_file_loads_in_transformers_and_llama_cpp_with_the_gptq_logits(tiny, tmp_path):
+    """GPTQ onto the GGML grids, saved as GGUF: transformers' reader (a process without lensbench) computes what
+    the in-memory GPTQ plan computes, which is not what llama.cpp's own rounding gives; llama.cpp runs it."""
+    from lensbench.compress.save import compress
+    from test_compress import HF_GGUF_CHECK, consume, ids_for, llama_cpp_runs, planned_logits
+
+    model = tiny("llama")
+    block = model_card(model)["units"]["block"]
+    plan = Plan.quantize(model_card(model), {block.format(i=i): Quant(4, scheme="gguf", method="gptq")
+                                             for i in range(model.n_layers)})
+    saved = compress(model, plan, format="gguf", out=tmp_path / "ck", calibration=list(SAMPLE_TEXTS))
+    assert saved.record["tensor_types"]["Q4_0"] == model.n_layers * len(block_linears(model))  # 32 inputs: Q4_0
+    ids = ids_for(model, n=1)
+    want = planned_logits(model, plan, ids)[0]
+    with torch.no_grad(), apply(model, plan.with_method("rtn")):
+        rtn = model.module(ids).logits[0].numpy()
+    hf, cpp = consume(tmp_path, HF_GGUF_CHECK.format(dir=str(saved.path), file=saved.record["file"],
+                                                     use_llama=llama_cpp_runs() is None), ids)
+    assert np.abs(hf - want).max() <= 1e-4 < np.abs(hf - rtn).max()
+    if np.isnan(cpp).all():
+        pytest.skip(f"{llama_cpp_runs()}; transformers' reader checked")
+    # llama.cpp rounds activations to 8 bits for its quantised matmuls: close, the same greedy tokens
+    assert np.abs(cpp - want).max() <= 0.05 and (cpp.argmax(-1) == want.argmax(-1)).all()

@@ -76,8 +76,9 @@ class DatabaseConfig:
 
     def check(self) -> "DatabaseConfig":
         if self.scheme not in SCHEMES:
-            raise QuantError(f"a GPTQ database holds the {' or '.join(SCHEMES)} grid, not {self.scheme!r}: GPTQ onto "
-                             f"the GGUF grids is not implemented yet")
+            raise QuantError(f"a GPTQ database holds the {' or '.join(SCHEMES)} grid, not {self.scheme!r}: for GPTQ "
+                             f"onto the GGUF grids make the plan with --scheme gguf --method gptq (compress and "
+                             f"evaluate run GPTQ on calibration text)")
         if not self.levels or len(set(self.levels)) != len(self.levels):
             raise QuantError(f"give distinct levels, e.g. {','.join(map(str, LEVELS))}; got {self.levels}")
         for b in self.levels:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..capture import batches
 from ..errors import LensbenchError
+from ..gpu import ggml
 from ..gpu.mixed import MixedWeight, check_group_bits, quantize_mixed, split
 from ..gpu.quant import PackedWeight, QuantError, checked, dequantized, grid, pack, quantize, round_to_grid
 from ..gpu.reference import dequantize
@@ -89,68 +90,149 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
                      f"calibration text")
 
 
+class _OwnGrid:
+    """GPTQ's rounding onto lensbench's packed grid (`gpu.quant`): group-wise (scale, min), fitted to the original
+    weights up front with act-order ("static groups") or else to the updated columns when a group starts."""
+
+    def __init__(self, w: torch.Tensor, bits: int | Sequence[int], gs: int, symmetric: bool, static: bool):
+        n, k = w.shape
+        self.shape, self.gs, self.symmetric, self.static = (n, k), gs, symmetric, static
+        self.groups = [(g0, min(g0 + gs, k)) for g0 in range(0, k, gs)]
+        self.uniform = isinstance(bits, int)
+        self.bits = bits
+        self.width = [bits] * len(self.groups) if self.uniform else [int(b) for b in bits]
+        self.scales = torch.zeros(n, len(self.groups), dtype=torch.float16)
+        self.mins = torch.zeros(n, len(self.groups), dtype=torch.float16)
+        self.codes = torch.zeros(n, k)
+        if static:
+            for a, b in self.groups:
+                self.fit(a, w[:, a:b].float())
+
+    def group_end(self, col: int) -> int | None:
+        """Where the group starting at input column `col` ends, when its grid is fitted there."""
+        g = col // self.gs
+        return None if self.static or col != self.groups[g][0] else self.groups[g][1]
+
+    def fit(self, col: int, span: torch.Tensor) -> None:
+        g = col // self.gs
+        self.scales[:, g], self.mins[:, g] = grid(span, self.width[g], self.symmetric)
+
+    def round(self, col: int, values: torch.Tensor) -> torch.Tensor:
+        g = col // self.gs
+        q = round_to_grid(values[:, None], self.scales[:, g], self.mins[:, g], self.width[g], self.symmetric)
+        self.codes[:, col] = q[:, 0]
+        return dequantized(q, self.scales[:, g], self.mins[:, g])[:, 0]
+
+    def packed(self, padded_k: int) -> PackedWeight | MixedWeight:
+        n, k = self.shape
+        if self.uniform:
+            full = torch.zeros(n, padded_k)
+            full[:, :k] = self.codes
+            return pack(full, self.scales, self.mins, self.bits, self.gs, (n, k))
+        return split(self.codes, self.scales, self.mins, self.width, self.gs, (n, k))
+
+
+class _GGMLGrid:
+    """GPTQ's rounding onto a GGML type's grid (`gpu.ggml.fit`), fitted to the original weights (static: a
+    K-quant's super-block scale spans 256 columns), so the stored scales are those llama.cpp's own quantiser
+    would choose and only the codes differ."""
+
+    static = True
+
+    def __init__(self, w: torch.Tensor, qtype: str):
+        self.grid = ggml.fit(w.float().numpy(), qtype)
+        self.scale, self.low = torch.from_numpy(self.grid.scale), torch.from_numpy(self.grid.low)
+        self.codes = torch.zeros(w.shape, dtype=torch.uint8)
+
+    def group_end(self, col: int) -> None:
+        return None
+
+    def round(self, col: int, values: torch.Tensor) -> torch.Tensor:
+        s, low = self.scale[:, col // self.grid.sub], self.low[:, col // self.grid.sub]
+        q = torch.where(s != 0, torch.round((values - low) / torch.where(s != 0, s, 1)), 0).clamp_(0, self.grid.qmax)
+        self.codes[:, col] = q.to(torch.uint8)
+        return q * s + low
+
+    def packed(self) -> ggml.GGMLWeight:
+        return ggml.GGMLWeight(self.grid.qtype, self.grid.pack(self.codes.numpy()), tuple(self.codes.shape))
+
+
+def _obq(w: torch.Tensor, h: torch.Tensor, rounder, cfg: GPTQConfig, align: int) -> tuple[torch.Tensor, float]:
+    """The GPTQ column loop over w [N, K] with Hessian h [K, K] (both float64), rounding each column with
+    `rounder`: returns (the OBQ loss of each input column, the relative dampening used). Lazy blocks are a
+    multiple of `align` columns."""
+    k = w.shape[1]
+    order = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
+    w, h = w[:, order].float(), h[order][:, order]
+    upper, damp = _inverse_factor(h, cfg.damp)  # in float64; the column updates run in float32, as GPTQ's own
+    upper = upper.float()
+    losses = torch.zeros(k, dtype=torch.float64)
+    block = max(align, cfg.block // align * align)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            j = int(order[col])
+            end = rounder.group_end(j)  # a group starts (in order only): its grid from the updated columns
+            if end is not None:
+                span = w1[:, i:i + (end - col)] if end <= i2 else torch.cat([w1[:, i:], w[:, i2:end]], 1)
+                rounder.fit(j, span)
+            e = (w1[:, i] - rounder.round(j, w1[:, i])) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ upper[i1:i2, i2:]
+        losses[i1:i2] = (err.double() ** 2).sum(0)
+    return losses[torch.argsort(order)], damp
+
+
+def _prepared(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    h = hessian.detach().double().clone()
+    dead = torch.diag(h) == 0  # inputs never seen: no information, quantise them as they are
+    h[dead, dead] = 1
+    return h
+
+
+def _result(weight: torch.Tensor, hessian: torch.Tensor, packed, approx: torch.Tensor, rtn: torch.Tensor,
+            damp: float, losses: torch.Tensor) -> Result:
+    original = weight.detach().double()
+    approx = approx.double()
+    return Result(packed, damp, layer_error(original, approx, hessian), layer_error(original, rtn, hessian),
+                  layer_error(original, torch.zeros_like(original), hessian),
+                  float(((original - approx) ** 2).sum()), losses)
+
+
 @torch.no_grad()
 def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int | Sequence[int], group_size: int,
                 symmetric: bool = False, cfg: GPTQConfig = GPTQConfig()) -> Result:
     """GPTQ of one weight [N, K] with its Hessian [K, K] onto the packed grid (`bits`, `group_size`, scheme);
     `bits` may give one width per input group (BAQ), which gives a MixedWeight."""
-    n, k = weight.shape
+    k = weight.shape[1]
     uniform = isinstance(bits, int)
     if not uniform:
         check_group_bits(bits, group_size, k)
     padded, gs = checked(weight, bits if uniform else max(bits), group_size)
-    w = padded[:, :k].clone().double()
-    h = hessian.detach().double().clone()
-    dead = torch.diag(h) == 0  # inputs never seen: no information, quantise them as they are
-    h[dead, dead] = 1
-    groups = [(g0, min(g0 + gs, k)) for g0 in range(0, k, gs)]
-    width = [bits] * len(groups) if uniform else [int(b) for b in bits]
-    scales = torch.zeros(n, len(groups), dtype=torch.float16)
-    mins = torch.zeros(n, len(groups), dtype=torch.float16)
-    order = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(k)
-    if cfg.act_order:  # static groups: grids from the original weights, so the layout stays group-contiguous
-        for g, (a, b) in enumerate(groups):
-            scales[:, g], mins[:, g] = grid(w[:, a:b].float(), width[g], symmetric)
-    w, h = w[:, order].float(), h[order][:, order]
-    upper, damp = _inverse_factor(h, cfg.damp)  # in float64; the column updates run in float32, as GPTQ's own
-    upper = upper.float()
-    group_of = torch.tensor([g for g, (a, b) in enumerate(groups) for _ in range(a, b)])[order]
-    codes, losses = torch.zeros(n, k), torch.zeros(k, dtype=torch.float64)
-    block = max(gs, cfg.block // gs * gs)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1, err = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
-        u1 = upper[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = int(group_of[col])
-            if not cfg.act_order and col == groups[g][0]:  # a group starts: its grid from the updated columns
-                end = groups[g][1]
-                span = w1[:, i:i + (end - col)] if end <= i2 else torch.cat([w1[:, i:], w[:, i2:end]], 1)
-                scales[:, g], mins[:, g] = grid(span, width[g], symmetric)
-            q = round_to_grid(w1[:, i:i + 1], scales[:, g], mins[:, g], width[g], symmetric)
-            codes[:, col] = q[:, 0]
-            dq = dequantized(q, scales[:, g], mins[:, g])[:, 0]
-            e = (w1[:, i] - dq) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err[:, i] = e
-        w[:, i2:] -= err @ upper[i1:i2, i2:]
-        losses[i1:i2] = (err.double() ** 2).sum(0)
-    back = torch.argsort(order)
-    codes, losses = codes[:, back], losses[back]
-    if uniform:
-        full = torch.zeros(n, padded.shape[1])
-        full[:, :k] = codes
-        packed = pack(full, scales, mins, bits, gs, (n, k))
-        rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric))
-    else:
-        packed = split(codes, scales, mins, width, gs, (n, k))
-        rtn = dequantize(quantize_mixed(weight, width, gs, symmetric))
-    original = weight.detach().double()
-    approx = dequantize(packed).double()
-    return Result(packed, damp, layer_error(original, approx, hessian), layer_error(original, rtn, hessian),
-                  layer_error(original, torch.zeros_like(original), hessian),
-                  float(((original - approx) ** 2).sum()), losses)
+    w = padded[:, :k].double()
+    rounder = _OwnGrid(w, bits, gs, symmetric, static=cfg.act_order)
+    losses, damp = _obq(w, _prepared(weight, hessian), rounder, cfg, gs)
+    packed = rounder.packed(padded.shape[1])
+    rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric) if uniform else
+                     quantize_mixed(weight, bits, gs, symmetric))
+    return _result(weight, hessian, packed, dequantize(packed), rtn.double(), damp, losses)
+
+
+@torch.no_grad()
+def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, cfg: GPTQConfig = GPTQConfig()) -> Result:
+    """GPTQ of one weight [N, K] onto GGML type `qtype`'s grid (`gpu.ggml`): a GGMLWeight holding the bytes a GGUF
+    file stores; its RTN comparison is `gguf`'s own quantiser (llama.cpp's reference rounding)."""
+    if not torch.isfinite(weight).all():
+        raise QuantError("the weight holds NaN or Inf values")
+    rounder = _GGMLGrid(weight.detach(), qtype)
+    losses, damp = _obq(weight.detach().double(), _prepared(weight, hessian), rounder, cfg, 1)
+    packed = rounder.packed()
+    rtn = torch.from_numpy(ggml.roundtrip(weight.detach().float().numpy(), qtype))
+    return _result(weight, hessian, packed, packed.dequantize(), rtn.double(), damp, losses)
 
 
 class _Hessians:
@@ -271,9 +353,13 @@ def weight_of(module: nn.Module) -> torch.Tensor:
 
 def solve(name: str, module: nn.Module, hessian: torch.Tensor, bits: int | Sequence[int], group_size: int,
           scheme: str, cfg: GPTQConfig) -> Result:
-    """GPTQ of one named linear; a grid or Hessian problem is one line naming it."""
+    """GPTQ of one named linear (onto the GGML type its bits become with the `gguf` scheme); a grid or Hessian
+    problem is one line naming it."""
+    w = weight_of(module)
     try:
-        return gptq_weight(weight_of(module), hessian, bits, group_size, scheme == "sym", cfg)
+        if scheme == "gguf":
+            return gptq_ggml(w, hessian, ggml.ggml_type(bits, w.shape[1]), cfg)
+        return gptq_weight(w, hessian, bits, group_size, scheme == "sym", cfg)
     except QuantError as exc:
         raise QuantError(f"{name}: {exc}") from None
 
@@ -297,7 +383,7 @@ def quantize_model(model: Model, targets: dict, texts, cfg: GPTQConfig = GPTQCon
                 spec = targets[name]
                 bits = list(spec.group_bits) if spec.group_bits else spec.bits
                 results[name] = solve(name, module, h[name], bits, spec.group_size, spec.scheme, cfg)
-                q = dequantize(results[name].packed).to(module.weight.dtype)
+                q = dequantize(results[name].packed).to(module.weight.dtype)  # a GGMLWeight dequantises itself
                 q = q.T if is_conv1d(module) else q
                 if restore:
                     surgery.overwrite(module.weight, q)

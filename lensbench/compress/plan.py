@@ -93,9 +93,6 @@ class Quant(Action):
             raise QuantError(f"scheme {self.scheme!r} is not known; use one of {', '.join(SCHEMES)}")
         if self.method not in METHODS:
             raise QuantError(f"method {self.method!r} is not known; use one of {', '.join(METHODS)}")
-        if self.method == "gptq" and self.scheme == "gguf":
-            raise QuantError("GPTQ onto the GGUF grids is not implemented yet: use method rtn with the gguf "
-                             "scheme, or GPTQ with the asym or sym scheme")
         if self.scheme == "gguf":
             if isinstance(self.bits, bool) or self.bits not in GGUF_BITS:
                 raise QuantError(f"bits={self.bits!r} has no GGUF type here; use one of "

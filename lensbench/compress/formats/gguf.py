@@ -5,7 +5,9 @@ from, or built from a Hugging Face model's config and tokenizer. Llama's q/k row
 llama.cpp's rotary layout (a row permutation: the per-row blocks quantise the same).
 
 Types: a weight the plan quantises with the `gguf` scheme gets `gpu.ggml.ggml_type(bits, row length)`
-(Q8_0/Q6_K/Q5_K/Q4_K/Q3_K/Q2_K, with the documented fallbacks for rows that are not multiples of 256).
+(Q8_0/Q6_K/Q5_K/Q4_K/Q3_K/Q2_K, with the documented fallbacks for rows that are not multiples of 256),
+rounded to nearest by the type's quantiser, or, for a `gptq` entry, the bytes GPTQ rounded onto the type's
+grid (`compress.gptq.gptq_ggml`, run by `compress` on calibration text before the writer).
 A tensor the plan leaves alone keeps the source file's type when that type holds its values exactly
 (checked by a round trip, as for a dequantised Q4_1 file), and is otherwise stored at `dtype` (the
 model's own by default); norms and other vectors stay F32.
@@ -19,6 +21,7 @@ import numpy as np
 
 from ...errors import PlanError
 from ...gpu import ggml
+from ..apply import packed_weight
 from .registry import kept_layers, refuse_sublayers, register
 from .gguf_header import GGUFHeader
 import gguf
@@ -74,7 +77,10 @@ def write_gguf(model, plan, staging: Path, dtype) -> dict:
         if header.permute and kind in heads and w.ndim == 2:
             w = _permute(w, heads[kind])
         spec = targets.get(hf.removesuffix(".weight")) if hf.endswith(".weight") else None
-        if spec is not None:
+        rounded = _gptq(model, hf, spec)
+        if rounded is not None:
+            qtype = rounded.qtype
+        elif spec is not None:
             qtype = ggml.ggml_type(spec.bits, w.shape[-1])
         elif w.ndim < 2:
             qtype = "F32"
@@ -82,7 +88,10 @@ def write_gguf(model, plan, staging: Path, dtype) -> dict:
             qtype = source_type
         else:
             qtype = fallback
-        data = _encode(w, qtype)
+        if rounded is None:
+            data = _encode(w, qtype)
+        else:  # rows of blocks permute like rows of values
+            data = _permute(rounded.data, heads[kind]) if header.permute and kind in heads else rounded.data
         if qtype in ("F32", "F16"):
             writer.add_tensor(name, data)
         else:
@@ -102,6 +111,15 @@ def write_gguf(model, plan, staging: Path, dtype) -> dict:
     return {"file": out.name, "architecture": header.arch, "header_from": str(src) if src else "transformers config",
             "layers_kept": kept, "tensor_types": counts, "bits_per_weight": n_bits / n_weights, "tensors": tensors,
             "note": "bits_per_weight: over the 2-D weights, scales included (the file's real cost)"}
+
+
+def _gptq(model, hf: str, spec) -> ggml.GGMLWeight | None:
+    """The bytes GPTQ rounded onto the weight's GGML grid (left by `compress`'s calibration pass), or None for a
+    round-to-nearest entry."""
+    if spec is None or spec.method == "rtn":
+        return None
+    name = hf.removesuffix(".weight")
+    return packed_weight(model, name, model.module.get_submodule(name).weight, spec)
 
 
 def _holds_exactly(w: np.ndarray, qtype: str) -> bool:
