@@ -171,7 +171,9 @@ def main() -> None:
     text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
     marker = "\n## GPTQ against round-to-nearest\n"
     before, _, after = text.partition(marker)
-    text = before.rstrip() + "\n" + marker + "\n" + (after.strip() + "\n\n" if after.strip() else "") + body
+    section, nxt, rest = after.partition("\n## ")  # the new run goes at the end of the GPTQ section
+    text = (before.rstrip() + "\n" + marker + "\n" + (section.strip() + "\n\n" if section.strip() else "") + body
+            + ("\n" + nxt + rest if nxt else ""))
     REPORT.write_text(text)
 
 
