@@ -66,7 +66,7 @@ def lensbench_rows(model, bits, group, calib, heldout, cfg) -> list[tuple]:
 
 
 def hqq_row(model, names, bits, group, heldout, cfg):
-    from hqq.core.quantize import Quantizer
+    from hqq.core.quantize import Quantizer  # optional: ./run peers
 
     other = copy.deepcopy(model.module)
     t0 = time.time()
@@ -85,7 +85,7 @@ def hqq_row(model, names, bits, group, heldout, cfg):
 
 
 def quanto_row(model, bits, heldout, cfg):
-    from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+    from optimum.quanto import freeze, qint2, qint4, qint8, quantize  # optional: ./run peers
 
     qtype = {2: qint2, 4: qint4, 8: qint8}.get(bits)
     if qtype is None:
@@ -101,7 +101,7 @@ def quanto_row(model, bits, heldout, cfg):
 
 
 def torchao_rows(model, names, bits, group, heldout, cfg) -> tuple[list, str | None]:
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # optional: in the lock
 
     config, what = {8: (Int8WeightOnlyConfig(), "per-row symmetric"),
                     4: (Int4WeightOnlyConfig(group), f"g{group}")}.get(bits, (None, None))

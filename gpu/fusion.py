@@ -8,7 +8,8 @@ format, so one call computes all of them and each linear takes its slice.
 The groups are learnt, not declared: during the first decode step after `install` (run on the exact kernels),
 linears called one after another with the very same input tensor are linked (any architecture, no names
 needed); at the end of that step each group with one packed format (bits, group size, K) gets its
-concatenated weight, kept on the members' PackedWeight for later entries of the same plan. From then on the
+concatenated weight, kept on the members' PackedWeight for later entries of the same plan, and each member's
+codes, scales and mins become row views of it (one copy in memory, not two). From then on the
 first member called with an input computes the whole group and keeps the other members' slices (holding a
 reference to the input, so identity is never confused with a recycled address); a member called with any
 other input runs alone. Outputs are those of the separate calls (each output row depends only on its own
@@ -68,9 +69,12 @@ class Fuser:
             made[key] = PackedWeight(torch.cat([p.packed for p in pws]), torch.cat([p.scales for p in pws]),
                                      torch.cat([p.mins for p in pws]), first.bits, first.group_size,
                                      (sum(p.shape[0] for p in pws), first.shape[1]))
+            if any(p.__dict__.get("lean") for p in pws):  # `convert(lean=True)`: no torch layout of the group either
+                made[key].__dict__["lean"] = True
         group = Group(members, made[key])
         for m in members:
             self.groups[m] = group
+            _share(m, made[key], *group.bounds[m])
 
     # --- one linear's call --------------------------------------------------------------------------------
     def run(self, module, x: torch.Tensor, matmul) -> torch.Tensor | None:
@@ -100,6 +104,20 @@ class Fuser:
         group.x = x
         a, b = group.bounds[module]
         return y[:, a:b].contiguous()
+
+
+def _share(module, fused: PackedWeight, a: int, b: int) -> None:
+    """The member's codes, scales and mins become rows a:b of its group's weight (contiguous views), so the
+    process holds one copy of them, not the members' and the group's. What kernels derived from the old tensors
+    (numpy views, torch's layout) is dropped and derived again from the views when a member runs alone."""
+    pw = module.pw
+    if pw.packed.data_ptr() == fused.packed[a:b].data_ptr():
+        return
+    views = fused.packed[a:b], fused.scales[a:b], fused.mins[a:b]
+    pw.packed, pw.scales, pw.mins = views
+    for derived in ("_np", "_torch_layout"):
+        pw.__dict__.pop(derived, None)
+    module.packed, module.scales, module.mins = views  # the module's buffers: the same tensors as its pw's
 
 
 def install(root: torch.nn.Module, linears: list) -> callable:

@@ -219,7 +219,8 @@ def test_convert_keeps_only_the_packed_weights(tiny):
 
     from lensbench.compress.apply import convert
     from lensbench.load import from_module
-    from lensbench.surgery import Unit
+    from lensbench.numeric import storage_bytes
+    from lensbench.surgery import Unit, weight_bytes
 
     base = tiny("llama")
     model = from_module(copy.deepcopy(base.module), base.tokenizer)
@@ -245,3 +246,8 @@ def test_convert_keeps_only_the_packed_weights(tiny):
         model.module.generate(ids, max_new_tokens=3, do_sample=False)  # decode steps on the exact kernels
     assert torch.allclose(got, want, atol=1e-4)
     assert not any("_torch_layout" in m.pw.__dict__ for m in packed)  # lean: no second copy of the codes
+    fused = {id(w): w for m in packed for w in m.pw.__dict__.get("_fused", {}).values()}
+    assert fused and not any("_torch_layout" in w.__dict__ for w in fused.values())  # nor of a fused group's
+    # the members of a fused group (q/k/v, gate/up) are row views of its concatenated weight: one copy in memory
+    groups = [t for w in fused.values() for t in (w.packed, w.scales, w.mins)]
+    assert storage_bytes([*model.module.parameters(), *model.module.buffers(), *groups]) == weight_bytes(model.module)

@@ -215,6 +215,7 @@ def convert(model: Model, plan: Plan | Bound, *, lean: bool = False, allow_slow:
         handler(model, bound, surgery, options)
     surgery.undo.clear()  # no way back: the dense modules and weights the undo held are released
     model.__dict__.pop("packed_cache", None)  # the packed weights now live in the modules only
+    _own_storage(model.module)
     if lean:
         for module in model.module.modules():
             if isinstance(module, PackedModule):
@@ -224,9 +225,22 @@ def convert(model: Model, plan: Plan | Bound, *, lean: bool = False, allow_slow:
     return model
 
 
+def _own_storage(root: nn.Module) -> None:
+    """The parameters left dense (norms, biases, layers the plan keeps) get memory of their own. Loaded from a
+    memory-mapped weight file they point into its mapping, and a single norm weight would keep the whole mapping,
+    with the released weights' pages, resident. Tied parameters stay tied."""
+    copies: dict[int, nn.Parameter] = {}
+    for module in root.modules():
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            if id(p) not in copies:
+                copies[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+            module._parameters[name] = copies[id(p)]
+
+
 def _trim() -> None:
-    """Hand the released weights' memory back to the OS: glibc keeps freed heap memory unless asked to trim it.
-    (A memory-mapped weight file stays resident whatever is freed: load with `mmap=False`.)"""
+    """Hand the released weights' memory back to the OS: glibc keeps freed heap memory unless asked to trim it."""
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
