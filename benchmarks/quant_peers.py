@@ -97,7 +97,7 @@ def quanto_row(model, bits, heldout, cfg):
     seconds = time.time() - t0
     groups = sorted({m.weight_group_size for m in other.modules() if getattr(m, "weight_group_size", None)})
     return (f"optimum-quanto qint{bits}", text_quality(model, from_module(other, model.tokenizer), heldout, cfg),
-            seconds, f"its groups {','.join(map(str, groups))}"), None
+            seconds, f"its groups {','.join(map(str, groups))}" if groups else "per output row"), None
 
 
 def torchao_rows(model, names, bits, group, heldout, cfg) -> tuple[list, str | None]:
