@@ -9,7 +9,9 @@ which is the optimal brain quantisation update; columns are processed in lazy bl
 after a block is one matrix product). Group-wise grids (`gpu.quant.grid`) are fitted to the already-updated
 columns of each group when its first column is reached; with `act_order` the columns go in order of decreasing
 H_jj and the grids are fitted to the original weights first ("static groups"), so the packed layout is
-unchanged.
+unchanged. With the `gguf` scheme (`gptq_ggml`) the grid is a GGML type's (`gpu.ggml.fit`: llama.cpp's float16
+block scales and sub-block scale codes, fitted to the original weights) and GPTQ chooses the codes on it, so the
+GGUF file holds GPTQ's rounding in a type llama.cpp reads as it is.
 
 `quantize_model` runs the model's blocks in order (sequentially, as the paper does): each block's Hessians come
 from inputs produced by the already-quantised earlier blocks, and the model is dense again afterwards.
@@ -137,8 +139,6 @@ class _GGMLGrid:
     K-quant's super-block scale spans 256 columns), so the stored scales are those llama.cpp's own quantiser
     would choose and only the codes differ."""
 
-    static = True
-
     def __init__(self, w: torch.Tensor, qtype: str):
         self.grid = ggml.fit(w.float().numpy(), qtype)
         self.scale, self.low = torch.from_numpy(self.grid.scale), torch.from_numpy(self.grid.low)
@@ -187,7 +187,7 @@ def _obq(w: torch.Tensor, h: torch.Tensor, rounder, cfg: GPTQConfig, align: int)
     return losses[torch.argsort(order)], damp
 
 
-def _prepared(weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+def _prepared(hessian: torch.Tensor) -> torch.Tensor:
     h = hessian.detach().double().clone()
     dead = torch.diag(h) == 0  # inputs never seen: no information, quantise them as they are
     h[dead, dead] = 1
@@ -215,7 +215,7 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int | Sequenc
     padded, gs = checked(weight, bits if uniform else max(bits), group_size)
     w = padded[:, :k].double()
     rounder = _OwnGrid(w, bits, gs, symmetric, static=cfg.act_order)
-    losses, damp = _obq(w, _prepared(weight, hessian), rounder, cfg, gs)
+    losses, damp = _obq(w, _prepared(hessian), rounder, cfg, gs)
     packed = rounder.packed(padded.shape[1])
     rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric) if uniform else
                      quantize_mixed(weight, bits, gs, symmetric))
@@ -229,7 +229,7 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, cfg: GPTQ
     if not torch.isfinite(weight).all():
         raise QuantError("the weight holds NaN or Inf values")
     rounder = _GGMLGrid(weight.detach(), qtype)
-    losses, damp = _obq(weight.detach().double(), _prepared(weight, hessian), rounder, cfg, 1)
+    losses, damp = _obq(weight.detach().double(), _prepared(hessian), rounder, cfg, 1)
     packed = rounder.packed()
     rtn = torch.from_numpy(ggml.roundtrip(weight.detach().float().numpy(), qtype))
     return _result(weight, hessian, packed, packed.dequantize(), rtn.double(), damp, losses)
