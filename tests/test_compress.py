@@ -421,3 +421,27 @@ def test_evaluate_a_saved_model_against_its_dense_source(tiny_dir, tmp_path, cap
     assert main(args[:3] + [str(other)] + args[4:]) == 2  # the saved model's plan is of another model
     assert "made for" in capsys.readouterr().err
     assert main(args + ["--plan", str(tmp_path / "plan.json")]) == 2
+
+
+# --- GGUF of the bundled Gemma-3-270M (optional: ./run gemma) --------------------------------------------------
+def test_gemma3_gguf_reads_back_in_transformers_and_llama_cpp(tmp_path):
+    """Gemma's norms scale by 1 + w: llama.cpp stores 1 + w and transformers' reader subtracts the 1, so the writer
+    adds it back (a file written with transformers' w read as garbage in llama.cpp: perplexity in the billions)."""
+    import lensbench
+    from lensbench.errors import LensbenchError
+
+    try:
+        gemma = lensbench.load("gemma3-270m")
+    except LensbenchError as exc:
+        pytest.skip(str(exc))
+    plan = Plan.quantize(model_card(gemma), {"model.layers.0": Quant(8, scheme="gguf")})
+    saved = compress(gemma, plan, format="gguf", out=tmp_path / "ck")
+    ids = gemma.tokenize(["The city council approved the new budget on Tuesday after a long debate."]).input_ids
+    want = planned_logits(gemma, plan, ids)[0]
+    hf, cpp = consume(tmp_path, HF_GGUF_CHECK.format(dir=str(saved.path), file=saved.record["file"],
+                                                     use_llama=llama_cpp_runs() is None), ids)
+    assert kl(want[None], hf[None]) < 1e-6
+    if np.isnan(cpp).all():
+        pytest.skip(f"{llama_cpp_runs()}; transformers' reader checked")
+    # llama.cpp rounds activations to 8 bits for its quantised matmuls: close, the same greedy tokens
+    assert kl(want[None], cpp[None]) < 0.05 and (cpp.argmax(-1) == want.argmax(-1)).mean() >= 0.9

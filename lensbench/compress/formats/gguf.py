@@ -28,6 +28,9 @@ import gguf
 import torch
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.(.*)$")
+# llama.cpp stores these families' RMSNorm weights as 1 + w (their norms scale by 1 + w); transformers' GGUF reader
+# subtracts the 1 again (its Gemma2TensorProcessor, NemotronTensorProcessor), so the writer adds it back
+NORM_PLUS_ONE = ("gemma2", "gemma3", "nemotron")
 
 
 def source_gguf(model) -> Path | None:
@@ -73,6 +76,8 @@ def write_gguf(model, plan, staging: Path, dtype) -> dict:
             continue
         name = f"blk.{renumber[int(m.group(1))]}.{m.group(2)}" if m else old
         w = state[hf].detach().to(torch.float32).cpu().numpy()
+        if header.arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
+            w = w + np.float32(1)
         kind = m.group(2).rsplit(".", 1)[0] if m else ""
         if header.permute and kind in heads and w.ndim == 2:
             w = _permute(w, heads[kind])
