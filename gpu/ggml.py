@@ -75,11 +75,10 @@ def _checked(w: np.ndarray) -> np.ndarray:
 def quantize(w: np.ndarray, name: str) -> np.ndarray:
     """`w` [N, K] float32 -> the raw GGML bytes [N, K / block * bytes] of type `name`: the 32-value types by
     `gguf`'s quantiser (llama.cpp's reference rounding, byte for byte), the K-quants by `fit` here."""
-    w = _checked(w)
     if name.endswith("_K"):
-        grid = fit(w, name)
-        return grid.pack(grid.codes(w))
-    return quants.quantize(w, _qtype(name))
+        grid = fit(w, name)  # checks `w`
+        return grid.pack(grid.codes(np.asarray(w, dtype=np.float32)))
+    return quants.quantize(_checked(w), _qtype(name))
 
 
 def dequantize(data: np.ndarray, name: str) -> np.ndarray:
@@ -112,8 +111,14 @@ class Grid:
         """Codes [N, K] uint8 of `w` rounded to nearest on this grid."""
         n, k = w.shape
         x = w.reshape(n, k // self.sub, self.sub)
-        q = np.rint(_safe_div(x - self.low[..., None], self.scale[..., None]))
-        return np.clip(q, 0, self.qmax).astype(np.uint8).reshape(n, k)
+        return self._round(x, self.scale[..., None], self.low[..., None]).reshape(n, k)
+
+    def column(self, col: int, values: np.ndarray) -> np.ndarray:
+        """Codes [N] uint8 of input column `col`'s values [N] (GPTQ's updated column) rounded on this grid."""
+        return self._round(values, self.scale[:, col // self.sub], self.low[:, col // self.sub])
+
+    def _round(self, x: np.ndarray, scale: np.ndarray, low: np.ndarray) -> np.ndarray:
+        return np.clip(np.rint(_safe_div(x - low, scale)), 0, self.qmax).astype(np.uint8)
 
     def pack(self, codes: np.ndarray) -> np.ndarray:
         """The raw GGML bytes [N, row bytes] of `codes` [N, K] on this grid."""

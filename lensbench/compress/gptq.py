@@ -148,10 +148,10 @@ class _GGMLGrid:
         return None
 
     def round(self, col: int, values: torch.Tensor) -> torch.Tensor:
-        s, low = self.scale[:, col // self.grid.sub], self.low[:, col // self.grid.sub]
-        q = torch.where(s != 0, torch.round((values - low) / torch.where(s != 0, s, 1)), 0).clamp_(0, self.grid.qmax)
-        self.codes[:, col] = q.to(torch.uint8)
-        return q * s + low
+        q = torch.from_numpy(self.grid.column(col, values.numpy()))
+        self.codes[:, col] = q
+        j = col // self.grid.sub
+        return q.float() * self.scale[:, j] + self.low[:, j]
 
     def packed(self) -> ggml.GGMLWeight:
         return ggml.GGMLWeight(self.grid.qtype, self.grid.pack(self.codes.numpy()), tuple(self.codes.shape))
