@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: interleaved timing, RSS sampling, and the record in reports/BENCHMARKS.md."""
+"""Shared benchmark plumbing: interleaved timing, RSS sampling, quality from logits (and llama.cpp's), and the record
+in reports/BENCHMARKS.md."""
 from __future__ import annotations
 
 import datetime
@@ -11,6 +12,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import psutil
 
 REPORT = Path(__file__).resolve().parent.parent / "reports" / "BENCHMARKS.md"
@@ -105,3 +107,36 @@ def ratio_table(rows, versus: str) -> list[str]:
     for name, med, mn, rmed, rmin, rpair in rows:
         lines.append(f"| {name} | {med:.2f} | {mn:.2f} | {rmed:.3f} | {rmin:.3f} | {rpair:.3f} |")
     return lines
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    return x - np.logaddexp.reduce(x, -1, keepdims=True)
+
+
+def perplexity(logits: list[np.ndarray], ids: list[np.ndarray]) -> float:
+    """Perplexity of next-token predictions: logits [T, V] per text against its token ids [T]."""
+    nll, n = 0.0, 0
+    for g, t in zip(logits, ids, strict=True):
+        lg = log_softmax(g.astype(np.float64))
+        nll -= lg[np.arange(len(t) - 1), t[1:]].sum()
+        n += len(t) - 1
+    return float(np.exp(nll / n))
+
+
+def quality(dense: list[np.ndarray], got: list[np.ndarray], ids: list[np.ndarray]) -> tuple[float, float]:
+    """(mean KL(dense || got) per token, perplexity of got) over the held-out texts."""
+    kls = []
+    for d, g in zip(dense, got, strict=True):
+        ld, lg = log_softmax(d.astype(np.float64)), log_softmax(g.astype(np.float64))
+        kls.append((np.exp(ld) * (ld - lg)).sum(-1))
+    return float(np.concatenate(kls).mean()), perplexity(got, ids)
+
+
+def llama_logits(llm, ids) -> list[np.ndarray]:
+    """llama.cpp's logits [T, V] for each token list (a `llama_cpp.Llama` made with logits_all=True)."""
+    out = []
+    for t in ids:
+        llm.reset()
+        llm.eval(list(map(int, t)))
+        out.append(np.array(llm.scores[: len(t)], dtype=np.float32))
+    return out

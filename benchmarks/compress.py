@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, machine, versions  # noqa: E402
+from _common import append_report, llama_logits, machine, perplexity, quality, versions  # noqa: E402
 
 import lensbench  # noqa: E402
 from lensbench import bundled  # noqa: E402
@@ -44,33 +44,9 @@ warnings.filterwarnings("ignore")
 REPORT = Path(__file__).resolve().parent.parent / "reports" / "COMPRESS.md"
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    return x - np.logaddexp.reduce(x, -1, keepdims=True)
-
-
-def quality(dense: list[np.ndarray], got: list[np.ndarray], ids: list[np.ndarray]) -> tuple[float, float]:
-    """(mean KL(dense || got) per token, perplexity of got) over the held-out texts."""
-    kls, nll, n = [], 0.0, 0
-    for d, g, t in zip(dense, got, ids, strict=True):
-        ld, lg = log_softmax(d.astype(np.float64)), log_softmax(g.astype(np.float64))
-        kls.append((np.exp(ld) * (ld - lg)).sum(-1))
-        nll -= lg[np.arange(len(t) - 1), t[1:]].sum()
-        n += len(t) - 1
-    return float(np.concatenate(kls).mean()), float(np.exp(nll / n))
-
-
 def hf_logits(module, ids) -> list[np.ndarray]:
     with torch.no_grad():
         return [module(torch.from_numpy(t)[None]).logits[0].float().numpy() for t in ids]
-
-
-def llama_logits(llm, ids) -> list[np.ndarray]:
-    out = []
-    for t in ids:
-        llm.reset()
-        llm.eval(t.tolist())
-        out.append(np.array(llm.scores[: len(t)], dtype=np.float32))
-    return out
 
 
 def llama_speed(llm, prompt: list[int], decode: int) -> tuple[float, float]:
@@ -165,7 +141,7 @@ def main() -> None:
             speeds[name].append(llama_speed(llms[name], prompt, args.decode))
     for llm in llms.values():
         llm.close()
-    _, dense_ppl = quality(dense, dense, ids)
+    dense_ppl = perplexity(dense, ids)
 
     lines = [f"SmolLM2-135M, {len(ids)} held-out BBC texts × ≤{args.seq_len} tokens ({sum(map(len, ids))} tokens); "
              f"dense reference: lensbench's float32 model (perplexity {dense_ppl:.2f}). llama.cpp: prompt of "

@@ -52,30 +52,23 @@ def plan_for(model, bits: int, group: int, scheme: str, method: str) -> Plan:
 
 LLAMA_PPL = """
 import json, sys
-import numpy as np
+sys.path.insert(0, {here!r})
+from _common import llama_logits, perplexity
 from llama_cpp import Llama
-path, lists = sys.argv[1], json.load(sys.stdin)
-llm = Llama(path, logits_all=True, verbose=False, n_ctx=max(map(len, lists)) + 8, n_threads=2)
-nll = n = 0.0
-for ids in lists:
-    llm.reset()
-    llm.eval(ids)
-    s = np.array(llm.scores[: len(ids)], dtype=np.float64)
-    logp = s - np.logaddexp.reduce(s, -1, keepdims=True)
-    nll -= logp[np.arange(len(ids) - 1), ids[1:]].sum()
-    n += len(ids) - 1
-print(json.dumps({"nll": nll, "n": n}))
+lists = json.load(sys.stdin)
+llm = Llama(sys.argv[1], logits_all=True, verbose=False, n_ctx=max(map(len, lists)) + 8, n_threads=2)
+print(json.dumps(perplexity(llama_logits(llm, lists), lists)))
 """
 
 
 def llama_cpp_perplexity(path: Path, lists: list[list[int]]) -> float:
     """Perplexity of the GGUF file at `path` on token lists, computed by llama.cpp in its own process."""
-    proc = subprocess.run([sys.executable, "-c", LLAMA_PPL, str(path)], input=json.dumps(lists), text=True,
+    code = LLAMA_PPL.format(here=str(Path(__file__).resolve().parent))
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], input=json.dumps(lists), text=True,
                           capture_output=True, timeout=1800, env={**os.environ, "PYTHONPATH": ""})
     if proc.returncode:
         raise RuntimeError(f"llama.cpp failed on {path}: {proc.stderr[-2000:]}")
-    doc = json.loads(proc.stdout.strip().splitlines()[-1])
-    return float(2.718281828459045 ** (doc["nll"] / doc["n"]))
+    return float(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
 def gguf_rows(model, plans: dict, heldout: list[str], seq_len: int) -> dict:

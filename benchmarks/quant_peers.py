@@ -30,13 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, machine, versions  # noqa: E402
+from gptq import plan_for  # noqa: E402
 
 import lensbench as lb  # noqa: E402
 from lensbench.compress.evaluate import EvalConfig, text_quality  # noqa: E402
 from lensbench.compress.gptq import GPTQConfig, prepare  # noqa: E402
-from lensbench.compress.plan import Plan, Quant  # noqa: E402
 from lensbench.load import from_module  # noqa: E402
-from lensbench.profiling import model_card  # noqa: E402
 from lensbench.simquant import block_linears  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
 
@@ -44,16 +43,21 @@ REPORT = Path(__file__).resolve().parent.parent / "reports" / "QUANT.md"
 SECTION = "\n## Side by side with HQQ, optimum-quanto and torchao\n"
 
 
-def plan_for(model, bits: int, group: int, method: str) -> Plan:
-    card = model_card(model)
-    block = card["units"]["block"]
-    return Plan.quantize(card, {block.format(i=i): Quant(bits, group, "asym", method) for i in range(model.n_layers)})
+_ONCE: dict = {}
+
+
+def once(key, make):
+    """A result computed once per run: the rows that do not depend on the group size (torchao's bfloat16 base,
+    optimum-quanto, which picks its own groups) are evaluated for the first config and repeated after."""
+    if key not in _ONCE:
+        _ONCE[key] = make()
+    return _ONCE[key]
 
 
 def lensbench_rows(model, bits, group, calib, heldout, cfg) -> list[tuple]:
     rows = []
     for method in ("rtn", "gptq"):
-        plan = plan_for(model, bits, group, method)
+        plan = plan_for(model, bits, group, "asym", method)
         t0 = time.time()
         if method == "gptq":
             prepare(model, plan.bind(model), calib, GPTQConfig(seq_len=512))
@@ -85,11 +89,17 @@ def hqq_row(model, names, bits, group, heldout, cfg):
 
 
 def quanto_row(model, bits, heldout, cfg):
-    from optimum.quanto import freeze, qint2, qint4, qint8, quantize  # optional: ./run peers
+    from optimum.quanto import qint2, qint4, qint8  # optional: ./run peers
 
     qtype = {2: qint2, 4: qint4, 8: qint8}.get(bits)
     if qtype is None:
         return None, f"optimum-quanto has no {bits}-bit weight type (qint2, qint4, qint8)"
+    return once(("quanto", bits), lambda: _quanto(model, qtype, bits, heldout, cfg))
+
+
+def _quanto(model, qtype, bits, heldout, cfg):
+    from optimum.quanto import freeze, quantize  # optional: ./run peers
+
     other = copy.deepcopy(model.module)
     t0 = time.time()
     quantize(other, weights=qtype, include=[f"{model.adapter.block_path(i)}.*" for i in range(model.n_layers)])
@@ -108,8 +118,9 @@ def torchao_rows(model, names, bits, group, heldout, cfg) -> tuple[list, str | N
     if config is None:
         return [], f"torchao has no {bits}-bit weight-only config"
     bf16 = copy.deepcopy(model.module).to(torch.bfloat16)
-    rows = [("torch bfloat16 (torchao's base)", text_quality(model, from_module(bf16, model.tokenizer), heldout, cfg),
-             0.0, "no quantisation")]
+    rows = [once("bf16", lambda: ("torch bfloat16 (torchao's base)",
+                                  text_quality(model, from_module(bf16, model.tokenizer), heldout, cfg), 0.0,
+                                  "no quantisation"))]
     wanted = set(names)
     other = copy.deepcopy(bf16)
     t0 = time.time()
@@ -133,7 +144,7 @@ def main() -> None:
     load = os.getloadavg()[0]
     t_all = time.time()
     model = lb.load(args.model)
-    names = list(plan_for(model, 4, 32, "rtn").quant_targets(model))
+    names = list(plan_for(model, 4, 32, "asym", "rtn").quant_targets(model))
     assert len(names) == model.n_layers * len(block_linears(model))
     calib = bbc_news("calibration", limit=args.calib)
     heldout = bbc_news("heldout", limit=args.heldout)
