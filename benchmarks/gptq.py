@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--configs", default=DEFAULT, help="bits/group/scheme, comma-separated")
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ in order of decreasing H_jj with static groups (the default, as in the library)")
+    ap.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ's group ranges searched for the least H_jj-weighted error (the default, as in the "
+                    "library); --no-clip: min-max")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     model = lb.load(args.model)
@@ -110,7 +113,7 @@ def main() -> None:
         rss0 = psutil.Process().memory_info().rss
         t0 = time.time()
         with PeakRSS() as peak:
-            gcfg = GPTQConfig(seq_len=args.calib_len, act_order=args.act_order)
+            gcfg = GPTQConfig(seq_len=args.calib_len, act_order=args.act_order, clip=args.clip)
             summary = prepare(model, gptq_plan.bind(model), calib, gcfg, progress=True)
         seconds = time.time() - t0
         gptq = text_quality(model, gptq_plan, heldout, cfg)
@@ -133,8 +136,9 @@ def main() -> None:
     load_end = os.getloadavg()[0]
     flags = f" --model {args.model}" if args.model != "smollm2-135m" else ""
     flags += f" --configs {args.configs}" if args.configs != DEFAULT else ""
-    flags += "" if args.act_order else " --no-act-order"
-    order = "act-order (static groups)" if args.act_order else "no act-order"
+    flags += ("" if args.act_order else " --no-act-order") + ("" if args.clip else " --no-clip")
+    order = ("act-order (static groups)" if args.act_order else "no act-order") + (
+        ", group ranges searched for the least H_jj-weighted error" if args.clip else ", min-max group ranges")
     head = (f"`python benchmarks/gptq.py --calib {args.calib} --calib-len {args.calib_len} --heldout {args.heldout}"
             f"{flags}` "
             f"in {(time.time() - t_all) / 60:.1f} min; {machine()}; {versions('torch', 'transformers')}; load average "

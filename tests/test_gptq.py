@@ -12,7 +12,7 @@ from lensbench.compress.gptq import GPTQConfig, gptq_ggml, gptq_weight, layer_er
 from lensbench.compress.plan import Plan, Quant
 from lensbench.errors import LensbenchError, PlanError
 from lensbench.gpu import ggml
-from lensbench.gpu.quant import QuantError, dequantized, grid, round_to_grid
+from lensbench.gpu.quant import QuantError, clipped_grid, dequantized, grid, round_to_grid
 from lensbench.gpu.reference import dequantize
 from lensbench.profiling import model_card
 from lensbench.simquant import block_linears
@@ -20,12 +20,14 @@ from lensbench.testing import SAMPLE_TEXTS
 
 
 def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, symmetric: bool, damp: float,
-                   ggml_grid=None):
+                   ggml_grid=None, clip=False):
     """The optimal-brain-quantisation update done literally: one column at a time with the inverse Hessian
     updated by Gaussian elimination of the quantised column (no Cholesky, no lazy blocks). With `ggml_grid`
-    (a `gpu.ggml.Grid` fitted to the original weights) each column rounds onto that fixed grid instead."""
+    (a `gpu.ggml.Grid` fitted to the original weights) each column rounds onto that fixed grid instead; with
+    `clip` each group's grid is the H_jj-weighted clipped one."""
     w = w.double().clone()
     n, k = w.shape
+    importance = torch.diag(h).clone()
     h = h.double() + damp * torch.diag(h).mean() * torch.eye(k, dtype=torch.float64)
     hinv = torch.linalg.inv(h)
     out = torch.zeros_like(w)
@@ -37,7 +39,9 @@ def reference_gptq(w: torch.Tensor, h: torch.Tensor, bits: int, gs: int, symmetr
             q = code.clamp(0, ggml_grid.qmax) * s + low
         else:
             if j % gs == 0:
-                s, m = grid(w[:, j:min(j + gs, k)].float(), bits, symmetric)
+                span = w[:, j:min(j + gs, k)].float()
+                s, m = (clipped_grid(span, bits, symmetric, importance[j:j + gs]) if clip else
+                        grid(span, bits, symmetric))
             q = dequantized(round_to_grid(w[:, j:j + 1].float(), s, m, bits, symmetric), s, m)[:, 0].double()
         out[:, j] = q
         e = (w[:, j] - q) / hinv[j, j]
@@ -53,11 +57,13 @@ def problem(n=24, k=96, seed=0):
     return w, 2 * x.T.double() @ x.double() / 400
 
 
-@pytest.mark.parametrize("bits,gs,sym", [(4, 32, False), (3, 32, True), (4, 96, False), (2, 48, False)])
-def test_fast_gptq_matches_the_column_by_column_reference(bits, gs, sym):
+@pytest.mark.parametrize("bits,gs,sym,clip", [(4, 32, False, False), (3, 32, True, False), (4, 96, False, False),
+                                              (2, 48, False, False), (3, 32, False, True), (4, 96, True, True)])
+def test_fast_gptq_matches_the_column_by_column_reference(bits, gs, sym, clip):
     w, h = problem()
-    fast = dequantize(gptq_weight(w, h, bits, gs, sym, GPTQConfig(block=64, act_order=False)).packed).double()
-    slow = reference_gptq(w, h, bits, gs, sym, damp=0.01)
+    cfg = GPTQConfig(block=64, act_order=False, clip=clip)
+    fast = dequantize(gptq_weight(w, h, bits, gs, sym, cfg).packed).double()
+    slow = reference_gptq(w, h, bits, gs, sym, damp=0.01, clip=clip)
     same = torch.isclose(fast, slow, atol=1e-4)
     assert same.float().mean() > 0.995  # a rounding tie may fall the other way in a different summation order
     assert layer_error(w, fast, h) == pytest.approx(layer_error(w, slow, h), rel=1e-3)
@@ -70,7 +76,7 @@ def test_a_two_column_case_solved_by_hand():
     h = torch.eye(8, dtype=torch.float64)
     h[0, 1] = h[1, 0] = rho
     w = torch.tensor([[0.37, -0.21, 0.9, -1.0, 0.5, 0.05, -0.6, 0.8]])
-    r = gptq_weight(w, h, 2, 8, False, GPTQConfig(damp=0.0, act_order=False))
+    r = gptq_weight(w, h, 2, 8, False, GPTQConfig(damp=0.0, act_order=False, clip=False))
     s, m = grid(w, 2, False)  # the group's grid is fitted before any update (column 0 starts it)
     q0 = dequantized(round_to_grid(w[:, :1], s, m, 2), s, m)[0, 0]
     w1 = w[0, 1] + rho * (w[0, 0] - q0)
@@ -84,8 +90,33 @@ def test_a_two_column_case_solved_by_hand():
 def test_a_diagonal_hessian_makes_gptq_round_to_nearest():
     w, _ = problem(k=64)
     h = torch.diag(torch.rand(64, dtype=torch.float64) + 0.5)
-    r = gptq_weight(w, h, 4, 32, False)
+    r = gptq_weight(w, h, 4, 32, False, GPTQConfig(clip=False))
     assert r.error == pytest.approx(r.rtn_error, rel=1e-9)
+    clipped = gptq_weight(w, h, 4, 32, False)  # the default searches each group's range: rounding on that grid
+    parts = []
+    for a in (0, 32):
+        s, m = clipped_grid(w[:, a:a + 32], 4, False, torch.diag(h)[a:a + 32])
+        parts.append(dequantized(round_to_grid(w[:, a:a + 32], s, m, 4), s, m))
+    rtn = torch.cat(parts, 1)
+    assert torch.allclose(dequantize(clipped.packed), rtn)
+    assert clipped.error < r.error
+
+
+def test_the_clipped_grid_is_never_worse_and_clips_an_outlier():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 128, generator=g)
+    w[:, 5] *= 8  # one outlier column: min-max spends the grid on it
+    weight = torch.rand(128, generator=g) + 0.1
+    weight[5] = 0.01  # ... although it hardly matters to the layer's output
+
+    def error(s, m):
+        return ((dequantized(round_to_grid(w, s, m, 3), s, m) - w) ** 2) @ weight
+
+    plain, clipped = error(*grid(w, 3)), error(*clipped_grid(w, 3, importance=weight))
+    assert (clipped <= plain).all()
+    assert clipped.sum() < 0.5 * plain.sum()
+    s, _ = clipped_grid(w[:, :0], 3)
+    assert s.shape == (64,)
 
 
 def test_act_order_keeps_the_layout_and_still_beats_rtn():

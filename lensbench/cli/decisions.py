@@ -125,6 +125,8 @@ def _quant_db_arguments(p: argparse.ArgumentParser) -> None:
                    f"{GPTQConfig.seq_len})")
     p.add_argument("--damp", type=float, default=GPTQConfig.damp, help="dampening, a fraction of mean diag(H)")
     p.add_argument("--no-act-order", action="store_true", help="quantise the columns in their own order")
+    p.add_argument("--no-clip", action="store_true", help="min-max group ranges (default: each group's range "
+                   "searched for the least Hessian-weighted rounding error)")
     p.add_argument("--kl-texts", type=int, default=DatabaseConfig.kl_texts, help="calibration texts (of 128 tokens) "
                    "for the measured KL of each block at each level (0: none)")
     executor_arguments(p)
@@ -137,7 +139,8 @@ def cmd_quant_db(args) -> int:
     if args.calib < 1 or args.kl_texts < 0 or not args.damp > 0:
         raise LensbenchError("--calib must be 1 or more, --kl-texts 0 or more and --damp above 0")
     cfg = DatabaseConfig(levels, args.group_size, args.scheme,
-                         GPTQConfig(damp=args.damp, act_order=not args.no_act_order, seq_len=args.seq_len),
+                         GPTQConfig(damp=args.damp, act_order=not args.no_act_order, clip=not args.no_clip,
+                                    seq_len=args.seq_len),
                          kl_texts=args.kl_texts).check()  # before the model loads
     model = load(args.model)
     texts = read_text_file(args.texts, args.encoding) if args.texts else bbc_news("calibration")

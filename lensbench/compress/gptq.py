@@ -6,10 +6,11 @@ For a linear layer with weight W [N, K] and calibration inputs X [n, K], H = 2/n
 of the mean diagonal added to it), the upper Cholesky factor U of H⁻¹ gives, column by column in order,
     q_j = round(w_j),   e_j = (w_j - q_j) / U_jj,   w_{j+1:} -= e_j U_{j, j+1:},
 which is the optimal brain quantisation update; columns are processed in lazy blocks (the update of the columns
-after a block is one matrix product). Group-wise grids (`gpu.quant.grid`) are fitted to the already-updated
-columns of each group when its first column is reached; with `act_order` the columns go in order of decreasing
-H_jj and the grids are fitted to the original weights first ("static groups"), so the packed layout is
-unchanged. With the `gguf` scheme (`gptq_ggml`) the grid is a GGML type's (`gpu.ggml.fit`: llama.cpp's float16
+after a block is one matrix product). Group-wise grids are fitted to the already-updated columns of each group
+when its first column is reached (`gpu.quant.clipped_grid`: the range with the least H_jj-weighted rounding
+error, as the reference implementation's `mse` option searches it; `clip=False` takes min-max, `gpu.quant.grid`);
+with `act_order` the columns go in order of decreasing H_jj and the grids are fitted to the original weights
+first ("static groups"), so the packed layout is unchanged. With the `gguf` scheme (`gptq_ggml`) the grid is a GGML type's (`gpu.ggml.fit`: llama.cpp's float16
 block scales and sub-block scale codes, fitted to the original weights) and GPTQ chooses the codes on it, so the
 GGUF file holds GPTQ's rounding in a type llama.cpp reads as it is.
 
@@ -31,7 +32,8 @@ from ..capture import batches
 from ..errors import LensbenchError
 from ..gpu import ggml
 from ..gpu.mixed import MixedWeight, check_group_bits, quantize_mixed, split
-from ..gpu.quant import PackedWeight, QuantError, checked, dequantized, grid, pack, quantize, round_to_grid
+from ..gpu.quant import (PackedWeight, QuantError, checked, clipped_grid, dequantized, grid, pack, quantize,
+                         round_to_grid)
 from ..gpu.reference import dequantize
 from ..model import Model
 from ..offload import is_offloaded, resident
@@ -48,6 +50,9 @@ class GPTQConfig:
     # columns in order of decreasing H_jj, with static groups; on SmolLM2-135M it halved GPTQ's held-out KL at
     # int4 g128 (0.398 -> 0.240, benchmarks/gptq.py), so it is the default
     act_order: bool = True
+    # each group's range searched for the least H_jj-weighted rounding error (`gpu.quant.clipped_grid`) instead
+    # of min-max; lensbench's own grids only (a GGML type's scales are llama.cpp's quantiser's)
+    clip: bool = True
     batch_size: int = 8
     seq_len: int = 512
 
@@ -96,8 +101,10 @@ class _OwnGrid:
     """GPTQ's rounding onto lensbench's packed grid (`gpu.quant`): group-wise (scale, min), fitted to the original
     weights up front with act-order ("static groups") or else to the updated columns when a group starts."""
 
-    def __init__(self, w: torch.Tensor, bits: int | Sequence[int], gs: int, symmetric: bool, static: bool):
+    def __init__(self, w: torch.Tensor, bits: int | Sequence[int], gs: int, symmetric: bool, static: bool,
+                 importance: torch.Tensor | None = None):
         n, k = w.shape
+        self.importance = importance
         self.shape, self.gs, self.symmetric, self.static = (n, k), gs, symmetric, static
         self.groups = [(g0, min(g0 + gs, k)) for g0 in range(0, k, gs)]
         self.uniform = isinstance(bits, int)
@@ -117,7 +124,12 @@ class _OwnGrid:
 
     def fit(self, col: int, span: torch.Tensor) -> None:
         g = col // self.gs
-        self.scales[:, g], self.mins[:, g] = grid(span, self.width[g], self.symmetric)
+        if self.importance is None:
+            self.scales[:, g], self.mins[:, g] = grid(span, self.width[g], self.symmetric)
+        else:
+            a, b = self.groups[g]
+            self.scales[:, g], self.mins[:, g] = clipped_grid(span, self.width[g], self.symmetric,
+                                                              self.importance[a:b])
 
     def round(self, col: int, values: torch.Tensor) -> torch.Tensor:
         g = col // self.gs
@@ -214,8 +226,9 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int | Sequenc
         check_group_bits(bits, group_size, k)
     padded, gs = checked(weight, bits if uniform else max(bits), group_size)
     w = padded[:, :k].double()
-    rounder = _OwnGrid(w, bits, gs, symmetric, static=cfg.act_order)
-    losses, damp = _obq(w, _prepared(hessian), rounder, cfg, gs)
+    h = _prepared(hessian)
+    rounder = _OwnGrid(w, bits, gs, symmetric, static=cfg.act_order, importance=torch.diag(h) if cfg.clip else None)
+    losses, damp = _obq(w, h, rounder, cfg, gs)
     packed = rounder.packed(padded.shape[1])
     rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric) if uniform else
                      quantize_mixed(weight, bits, gs, symmetric))
