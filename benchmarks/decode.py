@@ -19,7 +19,7 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
 * Crossover: the decode path and the prefill path on all block linears at 1..64 activation rows.
 * Under load: the lensbench decode rounds again with one CPU-bound process competing for the cores.
 
-Usage: python benchmarks/decode.py [--rounds 5] [--decode 32] [--prefill 128,512] [--load-rounds 3]
+Usage: python benchmarks/decode.py [--rounds 5] [--decode 32] [--prefill 128,512,2048] [--load-rounds 3]
 """
 from __future__ import annotations
 
@@ -312,7 +312,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--prefill", default="128,512")
+    ap.add_argument("--prefill", default="128,512,2048")
     ap.add_argument("--prefill-rounds", type=int, default=3)
     ap.add_argument("--load-rounds", type=int, default=3)
     ap.add_argument("--crossover-rounds", type=int, default=5)
@@ -387,16 +387,19 @@ def main(argv=None) -> None:
                    "of_triad": per_tok * rows[k]["tokens_per_s"] / 1e9 / bw["triad"], "outside_linears": None}
 
     # prefill: lensbench packed vs dense at each prompt length
-    prefill = {}
+    prefill, prefill_kl = {}, {}
     long_text = " ".join(bbc_news("heldout")[:64])
     for n in [int(v) for v in args.prefill.split(",")]:
         pids = model.tokenize([long_text], max_length=n).input_ids
         pm = {"lensbench fp32": lambda p=pids: prefill_seconds(model.module, p)}
-        for k in ("lensbench int8 g128", "lensbench int4 g128"):
-            pm[k] = lambda p=pids, plan=plans[k]: _in(lensbench_variant(model, plan), lambda m: prefill_seconds(m, p))
+        for k in PREFILL_KEYS:
+            plan, exact = plans[k.removesuffix(" exact")], k.endswith(" exact")
+            pm[k] = lambda p=pids, plan=plan, e=exact: _in(lensbench_variant(model, plan, e),
+                                                           lambda m: prefill_seconds(m, p))
         for f in pm.values():
             f()
         prefill[int(pids.shape[1])] = _interleaved(pm, args.prefill_rounds)
+        prefill_kl[int(pids.shape[1])] = tile_kl(model, plans["lensbench int4 g128"], pids)
 
     # the decode/prefill crossover: both CPU paths on every block linear, by activation rows
     crossover = crossover_rows(model, args.crossover_rounds)
@@ -410,7 +413,22 @@ def main(argv=None) -> None:
         loaded = _interleaved({k: methods[k] for k in load_keys}, args.load_rounds)
     finally:
         hog.kill()
-    write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, time.time() - t_start)
+    write(args, bw, rows, roof, (prefill, prefill_kl), crossover, loaded, times, notes, time.time() - t_start)
+
+
+# prefill rows: the default bfloat16 tiles, and int4 with float32 tiles (`set_exact`)
+PREFILL_KEYS = ("lensbench int8 g128", "lensbench int4 g128", "lensbench int4 g128 exact")
+
+
+@torch.no_grad()
+def tile_kl(model, plan, ids) -> float:
+    """Mean KL per token of the int4 plan's prefill logits with bfloat16 tiles against float32 tiles: what the
+    default arithmetic adds to the grid's own error."""
+    logp = []
+    for exact in (True, False):
+        with lensbench_variant(model, plan, exact) as m:
+            logp.append(torch.log_softmax(m(input_ids=ids).logits[0].double(), -1))
+    return float((logp[0].exp() * (logp[0] - logp[1])).sum(-1).mean())
 
 
 def _in(ctx, fn):
@@ -483,16 +501,20 @@ def write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, second
                      f"| {extra} |")
     if notes:
         lines += ["", "Left out: " + "; ".join(notes) + "."]
-    lines += ["", "Prefill (lensbench, whole model packed), tokens/s and speed-up over float32 (paired median):", "",
-              "| prompt tokens | fp32 tokens/s | int8 g128 | x fp32 | int4 g128 | x fp32 |",
-              "|---|---|---|---|---|---|"]
+    prefill, prefill_kl = prefill
+    lines += ["", "Prefill (lensbench, whole model packed), tokens/s and speed-up over float32 (paired median). The "
+              "packed rows run bfloat16 tiles and activations (the default); `int4 exact` float32 tiles "
+              "(`set_exact`). KL: mean per token of the int4 prompt's logits with bfloat16 tiles against float32 "
+              "tiles (what the arithmetic adds to the grid's error):", "",
+              "| prompt tokens | fp32 tokens/s | int8 g128 | x fp32 | int4 g128 | x fp32 | int4 exact | x fp32 | KL |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for n, t in prefill.items():
         f = n / statistics.median(t["lensbench fp32"])
         cells = []
-        for k in ("lensbench int8 g128", "lensbench int4 g128"):
+        for k in PREFILL_KEYS:
             ratio = statistics.median(b / x for b, x in zip(t["lensbench fp32"], t[k], strict=True))
             cells.append(f"{n / statistics.median(t[k]):.0f} | {ratio:.2f}")
-        lines.append(f"| {n} | {f:.0f} | {' | '.join(cells)} |")
+        lines.append(f"| {n} | {f:.0f} | {' | '.join(cells)} | {prefill_kl[n]:.1e} |")
     lines += ["", f"Decode path vs prefill path on SmolLM2's 210 block linears by activation rows (ms, median of "
               f"{args.crossover_rounds}; int4: torch's kernel vs tiles, int8 g128: numba gemv vs tiles); lensbench "
               f"switches to tiles above {cpu_kernels.TORCH_MAX_ROWS} rows on torch's kernels, "

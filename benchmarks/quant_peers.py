@@ -9,20 +9,27 @@ Rows per bit-width and group size:
   only, and it chooses its own group (128, or the largest multiple of 32 below that divides the input width);
 - torchao int8 / int4 weight-only (`quantize_` on the block linears of a bfloat16 copy, its CPU kernels run): the
   bfloat16 copy's own KL is reported beside it, as torchao's path needs bfloat16 activations.
-llm-compressor's GPTQ is not a row: its release pins an older transformers and compressed-tensors than the lock.
+- llm-compressor's GPTQ (`oneshot` + `GPTQModifier`, static act-order, the same calibration token ids) with
+  `--llmc-python`: its release pins another transformers and compressed-tensors than the lock, so it runs from its
+  own venv (requirements/llmc-lock.txt) in its own process (`llmc_worker.py`), which scores the same held-out
+  batches and reports its dense perplexity as a check that both processes scored the same tokens.
 
 HQQ and optimum-quanto are an optional extra (requirements/peers.in; `./run peers` installs them); a missing
 package is a line in the report, not a failure. Calibration: BBC calibration articles; quality: BBC held-out
 articles, never the calibration split. Appends to reports/BENCHMARKS.md and writes reports/QUANT.md's peer section.
 
 Usage: python benchmarks/quant_peers.py [--model smollm2-135m] [--configs 4/128,4/64,3/128] [--calib 32] [--heldout 32]
+       [--llmc-python .venv-llmc/bin/python]
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +40,7 @@ from _common import append_report, machine, versions  # noqa: E402
 from gptq import plan_for  # noqa: E402
 
 import lensbench as lb  # noqa: E402
+from lensbench.capture import batches  # noqa: E402
 from lensbench.compress.evaluate import EvalConfig, text_quality  # noqa: E402
 from lensbench.compress.gptq import GPTQConfig, prepare  # noqa: E402
 from lensbench.load import from_module  # noqa: E402
@@ -134,12 +142,58 @@ def torchao_rows(model, names, bits, group, heldout, cfg) -> tuple[list, str | N
     return rows, None
 
 
+def llmc_rows(model, names, bits, group, calib, heldout, cfg, python: str | None):
+    """llm-compressor's GPTQ (`oneshot` + `GPTQModifier`, static act-order like lensbench's) with its default weight
+    observer (min-max) and with its MSE one (a range search, as lensbench's default), each in its own venv and
+    process (`llmc_worker.py`), on the same weights, calibration token ids and held-out batches."""
+    if not python:
+        return None, ("llm-compressor GPTQ: not run; it pins another transformers than the lock, so it runs from its "
+                      "own venv: `python3.11 -m venv .venv-llmc && .venv-llmc/bin/pip install -r "
+                      "requirements/llmc-lock.txt`, then --llmc-python .venv-llmc/bin/python")
+    widths = sorted({model.module.get_submodule(n).in_features for n in names} if names else set())
+    if any(w % group for w in widths):
+        return None, (f"llm-compressor GPTQ at group {group}: its group quantisation needs every input width divisible "
+                      f"by the group (input widths {', '.join(map(str, widths))}; with `bypass_divisibility_checks` "
+                      f"its quantiser fails)")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        model.module.save_pretrained(folder)
+        model.tokenizer.save_pretrained(folder)
+        ids = [b.model_inputs() for b in batches(model, calib, 8, 512)]
+        calibration = [row[mask.bool()].tolist() for b in ids for row, mask in zip(b["input_ids"], b["attention_mask"],
+                                                                                     strict=True)]
+        held = []
+        for b in batches(model, heldout, cfg.batch_size, cfg.seq_len):
+            inputs = b.model_inputs()
+            held.append({"input_ids": inputs["input_ids"].tolist(),
+                         "attention_mask": inputs["attention_mask"].tolist(), "content_mask": b.content_mask.tolist(),
+                         "next_tokens": b.next_tokens()[b.content_mask].tolist()})
+        rows = []
+        for observer in (None, "memoryless_mse"):
+            job = {"model_dir": str(folder), "calibration": calibration, "heldout": held, "bits": bits,
+                   "group_size": group, "symmetric": False, "actorder": "weight", "damp": GPTQConfig.damp,
+                   "block": GPTQConfig.block, "seq_len": 512, "threads": torch.get_num_threads(), "observer": observer}
+            (Path(tmp) / "job.json").write_text(json.dumps(job))
+            worker = str(Path(__file__).with_name("llmc_worker.py"))  # -I: benchmarks/ must not shadow its imports
+            run = subprocess.run([python, "-I", worker, str(Path(tmp) / "job.json"), str(Path(tmp) / "result.json")],
+                                 capture_output=True, text=True)
+            if run.returncode:
+                return rows, f"llm-compressor GPTQ failed: {run.stderr.strip().splitlines()[-1][:200]}"
+            r = json.loads((Path(tmp) / "result.json").read_text())
+            versions_ = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
+            rows.append((f"llm-compressor GPTQ, {observer or 'default'} observer ({versions_})", r, r["seconds"],
+                         f"g{group} asym, int zero point"))
+    return rows, None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m", help="a bundled causal model")
     ap.add_argument("--configs", default="4/128,4/64,3/128,8/128", help="bits/group, comma-separated")
     ap.add_argument("--calib", type=int, default=32, help="BBC calibration articles for GPTQ")
     ap.add_argument("--heldout", type=int, default=32)
+    ap.add_argument("--llmc-python", default=os.environ.get("LLMC_PYTHON"),
+                    help="the python of a venv with llm-compressor (requirements/llmc-lock.txt) for its GPTQ row")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     t_all = time.time()
@@ -156,7 +210,9 @@ def main() -> None:
         rows = lensbench_rows(model, bits, group, calib, heldout, cfg)
         for label, fn, fn_args in (("HQQ", hqq_row, (model, names, bits, group, heldout, cfg)),
                                    ("optimum-quanto", quanto_row, (model, bits, heldout, cfg)),
-                                   ("torchao", torchao_rows, (model, names, bits, group, heldout, cfg))):
+                                   ("torchao", torchao_rows, (model, names, bits, group, heldout, cfg)),
+                                   ("llm-compressor", llmc_rows,
+                                    (model, names, bits, group, calib, heldout, cfg, args.llmc_python))):
             try:
                 got, note = fn(*fn_args)
             except ImportError as exc:
@@ -171,7 +227,7 @@ def main() -> None:
             print(lines[-1], flush=True)
     load_end = os.getloadavg()[0]
     head = (f"`python benchmarks/quant_peers.py --model {args.model} --configs {args.configs} --calib {args.calib} "
-            f"--heldout {args.heldout}` in {(time.time() - t_all) / 60:.1f} min; {machine()}; "
+            f"--heldout {args.heldout}{' --llmc-python PATH' if args.llmc_python else ''}` in {(time.time() - t_all) / 60:.1f} min; {machine()}; "
             f"{versions('torch', 'transformers', 'hqq', 'optimum-quanto', 'torchao')}; load average {load:.1f} at the "
             f"start, {load_end:.1f} at the end (above 2: another job shared the cores, and the seconds are not quiet). "
             f"Every block linear of {args.model} quantised; embedding and head as loaded. Quality: {args.heldout} "

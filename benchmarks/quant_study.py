@@ -125,7 +125,9 @@ class Quality:
 
 
 def db_folder(name: str, args) -> Path:
-    return CACHE / (f"{name}-db-c{args.calib}" + (f"-g{args.group_size}" if args.group_size != 128 else ""))
+    """The cached database of these settings (a database refuses to be rebuilt with others in its folder)."""
+    return CACHE / (f"{name}-db-c{args.calib}" + (f"-g{args.group_size}" if args.group_size != 128 else "")
+                    + ("-clip" if GPTQConfig.clip else ""))
 
 
 def study(name: str, args, executor) -> tuple[str, list]:
@@ -160,7 +162,8 @@ def study(name: str, args, executor) -> tuple[str, list]:
         print(f"{name} budget {budget}: {time.time() - t1:.0f} s", flush=True)
     seconds = db.doc.get("seconds", {})
     head = (f"**{name}** (database: {args.calib} BBC calibration articles of up to 512 tokens, levels "
-            f"{','.join(map(str, LEVELS))}, group {args.group_size} asymmetric, act-order; built in "
+            f"{','.join(map(str, LEVELS))}, group {args.group_size} asymmetric, act-order, searched group ranges; "
+            f"built in "
             f"{sum(seconds.values()) / 60:.1f} min of which GPTQ {seconds.get('gptq', 0) / 60:.1f} min"
             f"{' (reused from an earlier run)' if db_s < 60 else ''}; dense held-out perplexity "
             f"{rows[0]['dense_ppl']:.2f}, dense topic accuracy {rows[0]['dense_topic']:.3f}). " + level_ratios(db))

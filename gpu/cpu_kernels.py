@@ -6,14 +6,16 @@
       y[m, n] = sum_g scale[n, g] * (q[n, g] . x[m, g]) + min[n, g] * sum(x[m, g])
   Threads split the output rows.
 * `tiled` — many rows (prefill): `TILE` output rows at a time are dequantised (on the calling thread: see
-  `dequant_rows`) into one reused float32 buffer and multiplied with torch's GEMM, so peak extra memory is one
-  tile, not the weight.
+  `dequant_rows`) into one reused buffer and multiplied with torch's GEMM, so peak extra memory is one tile,
+  not the weight. The tile is bfloat16 and so are the activations (torch's decode kernels round them so too),
+  float32 with `set_exact(True)`.
 
 Scales and mins are stored as float16 (numba has no CPU float16): a 65,536-entry table turns
 their bit patterns into float32.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -25,7 +27,7 @@ from numba import njit, prange
 from . import cpu_torch
 from .quant import PackedWeight
 
-EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # keep decode off torch's bfloat16 kernels
+EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # float32 everywhere: no bfloat16 kernels or tiles
 # Above these many activation rows the tiled dequantise + GEMM path is faster (benchmarks/decode.py measures
 # both paths by rows on SmolLM2's linears, reports/DECODE.md): numba's gemv, and torch's int4/int8 kernels.
 GEMV_MAX_ROWS = 12
@@ -191,7 +193,20 @@ def _make_kernels(bits: int):
                     for j in range(length):
                         dst[j] = buf[j] * s + lo
 
-    return (gemv4 if bits == 4 else gemv), dequant_rows
+    @njit(fastmath=True, nogil=True)
+    def dequant_rows_bf16(p, sc, mn, gs, h2f, n0, out):
+        """`dequant_rows` into bfloat16 bit patterns (uint16 [rows, K_pad]), rounded to nearest even."""
+        rows, k_pad = out.shape
+        row = np.empty((1, k_pad), np.float32)
+        u = row.view(np.uint32)[0]
+        for r in range(rows):
+            dequant_rows(p, sc, mn, gs, h2f, n0 + r, row)
+            dst = out[r]
+            for j in range(k_pad):
+                b = u[j]
+                dst[j] = np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    return (gemv4 if bits == 4 else gemv), dequant_rows, dequant_rows_bf16
 
 
 _KERNELS: dict[int, tuple] = {}
@@ -228,38 +243,47 @@ def gemv(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
 _BUFFERS = threading.local()
 
 
-def _buffer(numel: int) -> torch.Tensor:
-    """A float32 scratch buffer of at least `numel` values, kept per thread: a fresh multi-MB tensor per call
+def _buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A scratch buffer of at least `numel` values of `dtype`, kept per thread: a fresh multi-MB tensor per call
     is fresh pages from the OS each time, faulted in on every call (the tiled path's time is in the decode
     benchmark's crossover table)."""
-    buf = getattr(_BUFFERS, "buf", None)
+    name = f"buf_{dtype}"
+    buf = getattr(_BUFFERS, name, None)
     if buf is None or buf.numel() < numel:
-        buf = _BUFFERS.buf = torch.empty(numel, dtype=torch.float32)
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_BUFFERS, name, buf)
     return buf[:numel]
 
 
-def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None) -> torch.Tensor:
+def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None, exact: bool | None = None) -> torch.Tensor:
     """x2 [M, K] float -> [M, N] float32 (contiguous), dequantising `tile` output rows at a time into one
-    reused buffer (default: as many rows as fit in TILE_BYTES, at least TILE)."""
+    reused buffer (default: as many rows as fit in TILE_BYTES, at least TILE). Unless `exact` (default: `EXACT`)
+    the tiles, the activations and the GEMM are bfloat16, as torch's decode kernels (`cpu_torch`) compute: on a
+    CPU with bfloat16 dot products a bfloat16 GEMM is about twice a float32 one, and dequantising costs more
+    than that GEMM saves otherwise (the decode benchmark's prefill table measures both against float32)."""
+    exact = EXACT if exact is None else exact
     xp = _padded(x2, pw)
     n = pw.shape[0]
-    tile = tile or max(TILE, TILE_BYTES // (4 * pw.k_padded))
-    buf = _buffer(min(tile, n) * pw.k_padded).view(min(tile, n), pw.k_padded)
+    tile = min(tile or max(TILE, TILE_BYTES // (4 * pw.k_padded)), n)
+    dtype = torch.float32 if exact else torch.bfloat16
+    buf = _buffer(tile * pw.k_padded, dtype).view(tile, pw.k_padded)
+    # numba writes the bfloat16 tile as its bit patterns (it has no bfloat16 type)
+    target = buf.numpy() if exact else buf.view(torch.int16).numpy().view(np.uint16)
     p, sc, mn = _arrays(pw)
-    dequant = _kernels(pw.bits)[1]
-    if tile >= n:  # one tile: the GEMM writes [M, N] directly
-        dequant(p, sc, mn, pw.group_size, _H2F, 0, buf.numpy())
-        return torch.mm(xp, buf.T)
+    dequant = _kernels(pw.bits)[1 if exact else 2]
+    x = xp if exact else xp.to(torch.bfloat16)
+    if tile == n:  # one tile: the GEMM writes [M, N] directly
+        dequant(p, sc, mn, pw.group_size, _H2F, 0, target)
+        return torch.mm(x, buf.T).float()
     # each tile's GEMM writes its columns of the [M, N] result in place (BLAS takes the row stride): the result
     # is contiguous, as attention needs (a transposed one sent q/k/v to SDPA with strided heads, and its math
     # kernel then ran packed prefill at 0.41x dense, reports/BENCHMARKS.md), without a transposing copy of it
-    out = torch.empty(xp.shape[0], n, dtype=torch.float32)
+    out = torch.empty(xp.shape[0], n, dtype=dtype)
     for n0 in range(0, n, tile):
         rows = min(tile, n - n0)
-        b = buf[:rows]
-        dequant(p, sc, mn, pw.group_size, _H2F, n0, b.numpy())
-        torch.mm(xp, b.T, out=out[:, n0:n0 + rows])
-    return out
+        dequant(p, sc, mn, pw.group_size, _H2F, n0, target[:rows])
+        torch.mm(x, buf[:rows].T, out=out[:, n0:n0 + rows])
+    return out.float()
 
 
 def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -292,9 +316,21 @@ def dequantize_rows(pw: PackedWeight, rows: torch.Tensor) -> torch.Tensor:
 
 
 def set_exact(exact: bool) -> None:
-    """True: decode runs the exact float32 kernels here instead of torch's bfloat16 ones (`cpu_torch`)."""
+    """True: decode runs the exact float32 kernels here instead of torch's bfloat16 ones (`cpu_torch`), and
+    prefill float32 tiles instead of bfloat16 ones."""
     global EXACT
     EXACT = bool(exact)
+
+
+@contextlib.contextmanager
+def exact_kernels(exact: bool = True):
+    """`set_exact(exact)` inside the block, the setting before it afterwards."""
+    before = EXACT
+    set_exact(exact)
+    try:
+        yield
+    finally:
+        set_exact(before)
 
 
 def set_threads(n: int) -> None:

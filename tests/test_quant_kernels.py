@@ -3,6 +3,7 @@ TRITON_INTERPRET=1) matches the dequantise-then-matmul reference on every shape,
 the group size does not divide, and bad requests are refused with one clear error."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,8 +108,22 @@ def test_int4_layout_converts_rows_in_chunks_like_torch_at_once(monkeypatch):
 def test_cpu_tiled_path_holds_one_tile_not_the_weight():
     pw = quant.quantize(_weight(600, 64), 4, 32)
     x = torch.randn(30, 64)
-    out = cpu_kernels.tiled(x, pw, tile=128)  # 5 tiles, the last one short
+    out = cpu_kernels.tiled(x, pw, tile=128, exact=True)  # 5 tiles, the last one short
     assert torch.allclose(out, reference.matmul(x, pw), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_bfloat16_tiles_are_the_grid_values_rounded_to_nearest_even(bits):
+    pw = quant.quantize(_weight(600, 72), bits, 32)
+    p, sc, mn = pw.numpy_views()
+    tile = torch.empty(600, pw.k_padded, dtype=torch.bfloat16)
+    cpu_kernels._kernels(bits)[2](p, sc, mn, pw.group_size, cpu_kernels._H2F, 0,
+                                  tile.view(torch.int16).numpy().view(np.uint16))
+    assert torch.equal(tile[:, :72], reference.dequantize(pw).to(torch.bfloat16))  # torch's rounding, bit for bit
+    x = torch.randn(30, 72)
+    out = cpu_kernels.tiled(x, pw, tile=128)  # the default: bfloat16 tiles and activations
+    want = (x.to(torch.bfloat16).float() @ reference.dequantize(pw).to(torch.bfloat16).float().T)
+    assert out.dtype == torch.float32 and (out - want).abs().max() <= 1e-2 * want.abs().max()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3), (torch.bfloat16, 2e-2)])

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ..capture import batches
 from ..errors import LensbenchError
+from ..gpu import cpu_kernels
 from ..kvcache import cache_bytes
 from ..kvmeasure import decode_logprobs, windows
 from ..model import Model
@@ -138,7 +139,7 @@ def text_quality(model: Model, target: Target, texts: Sequence[str], cfg: EvalCo
     for batch in batches(model, list(texts), cfg.batch_size, cfg.seq_len):
         inputs, mask = batch.model_inputs(), batch.content_mask
         logp = torch.log_softmax(wide(model.module(**inputs, use_cache=False).logits[mask]), -1)
-        with applied(model, target):
+        with applied(model, target), cpu_kernels.exact_kernels():  # the grid's effect, not bfloat16 arithmetic's
             logq = torch.log_softmax(wide(model.module(**inputs, use_cache=False).logits[mask]), -1)
         s = batch_scores(batch, logp, logq)
         kl, nll, dense_nll = kl + s["kl"], nll + s["nll"], dense_nll + s["dense_nll"]

@@ -10,9 +10,10 @@ after a block is one matrix product). Group-wise grids are fitted to the already
 when its first column is reached (`gpu.quant.clipped_grid`: the range with the least H_jj-weighted rounding
 error, as the reference implementation's `mse` option searches it; `clip=False` takes min-max, `gpu.quant.grid`);
 with `act_order` the columns go in order of decreasing H_jj and the grids are fitted to the original weights
-first ("static groups"), so the packed layout is unchanged. With the `gguf` scheme (`gptq_ggml`) the grid is a GGML type's (`gpu.ggml.fit`: llama.cpp's float16
-block scales and sub-block scale codes, fitted to the original weights) and GPTQ chooses the codes on it, so the
-GGUF file holds GPTQ's rounding in a type llama.cpp reads as it is.
+first ("static groups"), so the packed layout is unchanged. With the `gguf` scheme (`gptq_ggml`) the grid is a
+GGML type's (`gpu.ggml.fit`: llama.cpp's float16 block scales and sub-block scale codes, fitted to the original
+weights) and GPTQ chooses the codes on it, so the GGUF file holds GPTQ's rounding in a type llama.cpp reads as it
+is.
 
 `quantize_model` runs the model's blocks in order (sequentially, as the paper does): each block's Hessians come
 from inputs produced by the already-quantised earlier blocks, and the model is dense again afterwards.
