@@ -227,7 +227,8 @@ def main() -> None:
             print(lines[-1], flush=True)
     load_end = os.getloadavg()[0]
     head = (f"`python benchmarks/quant_peers.py --model {args.model} --configs {args.configs} --calib {args.calib} "
-            f"--heldout {args.heldout}{' --llmc-python PATH' if args.llmc_python else ''}` in {(time.time() - t_all) / 60:.1f} min; {machine()}; "
+            f"--heldout {args.heldout}{' --llmc-python PATH' if args.llmc_python else ''}` in "
+            f"{(time.time() - t_all) / 60:.1f} min; {machine()}; "
             f"{versions('torch', 'transformers', 'hqq', 'optimum-quanto', 'torchao')}; load average {load:.1f} at the "
             f"start, {load_end:.1f} at the end (above 2: another job shared the cores, and the seconds are not quiet). "
             f"Every block linear of {args.model} quantised; embedding and head as loaded. Quality: {args.heldout} "
