@@ -503,7 +503,8 @@ def write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, second
         lines += ["", "Left out: " + "; ".join(notes) + "."]
     prefill, prefill_kl = prefill
     lines += ["", "Prefill (lensbench, whole model packed), tokens/s and speed-up over float32 (paired median). The "
-              "packed rows run bfloat16 tiles and activations (the default); `int4 exact` float32 tiles "
+              "packed rows run the default tiles (bfloat16 tiles and activations where the CPU has bfloat16 dot "
+              f"products; here: {'yes' if cpu_kernels.BF16_TILES else 'no, float32'}); `int4 exact` float32 tiles "
               "(`set_exact`). KL: mean per token of the int4 prompt's logits with bfloat16 tiles against float32 "
               "tiles (what the arithmetic adds to the grid's error):", "",
               "| prompt tokens | fp32 tokens/s | int8 g128 | x fp32 | int4 g128 | x fp32 | int4 exact | x fp32 | KL |",

@@ -28,6 +28,16 @@ from . import cpu_torch
 from .quant import PackedWeight
 
 EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # float32 everywhere: no bfloat16 kernels or tiles
+
+
+def _bf16_dot() -> bool:
+    """Whether this CPU has bfloat16 dot products (AVX512-BF16 or AMX), where torch's bfloat16 GEMM is about twice
+    its float32 one; elsewhere it converts to float32 and is slower, so prefill keeps float32 tiles."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(p is not None and p() for p in probes)
+
+
+BF16_TILES = _bf16_dot()
 # Above these many activation rows the tiled dequantise + GEMM path is faster (benchmarks/decode.py measures
 # both paths by rows on SmolLM2's linears, reports/DECODE.md): numba's gemv, and torch's int4/int8 kernels.
 GEMV_MAX_ROWS = 12
@@ -257,11 +267,12 @@ def _buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None, exact: bool | None = None) -> torch.Tensor:
     """x2 [M, K] float -> [M, N] float32 (contiguous), dequantising `tile` output rows at a time into one
-    reused buffer (default: as many rows as fit in TILE_BYTES, at least TILE). Unless `exact` (default: `EXACT`)
-    the tiles, the activations and the GEMM are bfloat16, as torch's decode kernels (`cpu_torch`) compute: on a
-    CPU with bfloat16 dot products a bfloat16 GEMM is about twice a float32 one, and dequantising costs more
-    than that GEMM saves otherwise (the decode benchmark's prefill table measures both against float32)."""
-    exact = EXACT if exact is None else exact
+    reused buffer (default: as many rows as fit in TILE_BYTES, at least TILE). Unless `exact` the tiles, the
+    activations and the GEMM are bfloat16, as torch's decode kernels (`cpu_torch`) compute: on a CPU with
+    bfloat16 dot products a bfloat16 GEMM is about twice a float32 one, which pays for dequantising (the decode
+    benchmark's prefill table measures both against float32). Default: float32 with `EXACT` or on a CPU without
+    bfloat16 dot products (`BF16_TILES`)."""
+    exact = (EXACT or not BF16_TILES) if exact is None else exact
     xp = _padded(x2, pw)
     n = pw.shape[0]
     tile = min(tile or max(TILE, TILE_BYTES // (4 * pw.k_padded)), n)
