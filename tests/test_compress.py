@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import lensbench
+from lensbench.gpu import cpu_kernels
 from lensbench.compress.apply import apply
 from lensbench.cli import main
 from lensbench.compress.save import compress
@@ -35,7 +36,9 @@ def consume(tmp_path, body: str, ids: torch.Tensor) -> np.ndarray:
 
 
 def planned_logits(model, plan, ids) -> np.ndarray:
-    with torch.no_grad(), apply(model, plan):
+    """The plan's logits in memory, on the exact float32 kernels (what a consumer computes from the saved weights;
+    the default prefill tiles are bfloat16 where the CPU has bfloat16 dot products)."""
+    with torch.no_grad(), apply(model, plan), cpu_kernels.exact_kernels():
         return model.module(ids).logits.float().numpy()
 
 
