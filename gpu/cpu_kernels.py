@@ -31,8 +31,9 @@ EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # float32 everywhere: 
 
 
 def _bf16_dot() -> bool:
-    """Whether this CPU has bfloat16 dot products (AVX512-BF16 or AMX), where torch's bfloat16 GEMM is about twice
-    its float32 one; elsewhere it converts to float32 and is slower, so prefill keeps float32 tiles."""
+    """Whether this CPU has bfloat16 dot products (AVX512-BF16 or AMX), where torch's bfloat16 GEMM is faster than
+    its float32 one; elsewhere it has no bfloat16 dot products to gain from (not measured here), so prefill
+    keeps float32 tiles."""
     probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(p is not None and p() for p in probes)
 
@@ -269,7 +270,7 @@ def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None, exact: bo
     """x2 [M, K] float -> [M, N] float32 (contiguous), dequantising `tile` output rows at a time into one
     reused buffer (default: as many rows as fit in TILE_BYTES, at least TILE). Unless `exact` the tiles, the
     activations and the GEMM are bfloat16, as torch's decode kernels (`cpu_torch`) compute: on a CPU with
-    bfloat16 dot products a bfloat16 GEMM is about twice a float32 one, which pays for dequantising (the decode
+    bfloat16 dot products a bfloat16 GEMM is faster than a float32 one, which pays for dequantising (the decode
     benchmark's prefill table measures both against float32). Default: float32 with `EXACT` or on a CPU without
     bfloat16 dot products (`BF16_TILES`)."""
     exact = (EXACT or not BF16_TILES) if exact is None else exact
