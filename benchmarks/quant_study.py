@@ -2,7 +2,9 @@
 (LayerwiseQuant's LIM and ZD, the GPTQ database's Hessian NMSE, HAWQ trace, augmented and measured KL), its
 reverse, random orders (mean of 3), the knapsack DP on NMSE (EvoPress's baseline) and on measured KL, the
 evolutionary search and BAQ (`bits-baq`), every plan's weights taken from one GPTQ database (`lensbench quant-db`),
-scored on held-out BBC text (KL to the dense model, perplexity) and the BBC topic task.
+scored on held-out BBC text (KL to the dense model, perplexity) and the BBC topic task. `bits-bisect`, whose budget
+is a calibration-KL bound rather than bits, gets a table of its own: bounds placed between uniform int4's and
+uniform int3's calibration KL, the bits each bound buys and whether the bound holds on held-out text.
 
 Both bundled models' weights come from 4-bit GGUF files (SmolLM2: Q4_1, group 32; Gemma-3-270M: Q4_K_M), so
 their "dense" weights already lie on a 4-bit grid; the grid here is group 128 (or `--group-size`) asymmetric, which
@@ -13,6 +15,7 @@ Writes one section per model in reports/QUANT.md (as each model finishes) and ap
 
 Usage: python benchmarks/quant_study.py [--models smollm2-135m,gemma3-270m] [--budgets 2.5,3,3.25,3.5,4,4.25]
        [--calib 32] [--heldout 16] [--generations 12] [--workers 2] [--methods uniform,baq,dp] [--group-size 128]
+       [--bisect 0.25,0.5,0.75]
 """
 from __future__ import annotations
 
@@ -31,14 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, machine, versions  # noqa: E402
 
 import lensbench as lb  # noqa: E402
+from lensbench.atomic import write_text  # noqa: E402
 from lensbench.capture import batches  # noqa: E402
 from lensbench.compress.database import DatabaseConfig, build  # noqa: E402
 from lensbench.compress.evaluate import batch_scores  # noqa: E402
 from lensbench.compress.zeroshot import bbc_topics, topic_task  # noqa: E402
 from lensbench.numeric import wide  # noqa: E402
-from lensbench.simquant import simulated  # noqa: E402
+from lensbench.simquant import block_linears, simulated  # noqa: E402
 from lensbench.compress.gptq import GPTQConfig  # noqa: E402
 from lensbench.compress.policies import make_plan  # noqa: E402
+from lensbench.compress.policies.bits import QuantKL  # noqa: E402
 from lensbench.executor import ExecutorConfig  # noqa: E402
 from lensbench.profiles import Profile  # noqa: E402
 from lensbench.profiling import profile_model  # noqa: E402
@@ -50,6 +55,7 @@ CACHE = Path(os.environ.get("LENSBENCH_STUDY", Path.home() / ".cache" / "lensben
 LEVELS = (2, 3, 4, 8)
 RANKINGS = ("lim", "zd", "hessian", "hawq", "augmented", "gptq-kl")
 MARKER = "\n## Bit allocation on GPTQ levels\n"
+NONE = "''"  # an empty option value, as a shell command line writes it
 
 
 def two_levels(budget: float) -> tuple[int, int]:
@@ -92,6 +98,48 @@ def plans_for(model, profile: Profile, budget: float, db: str, texts, generation
             if not methods or any(label.startswith(m) for m in methods)}
 
 
+def bisect_rows(model, profile: Profile, db: str, texts, quality, fractions: list[float], group_size: int) -> list:
+    """bits-bisect (levels 4,3, blocks ranked by measured GPTQ KL) at calibration-KL bounds a `fraction` of the way
+    from uniform int4's calibration KL to uniform int3's, on the calibration texts the search uses."""
+    hi, lo = 4, 3
+    kl_of = QuantKL(model, texts, group_size, database=db)
+    names = block_linears(model)
+    ends = {b: kl_of({(i, n): b for i in range(model.n_layers) for n in names}) for b in (hi, lo)}
+    kl_of.cache.clear()
+    rows = []
+    for f in fractions:
+        bound = ends[hi] + f * (ends[lo] - ends[hi])
+        plan = make_plan("bits-bisect", profile, bound, levels=f"{hi},{lo}", ranking="gptq-kl", model=model,
+                         texts=texts, group_size=group_size, method="gptq", database=db)
+        p = plan.predicted
+        rows.append({"fraction": f, "bound": bound, "kl_int4": ends[hi], "kl_int3": ends[lo], "blocks": model.n_layers,
+                     "bits": p["average_bits"],
+                     "n_low": p["n_low"], "calibration_kl": p["calibration_kl"],
+                     "evaluations": plan.meta["search"]["evaluations"], **quality(plan)})
+        r = rows[-1]
+        print(f"bisect bound {bound:.4f} ({f:g} of int4 {ends[hi]:.4f} -> int3 {ends[lo]:.4f}): {r['n_low']} blocks at "
+              f"int3, bits {r['bits']:.3f}, calibration KL {r['calibration_kl']:.4f}, held-out KL {r['kl']:.4f}, ppl "
+              f"{r['ppl']:.2f}", flush=True)
+    return rows
+
+
+def bisect_table(rows: list) -> list[str]:
+    if not rows:
+        return []
+    r0 = rows[0]
+    lines = [f"`bits-bisect` (levels 4,3; blocks least sensitive first by measured GPTQ KL; bisection over the number "
+             f"of blocks at int3 of {r0['blocks']}) at calibration-KL bounds between every block at int4 "
+             f"(calibration KL {r0['kl_int4']:.4f}) and every block at int3 ({r0['kl_int3']:.4f}), on the 8 "
+             f"calibration texts the evolutionary search uses; held-out KL on the held-out articles above.", "",
+             "| bound (share of the way to int3) | KL bound | blocks at int3 | average bits | calibration KL | "
+             "held-out KL | perplexity | topic accuracy | KL evaluations |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['fraction']:g} | {r['bound']:.4f} | {r['n_low']} | {r['bits']:.3f} | "
+                     f"{r['calibration_kl']:.4f} | {r['kl']:.4f} | {r['ppl']:.2f} | {r['topic']:.3f} | "
+                     f"{r['evaluations']} |")
+    return lines
+
+
 class Quality:
     """Held-out KL to the dense model, perplexity and the topic task of a plan's database weights, simulated in
     place (`simquant`: what the packed weights compute, up to float summation order; the packed kernels are not
@@ -102,6 +150,8 @@ class Quality:
         self.batches = list(batches(model, heldout, 4, 128))
         with torch.no_grad():
             self.dense = [self._logp(b) for b in self.batches]
+        scores = [batch_scores(b, logp, logp) for b, logp in zip(self.batches, self.dense, strict=True)]
+        self.dense_ppl = math.exp(sum(s["dense_nll"] for s in scores) / sum(s["n_next"] for s in scores))
         self.items = bbc_topics(topics)
         self.dense_topic = topic_task(model, topics, items=self.items)["accuracy"]
 
@@ -160,14 +210,18 @@ def study(name: str, args, executor) -> tuple[str, list]:
             print(f"{name} {budget} {label}: bits {r['bits']:.3f} KL {r['kl']:.4f} ppl {r['ppl']:.2f} topic "
                   f"{r['topic']:.3f}" + (f" layer error {layer:.3f} x uniform GPTQ's" if layer else ""), flush=True)
         print(f"{name} budget {budget}: {time.time() - t1:.0f} s", flush=True)
+    if args.bisect:
+        bisect = bisect_rows(model, profile, str(folder), texts, quality, args.bisect, args.group_size)
+    else:
+        bisect = []
     seconds = db.doc.get("seconds", {})
     head = (f"**{name}** (database: {args.calib} BBC calibration articles of up to 512 tokens, levels "
             f"{','.join(map(str, LEVELS))}, group {args.group_size} asymmetric, act-order, searched group ranges; "
             f"built in "
             f"{sum(seconds.values()) / 60:.1f} min of which GPTQ {seconds.get('gptq', 0) / 60:.1f} min"
             f"{' (reused from an earlier run)' if db_s < 60 else ''}; dense held-out perplexity "
-            f"{rows[0]['dense_ppl']:.2f}, dense topic accuracy {rows[0]['dense_topic']:.3f}). " + level_ratios(db))
-    return head, rows
+            f"{quality.dense_ppl:.2f}, dense topic accuracy {quality.dense_topic:.3f}). " + level_ratios(db))
+    return head, rows, bisect
 
 
 def level_ratios(db) -> str:
@@ -199,23 +253,30 @@ def table(rows: list) -> list[str]:
     return lines
 
 
-def save_study(name: str, db_folder: Path, command: str, rows: list, group: int) -> Path:
+def save_study(name: str, db_folder: Path, command: str, rows: list, group: int, bisect: list) -> Path:
     """The rows as JSON beside a copy of the database's profile, reports/quant-db-<model>/{profile,study.json},
     which the app's quantisation page opens (`lensbench app reports/quant-db-<model>/profile`). A row replaces
-    the earlier one of the same budget, method and group size; other runs' rows are kept."""
+    the earlier one of the same budget, method and group size; other runs' rows on the same database are kept.
+    A run on another database (other calibration, grid or range setting) starts the file and the profile anew."""
     import shutil
 
     from lensbench.atomic import write_json
     from lensbench.jsonio import read as read_json
 
     out = REPORTS / f"quant-db-{name.split('-')[0]}"
+    path = out / "study.json"
+    doc = read_json(path) if path.is_file() else {}
+    if doc.get("database") != db_folder.name:
+        doc = {"model": name, "database": db_folder.name, "rows": []}
+        shutil.rmtree(out / "profile", ignore_errors=True)
     if not (out / "profile" / "profile.json").is_file():
         shutil.copytree(db_folder / "profile", out / "profile", dirs_exist_ok=True)
-    path = out / "study.json"
-    doc = read_json(path) if path.is_file() else {"model": name, "rows": []}
-    fresh = [{**r, "group_size": group, "command": command, "date": time.strftime("%Y-%m-%d")} for r in rows]
+    stamp = {"group_size": group, "command": command, "date": time.strftime("%Y-%m-%d")}
+    fresh = [{**r, **stamp} for r in rows]
     seen = {(r["budget"], r["method"], r["group_size"]) for r in fresh}
     doc["rows"] = [r for r in doc["rows"] if (r["budget"], r["method"], r["group_size"]) not in seen] + fresh
+    if bisect:
+        doc["bisect"] = [{**r, **stamp} for r in bisect]
     write_json(path, doc)
     return path
 
@@ -232,19 +293,28 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128, help="the grid's group size (asymmetric)")
     ap.add_argument("--methods", default="", help="only the rows whose label starts with one of these (comma-"
                                                  "separated, e.g. uniform,baq,dp); default every row")
+    ap.add_argument("--bisect", default="0.25,0.5,0.75",
+                    help="bits-bisect's KL bounds, as shares of the way from uniform int4's calibration KL to "
+                         "uniform int3's ('' for none)")
     args = ap.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
-    args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.bisect = [float(f) for f in args.bisect.split(",") if f]
+    if not all(0 <= f <= 1 for f in args.bisect):
+        ap.error(f"--bisect takes shares between 0 and 1, got {args.bisect}")
+    args.budgets = [float(b) for b in args.budgets.split(",") if b]
+    if not args.budgets and not args.bisect:
+        ap.error("nothing to run: give --budgets or --bisect")
     torch.set_num_threads(2)
     executor = ExecutorConfig("process", args.workers) if args.workers > 1 else None
     for name in args.models.split(","):  # one report section per model, written as soon as it is done
         load0, t0 = os.getloadavg()[0], time.time()
-        head, rows = study(name, args, executor)
+        head, rows, bisect = study(name, args, executor)
         body = (f"`python benchmarks/quant_study.py --models {name} --budgets "
-                f"{','.join(f'{b:g}' for b in args.budgets)} --calib {args.calib} --heldout {args.heldout} --topics "
-                f"{args.topics} --generations {args.generations} --workers {args.workers}"
+                f"{','.join(f'{b:g}' for b in args.budgets) or NONE} --calib {args.calib} --heldout {args.heldout} "
+                f"--topics {args.topics} --generations {args.generations} --workers {args.workers}"
                 f"{f' --group-size {args.group_size}' if args.group_size != 128 else ''}"
-                f"{' --methods ' + ','.join(args.methods) if args.methods else ''}` in "
+                f"{' --methods ' + ','.join(args.methods) if args.methods else ''}"
+                f" --bisect {','.join(f'{f:g}' for f in args.bisect) or NONE}` in "
                 f"{(time.time() - t0) / 60:.0f} min; {machine()}; {versions('torch', 'transformers')}; load average "
                 f"{load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above 2: another job shared the "
                 f"cores). Every block linear from one GPTQ database; embedding and head float32. Budgets are average "
@@ -256,18 +326,20 @@ def main() -> None:
                 f"BBC articles of 128 tokens (never the calibration split) and {args.topics} BBC topic "
                 f"multiple-choice items, with the database's weights simulated in place (what the packed weights "
                 f"compute, up to float summation order). Lowest KL per budget in bold.\n\n"
-                + head + "\n\n" + "\n".join(table(rows)) + "\n")
+                + head + "\n\n" + ("\n".join(table(rows)) + "\n" if rows else "")
+                + ("\n" + "\n".join(bisect_table(bisect)) + "\n" if bisect else ""))
         print(body)
         command = body.split("`")[1]
-        print("wrote", save_study(name, db_folder(name, args), command, rows, args.group_size))
+        print("wrote", save_study(name, db_folder(name, args), command, rows, args.group_size, bisect))
         append_report(f"Bit allocation on GPTQ levels, {name} (benchmarks/quant_study.py)", body)
         marker = (f"{MARKER.rstrip()}: {name}" + (f", group {args.group_size}" if args.group_size != 128 else "")
-                  + (f", rows {','.join(args.methods)}" if args.methods else "") + "\n")
+                  + (f", rows {','.join(args.methods)}" if args.methods else "")
+                  + ("" if args.budgets else ", bits-bisect only") + "\n")
         text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
         before, _, after = text.partition(marker)
         rest = after.split("\n## ", 1)
         tail = ("\n## " + rest[1]) if len(rest) == 2 else ""
-        REPORT.write_text(before.rstrip() + "\n" + marker + "\n" + body + tail)
+        write_text(REPORT, before.rstrip() + "\n" + marker + "\n" + body + tail)
 
 
 if __name__ == "__main__":

@@ -207,8 +207,9 @@ def test_quant_page_level_and_score_switch(browser, served):
 
 
 def test_quant_figures_from_the_real_database(workbench):
-    """The committed SmolLM2 database (group 128 asym, levels 2/3/4/8): GPTQ's error grows faster per bit
-    removed than BAQ's 4x model at the low levels, as the study reported."""
+    """The committed SmolLM2 database (group 128 asym, levels 2/3/4/8, searched group ranges): GPTQ's error
+    grows by about BAQ's 4x model per bit removed, less than that from int3 to int2, where the range search
+    gains most (on min-max ranges that step cost more than 5x)."""
     from lensbench.app.pages.quant import block_figure, levels, linear_figure, ratio_rows
     from lensbench.profiles import Profile
 
@@ -218,12 +219,13 @@ def test_quant_figures_from_the_real_database(workbench):
     assert len(fig.data[0].z) == 30 and list(fig.data[0].x)[0].endswith("q_proj")
     assert [t.name for t in block_figure(profile, "hawq").data] == ["int2", "int3", "int4", "int8"]
     ratios = {r["levels"]: r["median"] for r in ratio_rows(profile)}
-    assert ratios["int2 / int3"] > 5 and 4 < ratios["int3 / int4"] < 5.5
+    assert 3 < ratios["int2 / int3"] < ratios["int3 / int4"] < 4.5
 
 
 def test_quant_study_from_the_committed_gemma_run():
-    """reports/quant-db-gemma3/study.json (benchmarks/quant_study.py, Gemma-3-270M at 4 and 4.25 bits): one line per
-    method, uniform int4 flat across the two budgets, and the page finds the file beside the profile folder."""
+    """reports/quant-db-gemma3/study.json (benchmarks/quant_study.py on Gemma-3-270M at two budgets between the same
+    two levels): one line per method, the uniform mix flat across the budgets, and the page finds the file beside
+    the profile folder."""
     from lensbench.app.pages.quant import study_figure, study_file, study_table
     from lensbench.jsonio import read
 
@@ -232,7 +234,7 @@ def test_quant_study_from_the_committed_gemma_run():
     assert study_file(str(path / "profile.json")) == path.parent / "study.json"
     doc = read(study_file(str(path)))
     fig = study_figure(doc)
-    uniform = next(t for t in fig.data if t.name.startswith("uniform int4"))
+    uniform = next(t for t in fig.data if t.name.startswith("uniform int"))
     assert list(uniform.y) == [uniform.y[0]] * 2 and len(fig.data) >= 4
     assert len(study_table(doc).children) == len(doc["rows"]) + 1
 
