@@ -153,8 +153,8 @@ def test_a_plan_whose_database_is_gone_says_so(built, tmp_path):
 
 def test_bad_settings_and_folders_are_refused(built, tmp_path):
     model, db = built
-    with pytest.raises(QuantError, match="GGUF"):
-        DatabaseConfig(scheme="gguf").check()
+    with pytest.raises(QuantError, match="level 7 has no GGUF type"):
+        DatabaseConfig(levels=(4, 7), scheme="gguf").check()
     with pytest.raises(QuantError, match="bits=7"):
         DatabaseConfig(levels=(7,)).check()
     with pytest.raises(PlanError, match="other settings"):
@@ -210,3 +210,52 @@ def test_the_cli_builds_a_database_and_plans_from_it(tiny_dir, tmp_path):
     bad = subprocess.run(run + ["quant-db", str(src), "--out", str(tmp_path / "x"), "--levels", "4,7"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "level 7" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_gguf_database_holds_the_ggml_bytes_that_compress_writes(tiny, tmp_path):
+    """With the gguf scheme each level is GPTQ onto the GGML type the bits map to (Q4_0 and Q8_0 for the tiny
+    model's 32- and 64-wide rows), stored as the bytes a GGUF file holds; a plan made from it needs no GPTQ run, and
+    compress writes exactly those bytes into the GGUF file."""
+    import gguf
+
+    from lensbench.compress.gptq import solve
+    from lensbench.compress.save import compress
+
+    model = tiny("llama")
+    cfg = DatabaseConfig(levels=(4, 8), group_size=16, scheme="gguf", gptq=CFG.gptq, kl_texts=2, kl_seq_len=32)
+    db = build(model, TEXTS, tmp_path / "db", cfg)
+    assert db.group_size == 0 and "the GGUF types" in db.describe()
+    names = [f"{model.adapter.block_path(i)}.{n}" for i in range(model.n_layers) for n in block_linears(model)]
+    for _, mine, h, _ in block_hessians(model, names, TEXTS, CFG.gptq):
+        for name, module in mine.items():
+            for b, qtype in ((4, "Q4_0"), (8, "Q8_0")):
+                got = db.packed(name, b)
+                assert got.qtype == qtype
+                want = solve(name, module, h[name].float(), b, 0, "gguf", CFG.gptq).packed
+                assert np.array_equal(got.data, want.data)
+    plan = make_plan("bits-rank", _profile(model), 6.0, model=model, scheme="gguf", method="gptq", levels="8,4",
+                     ranking="hessian", database=str(db.folder))
+    quant = plan.bind(model).quant
+    assert {q.bits for q in quant.values()} == {4, 8} and {q.scheme for q in quant.values()} == {"gguf"}
+    saved = compress(model, plan, format="gguf", out=tmp_path / "ck")  # no calibration text: the database's levels
+    reader = gguf.GGUFReader(str(saved.path / saved.record["file"]))
+    tensors = {t.name: t for t in reader.tensors}
+    hf_names = {t["name"] for t in saved.record["tensors"]}
+    for name, q in quant.items():
+        i, kind = int(name.split(".")[2]), name.split(".")[-1]
+        gguf_name = next(n for n in hf_names if n.startswith(f"blk.{i}.") and n.endswith(_GGUF_SUFFIX[kind]))
+        got, want = np.asarray(tensors[gguf_name].data).view(np.uint8), db.packed(name, q.bits).data
+        if kind in ("q_proj", "k_proj"):  # llama.cpp's layout interleaves the rotary halves: the same rows, reordered
+            got, want = sorted(map(bytes, got)), sorted(map(bytes, want))
+        assert np.array_equal(got, want), name
+    module = model.module.get_submodule(names[0])
+    with pytest.raises(PlanError, match="one width per input group"):
+        db.mixed(names[0], module, [4, 8])
+    with pytest.raises(PlanError, match="holds GPTQ on the GGUF types, not the group 16 asym"):
+        make_plan("bits-rank", _profile(model), 6.0, model=model, group_size=16, method="gptq", levels="8,4",
+                  database=str(db.folder))
+
+
+_GGUF_SUFFIX = {"q_proj": "attn_q.weight", "k_proj": "attn_k.weight", "v_proj": "attn_v.weight",
+                "o_proj": "attn_output.weight", "gate_proj": "ffn_gate.weight", "up_proj": "ffn_up.weight",
+                "down_proj": "ffn_down.weight"}

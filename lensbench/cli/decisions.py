@@ -116,8 +116,9 @@ def _quant_db_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", default=",".join(map(str, LEVELS)), help="bit-widths to quantise every linear to "
                    f"(default {','.join(map(str, LEVELS))})")
     p.add_argument("--group-size", type=int, default=DatabaseConfig.group_size)
-    p.add_argument("--scheme", choices=SCHEMES, default="asym", help="asym (lensbench's packed format) or sym "
-                   "(what compress --format compressed-tensors stores)")
+    p.add_argument("--scheme", choices=SCHEMES, default="asym", help="asym (lensbench's packed format), sym "
+                   "(what compress --format compressed-tensors stores) or gguf (each level GPTQ onto the GGML type "
+                   "its bits map to, for compress --format gguf; no group size)")
     p.add_argument("--texts", help="calibration text file (default: the BBC news calibration split)")
     p.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
     p.add_argument("--calib", type=int, default=128, help="calibration texts for the Hessians (default 128)")

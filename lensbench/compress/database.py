@@ -12,7 +12,9 @@ are saved (`hessians/`), so a rebuild with more levels or other grids does not r
 
 A folder holds:
 * `hessians/L0007.safetensors`: block 7's Hessians, float32, one per distinct input (q, k and v share one);
-* `levels/L0007-int3.safetensors`: block 7's linears at 3 bits: codes, scales, mins;
+* `levels/L0007-int3.safetensors`: block 7's linears at 3 bits: codes, scales, mins (with the `gguf` scheme the
+  bytes of the GGML type the bits map to, as a GGUF file holds them: Q3_K, or Q4_0/Q5_0/Q8_0 for rows that are no
+  multiple of 256);
 * `items/`, `kl-items/`: the finished work items (`executor.run_items`: a killed build resumes);
 * `database.json`, written last: the settings, the model card, per linear and level the GPTQ layer error
   tr(ΔW H ΔWᵀ), round-to-nearest's, tr(W H Wᵀ), ||ΔW||², tr(H) and the dampening used, and per block and level
@@ -43,6 +45,7 @@ from ..calibration import CalibrationKL
 from ..errors import PlanError
 from ..executor import ExecutorConfig, run_items
 from ..gpu.mixed import MixedWeight
+from ..gpu.ggml import GGUF_BITS, GGMLWeight
 from ..gpu.quant import BITS, PackedWeight, QuantError, check_spec
 from ..gpu.reference import dequantize
 from ..model import Model
@@ -58,7 +61,12 @@ FORMAT = "lensbench-gptq-database"
 VERSION = 1
 MANIFEST = "database.json"
 LEVELS = BITS  # every width the packed format holds: 2, 3, 4, 5, 6, 8 (EvoPress stores these levels too)
-SCHEMES = ("asym", "sym")
+SCHEMES = ("asym", "sym", "gguf")
+
+
+def grid(group_size: int, scheme: str) -> tuple[int, str]:
+    """(group size, scheme) as a database compares them: a GGUF type fixes its own blocks, so no group size."""
+    return (0, scheme) if scheme == "gguf" else (int(group_size), scheme)
 
 
 @dataclass(frozen=True)
@@ -76,14 +84,16 @@ class DatabaseConfig:
 
     def check(self) -> "DatabaseConfig":
         if self.scheme not in SCHEMES:
-            raise QuantError(f"a GPTQ database holds the {' or '.join(SCHEMES)} grid, not {self.scheme!r}: for GPTQ "
-                             f"onto the GGUF grids make the plan with --scheme gguf --method gptq (compress and "
-                             f"evaluate run GPTQ on calibration text)")
+            raise QuantError(f"a GPTQ database holds the {', '.join(SCHEMES)} grid, not {self.scheme!r}")
         if not self.levels or len(set(self.levels)) != len(self.levels):
             raise QuantError(f"give distinct levels, e.g. {','.join(map(str, LEVELS))}; got {self.levels}")
         for b in self.levels:
-            check_spec(b, self.group_size)
-        return self
+            if self.scheme != "gguf":
+                check_spec(b, self.group_size)
+            elif b not in GGUF_BITS:
+                raise QuantError(f"level {b} has no GGUF type here; use levels among "
+                                 f"{','.join(map(str, GGUF_BITS))} (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_0)")
+        return dataclasses.replace(self, group_size=grid(self.group_size, self.scheme)[0])
 
 
 def _sha(obj) -> str:
@@ -153,11 +163,15 @@ class SolveWork:
                 r = solve(name, block.get_submodule(rel), h, bits, self.cfg.group_size, self.cfg.scheme,
                           self.cfg.gptq)
                 p = r.packed
-                tensors.update({f"{rel}.packed": p.packed, f"{rel}.scales": p.scales, f"{rel}.mins": p.mins})
                 trace = float(torch.diagonal(h).double().sum())
                 out[rel] = {"error": r.error, "rtn_error": r.rtn_error, "norm": r.norm, "sq_error": r.sq_error,
-                            "trace": trace, "inputs": int(h.shape[0]), "damp": r.damp,
-                            "shape": list(p.shape), "group_size": p.group_size}
+                            "trace": trace, "inputs": int(h.shape[0]), "damp": r.damp, "shape": list(p.shape)}
+                if isinstance(p, GGMLWeight):  # the GGUF file's bytes for it, and their type
+                    tensors[f"{rel}.ggml"] = torch.from_numpy(np.ascontiguousarray(p.data))
+                    out[rel]["qtype"] = p.qtype
+                else:
+                    tensors.update({f"{rel}.packed": p.packed, f"{rel}.scales": p.scales, f"{rel}.mins": p.mins})
+                    out[rel]["group_size"] = p.group_size
         _save(_level_path(folder, layer, bits), tensors, {"key": self.key, "results": json.dumps(out)})
         return out
 
@@ -208,7 +222,7 @@ def build(model: Model, texts, out, cfg: DatabaseConfig = DatabaseConfig(), *,
           executor: ExecutorConfig | None = None, progress: bool = False) -> "Database":
     """Build (or finish) the database of `model` on calibration `texts` in folder `out`; the GPTQ items and the
     KL items run on `executor`'s workers. A rerun with the same settings does only what is missing."""
-    cfg.check()
+    cfg = cfg.check()
     texts = list(texts)
     if not texts:
         raise PlanError("a GPTQ database needs calibration texts")
@@ -257,8 +271,12 @@ def build(model: Model, texts, out, cfg: DatabaseConfig = DatabaseConfig(), *,
 def _describe(setup: dict) -> str:
     model = setup.get("model", {})
     return (f"{model.get('name')!r} (weights {str(model.get('fingerprint'))[:12]}), levels "
-            f"{','.join(map(str, setup.get('levels', [])))}, group {setup.get('group_size')} "
-            f"{setup.get('scheme')}, {setup.get('calibration', {}).get('texts')} calibration texts")
+            f"{','.join(map(str, setup.get('levels', [])))}, {_grid_name(setup.get('group_size'), setup.get('scheme'))}"
+            f", {setup.get('calibration', {}).get('texts')} calibration texts")
+
+
+def _grid_name(group_size, scheme) -> str:
+    return "the GGUF types" if scheme == "gguf" else f"group {group_size} {scheme}"
 
 
 # ---------------------------------------------------------------------------------------------- read
@@ -310,10 +328,12 @@ class Database:
             raise PlanError(f"the GPTQ database {self.folder} is of {mine['name']!r} (weights "
                             f"{mine['fingerprint'][:12]}), not of {name!r} (weights {str(fingerprint)[:12]}): build "
                             f"one for this model with lensbench quant-db")
-        if (group_size, scheme) != (self.group_size, self.scheme):
-            raise PlanError(f"the GPTQ database {self.folder} holds GPTQ on group {self.group_size} {self.scheme}, "
-                            f"not the group {group_size} {scheme} asked for: give --group-size {self.group_size} "
-                            f"--scheme {self.scheme}, or build a database on that grid")
+        if grid(group_size, scheme) != (self.group_size, self.scheme):
+            fix = (f"--scheme {self.scheme}" if self.scheme == "gguf"
+                   else f"--group-size {self.group_size} --scheme {self.scheme}")
+            raise PlanError(f"the GPTQ database {self.folder} holds GPTQ on {self.grid_name}, not the "
+                            f"{_grid_name(group_size, scheme)} asked for: give {fix}, or build a database on that "
+                            f"grid")
 
     def check_bits(self, bits) -> None:
         missing = sorted(set(bits) - set(self.levels))
@@ -336,12 +356,19 @@ class Database:
             raise PlanError(f"{name} is not in the GPTQ database {self.folder} (it holds the blocks' linears)")
         return self.where[name]
 
-    def packed(self, name: str, bits: int) -> PackedWeight:
-        """The packed weight of module `name` (its full name in the model) at `bits`."""
+    @property
+    def grid_name(self) -> str:
+        return _grid_name(self.group_size, self.scheme)
+
+    def packed(self, name: str, bits: int) -> PackedWeight | GGMLWeight:
+        """The packed weight of module `name` (its full name in the model) at `bits` (with the `gguf` scheme, the
+        bytes of its GGML type)."""
         self.check_bits([bits])
         layer, rel = self._where(name)
         f = self._file(layer, bits)
         t, meta = f["tensors"], f["meta"][rel]
+        if "qtype" in meta:
+            return GGMLWeight(meta["qtype"], t[f"{rel}.ggml"].numpy(), tuple(meta["shape"]))
         return PackedWeight(t[f"{rel}.packed"], t[f"{rel}.scales"], t[f"{rel}.mins"], bits, meta["group_size"],
                             tuple(meta["shape"]))
 
@@ -356,6 +383,9 @@ class Database:
     def mixed(self, name: str, module, group_bits) -> MixedWeight:
         """GPTQ of module `name` with one width per input group (BAQ's allocation) from its saved Hessian: what
         the levels would hold if the database had that level (same Hessian, grid and GPTQ settings)."""
+        if self.scheme == "gguf":
+            raise PlanError(f"{name}: one width per input group (BAQ) needs the asym or sym grid; the GPTQ database "
+                            f"{self.folder} holds the GGUF types, one per linear")
         self.check_bits(set(group_bits))
         r = solve(name, module, self.hessian(name), list(group_bits), self.group_size, self.scheme,
                   GPTQConfig(**self.settings["gptq"]))
@@ -370,9 +400,9 @@ class Database:
         cache, root, done = packed_cache(model), model.module, []
         for name, spec in targets.items():
             self.check_bits([spec.bits])
-            if (spec.group_size, spec.scheme) != (self.group_size, self.scheme):
-                raise PlanError(f"{name}: the plan asks for group {spec.group_size} {spec.scheme}, the GPTQ "
-                                f"database {self.folder} holds group {self.group_size} {self.scheme}")
+            if grid(spec.group_size, spec.scheme) != (self.group_size, self.scheme):
+                raise PlanError(f"{name}: the plan asks for {_grid_name(spec.group_size, spec.scheme)}, the GPTQ "
+                                f"database {self.folder} holds {self.grid_name}")
             module = root.get_submodule(name)
             cache[cache_key(name, weight_of(module), spec)] = (self.mixed(name, module, spec.group_bits)
                                                                 if spec.group_bits else self.packed(name, spec.bits))
@@ -437,9 +467,9 @@ class Dequantised:
         if key not in self.values:
             name, spec = key
             bits, group_size, scheme = tuple(spec)[:3]
-            if (group_size, scheme) != (self.db.group_size, self.db.scheme):
-                raise PlanError(f"the GPTQ database holds group {self.db.group_size} {self.db.scheme}, not "
-                                f"group {group_size} {scheme}")
+            if grid(group_size, scheme) != (self.db.group_size, self.db.scheme):
+                raise PlanError(f"the GPTQ database holds {self.db.grid_name}, not "
+                                f"{_grid_name(group_size, scheme)}")
             module = self.root.get_submodule(name)
             widths = getattr(spec, "group_bits", ())  # a plan's Quant with one width per input group (BAQ)
             pw = self.db.mixed(name, module, widths) if widths else self.db.packed(name, bits)
