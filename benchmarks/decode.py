@@ -11,7 +11,9 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
   then F16, Q8_0, Q4_0 and Q4_K_M made by llama.cpp's own quantiser; baseline F32.
 * Compiled: `lensbench.decoding.Decoder` (a static KV cache and one torch.compile'd decode step) on copies
   of the model converted for good (`convert`): fp32, int8 g128, int8 sym per-row and int4 g128, against the
-  compiled fp32. The compile itself (tens of seconds each) happens before the rounds and is printed.
+  compiled fp32; and int4 g128 on the plain compiled step (the model's SDPA attention, inductor's Python
+  wrapper), which the Decoder's defaults (eager attention in the step, the C++ wrapper) are measured against.
+  The compile itself (tens of seconds each) happens before the rounds and is printed.
 * Roofline: bytes read per decoded token (weights as the kernel reads them, plus the KV cache at the mean
   context), achieved GB/s and its fraction of the triad bandwidth; the time outside the linears from
   torch's profiler (every linear wrapped in a `record_function`).
@@ -57,7 +59,9 @@ LB = {"lensbench int8 g128": (8, GROUP, "asym"), "lensbench int8 sym row": (8, -
 LLAMA = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 # the compiled decode step (`lensbench.decoding.Decoder`) on models converted for good, against its own compiled fp32
 COMPILED = {"lensbench-compiled fp32": None, "lensbench-compiled int8 g128": (8, GROUP, "asym"),
-            "lensbench-compiled int8 sym row": (8, -1, "sym"), "lensbench-compiled int4 g128": (4, GROUP, "asym")}
+            "lensbench-compiled int8 sym row": (8, -1, "sym"), "lensbench-compiled int4 g128": (4, GROUP, "asym"),
+            "lensbench-compiled int4 g128 plain step": (4, GROUP, "asym")}
+PLAIN_STEP = {"step_attention": None, "cpp_wrapper": False}  # the step without the Decoder's two defaults
 LINEAR_OPS = {"aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
               "lensbench::packed_matmul"}
 
@@ -178,7 +182,8 @@ def compiled_decoders(ids: torch.Tensor, steps: int) -> dict:
         if spec is not None:
             convert(model, whole_model_plan(model, *spec))
         t0 = time.perf_counter()
-        out[name] = Decoder(model, max_length=ids.shape[1] + steps + 1)
+        out[name] = Decoder(model, max_length=ids.shape[1] + steps + 1,
+                            **(PLAIN_STEP if name.endswith("plain step") else {}))
         out[name].generate(ids, 2)
         print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
     return out

@@ -11,7 +11,11 @@ into the graph as an aten op or a lensbench custom op, so the graph does not bre
     ids = dec.generate(prompt_ids, 64)        # [B, T + 64]; the first call compiles (tens of seconds)
 
 The prompt runs eagerly (its length varies); only the one-token step is compiled, once per batch size and
-thread count. Each step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as
+thread count. By default the step runs transformers' `eager` attention whatever the model's own
+(`step_attention`: at one query token inductor fuses it into its own loops, where SDPA's CPU kernel is one opaque
+call) and inductor's C++ wrapper (`cpp_wrapper`: the graph's few hundred kernel calls made from C++, not Python);
+benchmarks/decode.py measures the two against the plain compiled step. The prompt keeps the model's attention.
+Each step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as
 eager packed decode does: on cores shared with another busy process one thread beats two), so the first
 steps on each count compile.
 Forward hooks on the model's modules do not run inside a compiled graph, so a model carrying any is refused:
@@ -20,6 +24,8 @@ capture with the eager model (`model.module.generate`, `lb.capture`), which this
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -41,6 +47,21 @@ def _hooked(module: torch.nn.Module) -> str | None:
                  if m is not module and (m._forward_hooks or m._forward_pre_hooks)), None)
 
 
+@contextmanager
+def attention(module: torch.nn.Module, implementation: str) -> Iterator[None]:
+    """Inside the block, the model's attention runs `implementation` (every config object its modules hold)."""
+    configs = {id(c): c for m in module.modules() if (c := getattr(m, "config", None)) is not None
+               and hasattr(c, "_attn_implementation")}
+    saved = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = implementation
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = saved[k]
+
+
 def _cheap_guards(entries) -> list[bool]:
     """Which of dynamo's guards a compiled step checks on every call: all but those that a module's attributes
     and hooks are as they were when traced (dictionary and attribute lookups on each of hundreds of modules, paid
@@ -53,9 +74,11 @@ def _cheap_guards(entries) -> list[bool]:
 
 class Decoder:
     """Greedy generation on `model` with a static KV cache of `max_length` positions; `compile=False` runs the
-    same steps eagerly (the reference the compiled step must match)."""
+    same steps eagerly (the reference the compiled step must match). `step_attention` is the attention the steps
+    run (None: the model's own), `cpp_wrapper` whether inductor calls the step's kernels from C++."""
 
-    def __init__(self, model: Model, max_length: int = 1024, compile: bool = True):
+    def __init__(self, model: Model, max_length: int = 1024, compile: bool = True,
+                 step_attention: str | None = "eager", cpp_wrapper: bool = True):
         module = model.module
         if not model.is_causal_lm:
             raise DecodeError(f"{model.name} has no LM head: the decoder generates text from causal LMs only")
@@ -63,6 +86,9 @@ class Decoder:
         if attn not in ATTENTION:
             raise DecodeError(f"{model.name} runs attention {attn!r}, which the static cache does not hold (a "
                               f"packed KV cache plan?): decode with model.module.generate, or drop the KV plan")
+        if step_attention not in (*ATTENTION, None):
+            raise DecodeError(f"step_attention must be one of {', '.join(ATTENTION)} or None (the model's own), got "
+                              f"{step_attention!r}")
         hooked = _hooked(module)
         if hooked is not None:
             raise DecodeError(f"module {hooked!r} carries forward hooks, which a compiled step would not run: "
@@ -78,8 +104,10 @@ class Decoder:
             with torch.no_grad():
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
         self.on_torch_kernels = compiled.prepare(self._linears, self._tables)
-        self.step = (torch.compile(module.forward, dynamic=False, options={"guard_filter_fn": _cheap_guards})
+        self.step = (torch.compile(module.forward, dynamic=False,
+                                   options={"guard_filter_fn": _cheap_guards, "cpp_wrapper": bool(cpp_wrapper)})
                      if compile else module.forward)
+        self._attention = step_attention or attn
         self._cache = None
         self._threads = threads.Adaptive(torch.get_num_threads())  # as the eager packed path: see gpu.threads
         self.timings: dict = {}  # of the last `generate`: prompt_tokens, prefill_s, decode_steps, decode_s
@@ -111,14 +139,15 @@ class Decoder:
         t1 = time.perf_counter()
         user = torch.get_num_threads()
         try:
-            for pos in range(ids.shape[1], total - 1):
-                position = torch.full((ids.shape[0], 1), pos, dtype=torch.long)
-                n = self._threads.choose()
-                threads.use(n)
-                t = time.perf_counter()
-                out = self.step(input_ids=tokens[-1], cache=cache, use_cache=True, position_ids=position)
-                tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-                self._threads.record(n, time.perf_counter() - t)
+            with attention(self.module, self._attention):
+                for pos in range(ids.shape[1], total - 1):
+                    position = torch.full((ids.shape[0], 1), pos, dtype=torch.long)
+                    n = self._threads.choose()
+                    threads.use(n)
+                    t = time.perf_counter()
+                    out = self.step(input_ids=tokens[-1], cache=cache, use_cache=True, position_ids=position)
+                    tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+                    self._threads.record(n, time.perf_counter() - t)
         finally:
             threads.use(user)
         self.timings = {"prompt_tokens": ids.shape[1], "prefill_s": t1 - t0, "decode_steps": max_new_tokens - 1,

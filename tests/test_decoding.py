@@ -51,6 +51,9 @@ def test_dense_tokens_equal_transformers_generate(llama):
     assert dec.timings["decode_steps"] == NEW - 1 and dec.timings["prompt_tokens"] == PROMPT
     # a second call reuses the cache and the compiled step
     assert torch.equal(dec.generate(ids[:, :7], NEW), _eager(llama, ids[:, :7]))
+    assert llama.module.config._attn_implementation == "sdpa"  # the steps ran eager attention; the model's is back
+    plain = Decoder(llama, max_length=32, step_attention=None, cpp_wrapper=False)  # the plain compiled step
+    assert torch.equal(plain.generate(ids, NEW), _eager(llama, ids))
 
 
 @pytest.mark.parametrize("case", ["int4", "int8-sym-row", "mixed-widths", "int3-exact"])
@@ -99,6 +102,8 @@ def test_converted_model(llama):
 def test_bad_input_is_one_line(llama, minilm):
     with pytest.raises(DecodeError, match="no LM head"):
         Decoder(minilm)
+    with pytest.raises(DecodeError, match="step_attention must be one of sdpa, eager or None"):
+        Decoder(llama, step_attention="flash_attention_2")
     dec = Decoder(llama, max_length=12, compile=False)
     with pytest.raises(DecodeError, match="max_length=16 or more"):
         dec.generate(_ids(llama), 6)
