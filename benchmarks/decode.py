@@ -13,10 +13,13 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
   of the model converted for good (`convert`): fp32, int8 g128, int8 sym per-row and int4 g128, against the
   compiled fp32; and int4 g128 on the plain compiled step (the model's SDPA attention, inductor's Python
   wrapper), which the Decoder's defaults (eager attention in the step, the C++ wrapper) are measured against.
-  The compile itself (tens of seconds each) happens before the rounds and is printed.
+  They live in a process of their own, as torchao's and llama.cpp's do, away from numba's thread pool. The
+  compile itself (tens of seconds each) happens before the rounds and is printed.
 * Roofline: bytes read per decoded token (weights as the kernel reads them, plus the KV cache at the mean
   context), achieved GB/s and its fraction of the triad bandwidth; the time outside the linears from
-  torch's profiler (every linear wrapped in a `record_function`).
+  torch's profiler (every linear wrapped in a `record_function`; for the compiled step, the linears' aten and
+  custom ops, read on the plain step only: the C++ wrapper calls its kernels where the profiler does not see
+  them).
 * Prefill at `--prefill` prompt lengths, lensbench packed vs dense, interleaved.
 * Crossover: the decode path and the prefill path on all block linears at 1..64 activation rows.
 * Under load: the lensbench decode rounds again with one CPU-bound process competing for the cores.
@@ -185,7 +188,7 @@ def compiled_decoders(ids: torch.Tensor, steps: int) -> dict:
         out[name] = Decoder(model, max_length=ids.shape[1] + steps + 1,
                             **(PLAIN_STEP if name.endswith("plain step") else {}))
         out[name].generate(ids, 2)
-        print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
 
 
@@ -262,9 +265,9 @@ def torchao_models(model) -> tuple[dict, str]:
 
 
 class Worker:
-    """Another process that holds some of the methods (torchao's models, llama.cpp's) and runs one measurement
-    when asked: each family runs alone, as a user would run it, so no library's idle threads (ggml's polling
-    pool, a second OpenMP pool) share the cores with another's timed run."""
+    """Another process that holds some of the methods (lensbench's compiled decoders, torchao's models, llama.cpp's)
+    and runs one measurement when asked: each family runs alone, as a user would run it, so no library's idle
+    threads (ggml's polling pool, numba's OpenMP pool beside torch's) share the cores with another's timed run."""
 
     def __init__(self, family: str, args, extra: list[str]):
         cmd = [sys.executable, __file__, "--worker", family, "--prompt", str(args.prompt), "--decode",
@@ -279,9 +282,13 @@ class Worker:
         raise RuntimeError(f"the {self.proc.args[3]} worker ended early (exit {self.proc.wait()})")
 
     def time(self, name: str) -> float:
-        self.proc.stdin.write(name + "\n")
+        return float(self.ask(name))
+
+    def ask(self, line: str):
+        """The worker's answer to `line` (a method's name: its seconds), read as JSON."""
+        self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        return float(self._read())
+        return json.loads(self._read())
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -293,8 +300,15 @@ def worker(family: str, args) -> None:
     torch.set_num_threads(2)
     model = lensbench.load("smollm2-135m")
     ids = model.tokenize([" ".join(bbc_news("heldout")[:4])], max_length=args.prompt).input_ids
-    methods, note = {}, ""
-    if family == "torchao":
+    methods, note, answers = {}, "", {}
+    if family == "compiled":
+        decs = compiled_decoders(ids, args.decode)
+        methods = {k: (lambda d=d: compiled_seconds(d, ids, args.decode)) for k, d in decs.items()}
+        answers["roofline"] = lambda: {k: {  # the static cache is read whole at every step
+            "bytes_per_token": weight_bytes(d.module) + kv_bytes(model, d.max_length),
+            # the C++ wrapper calls the kernels past torch's profiler, so the share is read where it sees them
+            "outside_linears": None if d.cpp_wrapper else compiled_outside_linears(d, ids)} for k, d in decs.items()}
+    elif family == "torchao":
         tao, note = torchao_models(model)
         methods = {k: (lambda m=m: decode_seconds(m, ids, args.decode)) for k, m in tao.items()}
     else:
@@ -309,7 +323,8 @@ def worker(family: str, args) -> None:
         f()
     print("RESULT " + json.dumps([list(methods), note]), flush=True)
     for line in sys.stdin:
-        print(f"RESULT {methods[line.strip()]()!r}", flush=True)
+        name = line.strip()
+        print(f"RESULT {json.dumps(answers[name]() if name in answers else methods[name]())}", flush=True)
 
 
 def main(argv=None) -> None:
@@ -323,7 +338,7 @@ def main(argv=None) -> None:
     ap.add_argument("--crossover-rounds", type=int, default=5)
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--no-torchao", action="store_true")
-    ap.add_argument("--worker", choices=("torchao", "llama"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("compiled", "torchao", "llama"), help=argparse.SUPPRESS)
     ap.add_argument("--files", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -342,12 +357,11 @@ def main(argv=None) -> None:
         exact = k.endswith("exact")
         methods[k] = (lambda p=plan, e=exact:
                       _in(lensbench_variant(model, p, e), lambda m: decode_seconds(m, ids, args.decode)))
-    decoders = compiled_decoders(ids, args.decode)
-    for k, dec in decoders.items():
-        methods[k] = lambda dec=dec: compiled_seconds(dec, ids, args.decode)
     notes, workers = [], []
     for f in methods.values():  # warm-up: kernels compiled, layouts made, caches filled
         f()
+    compiled = Worker("compiled", args, [])  # kept to the end: the roofline and the run under load use it
+    workers.append(compiled)
     if not args.no_torchao:
         workers.append(Worker("torchao", args, []))
     files: dict[str, Path] = {}
@@ -366,7 +380,7 @@ def main(argv=None) -> None:
     try:
         times = _interleaved(methods, args.rounds)
     finally:
-        for w in workers:
+        for w in workers[1:]:
             w.close()
     rows = _rows(times, args.decode)
 
@@ -381,11 +395,9 @@ def main(argv=None) -> None:
         tps = rows[k]["tokens_per_s"]
         gbs = per_tok * tps / 1e9
         roof[k] = {"bytes_per_token": per_tok, "gb_s": gbs, "of_triad": gbs / bw["triad"], "outside_linears": share}
-    for k, dec in decoders.items():
-        per_tok = weight_bytes(dec.module) + kv_bytes(model, dec.max_length)  # the static cache is read whole
-        gbs = per_tok * rows[k]["tokens_per_s"] / 1e9
-        roof[k] = {"bytes_per_token": per_tok, "gb_s": gbs, "of_triad": gbs / bw["triad"],
-                   "outside_linears": compiled_outside_linears(dec, ids)}
+    for k, r in compiled.ask("roofline").items():  # the compiled decoders' process
+        gbs = r["bytes_per_token"] * rows[k]["tokens_per_s"] / 1e9
+        roof[k] = {**r, "gb_s": gbs, "of_triad": gbs / bw["triad"]}
     for k, b in llama_bytes.items():
         per_tok = b + kv_bytes(model, context)  # the whole file: SmolLM2's output matrix is its embedding
         roof[k] = {"bytes_per_token": per_tok, "gb_s": per_tok * rows[k]["tokens_per_s"] / 1e9,
@@ -418,6 +430,7 @@ def main(argv=None) -> None:
         loaded = _interleaved({k: methods[k] for k in load_keys}, args.load_rounds)
     finally:
         hog.kill()
+        compiled.close()
     write(args, bw, rows, roof, (prefill, prefill_kl), crossover, loaded, times, notes, time.time() - t_start)
 
 

@@ -97,6 +97,7 @@ class Decoder:
             raise DecodeError("the compiled decoder runs on the CPU; on CUDA use model.module.generate with "
                               "transformers' static cache")
         self.model, self.module, self.max_length = model, module, int(max_length)
+        self.cpp_wrapper = bool(cpp_wrapper and compile)
         packed = [m for m in module.modules() if isinstance(m, PackedModule)]
         self._tables = [m for m in packed if isinstance(m, QuantEmbedding)]
         self._linears = [m for m in packed if not isinstance(m, QuantEmbedding)]
@@ -105,7 +106,7 @@ class Decoder:
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
         self.on_torch_kernels = compiled.prepare(self._linears, self._tables)
         self.step = (torch.compile(module.forward, dynamic=False,
-                                   options={"guard_filter_fn": _cheap_guards, "cpp_wrapper": bool(cpp_wrapper)})
+                                   options={"guard_filter_fn": _cheap_guards, "cpp_wrapper": self.cpp_wrapper})
                      if compile else module.forward)
         self._attention = step_attention or attn
         self._cache = None
