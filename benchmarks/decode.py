@@ -307,7 +307,8 @@ def worker(family: str, args) -> None:
         answers["roofline"] = lambda: {k: {  # the static cache is read whole at every step
             "bytes_per_token": weight_bytes(d.module) + kv_bytes(model, d.max_length),
             # the C++ wrapper calls the kernels past torch's profiler, so the share is read where it sees them
-            "outside_linears": None if d.cpp_wrapper else compiled_outside_linears(d, ids)} for k, d in decs.items()}
+            "outside_linears": None if d.cpp_wrapper else compiled_outside_linears(d, ids, min(8, args.decode))}
+            for k, d in decs.items()}
     elif family == "torchao":
         tao, note = torchao_models(model)
         methods = {k: (lambda m=m: decode_seconds(m, ids, args.decode)) for k, m in tao.items()}

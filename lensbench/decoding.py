@@ -62,6 +62,20 @@ def attention(module: torch.nn.Module, implementation: str) -> Iterator[None]:
             c._attn_implementation = saved[k]
 
 
+GRAPHS_PER_DECODER = 8  # batch sizes x thread counts one Decoder may compile its step for
+
+
+def _room_for_graphs() -> None:
+    """Make room in dynamo for one more Decoder's graphs. dynamo keeps at most `recompile_limit` graphs per code
+    object, and every model of one class shares its forward's, so without this a process's fifth Decoder (or
+    its second thread count) would run its step eagerly, with only a warning."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit += GRAPHS_PER_DECODER
+    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
+                                                    dynamo_config.recompile_limit)
+
+
 def _cheap_guards(entries) -> list[bool]:
     """Which of dynamo's guards a compiled step checks on every call: all but those that a module's attributes
     and hooks are as they were when traced (dictionary and attribute lookups on each of hundreds of modules, paid
@@ -105,6 +119,8 @@ class Decoder:
             with torch.no_grad():
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
         self.on_torch_kernels = compiled.prepare(self._linears, self._tables)
+        if compile:
+            _room_for_graphs()
         self.step = (torch.compile(module.forward, dynamic=False,
                                    options={"guard_filter_fn": _cheap_guards, "cpp_wrapper": self.cpp_wrapper})
                      if compile else module.forward)
