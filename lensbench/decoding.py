@@ -69,7 +69,7 @@ def _room_for_graphs() -> None:
     """Make room in dynamo for one more Decoder's graphs. dynamo keeps at most `recompile_limit` graphs per code
     object, and every model of one class shares its forward's, so without this a process's fifth Decoder (or
     its second thread count) would run its step eagerly, with only a warning."""
-    import torch._dynamo.config as dynamo_config
+    import torch._dynamo.config as dynamo_config  # heavy: dynamo, imported only when a step is compiled
 
     dynamo_config.recompile_limit += GRAPHS_PER_DECODER
     dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
