@@ -14,7 +14,7 @@ The prompt runs eagerly (its length varies); only the one-token step is compiled
 thread count. By default the step runs transformers' `eager` attention whatever the model's own
 (`step_attention`: at one query token inductor fuses it into its own loops, where SDPA's CPU kernel is one opaque
 call) and inductor's C++ wrapper (`cpp_wrapper`: the graph's few hundred kernel calls made from C++, not Python);
-benchmarks/decode.py measures the two against the plain compiled step. The prompt keeps the model's attention.
+benchmarks/decode.py measures the two together against the plain compiled step. The prompt keeps the model's attention.
 Each step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as
 eager packed decode does: on cores shared with another busy process one thread beats two), so the first
 steps on each count compile.
