@@ -10,7 +10,8 @@ Both bundled models' weights come from 4-bit GGUF files (SmolLM2: Q4_1, group 32
 their "dense" weights already lie on a 4-bit grid; the grid here is group 128 (or `--group-size`) asymmetric, which
 is not theirs (SmolLM2's group 32 asymmetric int4 is: avoid that row for conclusions).
 
-The database and the profile are kept under ~/.cache/lensbench/study and reused (a rerun skips them).
+The database and the profile are kept under ~/.cache/lensbench/study and reused (a rerun skips them), and so is
+each measured row (`study-rows.json` in the database folder): a run stopped part-way resumes at the next row.
 Writes one section per model in reports/QUANT.md (as each model finishes) and appends to reports/BENCHMARKS.md.
 
 Usage: python benchmarks/quant_study.py [--models smollm2-135m,gemma3-270m] [--budgets 2.5,3,3.25,3.5,4,4.25]
@@ -67,7 +68,8 @@ def two_levels(budget: float) -> tuple[int, int]:
 
 def plans_for(model, profile: Profile, budget: float, db: str, texts, generations: int, executor,
               methods: list[str] | None = None, group_size: int = 128) -> dict:
-    """{row label: plan} at `budget`; `methods` keeps the rows whose label starts with one of them."""
+    """{row label: a function making its plan} at `budget`; `methods` keeps the rows whose label starts with one of
+    them. Plans are made only when called, so rows a rerun finds in its journal cost nothing."""
     common = {"group_size": group_size, "method": "gptq", "database": db}
     hi, lo = two_levels(budget)
     rank = {"levels": f"{hi},{lo}", **common}
@@ -94,32 +96,61 @@ def plans_for(model, profile: Profile, budget: float, db: str, texts, generation
     if budget >= 3:  # the same without int2, whose GPTQ loss is above the 2^(-2b) model (the database errors show)
         make["baq-no-int2 (levels 3,4,8)"] = lambda: make_plan("bits-baq", profile, budget, levels="3,4,8", model=model,
                                                       progress=True, **common)
-    return {label: fn() for label, fn in make.items()
-            if not methods or any(label.startswith(m) for m in methods)}
+    return {label: fn for label, fn in make.items() if not methods or any(label.startswith(m) for m in methods)}
 
 
-def bisect_rows(model, profile: Profile, db: str, texts, quality, fractions: list[float], group_size: int) -> list:
+class Journal:
+    """The rows measured so far on one database, kept in its folder (`study-rows.json`, written atomically after
+    every row), so a run stopped part-way resumes where it stopped: a rerun with the same quality settings takes
+    the rows it finds instead of measuring them again."""
+
+    def __init__(self, folder: Path, args):
+        from lensbench.jsonio import read as read_json
+
+        self.path = folder / "study-rows.json"
+        self.settings = f"heldout {args.heldout}, topics {args.topics}, generations {args.generations}"
+        self.rows = read_json(self.path) if self.path.is_file() else {}
+
+    def key(self, *parts) -> str:
+        return " | ".join(map(str, parts)) + f" | {self.settings}"
+
+    def get(self, *parts) -> dict | None:
+        return self.rows.get(self.key(*parts))
+
+    def put(self, row: dict, *parts) -> dict:
+        from lensbench.atomic import write_json
+
+        self.rows[self.key(*parts)] = row
+        write_json(self.path, self.rows)
+        return row
+
+
+def bisect_rows(model, profile: Profile, db: str, texts, quality, fractions: list[float], group_size: int,
+                journal: Journal) -> list:
     """bits-bisect (levels 4,3, blocks ranked by measured GPTQ KL) at calibration-KL bounds a `fraction` of the way
     from uniform int4's calibration KL to uniform int3's, on the calibration texts the search uses."""
     hi, lo = 4, 3
-    kl_of = QuantKL(model, texts, group_size, database=db)
-    names = block_linears(model)
-    ends = {b: kl_of({(i, n): b for i in range(model.n_layers) for n in names}) for b in (hi, lo)}
-    kl_of.cache.clear()
-    rows = []
+    rows, ends = [], None
     for f in fractions:
-        bound = ends[hi] + f * (ends[lo] - ends[hi])
-        plan = make_plan("bits-bisect", profile, bound, levels=f"{hi},{lo}", ranking="gptq-kl", model=model,
-                         texts=texts, group_size=group_size, method="gptq", database=db)
-        p = plan.predicted
-        rows.append({"fraction": f, "bound": bound, "kl_int4": ends[hi], "kl_int3": ends[lo], "blocks": model.n_layers,
-                     "bits": p["average_bits"],
-                     "n_low": p["n_low"], "calibration_kl": p["calibration_kl"],
-                     "evaluations": plan.meta["search"]["evaluations"], **quality(plan)})
-        r = rows[-1]
-        print(f"bisect bound {bound:.4f} ({f:g} of int4 {ends[hi]:.4f} -> int3 {ends[lo]:.4f}): {r['n_low']} blocks at "
-              f"int3, bits {r['bits']:.3f}, calibration KL {r['calibration_kl']:.4f}, held-out KL {r['kl']:.4f}, ppl "
-              f"{r['ppl']:.2f}", flush=True)
+        r = journal.get("bisect", f)
+        if r is None:
+            if ends is None:
+                kl_of = QuantKL(model, texts, group_size, database=db)
+                names = block_linears(model)
+                ends = {b: kl_of({(i, n): b for i in range(model.n_layers) for n in names}) for b in (hi, lo)}
+                del kl_of
+            bound = ends[hi] + f * (ends[lo] - ends[hi])
+            plan = make_plan("bits-bisect", profile, bound, levels=f"{hi},{lo}", ranking="gptq-kl", model=model,
+                             texts=texts, group_size=group_size, method="gptq", database=db)
+            p = plan.predicted
+            r = journal.put({"fraction": f, "bound": bound, "kl_int4": ends[hi], "kl_int3": ends[lo],
+                             "blocks": model.n_layers, "bits": p["average_bits"], "n_low": p["n_low"],
+                             "calibration_kl": p["calibration_kl"], "evaluations": plan.meta["search"]["evaluations"],
+                             **quality(plan)}, "bisect", f)
+        rows.append(r)
+        print(f"bisect bound {r['bound']:.4f} ({f:g} of int4 {r['kl_int4']:.4f} -> int3 {r['kl_int3']:.4f}): "
+              f"{r['n_low']} blocks at int3, bits {r['bits']:.3f}, calibration KL {r['calibration_kl']:.4f}, held-out "
+              f"KL {r['kl']:.4f}, ppl {r['ppl']:.2f}", flush=True)
     return rows
 
 
@@ -196,22 +227,30 @@ def study(name: str, args, executor) -> tuple[str, list]:
                                 progress=True, seq_len=128)
         profile.save(prof_path)
     quality = Quality(model, db, bbc_news("heldout", limit=args.heldout), args.topics)
+    journal = Journal(folder, args)
     texts = calib[:8]
     rows = []
     for budget in args.budgets:
         t1 = time.time()
         plans = plans_for(model, profile, budget, str(folder), texts, args.generations, executor, args.methods,
                           args.group_size)
-        for label, plan in plans.items():
-            rows.append({"budget": budget, "method": label, "bits": plan.predicted["average_bits"],
-                         **quality(plan)})
-            r = rows[-1]
-            layer = plan.predicted.get("layer_error_vs_reference_gptq")  # BAQ: Σ tr(ΔW H ΔWᵀ) against uniform
+        for label, make in plans.items():
+            r = journal.get(budget, label)
+            earlier = r is not None
+            if not earlier:
+                plan = make()
+                r = journal.put({"budget": budget, "method": label, "bits": plan.predicted["average_bits"],
+                                 **quality(plan), "layer_error": plan.predicted.get("layer_error_vs_reference_gptq")},
+                                budget, label)
+            rows.append(r)
+            layer = r.get("layer_error")  # BAQ: Σ tr(ΔW H ΔWᵀ) against uniform GPTQ's
             print(f"{name} {budget} {label}: bits {r['bits']:.3f} KL {r['kl']:.4f} ppl {r['ppl']:.2f} topic "
-                  f"{r['topic']:.3f}" + (f" layer error {layer:.3f} x uniform GPTQ's" if layer else ""), flush=True)
+                  f"{r['topic']:.3f}" + (f" layer error {layer:.3f} x uniform GPTQ's" if layer else "")
+                  + (" (measured by an earlier run)" if earlier else ""),
+                  flush=True)
         print(f"{name} budget {budget}: {time.time() - t1:.0f} s", flush=True)
     if args.bisect:
-        bisect = bisect_rows(model, profile, str(folder), texts, quality, args.bisect, args.group_size)
+        bisect = bisect_rows(model, profile, str(folder), texts, quality, args.bisect, args.group_size, journal)
     else:
         bisect = []
     seconds = db.doc.get("seconds", {})
