@@ -12,6 +12,11 @@ model's own non-weight memory after the same forward and decode (tokenizer, modu
 is measured in the dense case and subtracted in the last column, which compares the rest with the packed bytes. The plan
 packs every block linear, the embedding and the tied LM head at int4 group 128 (round to nearest).
 
+Two more cases load a compressed-tensors checkpoint of the model (every block linear on the symmetric int4 grid;
+the format leaves the embedding and the tied head float32) that this run writes first: once with
+`lb.load(folder, packed=True)` (the codes read straight into packed modules, `lensbench.packed_load`) and once
+through transformers, which decompresses every weight into a dense model.
+
 Usage: python benchmarks/memory.py [--bits 4] [--group-size 128]
 Appends to reports/BENCHMARKS.md.
 """
@@ -21,13 +26,16 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, machine, versions  # noqa: E402
 
 CASES = ("dense", "apply", "convert", "convert-lean", "convert, loaded with mmap=False",
-         "convert-lean, loaded with mmap=False")
+         "convert-lean, loaded with mmap=False", "compressed-tensors folder, loaded packed",
+         "compressed-tensors folder, loaded packed, lean", "compressed-tensors folder, loaded by transformers")
+SAVED = "compressed-tensors folder"  # the cases that load the checkpoint `save` writes, not the bundled model
 
 
 def _status() -> dict:
@@ -54,7 +62,24 @@ def warm_up(bits: int, group_size: int) -> None:
     cpu_kernels.dequantize_rows(pw, torch.arange(4))
 
 
-def worker(case: str, bits: int, group_size: int) -> dict:
+def save(folder: Path, bits: int, group_size: int) -> int:
+    """The checkpoint the saved-folder cases load: every block linear at the symmetric grid (what
+    compressed-tensors holds; the embedding and the tied head stay float32, the format packs linears only), in
+    the largest group size up to `group_size` that divides every linear's inputs (the format has no shorter last
+    group). Returns that group size."""
+    import lensbench as lb
+    from lensbench.profiling import model_card
+
+    model = lb.load("smollm2-135m")
+    cfg = model.module.config
+    while cfg.hidden_size % group_size or cfg.intermediate_size % group_size:
+        group_size //= 2
+    specs = {f"model.layers.{i}": (bits, group_size, "sym") for i in range(model.n_layers)}
+    lb.compress(model, lb.Plan.quantize(model_card(model), specs), format="compressed-tensors", out=folder)
+    return group_size
+
+
+def worker(case: str, bits: int, group_size: int, folder: str) -> dict:
 
     import ctypes
 
@@ -62,13 +87,19 @@ def worker(case: str, bits: int, group_size: int) -> dict:
 
     import lensbench as lb
     from lensbench.compress.apply import convert
+    from lensbench.gpu.modules import make_lean
     from lensbench.profiling import model_card
     from lensbench.surgery import weight_bytes
 
     torch.set_num_threads(2)
     warm_up(bits, group_size)
     base = _status()
-    model = lb.load("smollm2-135m", mmap="mmap=False" not in case)
+    if case.startswith(SAVED):
+        model = lb.load(folder, packed="packed" in case)
+        if case.endswith("lean"):
+            make_lean(model.module)
+    else:
+        model = lb.load("smollm2-135m", mmap="mmap=False" not in case)
     loaded = _status()
     specs = {f"model.layers.{i}": (bits, group_size) for i in range(model.n_layers)}
     plan = lb.Plan.quantize(model_card(model), specs | {"model.embed_tokens": (bits, group_size),
@@ -87,7 +118,7 @@ def worker(case: str, bits: int, group_size: int) -> dict:
         return out | {"trimmed": _status()}
 
     row = {"case": case, "base": base, "loaded": loaded}
-    if case == "dense":
+    if case == "dense" or case.startswith(SAVED):
         return row | measure()
     if case == "apply":
         with lb.apply(model, plan):
@@ -101,14 +132,18 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.bits, args.group_size)))
+        print(json.dumps(worker(args.worker, args.bits, args.group_size, args.folder)))
         return
     rows = []
+    tmp = tempfile.TemporaryDirectory()
+    folder = Path(tmp.name) / "ck"
+    saved_group = save(folder, args.bits, args.group_size)
     for case in CASES:
         out = subprocess.run([sys.executable, __file__, "--worker", case, "--bits", str(args.bits), "--group-size",
-                              str(args.group_size)], capture_output=True, text=True)
+                              str(args.group_size), "--folder", str(folder)], capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{case} failed: {out.stderr.strip().splitlines()[-1]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -136,7 +171,12 @@ def main() -> None:
     lines += ["", f"The dense overhead: what the dense model's process holds after the same forward, decode and trim "
               f"beyond its weight bytes ({overhead / mib:.1f} MiB: the tokenizer, the module objects, activations and "
               f"the KV cache), subtracted in the last column, which then compares what a packed model holds with its "
-              f"packed bytes."]
+              f"packed bytes.", "",
+              f"The compressed-tensors folder: every block linear at int{args.bits} group {saved_group} on the "
+              f"symmetric grid (the largest group up to {args.group_size} that divides every linear's inputs), the "
+              f"embedding and the tied head float32; loaded packed (`lb.load(folder, packed=True)`) and by "
+              f"transformers (which decompresses it into float weights); `lean`: off torch's weight-only "
+              f"kernels, as in convert-lean."]
     body = "\n".join(lines) + "\n"
     print(body)
     append_report("Resident memory of packed models (benchmarks/memory.py)", body)

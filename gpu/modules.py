@@ -30,6 +30,14 @@ class PackedModule(nn.Module):
         return pw
 
 
+def make_lean(root: nn.Module) -> None:
+    """Keep every packed weight under `root` off torch's weight-only kernels, whose own copy of the codes would sit
+    beside the packed bytes: decode then runs the exact numba kernels (less memory, slower)."""
+    for module in root.modules():
+        if isinstance(module, PackedModule):
+            module.pw.__dict__["lean"] = True
+
+
 class QuantLinear(PackedModule):
     """y = x @ W_hat.T + b with W_hat packed (int2/3/4/5/6/8, group-wise scales and mins)."""
 

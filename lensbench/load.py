@@ -37,7 +37,7 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None = None,
          revision: str | None = None, device: str = "cpu", layer_by_layer: bool = False,
-         mmap: bool = True) -> Model:
+         mmap: bool = True, packed: bool = False) -> Model:
     """Load a model from any supported source (see the module docstring) into a `Model`: the Hugging Face
     module, its tokenizer, the adapter that names its parts, and a card with its fingerprint.
 
@@ -50,7 +50,11 @@ def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None 
     or a bundled name (both through their converted safetensors copy). `mmap=False` reads the weight files
     into memory instead of mapping them: a mapping stays resident until the process ends, even after the weights
     are released, so a model that `lensbench.convert` packs in place should be loaded without it.
+    `packed=True` reads a compressed-tensors folder (`lensbench compress --format compressed-tensors`) straight into
+    packed modules, never holding its quantised weights as floats (`lensbench.packed_load`).
     """
+    if packed:
+        return _load_packed(source, dtype=dtype, device=device, layer_by_layer=layer_by_layer)
     if isinstance(source, Model):
         return source
     if isinstance(source, nn.Module) or _is_wrapper(source):
@@ -71,6 +75,20 @@ def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None 
         raise LensbenchError(f"model path {text} does not exist: check the path, or use a bundled name "
                              f"({', '.join(bundled.NAMES)})")
     return _load_hub(text, revision=revision, dtype=dtype, device=device, layer_by_layer=layer_by_layer, mmap=mmap)
+
+
+def _load_packed(source: Any, *, dtype, device, layer_by_layer: bool) -> Model:
+    from .packed_load import load_packed  # heavy: gpu's packed modules and their kernels, only for packed loading
+
+    path = Path(str(source)).expanduser() if isinstance(source, (str, os.PathLike)) else None
+    if path is None or not path.is_dir():
+        raise LensbenchError(f"packed=True loads a compressed-tensors folder that lensbench compress wrote, not "
+                             f"{source if path is not None else type(source).__name__}: give that folder, or load "
+                             f"without packed=True and pack the model with lensbench.convert")
+    if layer_by_layer:
+        raise LensbenchError("a packed model is loaded whole (its packed bytes are the point): drop layer_by_layer "
+                             "or packed=True")
+    return load_packed(path, dtype=_dtype(dtype), device=device)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -161,6 +161,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the dense model, or with --dense a folder lensbench compress wrote")
     p.add_argument("--plan", help="plan JSON to apply (not with --dense: a saved model carries its plan)")
     p.add_argument("--dense", help="MODEL is a saved checkpoint: measure it against this dense source model")
+    p.add_argument("--packed", action="store_true", help="with --dense: load the saved compressed-tensors folder "
+                   "straight into packed modules (its speed and memory are then the packed kernels'), not through "
+                   "transformers, which dequantises it")
     p.add_argument("--out", required=True, help="eval JSON file to write")
     p.add_argument("--texts", help="held-out text file (default: BBC news held-out split)")
     p.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
@@ -192,6 +195,9 @@ def cmd_evaluate(args) -> int:
         task_name(Path(args.lm_eval_task))
     elif args.lm_eval_limit is not None:
         raise LensbenchError("--lm-eval-limit applies to --lm-eval-task: give the task YAML, or drop the limit")
+    if args.packed and not args.dense:
+        raise LensbenchError("--packed loads a saved compressed-tensors folder: give it as MODEL with its dense "
+                             "source as --dense, or drop --packed")
     if args.dense:  # MODEL is a folder lensbench compress wrote; its plan is in its record
         if args.method:
             raise LensbenchError("--method applies to a plan; a saved model's rounding is already in its weights: "
@@ -202,7 +208,7 @@ def cmd_evaluate(args) -> int:
         plan = saved_plan(Path(args.model))
         model = load(args.dense)
         plan.resolve(model)  # the saved model's plan must be of this dense model
-        saved = load(args.model)
+        saved = load(args.model, packed=args.packed)
     else:
         if not args.plan:
             raise LensbenchError("give --plan PLAN.json (or, for a saved model, --dense MODEL)")
@@ -237,6 +243,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
     p.add_argument("--eager", action="store_true", help="run the decode steps eagerly instead of compiling one")
+    p.add_argument("--packed", action="store_true", help="MODEL is a compressed-tensors folder lensbench compress "
+                   "wrote: load it straight into packed modules instead of dequantising it")
 
 
 @command("generate", "greedy text from a model (a plan applied first) with a static KV cache and a compiled "
@@ -247,8 +255,10 @@ def cmd_generate(args) -> int:
 
     if args.new_tokens < 1:
         raise LensbenchError(f"--new-tokens must be 1 or more, got {args.new_tokens}")
+    if args.packed and args.plan:
+        raise LensbenchError("--plan applies to a dense model and --packed loads one already compressed: drop one")
     plan = Plan.load(args.plan) if args.plan else None
-    model = load(args.model)
+    model = load(args.model, packed=args.packed)
     ids = model.tokenize([args.prompt]).input_ids
     with apply(model, plan) if plan is not None else contextlib.nullcontext():
         t0 = time.perf_counter()

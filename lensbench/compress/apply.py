@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache
 from ..gpu import fusion, threads
 from ..gpu.dispatch import missing_kernel
 from ..gpu.mixed import MixedWeight, quantize_mixed
-from ..gpu.modules import MixedQuantLinear, PackedModule, QuantEmbedding, QuantLinear
+from ..gpu.modules import MixedQuantLinear, QuantEmbedding, QuantLinear, make_lean
 from ..errors import PlanError
 from ..gpu.quant import PackedWeight, QuantError, quantize
 from ..gpu.reference import dequantize
@@ -217,9 +217,7 @@ def convert(model: Model, plan: Plan | Bound, *, lean: bool = False, allow_slow:
     model.__dict__.pop("packed_cache", None)  # the packed weights now live in the modules only
     _own_storage(model.module)
     if lean:
-        for module in model.module.modules():
-            if isinstance(module, PackedModule):
-                module.pw.__dict__["lean"] = True
+        make_lean(model.module)
     model.card.pop("fingerprint", None)
     _trim()
     return model

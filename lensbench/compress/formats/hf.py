@@ -31,6 +31,7 @@ def pruned_config(model, kept: list[int]):
         if isinstance(value, list) and len(value) == n and key not in ("architectures",):
             setattr(config, key, [value[i] for i in kept])
     config.num_hidden_layers = len(kept)
+    config.architectures = [type(model.module).__name__]  # what a reader builds (a config made in code has none)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config
