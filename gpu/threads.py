@@ -5,7 +5,7 @@ preempted, for a scheduler time slice each time: with one competing CPU-bound pr
 int8 decode fell from 39.7 to 7.1 tokens/s on 2 threads; with this policy it keeps 30.0 of 38.7
 (benchmarks/decode.py; reports/BENCHMARKS.md and reports/DECODE.md). Which count is faster depends on the
 load of the moment, so `Adaptive` times every decode step, keeps the recent times of each candidate count
-(1, 2, 4, ... up to the configured threads), runs the fastest by median, and tries another every `explore`
+(1, 2, 4, ... up to the configured threads), runs the fastest by mean, and tries another every `explore`
 steps so it notices when load comes or goes.
 
 `install(module)` puts it around a model's forward for decode-size calls (≤ `max_tokens` tokens); the
@@ -42,7 +42,10 @@ class Adaptive:
         self.turn = 0
 
     def best(self) -> int:
-        return min(self.options, key=lambda n: statistics.median(self.times[n]))
+        """The count with the lowest mean recent step time: throughput pays every step's time, and under load
+        most steps on every core are quick while a few wait a whole scheduler slice for a preempted thread,
+        which a median would hide."""
+        return min(self.options, key=lambda n: statistics.fmean(self.times[n]))
 
     def choose(self) -> int:
         self.steps += 1
