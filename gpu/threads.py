@@ -5,7 +5,7 @@ preempted, for a scheduler time slice each time: with one competing CPU-bound pr
 int8 decode fell from 39.7 to 7.1 tokens/s on 2 threads; with this policy it keeps 30.0 of 38.7
 (benchmarks/decode.py; reports/BENCHMARKS.md and reports/DECODE.md). Which count is faster depends on the
 load of the moment, so `Adaptive` times every decode step, keeps the recent times of each candidate count
-(1, 2, 4, ... up to the configured threads), runs the fastest by mean, and tries another every `explore`
+(1, 2, 4, ... up to the configured threads), runs the fastest by `cost`, and tries another every `explore`
 steps so it notices when load comes or goes.
 
 `install(module)` puts it around a model's forward for decode-size calls (≤ `max_tokens` tokens); the
@@ -31,6 +31,15 @@ def candidates(max_threads: int) -> list[int]:
     return out + [max_threads]
 
 
+def cost(times) -> float:
+    """A count's recent step time: the mean without the slowest step. Throughput pays every step's time, and under
+    load most steps on every core are quick while many wait a whole scheduler slice for a preempted thread, which
+    a median would hide; one slow step alone (another process's threads still spinning after their work) is
+    dropped, or it would hold the policy on the slower count until the window renews."""
+    xs = sorted(times)
+    return statistics.fmean(xs[:-1] if len(xs) >= 3 else xs)
+
+
 class Adaptive:
     """Choose a thread count per step from the recent step times of each candidate."""
 
@@ -42,10 +51,8 @@ class Adaptive:
         self.turn = 0
 
     def best(self) -> int:
-        """The count with the lowest mean recent step time: throughput pays every step's time, and under load
-        most steps on every core are quick while a few wait a whole scheduler slice for a preempted thread,
-        which a median would hide."""
-        return min(self.options, key=lambda n: statistics.fmean(self.times[n]))
+        """The count with the lowest recent step time by `cost`."""
+        return min(self.options, key=lambda n: cost(self.times[n]))
 
     def choose(self) -> int:
         self.steps += 1

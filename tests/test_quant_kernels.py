@@ -215,11 +215,16 @@ def test_adaptive_threads_measure_each_count_then_run_the_fastest_and_re_explore
         n = policy.choose()
         policy.record(n, seconds[n])
     assert policy.best() == 1
-    spiky = Adaptive(2)  # most steps on 2 threads quick, one in four a scheduler slice late: slower on the whole
+    spiky = Adaptive(2)  # most steps on 2 threads quick, one in three a scheduler slice late: slower on the whole
     for i in range(8):
         spiky.record(1, 0.03)
-        spiky.record(2, 0.1 if i % 4 == 0 else 0.01)
-    assert spiky.best() == 1  # by the mean (0.0325 > 0.03); the median (0.01) would choose 2
+        spiky.record(2, 0.1 if i % 3 == 0 else 0.01)
+    assert spiky.best() == 1  # (2 x 0.1 + 5 x 0.01) / 7 > 0.03 without the slowest; the median (0.01) chooses 2
+    once = Adaptive(2)  # one slow step alone is dropped
+    for i in range(8):
+        once.record(1, 0.03)
+        once.record(2, 0.1 if i == 0 else 0.01)
+    assert once.best() == 2
 
 
 def test_adaptive_threads_wrap_decode_steps_only_and_give_the_users_setting_back():
