@@ -61,6 +61,7 @@ LB = {"lensbench int8 g128": (8, GROUP, "asym"), "lensbench int8 sym row": (8, -
       "lensbench int4 g128": (4, GROUP, "asym"), "lensbench int4 g128 exact": (4, GROUP, "asym")}
 LLAMA = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 # the compiled decode step (`lensbench.decoding.Decoder`) on models converted for good, against its own compiled fp32
+ONE_THREAD = ("lensbench-compiled fp32", "lensbench-compiled int4 g128")  # also timed quiet on one thread
 COMPILED = {"lensbench-compiled fp32": None, "lensbench-compiled int8 g128": (8, GROUP, "asym"),
             "lensbench-compiled int8 sym row": (8, -1, "sym"), "lensbench-compiled int4 g128": (4, GROUP, "asym"),
             "lensbench-compiled int4 g128 plain step": (4, GROUP, "asym")}
@@ -192,6 +193,15 @@ def compiled_decoders(ids: torch.Tensor, steps: int) -> dict:
     return out
 
 
+def one_thread_seconds(dec, ids: torch.Tensor, steps: int) -> float:
+    """`compiled_seconds` with every step on one thread (the decoder's own choice restored after)."""
+    dec.threads = 1
+    try:
+        return compiled_seconds(dec, ids, steps)
+    finally:
+        dec.threads = None
+
+
 def compiled_seconds(dec, ids: torch.Tensor, steps: int) -> float:
     """Seconds of `steps` compiled decode steps after the prompt (the prompt's own time not counted)."""
     dec.generate(ids, steps + 1)
@@ -309,6 +319,8 @@ def worker(family: str, args) -> None:
             # the C++ wrapper calls the kernels past torch's profiler, so the share is read where it sees them
             "outside_linears": None if d.cpp_wrapper else compiled_outside_linears(d, ids, min(8, args.decode))}
             for k, d in decs.items()}
+        for k in ONE_THREAD:  # the same decoders with their steps held on one thread
+            answers[f"1 thread: {k}"] = lambda d=decs[k]: one_thread_seconds(d, ids, args.decode)
     elif family == "torchao":
         tao, note = torchao_models(model)
         methods = {k: (lambda m=m: decode_seconds(m, ids, args.decode)) for k, m in tao.items()}
@@ -425,6 +437,8 @@ def main(argv=None) -> None:
     # under load: one competing CPU-bound process
     load_keys = ["lensbench fp32", "lensbench int8 g128", "lensbench int4 g128", "lensbench-compiled fp32",
                  "lensbench-compiled int4 g128"]
+    # quiet, on one thread: a competing process leaves a decode step one core, so this bounds the loaded gains
+    one = _interleaved({k: lambda k=k: compiled.time(f"1 thread: {k}") for k in ONE_THREAD}, args.load_rounds)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(1)
@@ -432,7 +446,7 @@ def main(argv=None) -> None:
     finally:
         hog.kill()
         compiled.close()
-    write(args, bw, rows, roof, (prefill, prefill_kl), crossover, loaded, times, notes, time.time() - t_start)
+    write(args, bw, rows, roof, (prefill, prefill_kl), crossover, (loaded, one), times, notes, time.time() - t_start)
 
 
 # prefill rows: the default bfloat16 tiles, and int4 with float32 tiles (`set_exact`)
@@ -499,7 +513,8 @@ def crossover_rows(model, rounds: int) -> dict:
     return out
 
 
-def write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, seconds) -> None:
+def write(args, bw, rows, roof, prefill, crossover, under_load, times, notes, seconds) -> None:
+    loaded, one = under_load  # {method: seconds per round} under load, and quiet on one thread
     load = subprocess.run(["cat", "/proc/loadavg"], capture_output=True, text=True).stdout.split()[:3]
     lines = [f"SmolLM2-135M, batch 1, {args.prompt}-token prompt, {args.decode} greedy decode steps, "
              f"{args.rounds} interleaved rounds (shuffled order per round), 2 threads. Speed-up = the median over "
@@ -555,6 +570,12 @@ def write(args, bw, rows, roof, prefill, crossover, loaded, times, notes, second
         r_quiet = _paired(times, k)
         lines.append(f"| {k} | {args.decode / statistics.median(v):.1f} | {r_quiet:.2f} | {r_load:.2f} | "
                      f"{r_load / r_quiet:.2f} |")
+    fp32, int4 = (args.decode / statistics.median(one[k]) for k in ONE_THREAD)
+    gain = statistics.median(b / x for b, x in zip(*(one[k] for k in ONE_THREAD), strict=True))
+    lines += ["", f"Quiet, with the steps held on one thread ({args.load_rounds} rounds, before the competing process "
+              f"starts): compiled fp32 {fp32:.1f} tokens/s, compiled int4 g128 {int4:.1f}, int4 {gain:.2f}x fp32 "
+              f"({gain / _paired(times, ONE_THREAD[1]):.2f} of its gain on the threads it chooses). With one core "
+              f"taken, a step has one core left, so this is about the most the loaded ratio can keep."]
     lines += ["", "Versions: " + versions("lensbench", "torch", "torchao", "transformers", "numba", "llama-cpp-python")]
     body = "\n".join(lines)
     print(body, flush=True)

@@ -32,6 +32,7 @@ import torch
 from .errors import LensbenchError
 from .gpu import compiled, fusion, threads
 from .gpu.modules import PackedModule, QuantEmbedding
+from .gpu.threads import Adaptive
 from .model import Model
 
 ATTENTION = ("sdpa", "eager")  # the attention implementations a static cache runs with
@@ -89,11 +90,16 @@ def _cheap_guards(entries) -> list[bool]:
 class Decoder:
     """Greedy generation on `model` with a static KV cache of `max_length` positions; `compile=False` runs the
     same steps eagerly (the reference the compiled step must match). `step_attention` is the attention the steps
-    run (None: the model's own), `cpp_wrapper` whether inductor calls the step's kernels from C++."""
+    run (None: the model's own), `cpp_wrapper` whether inductor calls the step's kernels from C++. `threads`
+    fixes the steps' thread count (also settable later as `decoder.threads`); None chooses it per step by timing
+    (`gpu.threads.Adaptive`)."""
 
     def __init__(self, model: Model, max_length: int = 1024, compile: bool = True,
-                 step_attention: str | None = "eager", cpp_wrapper: bool = True):
+                 step_attention: str | None = "eager", cpp_wrapper: bool = True, threads: int | None = None):
         module = model.module
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise DecodeError(f"threads must be a positive count or None (chosen per step), got {threads!r}")
+        self.threads = threads
         if not model.is_causal_lm:
             raise DecodeError(f"{model.name} has no LM head: the decoder generates text from causal LMs only")
         attn = getattr(module.config, "_attn_implementation", None)
@@ -126,7 +132,7 @@ class Decoder:
                      if compile else module.forward)
         self._attention = step_attention or attn
         self._cache = None
-        self._threads = threads.Adaptive(torch.get_num_threads())  # as the eager packed path: see gpu.threads
+        self._threads = Adaptive(torch.get_num_threads())  # as the eager packed path: see gpu.threads
         self.timings: dict = {}  # of the last `generate`: prompt_tokens, prefill_s, decode_steps, decode_s
 
     def _fresh_cache(self, batch: int):
@@ -159,12 +165,13 @@ class Decoder:
             with attention(self.module, self._attention):
                 for pos in range(ids.shape[1], total - 1):
                     position = torch.full((ids.shape[0], 1), pos, dtype=torch.long)
-                    n = self._threads.choose()
+                    n = self.threads or self._threads.choose()
                     threads.use(n)
                     t = time.perf_counter()
                     out = self.step(input_ids=tokens[-1], cache=cache, use_cache=True, position_ids=position)
                     tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
-                    self._threads.record(n, time.perf_counter() - t)
+                    if not self.threads:
+                        self._threads.record(n, time.perf_counter() - t)
         finally:
             threads.use(user)
         self.timings = {"prompt_tokens": ids.shape[1], "prefill_s": t1 - t0, "decode_steps": max_new_tokens - 1,

@@ -49,7 +49,8 @@ def test_dense_tokens_equal_transformers_generate(llama):
     dec = Decoder(llama, max_length=32)
     assert torch.equal(dec.generate(ids, NEW), _eager(llama, ids))
     assert dec.timings["decode_steps"] == NEW - 1 and dec.timings["prompt_tokens"] == PROMPT
-    # a second call reuses the cache and the compiled step
+    # a second call reuses the cache and the compiled step; held on one thread it decodes the same tokens
+    dec.threads = 1
     assert torch.equal(dec.generate(ids[:, :7], NEW), _eager(llama, ids[:, :7]))
     assert llama.module.config._attn_implementation == "sdpa"  # the steps ran eager attention; the model's is back
     plain = Decoder(llama, max_length=32, step_attention=None, cpp_wrapper=False)  # the plain compiled step
@@ -104,6 +105,8 @@ def test_bad_input_is_one_line(llama, minilm):
         Decoder(minilm)
     with pytest.raises(DecodeError, match="step_attention must be one of sdpa, eager or None"):
         Decoder(llama, step_attention="flash_attention_2")
+    with pytest.raises(DecodeError, match="threads must be a positive count or None"):
+        Decoder(llama, threads=0)
     dec = Decoder(llama, max_length=12, compile=False)
     with pytest.raises(DecodeError, match="max_length=16 or more"):
         dec.generate(_ids(llama), 6)
