@@ -229,7 +229,7 @@ def study(name: str, args, executor) -> tuple[str, list]:
     quality = Quality(model, db, bbc_news("heldout", limit=args.heldout), args.topics)
     journal = Journal(folder, args)
     texts = calib[:8]
-    rows = []
+    rows, reused = [], 0
     for budget in args.budgets:
         t1 = time.time()
         plans = plans_for(model, profile, budget, str(folder), texts, args.generations, executor, args.methods,
@@ -243,6 +243,7 @@ def study(name: str, args, executor) -> tuple[str, list]:
                                  **quality(plan), "layer_error": plan.predicted.get("layer_error_vs_reference_gptq")},
                                 budget, label)
             rows.append(r)
+            reused += earlier
             layer = r.get("layer_error")  # BAQ: Σ tr(ΔW H ΔWᵀ) against uniform GPTQ's
             print(f"{name} {budget} {label}: bits {r['bits']:.3f} KL {r['kl']:.4f} ppl {r['ppl']:.2f} topic "
                   f"{r['topic']:.3f}" + (f" layer error {layer:.3f} x uniform GPTQ's" if layer else "")
@@ -259,7 +260,9 @@ def study(name: str, args, executor) -> tuple[str, list]:
             f"built in "
             f"{sum(seconds.values()) / 60:.1f} min of which GPTQ {seconds.get('gptq', 0) / 60:.1f} min"
             f"{' (reused from an earlier run)' if db_s < 60 else ''}; dense held-out perplexity "
-            f"{quality.dense_ppl:.2f}, dense topic accuracy {quality.dense_topic:.3f}). " + level_ratios(db))
+            f"{quality.dense_ppl:.2f}, dense topic accuracy {quality.dense_topic:.3f}). " + level_ratios(db)
+            + (f" {reused} of the {len(rows)} rows were measured by an earlier run stopped part-way (the study's "
+               f"journal), so the minutes above are not theirs." if reused else ""))
     return head, rows, bisect
 
 
