@@ -374,7 +374,8 @@ def main() -> None:
         command = body.split("`")[1]
         print("wrote", save_study(name, db_folder(name, args), command, rows, args.group_size, bisect))
         append_report(f"Bit allocation on GPTQ levels, {name} (benchmarks/quant_study.py)", body)
-        marker = (f"{MARKER.rstrip()}: {name}" + (f", group {args.group_size}" if args.group_size != 128 else "")
+        marker = (f"{MARKER.rstrip()}: {name}" + (", searched ranges" if GPTQConfig.clip else "")
+                  + (f", group {args.group_size}" if args.group_size != 128 else "")
                   + (f", rows {','.join(args.methods)}" if args.methods else "")
                   + ("" if args.budgets else ", bits-bisect only") + "\n")
         text = REPORT.read_text() if REPORT.exists() else "# Quantisation\n"
