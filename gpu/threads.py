@@ -3,10 +3,10 @@
 On a shared CPU a kernel split over every core waits at its end for whichever of its threads the OS has
 preempted, for a scheduler time slice each time: with one competing CPU-bound process on 2 cores, SmolLM2's
 int8 decode fell from 39.7 to 7.1 tokens/s on 2 threads, and choosing the count per step (by the median, in
-that run) kept 30.0 of 38.7 (benchmarks/decode.py; reports/BENCHMARKS.md and reports/DECODE.md). Which count is faster depends on the
-load of the moment, so `Adaptive` times every decode step, keeps the recent times of each candidate count
-(1, 2, 4, ... up to the configured threads), runs the fastest by `cost`, and tries another every `explore`
-steps so it notices when load comes or goes.
+that run) kept 30.0 of 38.7 (benchmarks/decode.py; reports/BENCHMARKS.md and reports/DECODE.md). Which count is
+faster depends on the load of the moment, so `Adaptive` times every decode step, keeps the recent times of
+each candidate count (1, 2, 4, ... up to the configured threads), runs the fastest by `cost`, and tries
+another every `explore` steps so it notices when load comes or goes.
 
 `install(module)` puts it around a model's forward for decode-size calls (≤ `max_tokens` tokens); the
 user's thread setting is restored after every step. The compiled decoder (`lensbench.decoding`) runs the same
