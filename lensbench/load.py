@@ -88,7 +88,7 @@ def _load_packed(source: Any, *, dtype, device, layer_by_layer: bool) -> Model:
     if layer_by_layer:
         raise LensbenchError("a packed model is loaded whole (its packed bytes are the point): drop layer_by_layer "
                              "or packed=True")
-    return load_packed(path, dtype=_dtype(dtype), device=device)
+    return load_packed(path, _auto_class, dtype=_dtype(dtype), device=device)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -27,6 +27,7 @@ from .gpu.quant import BITS, pack
 from .adapters import adapter_for
 from .errors import LensbenchError
 from .model import Model, describe
+from .saved import tied_head_key
 
 FORMAT = "pack-quantized"
 
@@ -74,11 +75,12 @@ def targets(path: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def load_packed(path: Path, *, dtype: torch.dtype | None = None, device: str = "cpu") -> Model:
-    """The model in `path` with every quantised linear a `QuantLinear` holding the stored codes (module docstring)."""
+def load_packed(path: Path, auto_class, *, dtype: torch.dtype | None = None, device: str = "cpu") -> Model:
+    """The model in `path` with every quantised linear a `QuantLinear` holding the stored codes (module docstring);
+    `auto_class(config)` is the transformers Auto class that builds it (`lensbench.load` chooses it)."""
     from accelerate import init_empty_weights  # heavy: accelerate (with transformers), only for packed loading
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # heavy: transformers
+    from transformers import AutoConfig, AutoTokenizer  # heavy: transformers, imported when a model is loaded
 
     if device != "cpu":
         raise LensbenchError(f"packed loading runs on the CPU, not {device}: drop the device, or load without "
@@ -90,10 +92,8 @@ def load_packed(path: Path, *, dtype: torch.dtype | None = None, device: str = "
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config  # the modules are built dense (on meta) and swapped here, not by transformers
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    archs = getattr(config, "architectures", None) or []
-    auto = AutoModelForCausalLM if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else AutoModel
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
-        module = auto.from_config(config, dtype=dtype)
+        module = auto_class(config).from_config(config, dtype=dtype)
     dense: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     for file in files:
@@ -157,10 +157,9 @@ def _load_dense(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path)
     """The tensors stored dense take the place of the meta parameters; a tied head is tied again."""
     missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     head = module.get_output_embeddings()
-    tied = getattr(module.config, "tie_word_embeddings", False) and isinstance(head, nn.Linear)
+    tied = tied_head_key(module) if isinstance(head, nn.Linear) else None  # a packed head is not tied again
     packed_keys = {n for n, m in module.named_modules() if isinstance(m, QuantLinear)}
-    left = [m for m in missing if m.rpartition(".")[0] not in packed_keys
-            and not (tied and head is not None and m == _name_of(module, head) + ".weight")]
+    left = [m for m in missing if m.rpartition(".")[0] not in packed_keys and m != tied]
     if unexpected or left:
         raise LensbenchError(f"{path}: the weight files do not match the config (missing {left[:3]}, unexpected "
                              f"{sorted(unexpected)[:3]}): save it again with lensbench compress")
@@ -169,7 +168,3 @@ def _load_dense(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path)
     still = [n for n, p in module.named_parameters() if p.is_meta]
     if still:
         raise LensbenchError(f"{path}: no weight file holds {still[0]}: save it again with lensbench compress")
-
-
-def _name_of(root: nn.Module, target: nn.Module) -> str:
-    return next((n for n, m in root.named_modules() if m is target), "")
