@@ -334,6 +334,60 @@ def _pack_q3_k(f, q):
     return np.concatenate([hmask, _crumbs(q), scales, _bytes(d)], 1)
 
 
+# reading the 32-value types back: the codes and the grid a file's bytes hold
+def _halves(b: np.ndarray) -> np.ndarray:
+    """[nb, 2] bytes -> float32 [nb] of the float16 they hold."""
+    return np.ascontiguousarray(b).view(np.float16)[:, 0].astype(np.float32)
+
+
+def _nibble_codes(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per block -> 32 codes: value i in byte i's low nibble, value 16 + i in its high one."""
+    return np.concatenate([qs & 0x0F, qs >> 4], 1)
+
+
+def _read_q4_0(b):
+    d = _halves(b[:, 0:2])
+    return _nibble_codes(b[:, 2:18]), d, -8 * d
+
+
+def _read_q4_1(b):
+    return _nibble_codes(b[:, 4:20]), _halves(b[:, 0:2]), _halves(b[:, 2:4])
+
+
+def _read_q5_0(b):
+    d = _halves(b[:, 0:2])
+    return _nibble_codes(b[:, 6:22]) | (np.unpackbits(b[:, 2:6], axis=1, bitorder="little") << 4), d, -16 * d
+
+
+def _read_q5_1(b):
+    q = _nibble_codes(b[:, 8:24]) | (np.unpackbits(b[:, 4:8], axis=1, bitorder="little") << 4)
+    return q, _halves(b[:, 0:2]), _halves(b[:, 2:4])
+
+
+def _read_q8_0(b):
+    d = _halves(b[:, 0:2])
+    return (b[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d
+
+
+# name: (bits, reader) of the types whose grid is one float16 scale (and low end) per 32 values
+READABLE = {"Q4_0": (4, _read_q4_0), "Q4_1": (4, _read_q4_1), "Q5_0": (5, _read_q5_0), "Q5_1": (5, _read_q5_1),
+            "Q8_0": (8, _read_q8_0)}
+
+
+def read(data: np.ndarray, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The raw bytes [N, row bytes] of a weight [N, K] in a 32-value type -> (codes [N, K] uint8, scale and low end
+    [N, K / 32] float32, bits): value = scale * code + low end, which is the file's value exactly (a float16 scale
+    times a code of at most 8 bits, plus a float16 low end, as `gguf`'s dequantiser computes it). The K-quants
+    scale each sub-block by a float16 times a 6- or 8-bit integer, which one float16 scale cannot hold."""
+    if name not in READABLE:
+        raise GGMLError(f"{name} is not one of the types read as codes ({', '.join(READABLE)})")
+    n, k = shape
+    block, nbytes = GGML_QUANT_SIZES[_qtype(name)]
+    bits, reader = READABLE[name]
+    codes, scale, low = reader(np.ascontiguousarray(data, dtype=np.uint8).reshape(n * k // block, nbytes))
+    return codes.reshape(n, k), scale.reshape(n, -1), low.reshape(n, -1), bits
+
+
 # name: (values per block, values per scale, largest code, fitter, packer)
 _TYPES = {
     "Q4_0": (32, 32, 15, _fit_sym(8), _pack_q4_0), "Q4_1": (32, 32, 15, _fit_asym(15), _pack_q4_1),

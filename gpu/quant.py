@@ -216,9 +216,13 @@ def dequantized(codes: torch.Tensor, s16: torch.Tensor, m16: torch.Tensor) -> to
 def pack(codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bits: int, group_size: int,
          shape: tuple[int, int]) -> PackedWeight:
     """A PackedWeight from codes [N, K_pad] (0..2^bits-1; zero in padded columns) and scales, mins [N, G]."""
-    parts = [pack_planes(codes[:, g0:g0 + group_size].to(torch.uint8)[:, None, :], bits)[:, 0]
-             for g0 in range(0, codes.shape[1], group_size)]
-    return PackedWeight(torch.cat(parts, 1).contiguous(), scales.to(torch.float16).contiguous(),
+    n, k = codes.shape
+    if k % group_size == 0:  # every group whole: all of them in one call
+        packed = pack_planes(codes.to(torch.uint8).reshape(n, k // group_size, group_size), bits).reshape(n, -1)
+    else:
+        packed = torch.cat([pack_planes(codes[:, g0:g0 + group_size].to(torch.uint8)[:, None, :], bits)[:, 0]
+                            for g0 in range(0, k, group_size)], 1)
+    return PackedWeight(packed.contiguous(), scales.to(torch.float16).contiguous(),
                         mins.to(torch.float16).contiguous(), bits, group_size, tuple(shape))
 
 
@@ -228,9 +232,11 @@ def pack_planes(q: torch.Tensor, bits: int) -> torch.Tensor:
         return q
     if bits in (4, 2):
         per = 8 // bits
-        parts = q.unflatten(-1, (per, -1)).to(torch.int32)  # part t = q[t*gs/per : (t+1)*gs/per]
-        word = sum(parts[..., t, :] << (bits * t) for t in range(per))
-        return word.to(torch.uint8)
+        parts = q.to(torch.uint8).unflatten(-1, (per, -1))  # part t = q[t*gs/per : (t+1)*gs/per]
+        word = parts[..., 0, :].clone()
+        for t in range(1, per):  # codes < 2^bits: the shifted parts fill disjoint bits of the byte
+            word |= parts[..., t, :] << (bits * t)
+        return word
     parts = q.unflatten(-1, (8, -1)).to(torch.int64)  # 3, 5, 6 bits: 8 slices of gs/8
     word = sum(parts[..., t, :] << (bits * t) for t in range(8))
     return torch.cat([(word >> (8 * p)) & 0xFF for p in range(bits)], dim=-1).to(torch.uint8)

@@ -80,14 +80,25 @@ def load(source: Any, *, tokenizer: Any = None, dtype: torch.dtype | str | None 
 def _load_packed(source: Any, *, dtype, device, layer_by_layer: bool) -> Model:
     from .packed_load import load_packed  # heavy: gpu's packed modules and their kernels, only for packed loading
 
+    card = {}
+    if isinstance(source, str) and source in bundled.NAMES:
+        source, card = bundled.resolve(source)
     path = Path(str(source)).expanduser() if isinstance(source, (str, os.PathLike)) else None
-    if path is None or not path.is_dir():
-        raise LensbenchError(f"packed=True loads a compressed-tensors folder that lensbench compress wrote, not "
-                             f"{source if path is not None else type(source).__name__}: give that folder, or load "
-                             f"without packed=True and pack the model with lensbench.convert")
+    gguf_file = path is not None and path.suffix.lower() == ".gguf" and path.is_file()
+    if path is None or not (path.is_dir() or gguf_file):
+        raise LensbenchError(f"packed=True loads a compressed-tensors folder that lensbench compress wrote or a "
+                             f"GGUF file, not {source if path is not None else type(source).__name__}: give one of "
+                             f"those, or load without packed=True and pack the model with lensbench.convert")
     if layer_by_layer:
         raise LensbenchError("a packed model is loaded whole (its packed bytes are the point): drop layer_by_layer "
                              "or packed=True")
+    if gguf_file:
+        from .gguf_packed import load_gguf_packed  # heavy: gguf and the packed modules, only for packed GGUF files
+
+        converted, gguf_card, _ = _gguf_converted(path)
+        model = load_gguf_packed(path, converted, _auto_class, dtype=_dtype(dtype), device=device)
+        model.card.update({**gguf_card, **card, "format": "gguf, packed"})
+        return model
     return load_packed(path, _auto_class, dtype=_dtype(dtype), device=device)
 
 
@@ -233,22 +244,30 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --- GGUF ------------------------------------------------------------------------------------
-def _load_gguf(path: Path, *, dtype, device, layer_by_layer: bool = False, mmap: bool = True) -> Model:
-    """Dequantise a GGUF file once, cache a safetensors copy keyed by the file's hash, reuse it."""
+def _gguf_converted(path: Path) -> tuple[Path, dict, bool]:
+    """The converted safetensors copy of a GGUF file, the card entries naming both, and whether the copy was
+    made just now (it is made when missing)."""
     sha = _file_sha256(path)
     target = bundled.cache_dir() / "gguf" / sha[:16]
-    card = {"name": path.stem, "source": str(path.resolve()), "format": "gguf", "sha256": sha,
-            "local_dir": str(target)}  # the converted copy: a plain HF directory other tools can load
-    if not (target / "lensbench-cache.json").is_file():
+    fresh = not (target / "lensbench-cache.json").is_file()
+    if fresh:
         _convert_gguf(path, target, sha)
-        return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer, mmap=mmap)
+    return target, {"name": path.stem, "source": str(path.resolve()), "format": "gguf", "sha256": sha,
+                    "local_dir": str(target)}, fresh  # the converted copy: a plain HF directory other tools load
+
+
+def _load_gguf(path: Path, *, dtype, device, layer_by_layer: bool = False, mmap: bool = True) -> Model:
+    """Dequantise a GGUF file once, cache a safetensors copy keyed by the file's hash, reuse it."""
+    target, card, fresh = _gguf_converted(path)
     try:
         return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer, mmap=mmap)
     except LensbenchError:  # the cached copy is damaged (a full disk, an edit): convert once more from the GGUF
+        if fresh:
+            raise
         print(f"lensbench: the converted copy of {path.name} in {target} is damaged; converting it again",
               file=sys.stderr)
         shutil.rmtree(target, ignore_errors=True)
-        _convert_gguf(path, target, sha)
+        _convert_gguf(path, target, card["sha256"])
         return _load_hf_dir(target, dtype=dtype, device=device, card=card, layer_by_layer=layer_by_layer, mmap=mmap)
 
 

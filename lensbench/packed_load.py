@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .gpu.modules import QuantLinear
+from .gpu.modules import QuantEmbedding, QuantLinear
 from .gpu.quant import BITS, pack
 
 from .adapters import adapter_for
@@ -78,8 +78,7 @@ def targets(path: Path) -> dict[str, tuple[int, int]]:
 def load_packed(path: Path, auto_class, *, dtype: torch.dtype | None = None, device: str = "cpu") -> Model:
     """The model in `path` with every quantised linear a `QuantLinear` holding the stored codes (module docstring);
     `auto_class(config)` is the transformers Auto class that builds it (`lensbench.load` chooses it)."""
-    from accelerate import init_empty_weights  # heavy: accelerate (with transformers), only for packed loading
-    from safetensors import safe_open
+    from safetensors import safe_open  # heavy: safetensors (with transformers), imported when a model is loaded
     from transformers import AutoConfig, AutoTokenizer  # heavy: transformers, imported when a model is loaded
 
     if device != "cpu":
@@ -92,8 +91,7 @@ def load_packed(path: Path, auto_class, *, dtype: torch.dtype | None = None, dev
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config  # the modules are built dense (on meta) and swapped here, not by transformers
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
-        module = auto_class(config).from_config(config, dtype=dtype)
+    module = meta_model(config, auto_class, dtype)
     dense: dict[str, torch.Tensor] = {}
     done: set[str] = set()
     for file in files:
@@ -111,7 +109,7 @@ def load_packed(path: Path, auto_class, *, dtype: torch.dtype | None = None, dev
     if missing_q:
         raise LensbenchError(f"{path}: the config quantises {missing_q[0]} but no weight file holds its "
                              f"weight_packed: save it again with lensbench compress")
-    _load_dense(module, dense, path)
+    fill_dense(module, dense, path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     module.eval()
     info = {"name": path.name, "source": str(path.resolve()), "format": "compressed-tensors, packed",
@@ -153,12 +151,21 @@ def _swap(module: nn.Module, name: str, spec: tuple[int, int], get, keys: set[st
     setattr(module.get_submodule(parent) if parent else module, child, QuantLinear(pw, bias, dtype))
 
 
-def _load_dense(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def meta_model(config, auto_class, dtype: torch.dtype) -> nn.Module:
+    """The architecture of `config` with its parameters on the meta device (no memory); buffers (rotary tables)
+    real. `auto_class(config)` is the transformers Auto class that builds it."""
+    from accelerate import init_empty_weights  # heavy: accelerate (with transformers), only for packed loading
+
+    with init_empty_weights(include_buffers=False):
+        return auto_class(config).from_config(config, dtype=dtype)
+
+
+def fill_dense(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """The tensors stored dense take the place of the meta parameters; a tied head is tied again."""
     missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     head = module.get_output_embeddings()
     tied = tied_head_key(module) if isinstance(head, nn.Linear) else None  # a packed head is not tied again
-    packed_keys = {n for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+    packed_keys = {n for n, m in module.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
     left = [m for m in missing if m.rpartition(".")[0] not in packed_keys and m != tied]
     if unexpected or left:
         raise LensbenchError(f"{path}: the weight files do not match the config (missing {left[:3]}, unexpected "

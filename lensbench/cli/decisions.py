@@ -162,8 +162,8 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="plan JSON to apply (not with --dense: a saved model carries its plan)")
     p.add_argument("--dense", help="MODEL is a saved checkpoint: measure it against this dense source model")
     p.add_argument("--packed", action="store_true", help="with --dense: load the saved compressed-tensors folder "
-                   "straight into packed modules (its speed and memory are then the packed kernels'), not through "
-                   "transformers, which dequantises it")
+                   "(or a GGUF file: its Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 weights) straight into packed modules (its speed "
+                   "and memory are then the packed kernels'), not through transformers, which dequantises it")
     p.add_argument("--out", required=True, help="eval JSON file to write")
     p.add_argument("--texts", help="held-out text file (default: BBC news held-out split)")
     p.add_argument("--encoding", help="the text file's encoding (default: UTF-8)")
@@ -196,8 +196,8 @@ def cmd_evaluate(args) -> int:
     elif args.lm_eval_limit is not None:
         raise LensbenchError("--lm-eval-limit applies to --lm-eval-task: give the task YAML, or drop the limit")
     if args.packed and not args.dense:
-        raise LensbenchError("--packed loads a saved compressed-tensors folder: give it as MODEL with its dense "
-                             "source as --dense, or drop --packed")
+        raise LensbenchError("--packed loads a saved compressed-tensors folder or a GGUF file: give it as MODEL "
+                             "with its dense source as --dense, or drop --packed")
     if args.dense:  # MODEL is a folder lensbench compress wrote; its plan is in its record
         if args.method:
             raise LensbenchError("--method applies to a plan; a saved model's rounding is already in its weights: "
@@ -244,7 +244,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens to generate (default 32)")
     p.add_argument("--eager", action="store_true", help="run the decode steps eagerly instead of compiling one")
     p.add_argument("--packed", action="store_true", help="MODEL is a compressed-tensors folder lensbench compress "
-                   "wrote: load it straight into packed modules instead of dequantising it")
+                   "wrote or a GGUF file: load it straight into packed modules instead of dequantising it")
 
 
 @command("generate", "greedy text from a model (a plan applied first) with a static KV cache and a compiled "
