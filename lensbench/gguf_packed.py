@@ -67,14 +67,14 @@ def load_gguf_packed(path: Path, converted: Path, auto_class, *, dtype: torch.dt
             dense[key] = (t.to(dtype) if t.is_floating_point() else t).clone()  # off the file's mapping
     fill_dense(module, dense, converted)
     module.eval()
-    info = {"name": path.stem, "source": str(path.resolve()), "format": "gguf, packed", "sha256": None,
-            "packed_weights": len(packed), "dense_weights": kept, **describe(module)}
+    info = {"name": path.stem, "source": str(path.resolve()), "format": "gguf, packed", "packed_weights": len(packed),
+            "dense_weights": kept, **describe(module)}
     return Model(module, AutoTokenizer.from_pretrained(converted), adapter_for(module), info)
 
 
 def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: str, config, dtype):
     """Swap every linear and embedding whose GGUF tensor is in a readable type and reproduces the converted float
-    weight exactly; returns ({packed module name}, {GGUF type kept dense: count})."""
+    weight exactly; returns ({packed module name}, {why a weight stays dense (its GGUF type): count})."""
     packed: set[str] = set()
     kept: dict[str, int] = {}
     emb = module.get_input_embeddings()
@@ -90,10 +90,11 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
         gname = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
         t = tensors.get(gname or "")
         key = f"{name}.weight"
-        qtype = t.tensor_type.name if t is not None else None
-        if t is None or key not in where or qtype not in ggml.READABLE:
-            kept[qtype or "no GGUF tensor"] = kept.get(qtype or "no GGUF tensor", 0) + 1
+        why = _unreadable(t, key, where, sub if is_table else None)
+        if why:
+            kept[why] = kept.get(why, 0) + 1
             continue
+        qtype = t.tensor_type.name
         n, k = int(t.shape[1]), int(t.shape[0])
         codes, scale, low, bits = ggml.read(np.asarray(t.data), qtype, (n, k))
         if arch in PERMUTED_ARCHS and gname.split(".")[-2] in ("attn_q", "attn_k"):
@@ -102,16 +103,12 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
             codes, scale, low = codes[order], scale[order], low[order]
         values = (codes.reshape(n, -1, 32) * scale[..., None] + low[..., None]).reshape(n, k)
         if not (np.isfinite(low).all() and np.array_equal(values, where[key].get_tensor(key).float().numpy())):
-            kept[qtype] = kept.get(qtype, 0) + 1
+            why = f"{qtype}, not the converted copy's values"
+            kept[why] = kept.get(why, 0) + 1
             continue
         pw = pack(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(scale), torch.from_numpy(low),
                   bits, 32, (n, k))
         if is_table:
-            try:
-                QuantEmbedding.check(sub, name)
-            except LensbenchError:
-                kept[qtype] = kept.get(qtype, 0) + 1
-                continue
             new: nn.Module = QuantEmbedding(pw, dtype)
             shared = pw
         else:
@@ -124,6 +121,20 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
         _replace(module, head_name, QuantLinear(shared, None, dtype))
         packed.add(head_name)
     return packed, kept
+
+
+def _unreadable(t, key: str, where: dict, table: nn.Module | None) -> str | None:
+    """Why a module's GGUF tensor `t` stays dense (its type, a scaled embedding, no tensor), or None."""
+    if t is None or key not in where:
+        return "no GGUF tensor"
+    if t.tensor_type.name not in ggml.READABLE:
+        return t.tensor_type.name
+    if table is not None:
+        try:
+            QuantEmbedding.check(table)
+        except LensbenchError:
+            return f"{t.tensor_type.name}, an embedding that changes its lookup"
+    return None
 
 
 def _unpermuted_rows(n: int, heads: int) -> np.ndarray:
