@@ -369,9 +369,8 @@ def _read_q8_0(b):
     return (b[:, 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d
 
 
-# name: (bits, reader) of the types whose grid is one float16 scale (and low end) per 32 values
-READABLE = {"Q4_0": (4, _read_q4_0), "Q4_1": (4, _read_q4_1), "Q5_0": (5, _read_q5_0), "Q5_1": (5, _read_q5_1),
-            "Q8_0": (8, _read_q8_0)}
+# name: reader, for the types whose grid is one float16 scale (and low end) per 32 values
+READABLE = {"Q4_0": _read_q4_0, "Q4_1": _read_q4_1, "Q5_0": _read_q5_0, "Q5_1": _read_q5_1, "Q8_0": _read_q8_0}
 
 
 def read(data: np.ndarray, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -383,8 +382,8 @@ def read(data: np.ndarray, name: str, shape: tuple[int, int]) -> tuple[np.ndarra
         raise GGMLError(f"{name} is not one of the types read as codes ({', '.join(READABLE)})")
     n, k = shape
     block, nbytes = GGML_QUANT_SIZES[_qtype(name)]
-    bits, reader = READABLE[name]
-    codes, scale, low = reader(np.ascontiguousarray(data, dtype=np.uint8).reshape(n * k // block, nbytes))
+    bits = _TYPES[name][2].bit_length()  # the largest code: 15, 31 or 255
+    codes, scale, low = READABLE[name](np.ascontiguousarray(data, dtype=np.uint8).reshape(n * k // block, nbytes))
     return codes.reshape(n, k), scale.reshape(n, -1), low.reshape(n, -1), bits
 
 

@@ -28,7 +28,7 @@ from .gpu import ggml
 from .gpu.modules import QuantEmbedding, QuantLinear
 from .gpu.quant import pack
 from .model import Model, describe
-from .packed_load import fill_dense, meta_model
+from .packed_load import fill_dense, meta_model, replace_module
 from .saved import tied_head_key
 
 PERMUTED_ARCHS = ("llama",)  # whose GGUF conversion permutes attn_q/attn_k rows (llama.cpp's convert_hf_to_gguf)
@@ -65,7 +65,7 @@ def load_gguf_packed(path: Path, converted: Path, auto_class, *, dtype: torch.dt
         if key.rpartition(".")[0] not in packed:
             t = h.get_tensor(key)
             dense[key] = (t.to(dtype) if t.is_floating_point() else t).clone()  # off the file's mapping
-    fill_dense(module, dense, converted)
+    fill_dense(module, dense, converted, fix=f"delete {converted} so that lensbench converts {path.name} again")
     module.eval()
     info = {"name": path.stem, "source": str(path.resolve()), "format": "gguf, packed", "packed_weights": len(packed),
             "dense_weights": kept, **describe(module)}
@@ -97,8 +97,9 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
         qtype = t.tensor_type.name
         n, k = int(t.shape[1]), int(t.shape[0])
         codes, scale, low, bits = ggml.read(np.asarray(t.data), qtype, (n, k))
-        if arch in PERMUTED_ARCHS and gname.split(".")[-2] in ("attn_q", "attn_k"):
-            heads = config.num_attention_heads if gname.split(".")[-2] == "attn_q" else config.num_key_value_heads
+        role = gname.split(".")[-2]
+        if arch in PERMUTED_ARCHS and role in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if role == "attn_q" else config.num_key_value_heads
             order = _unpermuted_rows(n, heads)
             codes, scale, low = codes[order], scale[order], low[order]
         values = (codes.reshape(n, -1, 32) * scale[..., None] + low[..., None]).reshape(n, k)
@@ -114,11 +115,11 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
         else:
             bias = where[f"{name}.bias"].get_tensor(f"{name}.bias").to(dtype) if f"{name}.bias" in where else None
             new = QuantLinear(pw, bias, dtype)
-        _replace(module, name, new)
+        replace_module(module, name, new)
         packed.add(name)
     if tied and shared is not None:
         head_name = tied.rpartition(".")[0]
-        _replace(module, head_name, QuantLinear(shared, None, dtype))
+        replace_module(module, head_name, QuantLinear(shared, None, dtype))
         packed.add(head_name)
     return packed, kept
 
@@ -142,8 +143,3 @@ def _unpermuted_rows(n: int, heads: int) -> np.ndarray:
     i and i + dim (its rotary halves, dim = head size / 2) as rows 2i and 2i + 1; transformers reads them back so."""
     dim = n // heads // 2
     return np.arange(n).reshape(heads, dim, 2).swapaxes(1, 2).reshape(n)
-
-
-def _replace(module: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, child, new)

@@ -147,8 +147,12 @@ def _swap(module: nn.Module, name: str, spec: tuple[int, int], get, keys: set[st
         codes = nn.functional.pad(codes, (0, pad))
     pw = pack(codes, scales, (-half * scales.float()).to(torch.float16), bits, gs, (n, k))
     bias = get("bias").to(dtype) if f"{name}.bias" in keys else None
+    replace_module(module, name, QuantLinear(pw, bias, dtype))
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, child, QuantLinear(pw, bias, dtype))
+    setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
 def meta_model(config, auto_class, dtype: torch.dtype) -> nn.Module:
@@ -160,8 +164,10 @@ def meta_model(config, auto_class, dtype: torch.dtype) -> nn.Module:
         return auto_class(config).from_config(config, dtype=dtype)
 
 
-def fill_dense(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """The tensors stored dense take the place of the meta parameters; a tied head is tied again."""
+def fill_dense(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path,
+               fix: str = "save it again with lensbench compress") -> None:
+    """The tensors stored dense take the place of the meta parameters; a tied head is tied again. `fix` ends the
+    one-line error when the files and the config disagree."""
     missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     head = module.get_output_embeddings()
     tied = tied_head_key(module) if isinstance(head, nn.Linear) else None  # a packed head is not tied again
@@ -169,9 +175,9 @@ def fill_dense(module: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
     left = [m for m in missing if m.rpartition(".")[0] not in packed_keys and m != tied]
     if unexpected or left:
         raise LensbenchError(f"{path}: the weight files do not match the config (missing {left[:3]}, unexpected "
-                             f"{sorted(unexpected)[:3]}): save it again with lensbench compress")
+                             f"{sorted(unexpected)[:3]}): {fix}")
     if tied:
         head.weight = module.get_input_embeddings().weight
     still = [n for n, p in module.named_parameters() if p.is_meta]
     if still:
-        raise LensbenchError(f"{path}: no weight file holds {still[0]}: save it again with lensbench compress")
+        raise LensbenchError(f"{path}: no weight file holds {still[0]}: {fix}")
