@@ -17,6 +17,11 @@ the format leaves the embedding and the tied head float32) that this run writes 
 `lb.load(folder, packed=True)` (the codes read straight into packed modules, `lensbench.packed_load`) and once
 through transformers, which decompresses every weight into a dense model.
 
+Three more load the bundled GGUF file itself (Q4_1 group 32, the embedding and tied head Q8_0): packed
+(`lb.load("smollm2-135m", packed=True)`, `lensbench.gguf_packed`: the file's own codes, every weight checked
+against the dequantised copy first), packed and lean, and in llama.cpp (llama-cpp-python, if installed:
+`./run llama`), which memory-maps the file; its "model bytes" are the file's size.
+
 Usage: python benchmarks/memory.py [--bits 4] [--group-size 128]
 Appends to reports/BENCHMARKS.md.
 """
@@ -34,8 +39,10 @@ from _common import append_report, machine, versions  # noqa: E402
 
 CASES = ("dense", "apply", "convert", "convert-lean", "convert, loaded with mmap=False",
          "convert-lean, loaded with mmap=False", "compressed-tensors folder, loaded packed",
-         "compressed-tensors folder, loaded packed, lean", "compressed-tensors folder, loaded by transformers")
+         "compressed-tensors folder, loaded packed, lean", "compressed-tensors folder, loaded by transformers",
+         "GGUF file, loaded packed", "GGUF file, loaded packed, lean", "GGUF file, loaded by llama.cpp")
 SAVED = "compressed-tensors folder"  # the cases that load the checkpoint `save` writes, not the bundled model
+GGUF = "GGUF file"  # the cases that load the bundled GGUF file as it is
 
 
 def _status() -> dict:
@@ -93,8 +100,14 @@ def worker(case: str, bits: int, group_size: int, folder: str) -> dict:
 
     torch.set_num_threads(2)
     warm_up(bits, group_size)
+    if case.endswith("llama.cpp"):
+        return llama_worker(case)
     base = _status()
-    if case.startswith(SAVED):
+    if case.startswith(GGUF):
+        model = lb.load("smollm2-135m", packed=True)
+        if case.endswith("lean"):
+            make_lean(model.module)
+    elif case.startswith(SAVED):
         model = lb.load(folder, packed="packed" in case)
         if case.endswith("lean"):
             make_lean(model.module)
@@ -118,13 +131,35 @@ def worker(case: str, bits: int, group_size: int, folder: str) -> dict:
         return out | {"trimmed": _status()}
 
     row = {"case": case, "base": base, "loaded": loaded}
-    if case == "dense" or case.startswith(SAVED):
+    if case == "dense" or case.startswith((SAVED, GGUF)):
         return row | measure()
     if case == "apply":
         with lb.apply(model, plan):
             return row | measure()
     convert(model, plan, lean=case.startswith("convert-lean"))
     return row | {"converted": _status()} | measure()
+
+
+def llama_worker(case: str) -> dict:
+    """The bundled GGUF file in llama.cpp: the same prompt, a forward and 16 greedy tokens; the baseline is this
+    process before the model loads (torch and lensbench imported, as in the other cases)."""
+    import ctypes
+
+    from lensbench.bundled import resolve
+
+    try:
+        from llama_cpp import Llama  # optional: llama-cpp-python (./run llama)
+    except ImportError:
+        return {"case": case, "skipped": "llama-cpp-python is not installed (./run llama builds it)"}
+    path = resolve("smollm2-135m")[0]
+    base = _status()
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    loaded = _status()
+    llm("The history of the city begins with a small settlement by the river, where", max_tokens=16, temperature=0.0)
+    after = _status()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return {"case": case, "base": base, "loaded": loaded, "model_bytes": path.stat().st_size, "after": after,
+            "trimmed": _status()}
 
 
 def main() -> None:
@@ -137,7 +172,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.bits, args.group_size, args.folder)))
         return
-    rows = []
+    rows, skipped = [], []
     tmp = tempfile.TemporaryDirectory()
     folder = Path(tmp.name) / "ck"
     saved_group = save(folder, args.bits, args.group_size)
@@ -146,8 +181,12 @@ def main() -> None:
                               str(args.group_size), "--folder", str(folder)], capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{case} failed: {out.stderr.strip().splitlines()[-1]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = rows[-1]
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        if "skipped" in r:
+            print(f"{case}: left out ({r['skipped']})", flush=True)
+            skipped.append(f"{case}: {r['skipped']}")
+            continue
+        rows.append(r)
         print(f"{case}: RSS over baseline {(r['after']['VmRSS'] - r['base']['VmRSS']) / 2**20:.0f} MiB, model bytes "
               f"{r['model_bytes'] / 2**20:.0f} MiB", flush=True)
     mib = 2 ** 20
@@ -176,7 +215,11 @@ def main() -> None:
               f"symmetric grid (the largest group up to {args.group_size} that divides every linear's inputs), the "
               f"embedding and the tied head float32; loaded packed (`lb.load(folder, packed=True)`) and by "
               f"transformers (which decompresses it into float weights); `lean`: off torch's weight-only "
-              f"kernels, as in convert-lean."]
+              f"kernels, as in convert-lean.", "",
+              "The GGUF file: the bundled SmolLM2 as it is (Q4_1 group 32, the embedding and tied head Q8_0), loaded "
+              "packed (`lb.load(\"smollm2-135m\", packed=True)`) and in llama.cpp, which maps the file (its model "
+              "bytes: the file's size)."]
+    lines += [f"Left out: {s}." for s in skipped]
     body = "\n".join(lines) + "\n"
     print(body)
     append_report("Resident memory of packed models (benchmarks/memory.py)", body)

@@ -24,10 +24,11 @@ from torch import nn
 
 from .adapters import adapter_for
 from .errors import LensbenchError
-from .gpu import ggml
+from .gpu import ggml, runtime
 from .gpu.modules import QuantEmbedding, QuantLinear
 from .gpu.quant import pack
 from .model import Model, describe
+from .offload import read, read_index
 from .packed_load import fill_dense, meta_model, replace_module
 from .saved import tied_head_key
 
@@ -39,7 +40,6 @@ def load_gguf_packed(path: Path, converted: Path, auto_class, *, dtype: torch.dt
     """`path`'s model with every weight in a 32-value GGUF type packed (module docstring); `converted` is the
     float copy `lensbench.load` made of it (config, tokenizer, the tensors left dense)."""
     import gguf  # optional: gguf (with transformers' GGUF support), only for GGUF files
-    from safetensors import safe_open  # heavy: safetensors (with transformers), imported when a model is loaded
     from transformers import AutoConfig, AutoTokenizer  # heavy: transformers, imported when a model is loaded
 
     if device != "cpu":
@@ -56,16 +56,14 @@ def load_gguf_packed(path: Path, converted: Path, auto_class, *, dtype: torch.dt
                              f"packed=True")
     names = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
-    files = sorted(converted.glob("*.safetensors"))
-    handles = [safe_open(str(f), framework="pt") for f in files]
-    where = {key: h for h in handles for key in h.keys()}
+    # the converted copy is read a tensor at a time into fresh memory (`offload.read`), not mapped: a mapping of its
+    # float weights, read whole for the checks, would count in the process's memory while it loads
+    where = read_index(converted)
     packed, kept = _pack_modules(module, names, tensors, where, arch, config, dtype)
-    dense = {}
-    for key, h in where.items():
-        if key.rpartition(".")[0] not in packed:
-            t = h.get_tensor(key)
-            dense[key] = (t.to(dtype) if t.is_floating_point() else t).clone()  # off the file's mapping
+    dense = {key: read(stored, dtype if stored.dtype.is_floating_point else None) for key, stored in where.items()
+             if key.rpartition(".")[0] not in packed}
     fill_dense(module, dense, converted, fix=f"delete {converted} so that lensbench converts {path.name} again")
+    runtime.install(module)  # the thread policy and fused calls that `apply` and `convert` give a model
     module.eval()
     info = {"name": path.stem, "source": str(path.resolve()), "format": "gguf, packed", "packed_weights": len(packed),
             "dense_weights": kept, **describe(module)}
@@ -102,8 +100,7 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
             heads = config.num_attention_heads if role == "attn_q" else config.num_key_value_heads
             order = _unpermuted_rows(n, heads)
             codes, scale, low = codes[order], scale[order], low[order]
-        values = (codes.reshape(n, -1, 32) * scale[..., None] + low[..., None]).reshape(n, k)
-        if not (np.isfinite(low).all() and np.array_equal(values, where[key].get_tensor(key).float().numpy())):
+        if not (np.isfinite(low).all() and _same_values(codes, scale, low, read(where[key], torch.float32).numpy())):
             why = f"{qtype}, not the converted copy's values"
             kept[why] = kept.get(why, 0) + 1
             continue
@@ -113,7 +110,7 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
             new: nn.Module = QuantEmbedding(pw, dtype)
             shared = pw
         else:
-            bias = where[f"{name}.bias"].get_tensor(f"{name}.bias").to(dtype) if f"{name}.bias" in where else None
+            bias = read(where[f"{name}.bias"], dtype) if f"{name}.bias" in where else None
             new = QuantLinear(pw, bias, dtype)
         replace_module(module, name, new)
         packed.add(name)
@@ -122,6 +119,18 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
         replace_module(module, head_name, QuantLinear(shared, None, dtype))
         packed.add(head_name)
     return packed, kept
+
+
+def _same_values(codes: np.ndarray, scale: np.ndarray, low: np.ndarray, expect: np.ndarray, rows: int = 1024) -> bool:
+    """Whether the grid's values (code * scale + low, groups of 32) equal `expect` exactly, a block of rows at a time
+    (the float temporaries of a whole embedding table would be several times its packed bytes)."""
+    n, k = expect.shape
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        values = (codes[a:b].reshape(b - a, -1, 32) * scale[a:b, :, None] + low[a:b, :, None]).reshape(b - a, k)
+        if not np.array_equal(values, expect[a:b]):
+            return False
+    return True
 
 
 def _unreadable(t, key: str, where: dict, table: nn.Module | None) -> str | None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .gpu import runtime
 from .gpu.modules import QuantEmbedding, QuantLinear
 from .gpu.quant import BITS, pack
 
@@ -110,6 +111,7 @@ def load_packed(path: Path, auto_class, *, dtype: torch.dtype | None = None, dev
         raise LensbenchError(f"{path}: the config quantises {missing_q[0]} but no weight file holds its "
                              f"weight_packed: save it again with lensbench compress")
     fill_dense(module, dense, path)
+    runtime.install(module)  # the thread policy and fused calls that `apply` and `convert` give a model
     tokenizer = AutoTokenizer.from_pretrained(path)
     module.eval()
     info = {"name": path.name, "source": str(path.resolve()), "format": "compressed-tensors, packed",

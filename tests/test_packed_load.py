@@ -13,6 +13,7 @@ import lensbench as lb
 from lensbench.gpu import cpu_kernels
 from lensbench.gpu.modules import QuantLinear
 from lensbench.compress import compress
+from lensbench.compress.apply import apply
 from lensbench.compress.plan import Plan, Quant
 from lensbench.errors import LensbenchError
 from lensbench.profiling import model_card
@@ -51,6 +52,24 @@ def test_packed_load_computes_the_plan_without_float_weights(tiny, tmp_path, arc
         got = packed.module(ids).logits.float().numpy()
     assert np.abs(got - planned_logits(model, plan, ids)).max() <= 1e-4
     assert packed.module.generate(ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 15)
+
+
+def test_a_model_loaded_packed_decodes_with_the_runtime_apply_gives(tiny, tmp_path):
+    """The thread policy and fused calls (`gpu.runtime`) come with packed loading too: decode steps fuse the
+    linears that read one input and give the tokens the plan gives in memory."""
+    model, plan, ck = _saved(tiny, tmp_path)
+    root = lb.load(ck, packed=True).module
+    assert "lensbench_threads" in root.__dict__
+    quant = [m for m in root.modules() if isinstance(m, QuantLinear)]
+    fuser = quant[0].__dict__["fuser"]
+    assert all(m.__dict__["fuser"] is fuser for m in quant)
+    ids = ids_for(model)[:1]
+    with torch.no_grad(), cpu_kernels.exact_kernels():
+        got = root.generate(ids, max_new_tokens=4, do_sample=False)
+        with apply(model, plan):
+            want = model.module.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+    assert len(set(map(id, fuser.groups.values()))) >= 2  # q/k/v and gate/up of layer 0 at least
 
 
 def test_packed_load_refuses_what_it_cannot_read(tiny, tmp_path):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..gpu import fusion, threads
+from ..gpu import runtime
 from ..gpu.dispatch import missing_kernel
 from ..gpu.mixed import MixedWeight, quantize_mixed
 from ..gpu.modules import MixedQuantLinear, QuantEmbedding, QuantLinear, make_lean
@@ -133,9 +133,8 @@ def _quantise(model: Model, bound: Bound, surgery: Surgery, options: Options) ->
         surgery.swap(root, name, new)
         if isinstance(new, QuantLinear):
             linears.append(new)
-    if linears and next(root.parameters()).device.type == "cpu":
-        surgery.undo.append(threads.install(root))  # decode steps on as many threads as are fastest now
-        surgery.undo.append(fusion.install(root, linears))  # linears reading one input: one call at decode
+    if linears:  # decode steps on as many threads as are fastest now; linears reading one input: one call
+        surgery.undo.append(runtime.install(root, linears))
 
 
 def _check_kernel(name: str, pw: PackedWeight | MixedWeight, device: torch.device, options: Options) -> None:
