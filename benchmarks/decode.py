@@ -435,8 +435,8 @@ def main(argv=None) -> None:
     crossover = crossover_rows(model, args.crossover_rounds)
 
     # under load: one competing CPU-bound process
-    load_keys = ["lensbench fp32", "lensbench int8 g128", "lensbench int4 g128", "lensbench-compiled fp32",
-                 "lensbench-compiled int4 g128"]
+    load_keys = ["lensbench fp32", "lensbench int8 g128", "lensbench int4 g128", "lensbench int4 g128 exact",
+                 "lensbench-compiled fp32", "lensbench-compiled int4 g128"]
     # quiet, on one thread: a competing process leaves a decode step one core, so this bounds the loaded gains
     one = _interleaved({k: lambda k=k: compiled.time(f"1 thread: {k}") for k in ONE_THREAD}, args.load_rounds)
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
