@@ -142,7 +142,10 @@ def worker(case: str, bits: int, group_size: int, folder: str) -> dict:
 
 def llama_worker(case: str) -> dict:
     """The bundled GGUF file in llama.cpp: the same prompt, a forward and 16 greedy tokens; the baseline is this
-    process before the model loads (torch and lensbench imported, as in the other cases)."""
+    process before the model loads (torch and lensbench imported, as in the other cases). The prompt is fed a
+    token at a time (`n_batch=1`): on this machine llama.cpp's batched path on the Q4_1 file dies of an illegal
+    instruction (SIGILL; one-token batches and the other types the decode benchmark runs do not), and a batch
+    of one changes its compute buffer, not the weights' memory."""
     import ctypes
 
     from lensbench.bundled import resolve
@@ -153,7 +156,7 @@ def llama_worker(case: str) -> dict:
         return {"case": case, "skipped": "llama-cpp-python is not installed (./run llama builds it)"}
     path = resolve("smollm2-135m")[0]
     base = _status()
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=1, n_ubatch=1, verbose=False)
     loaded = _status()
     llm("The history of the city begins with a small settlement by the river, where", max_tokens=16, temperature=0.0)
     after = _status()
