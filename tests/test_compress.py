@@ -226,7 +226,7 @@ with torch.no_grad():
 
 LLAMA_CPP = """
 from llama_cpp import Llama
-llm = Llama({path!r}, logits_all=True, verbose=False, n_ctx=128)
+llm = Llama({path!r}, logits_all=True, verbose=False, n_ctx=128, n_ubatch=1)
 llm.eval(ids[0].tolist())
 logits = np.array(llm.scores[: ids.shape[1]])[None]
 llm.close()
@@ -237,13 +237,16 @@ llm.close()
 def llama_cpp_runs() -> str | None:
     """None when llama.cpp evaluates the bundled SmolLM2's own GGUF file (not one lensbench wrote) in a fresh
     process; else why not. A crash there is llama.cpp's build on this CPU, not a lensbench file (seen: a
-    segfault in evaluation on an AVX-512/AMX host), so the tests that hand llama.cpp lensbench's files skip."""
+    segfault in evaluation on an AVX-512/AMX host), so the tests that hand llama.cpp lensbench's files skip.
+    Every evaluation here feeds one token per micro-batch (`n_ubatch=1`): on AMX hosts whose hypervisor does not
+    enable AMX for the guest, llama.cpp's batched matmuls on the Q4_1 file die of an illegal instruction (the
+    class of ggml-org/llama.cpp#28328), while one-token batches run and give the same logits."""
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (./run installs it from source)"
     from lensbench.bundled import resolve
 
     code = (f"from llama_cpp import Llama\nllm = Llama({str(resolve('smollm2-135m')[0])!r}, verbose=False, "
-            f"n_ctx=64)\nllm.eval([1, 504, 3575, 282])\nllm.close()\n")
+            f"n_ctx=64, n_ubatch=1)\nllm.eval([1, 504, 3575, 282])\nllm.close()\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         return (f"llama.cpp itself fails on this machine (exit {proc.returncode} evaluating the bundled SmolLM2 "
@@ -294,8 +297,12 @@ def test_gguf_runs_in_llama_cpp(smollm_gguf, tmp_path):
         pytest.skip(llama_cpp_runs())
     saved, _, ids, want = smollm_gguf
     got = consume(tmp_path, LLAMA_CPP.format(path=str(saved.path / saved.record["file"])), ids)
-    # llama.cpp quantises activations to 8 bits for its quantised matmuls, so it is close, not equal
-    assert kl(want, got) < 0.05 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    # llama.cpp quantises activations to 8 bits for its quantised matmuls, so it is close, not equal: its top token
+    # may differ where the plan's two best logits are within that noise, nowhere else
+    assert kl(want, got) < 0.05
+    top2 = np.sort(want, -1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 0.5
+    assert clear.mean() >= 0.5 and (got.argmax(-1) == want.argmax(-1))[clear].all()
 
 
 def test_gguf_refuses_other_schemes(smollm, tmp_path):
@@ -367,7 +374,7 @@ try:
     if not {use_llama}:
         raise ImportError("llama.cpp does not run on this machine")
     from llama_cpp import Llama
-    llm = Llama({dir!r} + "/" + {file!r}, logits_all=True, verbose=False, n_ctx=64)
+    llm = Llama({dir!r} + "/" + {file!r}, logits_all=True, verbose=False, n_ctx=64, n_ubatch=1)
     llm.eval(ids[0].tolist())
     cpp = np.array(llm.scores[: ids.shape[1]])
     llm.close()
