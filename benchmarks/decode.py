@@ -328,9 +328,12 @@ def worker(family: str, args) -> None:
         from llama_cpp import Llama
 
         prompt = ids[0].tolist()
+        # the untimed prompt goes in a token per micro-batch (the decode steps are one token each anyway): on AMX
+        # hosts whose hypervisor does not enable AMX, llama.cpp's batched matmuls die of SIGILL
+        # (ggml-org/llama.cpp#28328)
         for k, path in json.loads(args.files).items():
             llm = Llama(path, logits_all=True, verbose=False, n_ctx=args.prompt + args.decode + 8,
-                        n_threads=2, n_batch=args.prompt)
+                        n_threads=2, n_batch=args.prompt, n_ubatch=1)
             methods[k] = lambda llm=llm: llama_decode_seconds(llm, prompt, args.decode)
     for f in methods.values():  # warm-up
         f()
