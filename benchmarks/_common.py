@@ -132,6 +132,12 @@ def quality(dense: list[np.ndarray], got: list[np.ndarray], ids: list[np.ndarray
     return float(np.concatenate(kls).mean()), perplexity(got, ids)
 
 
+# llama.cpp's batched matmuls die of SIGILL on hosts that report AMX but whose hypervisor does not enable it
+# (ggml-org/llama.cpp#28328; this machine). One token per micro-batch runs there and gives the same logits, so the
+# benchmarks that read logits or time one-token decode steps (not a batched prompt) make their models with it.
+LLAMA_ONE_TOKEN_BATCHES = {"n_ubatch": 1}
+
+
 def llama_logits(llm, ids) -> list[np.ndarray]:
     """llama.cpp's logits [T, V] for each token list (a `llama_cpp.Llama` made with logits_all=True)."""
     out = []

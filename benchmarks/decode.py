@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, interleaved, machine, versions  # noqa: E402
+from _common import LLAMA_ONE_TOKEN_BATCHES, append_report, interleaved, machine, versions  # noqa: E402
 
 import lensbench  # noqa: E402
 from lensbench.compress.apply import apply  # noqa: E402
@@ -328,12 +328,9 @@ def worker(family: str, args) -> None:
         from llama_cpp import Llama
 
         prompt = ids[0].tolist()
-        # the untimed prompt goes in a token per micro-batch (the decode steps are one token each anyway): on AMX
-        # hosts whose hypervisor does not enable AMX, llama.cpp's batched matmuls die of SIGILL
-        # (ggml-org/llama.cpp#28328)
-        for k, path in json.loads(args.files).items():
+        for k, path in json.loads(args.files).items():  # the prompt is untimed: one token per micro-batch costs nothing
             llm = Llama(path, logits_all=True, verbose=False, n_ctx=args.prompt + args.decode + 8,
-                        n_threads=2, n_batch=args.prompt, n_ubatch=1)
+                        n_threads=2, n_batch=args.prompt, **LLAMA_ONE_TOKEN_BATCHES)
             methods[k] = lambda llm=llm: llama_decode_seconds(llm, prompt, args.decode)
     for f in methods.values():  # warm-up
         f()

@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, machine, versions  # noqa: E402
+from _common import LLAMA_ONE_TOKEN_BATCHES, append_report, machine, versions  # noqa: E402
 
 CASES = ("dense", "apply", "convert", "convert-lean", "convert, loaded with mmap=False",
          "convert-lean, loaded with mmap=False", "compressed-tensors folder, loaded packed",
@@ -103,12 +103,8 @@ def worker(case: str, bits: int, group_size: int, folder: str) -> dict:
     if case.endswith("llama.cpp"):
         return llama_worker(case)
     base = _status()
-    if case.startswith(GGUF):
-        model = lb.load("smollm2-135m", packed=True)
-        if case.endswith("lean"):
-            make_lean(model.module)
-    elif case.startswith(SAVED):
-        model = lb.load(folder, packed="packed" in case)
+    if case.startswith((SAVED, GGUF)):
+        model = lb.load(folder if case.startswith(SAVED) else "smollm2-135m", packed="packed" in case)
         if case.endswith("lean"):
             make_lean(model.module)
     else:
@@ -142,10 +138,9 @@ def worker(case: str, bits: int, group_size: int, folder: str) -> dict:
 
 def llama_worker(case: str) -> dict:
     """The bundled GGUF file in llama.cpp: the same prompt, a forward and 16 greedy tokens; the baseline is this
-    process before the model loads (torch and lensbench imported, as in the other cases). The prompt is fed a
-    token at a time (`n_batch=1`): on this machine llama.cpp's batched path on the Q4_1 file dies of an illegal
-    instruction (SIGILL; one-token batches and the other types the decode benchmark runs do not), and a batch
-    of one changes its compute buffer, not the weights' memory."""
+    process before the model loads (torch and lensbench imported, as in the other cases). The prompt goes in a
+    token at a time (`LLAMA_ONE_TOKEN_BATCHES`), which changes llama.cpp's compute buffer, not the weights'
+    memory."""
     import ctypes
 
     from lensbench.bundled import resolve
@@ -156,7 +151,7 @@ def llama_worker(case: str) -> dict:
         return {"case": case, "skipped": "llama-cpp-python is not installed (./run llama builds it)"}
     path = resolve("smollm2-135m")[0]
     base = _status()
-    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=1, n_ubatch=1, verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=256, n_threads=2, n_batch=1, verbose=False, **LLAMA_ONE_TOKEN_BATCHES)
     loaded = _status()
     llm("The history of the city begins with a small settlement by the river, where", max_tokens=16, temperature=0.0)
     after = _status()
