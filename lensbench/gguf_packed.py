@@ -26,6 +26,7 @@ from .adapters import adapter_for
 from .errors import LensbenchError
 from .gpu import ggml, runtime
 from .gpu.modules import QuantEmbedding, QuantLinear
+from .gguf_table import Table, read_table
 from .gpu.quant import pack
 from .model import Model, describe
 from .offload import read, read_index
@@ -48,18 +49,17 @@ def load_gguf_packed(path: Path, converted: Path, auto_class, *, dtype: torch.dt
     config = AutoConfig.from_pretrained(converted)
     dtype = dtype or torch.float32
     module = meta_model(config, auto_class, dtype)
-    reader = gguf.GGUFReader(str(path))
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    table = read_table(path)  # the tensor table only: gguf.GGUFReader builds every metadata value (`gguf_table`)
+    arch = table.architecture
     arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch)
     if arch_id is None:
         raise LensbenchError(f"{path}: gguf {gguf.__version__} has no architecture {arch!r}: load it without "
                              f"packed=True")
     names = gguf.get_tensor_name_map(arch_id, config.num_hidden_layers)
-    tensors = {t.name: t for t in reader.tensors}
     # the converted copy is read a tensor at a time into fresh memory (`offload.read`), not mapped: a mapping of its
     # float weights, read whole for the checks, would count in the process's memory while it loads
     where = read_index(converted)
-    packed, kept = _pack_modules(module, names, tensors, where, arch, config, dtype)
+    packed, kept = _pack_modules(module, names, table, where, arch, config, dtype)
     dense = {key: read(stored, dtype if stored.dtype.is_floating_point else None) for key, stored in where.items()
              if key.rpartition(".")[0] not in packed}
     fill_dense(module, dense, converted, fix=f"delete {converted} so that lensbench converts {path.name} again")
@@ -70,7 +70,7 @@ def load_gguf_packed(path: Path, converted: Path, auto_class, *, dtype: torch.dt
     return Model(module, AutoTokenizer.from_pretrained(converted), adapter_for(module), info)
 
 
-def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: str, config, dtype):
+def _pack_modules(module: nn.Module, names, table: Table, where: dict, arch: str, config, dtype):
     """Swap every linear and embedding whose GGUF tensor is in a readable type and reproduces the converted float
     weight exactly; returns ({packed module name}, {why a weight stays dense (its GGUF type): count})."""
     packed: set[str] = set()
@@ -86,15 +86,15 @@ def _pack_modules(module: nn.Module, names, tensors: dict, where: dict, arch: st
         if not (is_table or isinstance(sub, nn.Linear)):
             continue
         gname = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
-        t = tensors.get(gname or "")
+        t = table.tensors.get(gname or "")
         key = f"{name}.weight"
         why = _unreadable(t, key, where, sub if is_table else None)
         if why:
             kept[why] = kept.get(why, 0) + 1
             continue
-        qtype = t.tensor_type.name
-        n, k = int(t.shape[1]), int(t.shape[0])
-        codes, scale, low, bits = ggml.read(np.asarray(t.data), qtype, (n, k))
+        qtype = t.type
+        k, n = t.shape  # GGUF order: the inputs first
+        codes, scale, low, bits = ggml.read(table.data(t), qtype, (n, k))
         role = gname.split(".")[-2]
         if arch in PERMUTED_ARCHS and role in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if role == "attn_q" else config.num_key_value_heads
@@ -137,13 +137,13 @@ def _unreadable(t, key: str, where: dict, table: nn.Module | None) -> str | None
     """Why a module's GGUF tensor `t` stays dense (its type, a scaled embedding, no tensor), or None."""
     if t is None or key not in where:
         return "no GGUF tensor"
-    if t.tensor_type.name not in ggml.READABLE:
-        return t.tensor_type.name
+    if t.type not in ggml.READABLE:
+        return t.type
     if table is not None:
         try:
             QuantEmbedding.check(table)
         except LensbenchError:
-            return f"{t.tensor_type.name}, an embedding that changes its lookup"
+            return f"{t.type}, an embedding that changes its lookup"
     return None
 
 

@@ -14,6 +14,7 @@ from lensbench.errors import LensbenchError
 from lensbench.gpu import cpu_kernels, ggml
 from lensbench.gpu.modules import QuantEmbedding, QuantLinear
 from lensbench.gguf_packed import _unpermuted_rows
+from lensbench.gguf_table import read_table
 from lensbench.profiling import model_card
 
 
@@ -35,6 +36,30 @@ def test_unpermuting_undoes_llama_cpp_s_rotary_row_order():
     w = np.arange(heads * size * 5).reshape(heads * size, 5)
     stored = w.reshape(heads, 2, size // 2, 5).swapaxes(1, 2).reshape(w.shape)
     assert np.array_equal(stored[_unpermuted_rows(heads * size, heads)], w)
+
+
+def test_the_tensor_table_is_what_gguf_s_reader_reads(tiny, tmp_path):
+    import gguf
+
+    model = tiny("llama")
+    plan = Plan.drop(model_card(model), [])
+    plan.actions["model.layers.0"] = Quant(4, scheme="gguf")
+    saved = compress(model, plan, format="gguf", out=tmp_path / "ck")
+    file = saved.path / saved.record["file"]
+    table, reader = read_table(file), gguf.GGUFReader(file)
+    assert table.architecture == "llama" and set(table.tensors) == {t.name for t in reader.tensors}
+    for t in reader.tensors:
+        info = table.tensors[t.name]
+        assert (info.shape, info.type, info.offset) == (tuple(int(d) for d in t.shape), t.tensor_type.name,
+                                                          t.data_offset)
+        assert np.array_equal(table.data(info), np.asarray(t.data).view(np.uint8).reshape(-1)), t.name
+    data = file.read_bytes()
+    last = max(table.tensors.values(), key=lambda i: i.offset)
+    for cut in (200, last.offset + 3):  # inside the metadata, inside the last tensor
+        short = tmp_path / f"short{cut}.gguf"
+        short.write_bytes(data[:cut])
+        with pytest.raises(LensbenchError, match="is truncated or corrupt"):
+            read_table(short)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
