@@ -1,6 +1,7 @@
 """`Model`: a loaded torch model, its tokenizer, its adapter and where it came from."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -108,11 +109,21 @@ def canonical_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
     Wrappers can add tensors (TransformerLens's bridge splits fused q/k/v into new ones); the names
     come from a skeleton built on the meta device (no memory), so only the model's own weights count.
+    A weight its module holds in another form (a packed module's codes, scales and mins) is stood for
+    by that module's own tensors, never by a dense copy made to read it.
     """
     try:
         with torch.device("meta"):
             skeleton = type(module)(module.config)
-        return [(name, module.get_parameter(name)) for name, _ in skeleton.named_parameters()]
+        out = []
+        for name, _ in skeleton.named_parameters():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            if isinstance(getattr(type(owner), leaf, None), property):  # computed on reading: a packed module's
+                out += [(f"{owner_name}.{b}" if owner_name else b, t) for b, t in owner.named_buffers(recurse=False)]
+            else:
+                out.append((name, module.get_parameter(name)))
+        return out
     except Exception:  # not constructible from its config: take the parameters as they are
         return list(module.named_parameters())
 
@@ -126,7 +137,8 @@ def weights_fingerprint(module: nn.Module, samples: int = 4096) -> str:
     """
     h = hashlib.sha256()
     for name, p in canonical_parameters(module):
-        with resident(p):  # a layer-by-layer model's weight is read in for this
+        # a layer-by-layer model's weight is read in for this (buffers, such as packed codes, stay in memory)
+        with resident(p) if isinstance(p, nn.Parameter) else contextlib.nullcontext():
             flat = p.detach().reshape(-1)
             if flat.numel() > samples:
                 flat = flat[:: flat.numel() // samples][:samples]

@@ -251,3 +251,22 @@ def test_convert_keeps_only_the_packed_weights(tiny):
     # the members of a fused group (q/k/v, gate/up) are row views of its concatenated weight: one copy in memory
     groups = [t for w in fused.values() for t in (w.packed, w.scales, w.mins)]
     assert storage_bytes([*model.module.parameters(), *model.module.buffers(), *groups]) == weight_bytes(model.module)
+
+
+def test_a_packed_models_fingerprint_reads_its_codes_not_a_dense_copy(tiny, monkeypatch):
+    """Two quantisations of one model get different fingerprints (the packed codes and scales are hashed, not
+    only the weights left dense), and fingerprinting never dequantises a weight (a whole table in float32)."""
+    from lensbench.compress.apply import convert
+    from lensbench.load import from_module
+
+    prints = []
+    for bits in (4, 8):
+        model = from_module(copy.deepcopy(tiny("llama").module), tiny("llama").tokenizer)
+        plan = Plan.quantize(model_card(model), {f"model.layers.{i}": (bits, 16) for i in range(model.n_layers)}
+                             | {"model.embed_tokens": (8, 16)})
+        convert(model, plan)
+        for cls in (QuantLinear, QuantEmbedding):
+            monkeypatch.setattr(cls, "weight", property(lambda self: pytest.fail("a dense copy was made")))
+        prints.append(model.fingerprint())
+        monkeypatch.undo()
+    assert prints[0] != prints[1]
