@@ -137,6 +137,24 @@ def quality(dense: list[np.ndarray], got: list[np.ndarray], ids: list[np.ndarray
 # benchmarks that read logits or time one-token decode steps (not a batched prompt) make their models with it.
 LLAMA_ONE_TOKEN_BATCHES = {"n_ubatch": 1}
 
+_PROBE = ("from llama_cpp import Llama\nllm = Llama({path!r}, verbose=False, n_ctx=64, n_threads=2)\n"
+          "llm.eval(list(range(1, 17)))\nllm.close()\n")
+
+
+def llama_batches(path) -> tuple[dict, str]:
+    """The micro-batch keyword for `llama_cpp.Llama` on this host and what to say about it: {} when a batched
+    prompt runs (tried in a child process on the GGUF file at `path`), else `LLAMA_ONE_TOKEN_BATCHES` and a note
+    that llama.cpp's prompt speed was measured a token per micro-batch (and why)."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", _PROBE.format(path=str(path))], capture_output=True, timeout=300)
+    if probe.returncode == 0:
+        return {}, ""
+    return LLAMA_ONE_TOKEN_BATCHES, (f"llama.cpp's batched prompt died on this host (exit {probe.returncode}; "
+                                     f"ggml-org/llama.cpp#28328), so its prompts ran a token per micro-batch: its "
+                                     f"prefill speed here is not its batched one")
+
 
 def llama_logits(llm, ids) -> list[np.ndarray]:
     """llama.cpp's logits [T, V] for each token list (a `llama_cpp.Llama` made with logits_all=True)."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, llama_logits, machine, perplexity, quality, versions  # noqa: E402
+from _common import append_report, llama_batches, llama_logits, machine, perplexity, quality, versions  # noqa: E402
 
 import lensbench  # noqa: E402
 from lensbench import bundled  # noqa: E402
@@ -122,6 +122,7 @@ def main() -> None:
     prompt = ids[0].tolist()
     speeds: dict[str, list[tuple[float, float]]] = {k: [] for k in files}
     llms = {}
+    batches, batch_note = llama_batches(next(iter(files.values())))
     for name, path in files.items():
         r = rows.setdefault(name, {})
         r["MB"] = path.stat().st_size / 1e6
@@ -132,7 +133,7 @@ def main() -> None:
         del hf
         t0 = time.perf_counter()
         llms[name] = Llama(str(path), logits_all=True, verbose=False, n_ctx=args.seq_len + args.decode + 8,
-                           n_threads=2, n_batch=args.seq_len)
+                           n_threads=2, n_batch=args.seq_len, **batches)
         r["llama_load_s"] = time.perf_counter() - t0
         r["llama_kl"], r["llama_ppl"] = quality(dense, llama_logits(llms[name], ids), ids)
     rng = np.random.default_rng(0)
@@ -161,6 +162,7 @@ def main() -> None:
     lines += ["", "Tensor types of the lensbench files: " + "; ".join(
         f"{k.removeprefix('lensbench ')}: " + ", ".join(f"{n} {t}" for t, n in sorted(r["types"].items()))
         for k, r in rows.items() if "types" in r)]
+    lines += ["", batch_note] if batch_note else []
     pkgs = versions("lensbench", "torch", "transformers", "gguf", "llama-cpp-python")
     lines += ["", f"Machine: {machine()}. Versions: {pkgs}."]
     body = "\n".join(lines)

@@ -53,10 +53,11 @@ def plan_for(model, bits: int, group: int, scheme: str, method: str) -> Plan:
 LLAMA_PPL = """
 import json, sys
 sys.path.insert(0, {here!r})
-from _common import llama_logits, perplexity
+from _common import LLAMA_ONE_TOKEN_BATCHES, llama_logits, perplexity
 from llama_cpp import Llama
 lists = json.load(sys.stdin)
-llm = Llama(sys.argv[1], logits_all=True, verbose=False, n_ctx=max(map(len, lists)) + 8, n_threads=2)
+llm = Llama(sys.argv[1], logits_all=True, verbose=False, n_ctx=max(map(len, lists)) + 8, n_threads=2,
+            **LLAMA_ONE_TOKEN_BATCHES)  # the same logits; a batched prompt dies on some hosts (see _common)
 print(json.dumps(perplexity(llama_logits(llm, lists), lists)))
 """
 

@@ -55,18 +55,20 @@ def _status() -> dict:
 
 
 def warm_up(bits: int, group_size: int) -> None:
-    """Compile the packed kernels (numba's JIT code stays resident) before the baseline is read, so what is
-    attributed to the model is the model's."""
+    """Compile the packed kernels (numba's JIT code stays resident, ~10 MiB per bit width) before the baseline is
+    read, so what is attributed to the model is the model's: those of the plan's width and of 8 bits, the GGUF
+    file's embedding and head (Q8_0)."""
     import torch
 
     from lensbench.gpu import cpu_kernels
     from lensbench.gpu.quant import quantize
 
-    pw = quantize(torch.randn(64, 2 * group_size), bits, group_size)
-    for rows in (1, 16, 64):
-        cpu_kernels.matmul(torch.randn(rows, 2 * group_size), pw)
-    cpu_kernels.gemv(torch.randn(1, 2 * group_size), pw)  # numba's kernel, which lean models and fusion call
-    cpu_kernels.dequantize_rows(pw, torch.arange(4))
+    for width in sorted({bits, 8}):
+        pw = quantize(torch.randn(64, 2 * group_size), width, group_size)
+        for rows in (1, 16, 64):
+            cpu_kernels.matmul(torch.randn(rows, 2 * group_size), pw)
+        cpu_kernels.gemv(torch.randn(1, 2 * group_size), pw)  # numba's kernel, which lean models and fusion call
+        cpu_kernels.dequantize_rows(pw, torch.arange(4))
 
 
 def save(folder: Path, bits: int, group_size: int) -> int:
