@@ -28,6 +28,7 @@ from .gpu.quant import BITS, pack
 from .adapters import adapter_for
 from .errors import LensbenchError
 from .model import Model, describe
+from .offload import read, read_index
 from .saved import tied_head_key
 
 FORMAT = "pack-quantized"
@@ -79,33 +80,28 @@ def targets(path: Path) -> dict[str, tuple[int, int]]:
 def load_packed(path: Path, auto_class, *, dtype: torch.dtype | None = None, device: str = "cpu") -> Model:
     """The model in `path` with every quantised linear a `QuantLinear` holding the stored codes (module docstring);
     `auto_class(config)` is the transformers Auto class that builds it (`lensbench.load` chooses it)."""
-    from safetensors import safe_open  # heavy: safetensors (with transformers), imported when a model is loaded
     from transformers import AutoConfig, AutoTokenizer  # heavy: transformers, imported when a model is loaded
 
     if device != "cpu":
         raise LensbenchError(f"packed loading runs on the CPU, not {device}: drop the device, or load without "
                              f"packed=True")
     wanted = targets(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    if not any(path.glob("*.safetensors")):
         raise LensbenchError(f"{path} has no .safetensors weight file: save it again with lensbench compress")
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config  # the modules are built dense (on meta) and swapped here, not by transformers
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     module = meta_model(config, auto_class, dtype)
-    dense: dict[str, torch.Tensor] = {}
-    done: set[str] = set()
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            keys = set(f.keys())
-            for name in sorted(n for n in wanted if f"{n}.weight_packed" in keys):
-                _swap(module, name, wanted[name], lambda k, name=name: f.get_tensor(f"{name}.{k}"), keys, dtype, path)
-                done.add(name)
-            quantised = {f"{n}.{k}" for n in done for k in ("weight_packed", "weight_scale", "weight_shape",
-                                                            "weight_zero_point", "bias")}
-            for key in keys - quantised:  # copied out of the file's mapping, which would otherwise stay resident
-                t = f.get_tensor(key)
-                dense[key] = (t.to(dtype) if t.is_floating_point() else t).clone()
+    # each tensor read into fresh memory (`offload.read`), not through a mapping of the file: the mapping's pages
+    # would count in the process's memory while it loads (the whole file, beside the packed copies)
+    where = read_index(path)
+    done = {n for n in wanted if f"{n}.weight_packed" in where}
+    for name in sorted(done):
+        _swap(module, name, wanted[name], lambda k, name=name: read(where[f"{name}.{k}"]), set(where), dtype, path)
+    quantised = {f"{n}.{k}" for n in done for k in ("weight_packed", "weight_scale", "weight_shape",
+                                                    "weight_zero_point", "bias")}
+    dense = {key: read(stored, dtype if stored.dtype.is_floating_point else None) for key, stored in where.items()
+             if key not in quantised}
     missing_q = sorted(set(wanted) - done)
     if missing_q:
         raise LensbenchError(f"{path}: the config quantises {missing_q[0]} but no weight file holds its "
