@@ -115,3 +115,30 @@ def install(module: torch.nn.Module, max_tokens: int = MAX_TOKENS) -> callable:
             use(state.pop("user"))
             state.clear()
     return remove
+
+
+def quickest(max_threads: int, reps: int = 8) -> int:
+    """The thread count (of `candidates`) that runs a burst of small parallel operations fastest right now: for work
+    made of many small operations (GPTQ's column loop) whose own steps are too costly to explore with. Under load,
+    2 threads wait at the end of every operation for a preempted thread, which such a burst shows: it takes ~2 ms
+    quiet, and a count stops as soon as it is slower than the best before it. Restores the caller's count."""
+    options = candidates(max(1, max_threads))
+    if len(options) == 1:
+        return options[0]
+    x = torch.ones(1 << 18)  # above torch's grain size: one operation splits over the threads
+    out = torch.empty_like(x)
+    user, best, best_s = torch.get_num_threads(), options[0], float("inf")
+    try:
+        for n in options:
+            torch.set_num_threads(n)
+            torch.mul(x, 1.0, out=out)  # wakes the pool
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.mul(x, 1.0, out=out)
+                if time.perf_counter() - t0 > best_s:  # slower than the best already: stop paying for it
+                    break
+            else:
+                best, best_s = n, time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(user)
+    return best

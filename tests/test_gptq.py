@@ -69,6 +69,33 @@ def test_fast_gptq_matches_the_column_by_column_reference(bits, gs, sym, clip):
     assert layer_error(w, fast, h) == pytest.approx(layer_error(w, slow, h), rel=1e-3)
 
 
+def test_a_solve_runs_on_the_quickest_thread_count_and_its_codes_do_not_depend_on_it(monkeypatch):
+    """Each solve runs on the count `gpu.threads.quickest` picks (1 under load, where 2 threads crawl), gives the
+    caller's count back, and gives the same codes on 1 and 2 threads (a SmolLM2 MLP shape)."""
+    from lensbench.compress import gptq
+    from lensbench.gpu import threads
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1536, 576, generator=g) * 0.02
+    x = torch.randn(1024, 576, generator=g)
+    h = 2 * x.T @ x / 1024
+    seen, user = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        codes = []
+        for n in (1, 2):
+            monkeypatch.setattr(threads, "quickest", lambda most, n=n: (seen.append(most), n)[1])
+            monkeypatch.setattr(gptq, "_obq", lambda *a, f=gptq._obq: (seen.append(torch.get_num_threads()), f(*a))[1])
+            codes.append(gptq_weight(w, h, 4, 128).packed)
+            monkeypatch.undo()
+            assert torch.get_num_threads() == 2
+        assert seen == [2, 1, 2, 2]
+        assert torch.equal(codes[0].packed, codes[1].packed) and torch.equal(codes[0].scales, codes[1].scales)
+        assert threads.quickest(2) in (1, 2) and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(user)
+
+
 def test_a_two_column_case_solved_by_hand():
     """H couples inputs 0 and 1 with correlation rho; everything else is independent. The optimal update of
     w1 after rounding w0 to q0 is w1 + rho (w0 - q0) (H⁻¹'s Cholesky factor), and then w1 is rounded."""

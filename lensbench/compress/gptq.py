@@ -21,6 +21,7 @@ Memory: the model, one block's Hessians and the calibration activations of one l
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from ..capture import batches
 from ..errors import LensbenchError
-from ..gpu import ggml
+from ..gpu import ggml, threads
 from ..gpu.mixed import MixedWeight, check_group_bits, quantize_mixed, split
 from ..gpu.quant import (PackedWeight, QuantError, checked, clipped_grid, dequantized, grid, pack, quantize,
                          round_to_grid)
@@ -227,14 +228,16 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int | Sequenc
     if not uniform:
         check_group_bits(bits, group_size, k)
     padded, gs = checked(weight, bits if uniform else max(bits), group_size)
-    w = padded[:, :k].double()
-    h = _prepared(hessian)
-    rounder = _OwnGrid(w, bits, gs, symmetric, static=cfg.act_order, importance=torch.diag(h) if cfg.clip else None)
-    losses, damp = _obq(w, h, rounder, cfg, gs)
-    packed = rounder.packed(padded.shape[1])
-    rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric) if uniform else
-                     quantize_mixed(weight, bits, gs, symmetric))
-    return _result(weight, hessian, packed, dequantize(packed), rtn.double(), damp, losses)
+    with solve_threads():
+        w = padded[:, :k].double()
+        h = _prepared(hessian)
+        rounder = _OwnGrid(w, bits, gs, symmetric, static=cfg.act_order,
+                           importance=torch.diag(h) if cfg.clip else None)
+        losses, damp = _obq(w, h, rounder, cfg, gs)
+        packed = rounder.packed(padded.shape[1])
+        rtn = dequantize(quantize(weight, bits, gs, symmetric=symmetric) if uniform else
+                         quantize_mixed(weight, bits, gs, symmetric))
+        return _result(weight, hessian, packed, dequantize(packed), rtn.double(), damp, losses)
 
 
 @torch.no_grad()
@@ -243,11 +246,31 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, cfg: GPTQ
     file stores; its RTN comparison is `gguf`'s own quantiser (llama.cpp's reference rounding)."""
     if not torch.isfinite(weight).all():
         raise QuantError("the weight holds NaN or Inf values")
-    rounder = _GGMLGrid(weight.detach(), qtype)
-    losses, damp = _obq(weight.detach().double(), _prepared(hessian), rounder, cfg, 1)
-    packed = rounder.packed()
-    rtn = torch.from_numpy(ggml.roundtrip(weight.detach().float().numpy(), qtype))
-    return _result(weight, hessian, packed, packed.dequantize(), rtn.double(), damp, losses)
+    with solve_threads():
+        rounder = _GGMLGrid(weight.detach(), qtype)
+        losses, damp = _obq(weight.detach().double(), _prepared(hessian), rounder, cfg, 1)
+        packed = rounder.packed()
+        rtn = torch.from_numpy(ggml.roundtrip(weight.detach().float().numpy(), qtype))
+        return _result(weight, hessian, packed, packed.dequantize(), rtn.double(), damp, losses)
+
+
+# A solve is thousands of small tensor operations (the column loop, the group grids, the Cholesky), and on 2
+# threads each one waits at its end for a preempted thread when another process shares the cores: ad hoc, three
+# 1536x576 solves took 0.97 s on 2 threads and 1.23 s on 1 alone, but 27.6 s on 2 threads and 1.47 s on 1 beside
+# a study and a benchmark. Exploring with whole solves (as the packed decode's policy does with its steps) costs
+# too much when the losing count is 20-30x slower, so each solve runs on the count that a ~2 ms burst of small
+# operations just before it ran fastest (`gpu.threads.quickest`). The codes do not depend on the count: the column
+# updates are elementwise, and the codes were bitwise equal on 1 and 2 threads for SmolLM2's and Gemma's linear
+# shapes (tests/test_gptq.py checks one).
+@contextlib.contextmanager
+def solve_threads():
+    """Run the body (one solve) on the thread count, up to the caller's, that small operations run fastest on now."""
+    user = torch.get_num_threads()
+    threads.use(threads.quickest(user))
+    try:
+        yield
+    finally:
+        threads.use(user)
 
 
 class _Hessians:
