@@ -41,12 +41,20 @@ def cost(times) -> float:
 
 
 class Adaptive:
-    """Choose a thread count per step from the recent step times of each candidate."""
+    """Choose a thread count per step from the recent step times of each candidate.
 
-    def __init__(self, max_threads: int, explore: int = 32, window: int = 8):
+    With `backoff` > 1 the steps between explorations double (up to `backoff` times `explore`) after each
+    exploration that ran over twice the best count's cost, and return to `explore` after one that did not: where
+    the losing count is many times slower (2 threads beside other processes can be 20-30x slower than 1 on small
+    operations), exploring at a fixed rate would cost more than it could find. `first`: each count's steps before
+    the first choice."""
+
+    def __init__(self, max_threads: int, explore: int = 32, window: int = 8, backoff: int = 1, first: int = 2):
         self.options = candidates(max(1, max_threads))
         self.times = {n: deque(maxlen=window) for n in self.options}
-        self.explore = explore
+        self.explore, self.backoff, self.first = explore, backoff, first
+        self.interval = self.next = explore  # steps between explorations, and the step of the next one
+        self.exploring: int | None = None
         self.steps = 0
         self.turn = 0
 
@@ -56,16 +64,22 @@ class Adaptive:
 
     def choose(self) -> int:
         self.steps += 1
-        for n in self.options:  # every count measured twice before choosing
-            if len(self.times[n]) < 2:
+        for n in self.options:  # every count measured `first` times before choosing
+            if len(self.times[n]) < self.first:
                 return n
-        if len(self.options) > 1 and self.steps % self.explore == 0:
+        if len(self.options) > 1 and self.steps >= self.next:
+            self.next = self.steps + self.interval
             others = [n for n in self.options if n != self.best()]
             self.turn += 1
-            return others[self.turn % len(others)]
+            self.exploring = others[self.turn % len(others)]
+            return self.exploring
         return self.best()
 
     def record(self, threads: int, seconds: float) -> None:
+        if threads == self.exploring:
+            self.exploring = None
+            lost = seconds > 2 * cost(self.times[self.best()])
+            self.interval = min(2 * self.interval, self.backoff * self.explore) if lost else self.explore
         self.times[threads].append(seconds)
 
 
@@ -116,29 +130,3 @@ def install(module: torch.nn.Module, max_tokens: int = MAX_TOKENS) -> callable:
             state.clear()
     return remove
 
-
-def quickest(max_threads: int, reps: int = 8) -> int:
-    """The thread count (of `candidates`) that runs a burst of small parallel operations fastest right now: for work
-    made of many small operations (GPTQ's column loop) whose own steps are too costly to explore with. Under load,
-    2 threads wait at the end of every operation for a preempted thread, which such a burst shows: it takes ~2 ms
-    quiet, and a count stops as soon as it is slower than the best before it. Restores the caller's count."""
-    options = candidates(max(1, max_threads))
-    if len(options) == 1:
-        return options[0]
-    x = torch.ones(1 << 18)  # above torch's grain size: one operation splits over the threads
-    out = torch.empty_like(x)
-    user, best, best_s = torch.get_num_threads(), options[0], float("inf")
-    try:
-        for n in options:
-            torch.set_num_threads(n)
-            torch.mul(x, 1.0, out=out)  # wakes the pool
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.mul(x, 1.0, out=out)
-                if time.perf_counter() - t0 > best_s:  # slower than the best already: stop paying for it
-                    break
-            else:
-                best, best_s = n, time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(user)
-    return best

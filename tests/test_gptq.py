@@ -69,31 +69,65 @@ def test_fast_gptq_matches_the_column_by_column_reference(bits, gs, sym, clip):
     assert layer_error(w, fast, h) == pytest.approx(layer_error(w, slow, h), rel=1e-3)
 
 
-def test_a_solve_runs_on_the_quickest_thread_count_and_its_codes_do_not_depend_on_it(monkeypatch):
-    """Each solve runs on the count `gpu.threads.quickest` picks (1 under load, where 2 threads crawl), gives the
-    caller's count back, and gives the same codes on 1 and 2 threads (a SmolLM2 MLP shape)."""
+def test_a_solve_runs_on_the_policys_thread_count_and_its_codes_do_not_depend_on_it():
+    """Each solve runs on the count the shared policy picks (1 under load, where 2 threads crawl) and is timed for
+    it, the caller's count comes back, and the codes are the same on 1 and 2 threads (a SmolLM2 MLP shape)."""
     from lensbench.compress import gptq
-    from lensbench.gpu import threads
+
+    class Fixed:
+        options = [1, 2]
+
+        def __init__(self, n):
+            self.n, self.seen, self.timed = n, [], []
+
+        def choose(self):
+            return self.n
+
+        def record(self, n, seconds):
+            self.timed.append(n)
 
     g = torch.Generator().manual_seed(3)
     w = torch.randn(1536, 576, generator=g) * 0.02
     x = torch.randn(1024, 576, generator=g)
     h = 2 * x.T @ x / 1024
-    seen, user = [], torch.get_num_threads()
+    user, saved = torch.get_num_threads(), list(gptq._POLICY)
     torch.set_num_threads(2)
     try:
         codes = []
         for n in (1, 2):
-            monkeypatch.setattr(threads, "quickest", lambda most, n=n: (seen.append(most), n)[1])
-            monkeypatch.setattr(gptq, "_obq", lambda *a, f=gptq._obq: (seen.append(torch.get_num_threads()), f(*a))[1])
-            codes.append(gptq_weight(w, h, 4, 128).packed)
-            monkeypatch.undo()
-            assert torch.get_num_threads() == 2
-        assert seen == [2, 1, 2, 2]
+            policy = Fixed(n)
+            gptq._POLICY[:] = [policy]
+            orig = gptq._obq
+            gptq._obq = lambda *a: (policy.seen.append(torch.get_num_threads()), orig(*a))[1]
+            try:
+                codes.append(gptq_weight(w, h, 4, 128).packed)
+            finally:
+                gptq._obq = orig
+            assert policy.seen == [n] and policy.timed == [n] and torch.get_num_threads() == 2
         assert torch.equal(codes[0].packed, codes[1].packed) and torch.equal(codes[0].scales, codes[1].scales)
-        assert threads.quickest(2) in (1, 2) and torch.get_num_threads() == 2
     finally:
+        gptq._POLICY[:] = saved
         torch.set_num_threads(user)
+
+
+def test_the_thread_policy_explores_a_losing_count_ever_more_rarely():
+    from lensbench.gpu.threads import Adaptive
+
+    policy = Adaptive(2, explore=4, backoff=8, first=1)
+    picks = []
+    for _ in range(80):
+        n = policy.choose()
+        picks.append(n)
+        policy.record(n, 1.0 if n == 1 else 20.0)  # 2 threads 20x slower, as beside another process
+    twos = [i for i, n in enumerate(picks) if n == 2]
+    assert twos[0] == 1 and len(twos) <= 6  # the first look, then after 4, 8, 16, 32, 32 more steps
+    assert all(b - a >= 4 for a, b in zip(twos[1:], twos[2:]))
+    fixed = Adaptive(2, explore=4)  # without backoff, every 4 steps
+    for _ in range(80):
+        n = fixed.choose()
+        fixed.record(n, 1.0 if n == 1 else 20.0)
+        picks.append(n)
+    assert picks[80:].count(2) > len(twos) * 2
 
 
 def test_a_two_column_case_solved_by_hand():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -228,7 +229,7 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int | Sequenc
     if not uniform:
         check_group_bits(bits, group_size, k)
     padded, gs = checked(weight, bits if uniform else max(bits), group_size)
-    with solve_threads():
+    with solve_threads(*weight.shape):
         w = padded[:, :k].double()
         h = _prepared(hessian)
         rounder = _OwnGrid(w, bits, gs, symmetric, static=cfg.act_order,
@@ -246,7 +247,7 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, cfg: GPTQ
     file stores; its RTN comparison is `gguf`'s own quantiser (llama.cpp's reference rounding)."""
     if not torch.isfinite(weight).all():
         raise QuantError("the weight holds NaN or Inf values")
-    with solve_threads():
+    with solve_threads(*weight.shape):
         rounder = _GGMLGrid(weight.detach(), qtype)
         losses, damp = _obq(weight.detach().double(), _prepared(hessian), rounder, cfg, 1)
         packed = rounder.packed()
@@ -255,21 +256,35 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, cfg: GPTQ
 
 
 # A solve is thousands of small tensor operations (the column loop, the group grids, the Cholesky), and on 2
-# threads each one waits at its end for a preempted thread when another process shares the cores: ad hoc, three
-# 1536x576 solves took 0.97 s on 2 threads and 1.23 s on 1 alone, but 27.6 s on 2 threads and 1.47 s on 1 beside
-# a study and a benchmark. Exploring with whole solves (as the packed decode's policy does with its steps) costs
-# too much when the losing count is 20-30x slower, so each solve runs on the count that a ~2 ms burst of small
-# operations just before it ran fastest (`gpu.threads.quickest`). The codes do not depend on the count: the column
-# updates are elementwise, and the codes were bitwise equal on 1 and 2 threads for SmolLM2's and Gemma's linear
-# shapes (tests/test_gptq.py checks one).
+# threads each one waits at its end for a preempted thread when another process shares the cores
+# (benchmarks/gptq_threads.py). So each solve runs on the count whose recent solves ran fastest per unit of work
+# (N*K + K*K for a weight [N, K]: the column loop and the K x K factor; the time per unit varied ~1.4x over
+# SmolLM2's shapes, ad hoc), by the packed decode's policy (`gpu.threads.Adaptive`) with backoff: a count that
+# loses by over 2x is explored ever more rarely, as each exploration costs a whole solve. One policy for every
+# solve of the process: the load changes more slowly than a linear is solved. The codes do not depend on the
+# count: the column updates are elementwise, and the codes were bitwise equal on 1 and 2 threads for SmolLM2's
+# and Gemma's linear shapes (tests/test_gptq.py checks one).
+_POLICY: list = []
+
+
+def solve_policy(max_threads: int) -> threads.Adaptive:
+    return threads.Adaptive(max_threads, explore=8, backoff=32, first=1)
+
+
 @contextlib.contextmanager
-def solve_threads():
-    """Run the body (one solve) on the thread count, up to the caller's, that small operations run fastest on now."""
+def solve_threads(n: int, k: int):
+    """Run the body (one solve of a weight [n, k]) on the thread count the shared policy picks, and time it."""
     user = torch.get_num_threads()
-    threads.use(threads.quickest(user))
+    if not _POLICY or _POLICY[0].options[-1] != user:
+        _POLICY[:] = [solve_policy(user)]
+    policy = _POLICY[0]
+    count = policy.choose()
+    threads.use(count)
+    t0 = time.perf_counter()
     try:
         yield
     finally:
+        policy.record(count, (time.perf_counter() - t0) / (n * k + k * k))
         threads.use(user)
 
 
