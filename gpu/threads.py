@@ -129,4 +129,3 @@ def install(module: torch.nn.Module, max_tokens: int = MAX_TOKENS) -> callable:
             use(state.pop("user"))
             state.clear()
     return remove
-
