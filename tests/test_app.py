@@ -223,9 +223,9 @@ def test_quant_figures_from_the_real_database(workbench):
 
 
 def test_quant_study_from_the_committed_gemma_run():
-    """reports/quant-db-gemma3/study.json (benchmarks/quant_study.py on Gemma-3-270M at two budgets whose uniform row
-    is the same, every block at int3): one line per method, the uniform one flat across the budgets, and the page
-    finds the file beside the profile folder."""
+    """reports/quant-db-gemma3/study.json (benchmarks/quant_study.py on Gemma-3-270M at 3.5, 3 and 4 bits; at the
+    first two the uniform row is the same, every block at int3): one line per method, the uniform int3 one flat
+    across its budgets, and the page finds the file beside the profile folder."""
     from lensbench.app.pages.quant import study_figure, study_file, study_table
     from lensbench.jsonio import read
 
