@@ -3,9 +3,9 @@
 llm-compressor pins a transformers and compressed-tensors other than lensbench's lock, so it runs from a separate
 venv (requirements/llmc.in) and never imports lensbench. The parent writes a job (JSON): a Hugging Face model
 folder of the same weights, the calibration token ids, the held-out batches exactly as lensbench scores them
-(input ids, attention mask, scored positions, next tokens) and the grid. This process runs the model dense on the
-held-out batches, quantises every block linear with `oneshot` + `GPTQModifier` (the LM head is left as it is,
-as in lensbench's rows), runs the quantised model on the same batches and writes KL to dense, perplexity and
+(input ids, attention mask, scored positions, next tokens) and the grid. This process keeps a dense copy of the model,
+quantises every block linear with `oneshot` + `GPTQModifier` (the LM head is left as it is, as in lensbench's
+rows), runs both models on the same held-out batches and writes KL to dense, perplexity and
 the quantisation seconds (JSON). The dense perplexity it reports must equal the parent's: the two processes
 score the same tokens.
 
@@ -13,6 +13,7 @@ Usage: python benchmarks/llmc_worker.py JOB.json RESULT.json   (with the llm-com
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -38,8 +39,10 @@ def main(job_path: str, result_path: str) -> None:
     torch.set_num_threads(job["threads"])
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
     model.eval()
-    with torch.no_grad():
-        dense = [logprobs(model, b) for b in job["heldout"]]
+    # the dense model is kept (a copy of the weights) and scored beside the quantised one batch by batch: the dense
+    # log-probabilities of every held-out batch at once would be tokens x vocabulary float64 values (8.6 GB for
+    # Gemma-3's 262k vocabulary on 32 texts; its first run was killed for memory)
+    dense = copy.deepcopy(model)
     calib = Dataset.from_dict({"input_ids": job["calibration"],
                                "attention_mask": [[1] * len(ids) for ids in job["calibration"]]})
     weights = {"num_bits": job["bits"], "type": "int", "symmetric": job["symmetric"], "strategy": "group",
@@ -54,8 +57,8 @@ def main(job_path: str, result_path: str) -> None:
     kl = nll = dense_nll = 0.0
     n_kl = n_next = 0
     with torch.no_grad():
-        for batch, logp in zip(job["heldout"], dense, strict=True):
-            logq = logprobs(model, batch)
+        for batch in job["heldout"]:
+            logp, logq = logprobs(dense, batch), logprobs(model, batch)
             tgt = torch.tensor(batch["next_tokens"])
             has = tgt >= 0
             pick = tgt.clamp(min=0)[:, None]

@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,13 @@ def torchao_rows(model, names, bits, group, heldout, cfg) -> tuple[list, str | N
     return rows, None
 
 
+def _error_line(stderr: str) -> str:
+    """The exception line of a child process's stderr: its last line may be a progress bar."""
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Interrupt)\b", line)]
+    return (errors or lines or ["(no output)"])[-1][:300]
+
+
 def llmc_rows(model, names, bits, group, calib, heldout, cfg, python: str | None):
     """llm-compressor's GPTQ (`oneshot` + `GPTQModifier`, static act-order like lensbench's) with its default weight
     observer (min-max) and with its MSE one (a range search, as lensbench's default), each in its own venv and
@@ -178,7 +186,7 @@ def llmc_rows(model, names, bits, group, calib, heldout, cfg, python: str | None
             run = subprocess.run([python, "-I", worker, str(Path(tmp) / "job.json"), str(Path(tmp) / "result.json")],
                                  capture_output=True, text=True)
             if run.returncode:
-                return rows, f"llm-compressor GPTQ failed: {run.stderr.strip().splitlines()[-1][:200]}"
+                return rows, f"llm-compressor GPTQ failed (exit {run.returncode}): {_error_line(run.stderr)}"
             r = json.loads((Path(tmp) / "result.json").read_text())
             versions_ = ", ".join(f"{k} {v}" for k, v in r["versions"].items())
             rows.append((f"llm-compressor GPTQ, {observer or 'default'} observer ({versions_})", r, r["seconds"],
