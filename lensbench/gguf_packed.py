@@ -24,9 +24,9 @@ from torch import nn
 
 from .adapters import adapter_for
 from .errors import LensbenchError
+from .gguf_table import Table, read_table
 from .gpu import ggml, runtime
 from .gpu.modules import QuantEmbedding, QuantLinear
-from .gguf_table import Table, read_table
 from .gpu.quant import pack
 from .model import Model, describe
 from .offload import read, read_index
@@ -133,15 +133,15 @@ def _same_values(codes: np.ndarray, scale: np.ndarray, low: np.ndarray, expect: 
     return True
 
 
-def _unreadable(t, key: str, where: dict, table: nn.Module | None) -> str | None:
+def _unreadable(t, key: str, where: dict, embedding: nn.Module | None) -> str | None:
     """Why a module's GGUF tensor `t` stays dense (its type, a scaled embedding, no tensor), or None."""
     if t is None or key not in where:
         return "no GGUF tensor"
     if t.type not in ggml.READABLE:
         return t.type
-    if table is not None:
+    if embedding is not None:
         try:
-            QuantEmbedding.check(table)
+            QuantEmbedding.check(embedding)
         except LensbenchError:
             return f"{t.type}, an embedding that changes its lookup"
     return None
