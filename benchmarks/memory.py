@@ -55,7 +55,7 @@ def _status() -> dict:
 
 
 def warm_up(bits: int, group_size: int) -> None:
-    """Compile the packed kernels (numba's JIT code stays resident, ~10 MiB per bit width) before the baseline is
+    """Compile the packed kernels (numba's JIT code stays resident, per bit width) before the baseline is
     read, so what is attributed to the model is the model's: those of the plan's width and of 8 bits, the GGUF
     file's embedding and head (Q8_0)."""
     import torch

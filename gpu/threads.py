@@ -45,8 +45,8 @@ class Adaptive:
 
     With `backoff` > 1 the steps between explorations double (up to `backoff` times `explore`) after each
     exploration that ran over twice the best count's cost, and return to `explore` after one that did not: where
-    the losing count is many times slower (2 threads beside other processes can be 20-30x slower than 1 on small
-    operations), exploring at a fixed rate would cost more than it could find. `first`: each count's steps before
+    the losing count is much slower (GPTQ's solves on 2 threads beside a busy process: benchmarks/gptq_threads.py),
+    exploring at a fixed rate would cost more than it could find. `first`: each count's steps before
     the first choice."""
 
     def __init__(self, max_threads: int, explore: int = 32, window: int = 8, backoff: int = 1, first: int = 2):

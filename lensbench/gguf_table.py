@@ -1,25 +1,26 @@
 """The tensor table of a GGUF file: each tensor's name, shape, type and bytes, and the file's architecture.
 
-`gguf.GGUFReader` parses every metadata value into numpy objects — for a tokenizer's vocabulary and merges that
-is some hundred thousand small arrays, about 160 MB of memory for SmolLM2's 100 MB file, most of it held in
-reference cycles until the garbage collector runs. Loading a file's weights packed needs none of those values:
-this reads the header, steps over every metadata value but the two it needs (`general.architecture`,
-`general.alignment`) without building it, and reads a tensor's bytes with `os.pread` into fresh memory (no
-mapping of the file that would count in the process's memory while the model loads).
+`gguf.GGUFReader` parses every metadata value into numpy objects: for a tokenizer's vocabulary and merges that
+is some hundred thousand small arrays, much of it held in reference cycles until the garbage collector runs.
+Loading a file's weights packed needs none of those values: this reads the header, steps over every metadata
+value but the two it needs (`general.architecture`, `general.alignment`) without building it, and reads a
+tensor's bytes into fresh memory (`offload.read`: no mapping of the file counts in the process's memory while
+the model loads).
 
 The layout is the GGUF specification's (ggml-org/ggml, docs/gguf.md), versions 2 and 3, little-endian.
 """
 from __future__ import annotations
 
 import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .errors import LensbenchError
+from .offload import Stored, read
 
 # metadata value types: fixed sizes in bytes; 8 is a string, 9 an array
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -42,13 +43,8 @@ class Table:
     tensors: dict[str, TensorInfo]
 
     def data(self, info: TensorInfo) -> np.ndarray:
-        """The tensor's raw bytes (uint8), read into fresh memory."""
-        out = np.empty(info.nbytes, np.uint8)
-        with open(self.path, "rb") as fh:
-            got = os.preadv(fh.fileno(), [memoryview(out)], info.offset)
-        if got != info.nbytes:
-            raise _truncated(self.path)
-        return out
+        """The tensor's raw bytes (uint8), read into fresh memory (`offload.read`)."""
+        return read(Stored(str(self.path), info.offset, info.nbytes, torch.uint8, (info.nbytes,))).numpy()
 
 
 class _Cursor:

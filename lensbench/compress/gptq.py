@@ -258,12 +258,12 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, cfg: GPTQ
 # A solve is thousands of small tensor operations (the column loop, the group grids, the Cholesky), and on 2
 # threads each one waits at its end for a preempted thread when another process shares the cores
 # (benchmarks/gptq_threads.py). So each solve runs on the count whose recent solves ran fastest per unit of work
-# (N*K + K*K for a weight [N, K]: the column loop and the K x K factor; the time per unit varied ~1.4x over
-# SmolLM2's shapes, ad hoc), by the packed decode's policy (`gpu.threads.Adaptive`) with backoff: a count that
-# loses by over 2x is explored ever more rarely, as each exploration costs a whole solve. One policy for every
-# solve of the process: the load changes more slowly than a linear is solved. The codes do not depend on the
-# count: the column updates are elementwise, and the codes were bitwise equal on 1 and 2 threads for SmolLM2's
-# and Gemma's linear shapes (tests/test_gptq.py checks one).
+# (N*K + K*K for a weight [N, K]: the column loop and the K x K factor, so linears of different shapes compare),
+# by the packed decode's policy (`gpu.threads.Adaptive`) with backoff: a count that loses by over 2x is explored
+# ever more rarely, as each exploration costs a whole solve. One policy for every solve of the process: the load
+# changes more slowly than a linear is solved. The codes do not depend on the count: the column updates are
+# elementwise, and the codes were bitwise equal on 1 and 2 threads for SmolLM2's and Gemma's linear shapes
+# (tests/test_gptq.py checks one).
 _POLICY: list = []
 
 
