@@ -209,21 +209,27 @@ def compiled_seconds(dec, ids: torch.Tensor, steps: int) -> float:
 
 
 @torch.no_grad()
-def compiled_outside_linears(dec, ids: torch.Tensor, steps: int = 8) -> float:
+def compiled_outside_linears(dec, ids: torch.Tensor, steps: int = 8, repeats: int = 3) -> float:
     """Share of compiled decode time outside the linears' kernels (LINEAR_OPS), from torch's profiler: the
-    prompt alone is profiled too and taken off, as the steps cannot be profiled apart from it."""
+    prompt alone is profiled too and taken off, as the steps cannot be profiled apart from it. The median over
+    `repeats` such pairs; a pair whose difference is not a share (the prompt's run took longer, or the linears
+    more than the whole: the cores were busy) is dropped, and NaN says no pair was usable."""
     from torch.profiler import ProfilerActivity, profile
 
-    spent = []
-    for n in (1, steps + 1):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            t0 = time.perf_counter()
-            dec.generate(ids, n)
-            wall = time.perf_counter() - t0
-        lin = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in LINEAR_OPS) / 1e6
-        spent.append((wall, lin))
-    wall, lin = spent[1][0] - spent[0][0], spent[1][1] - spent[0][1]
-    return max(0.0, 1 - lin / wall)
+    shares = []
+    for _ in range(repeats):
+        spent = []
+        for n in (1, steps + 1):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                dec.generate(ids, n)
+                wall = time.perf_counter() - t0
+            lin = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in LINEAR_OPS) / 1e6
+            spent.append((wall, lin))
+        wall, lin = spent[1][0] - spent[0][0], spent[1][1] - spent[0][1]
+        if wall > 0 and 0 <= lin <= wall:
+            shares.append(1 - lin / wall)
+    return statistics.median(shares) if shares else float("nan")
 
 
 def llama_files(model, work: Path) -> tuple[dict[str, Path], str]:
@@ -530,7 +536,8 @@ def write(args, bw, rows, roof, prefill, crossover, under_load, times, notes, se
         ro = roof.get(k)
         extra = "- | - | - | -"
         if ro:
-            share = "-" if ro["outside_linears"] is None else f"{ro['outside_linears']:.0%}"
+            share = ro["outside_linears"]
+            share = "-" if share is None else "unmeasured" if share != share else f"{share:.0%}"
             extra = f"{ro['bytes_per_token'] / 1e6:.1f} MB | {ro['gb_s']:.1f} | {ro['of_triad']:.0%} | {share}"
         lines.append(f"| {k} | {r['tokens_per_s']:.1f} | {r['best_tokens_per_s']:.1f} | {_paired(times, k):.2f} "
                      f"| {extra} |")
