@@ -223,9 +223,9 @@ def test_quant_figures_from_the_real_database(workbench):
 
 
 def test_quant_study_from_the_committed_gemma_run():
-    """reports/quant-db-gemma3/study.json (benchmarks/quant_study.py on Gemma-3-270M at 3.5, 3 and 4 bits; at the
-    first two the uniform row is the same, every block at int3): one line per method, the uniform int3 one flat
-    across its budgets, and the page finds the file beside the profile folder."""
+    """reports/quant-db-gemma3/study.json (benchmarks/quant_study.py on Gemma-3-270M at 2.5, 3, 3.5, 4 and 4.25
+    bits; at 3 and 3.5 the uniform row is every block at int3, at 4 and 4.25 every block at int4): one line per
+    method, each uniform one flat across its two budgets, and the page finds the file beside the profile folder."""
     from lensbench.app.pages.quant import study_figure, study_file, study_table
     from lensbench.jsonio import read
 
@@ -234,8 +234,10 @@ def test_quant_study_from_the_committed_gemma_run():
     assert study_file(str(path / "profile.json")) == path.parent / "study.json"
     doc = read(study_file(str(path)))
     fig = study_figure(doc)
-    uniform = next(t for t in fig.data if t.name.startswith("uniform int"))
-    assert list(uniform.y) == [uniform.y[0]] * 2 and len(fig.data) >= 4
+    for level in ("int3", "int4"):
+        uniform = next(t for t in fig.data if t.name.startswith(f"uniform {level}"))
+        assert list(uniform.y) == [uniform.y[0]] * 2
+    assert len(fig.data) >= 4
     assert len(study_table(doc).children) == len(doc["rows"]) + 1
 
 
