@@ -32,6 +32,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -537,7 +538,7 @@ def write(args, bw, rows, roof, prefill, crossover, under_load, times, notes, se
         extra = "- | - | - | -"
         if ro:
             share = ro["outside_linears"]
-            share = "-" if share is None else "unmeasured" if share != share else f"{share:.0%}"
+            share = "-" if share is None else "unmeasured" if math.isnan(share) else f"{share:.0%}"
             extra = f"{ro['bytes_per_token'] / 1e6:.1f} MB | {ro['gb_s']:.1f} | {ro['of_triad']:.0%} | {share}"
         lines.append(f"| {k} | {r['tokens_per_s']:.1f} | {r['best_tokens_per_s']:.1f} | {_paired(times, k):.2f} "
                      f"| {extra} |")
