@@ -262,8 +262,7 @@ def gptq_ggml(weight: torch.Tensor, hessian: torch.Tensor, qtype: str, cfg: GPTQ
 # by the packed decode's policy (`gpu.threads.Adaptive`) with backoff: a count that loses by over 2x is explored
 # ever more rarely, as each exploration costs a whole solve. One policy for every solve of the process: the load
 # changes more slowly than a linear is solved. The codes do not depend on the count: the column updates are
-# elementwise, and the codes were bitwise equal on 1 and 2 threads for SmolLM2's and Gemma's linear shapes
-# (tests/test_gptq.py checks one).
+# elementwise (tests/test_gptq.py checks the codes bitwise on 1 and 2 threads).
 _POLICY: list = []
 
 
