@@ -5,23 +5,30 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
 * Bandwidth: torch copy and triad on the threads the models use (best of 5), measured first.
 * Decode: a 128-token prompt (untimed prefill), then `--decode` greedy steps with the KV cache, every
   method once per round in a shuffled order (`--rounds`). lensbench packs every linear, the LM head
-  and the embedding (group 128): int8 asym (numba kernel), int8 sym per-row and int4 (torch's bfloat16
-  weight-only kernels, `gpu/cpu_torch.py`), int4 exact (numba, float32). torchao runs on a bfloat16 copy
-  (its CPU kernels need bfloat16), so its baseline is that copy. llama.cpp: F32 written by lensbench,
-  then F16, Q8_0, Q4_0 and Q4_K_M made by llama.cpp's own quantiser; baseline F32.
+  and the embedding (group 128): int8 asym, int8 sym per-row and int4 on the native kernel (integer dot
+  products on int16 activations, `gpu/cpu_native.py`, where it builds); int8 sym per-row and int4 on
+  torch's bfloat16 weight-only kernels (`gpu/cpu_torch.py`, the native one turned off); int4 exact (numba,
+  float32).
+  torchao runs on a bfloat16 copy (its CPU kernels need bfloat16), so its baseline is that copy.
+  llama.cpp: F32 written by lensbench, then F16, Q8_0, Q4_0 and Q4_K_M made by llama.cpp's own quantiser;
+  baseline F32.
 * Compiled: `lensbench.decoding.Decoder` (a static KV cache and one torch.compile'd decode step) on copies
-  of the model converted for good (`convert`): fp32, int8 g128, int8 sym per-row and int4 g128, against the
-  compiled fp32; and int4 g128 on the plain compiled step (the model's SDPA attention, inductor's Python
-  wrapper), which the Decoder's defaults (eager attention in the step, the C++ wrapper) are measured against.
-  They live in a process of their own, as torchao's and llama.cpp's do, away from numba's thread pool. The
-  compile itself (tens of seconds each) happens before the rounds and is printed.
+  of the model converted for good (`convert`): fp32, int8 g128, int8 sym per-row and int4 g128 (native
+  kernel), int8 sym per-row and int4 g128 on torch's kernels, against the compiled fp32; and int4 g128 on
+  the plain compiled step (the model's SDPA attention, inductor's Python wrapper), which the Decoder's
+  defaults (eager attention in the step, the C++ wrapper) are measured against. They live in a process of
+  their own, as torchao's and llama.cpp's do, away from numba's thread pool. The compile itself (tens of
+  seconds each) happens before the rounds and is printed.
 * Roofline: bytes read per decoded token (weights as the kernel reads them, plus the KV cache at the mean
   context), achieved GB/s and its fraction of the triad bandwidth; the time outside the linears from
   torch's profiler (every linear wrapped in a `record_function`; for the compiled step, the linears' aten and
   custom ops, read on the plain step only: the C++ wrapper calls its kernels where the profiler does not see
   them).
+* Decode KL: teacher-forced one token at a time through the decode kernels, the int4 plan's logits on the
+  native kernel (int16 activations) and on torch's (bfloat16) against the exact float32 kernels.
 * Prefill at `--prefill` prompt lengths, lensbench packed vs dense, interleaved.
-* Crossover: the decode path and the prefill path on all block linears at 1..64 activation rows.
+* Crossover: the decode path and the prefill path on all block linears at 1..64 activation rows (int4: the
+  native kernel, torch's and the tiles).
 * Under load: the lensbench decode rounds again with one CPU-bound process competing for the cores.
 
 Usage: python benchmarks/decode.py [--rounds 5] [--decode 32] [--prefill 128,512,2048] [--load-rounds 3]
@@ -50,7 +57,7 @@ from _common import LLAMA_ONE_TOKEN_BATCHES, append_report, interleaved, machine
 import lensbench  # noqa: E402
 from lensbench.compress.apply import apply  # noqa: E402
 from lensbench.compress.plan import Plan  # noqa: E402
-from lensbench.gpu import cpu_kernels  # noqa: E402
+from lensbench.gpu import cpu_kernels, cpu_native  # noqa: E402
 from lensbench.gpu.modules import QuantLinear  # noqa: E402
 from lensbench.profiling import model_card  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
@@ -59,16 +66,21 @@ warnings.filterwarnings("ignore")
 REPORT = Path(__file__).resolve().parent.parent / "reports" / "DECODE.md"
 GROUP = 128
 LB = {"lensbench int8 g128": (8, GROUP, "asym"), "lensbench int8 sym row": (8, -1, "sym"),
-      "lensbench int4 g128": (4, GROUP, "asym"), "lensbench int4 g128 exact": (4, GROUP, "asym")}
+      "lensbench int8 sym row torch kernel": (8, -1, "sym"),
+      "lensbench int4 g128": (4, GROUP, "asym"), "lensbench int4 g128 torch kernel": (4, GROUP, "asym"),
+      "lensbench int4 g128 exact": (4, GROUP, "asym")}
+TORCH_KERNEL = " torch kernel"  # a name ending so runs on torch's kernel, the native one turned off
 LLAMA = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 # the compiled decode step (`lensbench.decoding.Decoder`) on models converted for good, against its own compiled fp32
 ONE_THREAD = ("lensbench-compiled fp32", "lensbench-compiled int4 g128")  # also timed quiet on one thread
 COMPILED = {"lensbench-compiled fp32": None, "lensbench-compiled int8 g128": (8, GROUP, "asym"),
             "lensbench-compiled int8 sym row": (8, -1, "sym"), "lensbench-compiled int4 g128": (4, GROUP, "asym"),
+            "lensbench-compiled int4 g128 torch kernel": (4, GROUP, "asym"),
+            "lensbench-compiled int8 sym row torch kernel": (8, -1, "sym"),
             "lensbench-compiled int4 g128 plain step": (4, GROUP, "asym")}
 PLAIN_STEP = {"step_attention": None, "cpp_wrapper": False}  # the step without the Decoder's two defaults
 LINEAR_OPS = {"aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
-              "lensbench::packed_matmul"}
+              "lensbench::packed_matmul", "lensbench_native::packed_mm"}
 
 
 def bandwidth() -> dict:
@@ -112,16 +124,18 @@ def prefill_seconds(module, ids: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def lensbench_variant(model, plan: Plan | None, exact: bool = False):
+def lensbench_variant(model, plan: Plan | None, exact: bool = False, native: bool = True):
     if plan is None:
         yield model.module
         return
     cpu_kernels.set_exact(exact)
+    cpu_native.set_enabled(native)
     try:
         with apply(model, plan):
             yield model.module
     finally:
         cpu_kernels.set_exact(False)
+        cpu_native.set_enabled(True)
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -129,7 +143,9 @@ def weight_bytes(module: nn.Module) -> int:
     total = 0
     for m in module.modules():
         if isinstance(m, QuantLinear):
-            lay = m.pw.__dict__.get("_torch_layout")
+            decision = m.__dict__.get("_compiled")  # a compiled decoder's choice, else what eager decode takes
+            native = decision[1][0] == "native4" if decision else cpu_native.supported(m.pw)
+            lay = None if native else m.pw.__dict__.get("_torch_layout")
             total += sum(t.nbytes for t in lay if isinstance(t, torch.Tensor)) if lay else m.pw.nbytes
         elif isinstance(m, nn.Linear):
             total += m.weight.nbytes
@@ -187,8 +203,10 @@ def compiled_decoders(ids: torch.Tensor, steps: int) -> dict:
         if spec is not None:
             convert(model, whole_model_plan(model, *spec))
         t0 = time.perf_counter()
+        cpu_native.set_enabled(not name.endswith(TORCH_KERNEL))  # the kernels are chosen when the Decoder is made
         out[name] = Decoder(model, max_length=ids.shape[1] + steps + 1,
                             **(PLAIN_STEP if name.endswith("plain step") else {}))
+        cpu_native.set_enabled(True)
         out[name].generate(ids, 2)
         print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
@@ -374,9 +392,9 @@ def main(argv=None) -> None:
     plans = {k: whole_model_plan(model, *v) for k, v in LB.items()}
     methods = {"lensbench fp32": lambda: decode_seconds(model.module, ids, args.decode)}
     for k, plan in plans.items():
-        exact = k.endswith("exact")
-        methods[k] = (lambda p=plan, e=exact:
-                      _in(lensbench_variant(model, p, e), lambda m: decode_seconds(m, ids, args.decode)))
+        exact, native = k.endswith("exact"), not k.endswith(TORCH_KERNEL)
+        methods[k] = (lambda p=plan, e=exact, n=native:
+                      _in(lensbench_variant(model, p, e, n), lambda m: decode_seconds(m, ids, args.decode)))
     notes, workers = [], []
     for f in methods.values():  # warm-up: kernels compiled, layouts made, caches filled
         f()
@@ -408,7 +426,7 @@ def main(argv=None) -> None:
     context = args.prompt + args.decode / 2
     roof = {}
     for k in ["lensbench fp32", *plans]:
-        with lensbench_variant(model, plans.get(k), k.endswith("exact")) as m:
+        with lensbench_variant(model, plans.get(k), k.endswith("exact"), not k.endswith(TORCH_KERNEL)) as m:
             wb = weight_bytes(m)
             share = outside_linears(m, ids)
         per_tok = wb + kv_bytes(model, context)
@@ -422,6 +440,8 @@ def main(argv=None) -> None:
         per_tok = b + kv_bytes(model, context)  # the whole file: SmolLM2's output matrix is its embedding
         roof[k] = {"bytes_per_token": per_tok, "gb_s": per_tok * rows[k]["tokens_per_s"] / 1e9,
                    "of_triad": per_tok * rows[k]["tokens_per_s"] / 1e9 / bw["triad"], "outside_linears": None}
+
+    dkl = decode_kl(model, plans["lensbench int4 g128"], ids)
 
     # prefill: lensbench packed vs dense at each prompt length
     prefill, prefill_kl = {}, {}
@@ -453,11 +473,32 @@ def main(argv=None) -> None:
     finally:
         hog.kill()
         compiled.close()
-    write(args, bw, rows, roof, (prefill, prefill_kl), crossover, (loaded, one), times, notes, time.time() - t_start)
+    write(args, bw, rows, roof, (prefill, prefill_kl), crossover, (loaded, one), times, notes, time.time() - t_start,
+          dkl)
 
 
 # prefill rows: the default bfloat16 tiles, and int4 with float32 tiles (`set_exact`)
 PREFILL_KEYS = ("lensbench int8 g128", "lensbench int4 g128", "lensbench int4 g128 exact")
+
+
+@torch.no_grad()
+def decode_kl(model, plan, ids, tokens: int = 64) -> dict[str, float]:
+    """Mean KL per token of the int4 plan's logits through the decode kernels (teacher-forced, one token a step
+    with the KV cache), on the native kernel and on torch's, against the exact float32 kernels."""
+    ids, logp = ids[:, :tokens], {}
+    with lensbench_variant(model, plan) as m:
+        for name, exact, native in (("exact", True, True), ("native", False, True), ("torch kernel", False, False)):
+            cpu_native.set_enabled(native)
+            with cpu_kernels.exact_kernels(exact):
+                cache, rows = None, []
+                for t in range(ids.shape[1]):
+                    out = m(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+                    cache = out.cache
+                    rows.append(torch.log_softmax(out.logits[0, -1].double(), -1))
+            logp[name] = torch.stack(rows)
+        cpu_native.set_enabled(True)
+    ref = logp.pop("exact")
+    return {k: float((ref.exp() * (ref - v)).sum(-1).mean()) for k, v in logp.items()}
 
 
 @torch.no_grad()
@@ -501,8 +542,9 @@ def _paired(times: dict, k: str) -> float:
 
 def crossover_rows(model, rounds: int) -> dict:
     """Seconds for all 210 block linears of SmolLM2 at each number of activation rows, on the decode path
-    (`cpu_kernels.matmul` below its row threshold: torch's int4/int8 kernel or numba's gemv) and on the
-    prefill path (dequantised tiles into torch's GEMM), so the threshold is read off a measurement."""
+    (`cpu_kernels.matmul` below its row threshold: the native kernel, and for comparison torch's int4 kernel and
+    numba's int8 gemv) and on the prefill path (dequantised tiles into torch's GEMM), so the threshold is
+    read off a measurement."""
     from lensbench.gpu import quant
 
     weights = [m.weight.detach() for b in model.adapter.blocks for m in b.modules() if isinstance(m, nn.Linear)]
@@ -511,16 +553,17 @@ def crossover_rows(model, rounds: int) -> dict:
         pws = [quant.quantize(w, bits, GROUP) for w in weights]
         for m in (1, 2, 4, 8, 12, 16, 24, 32, 64):
             xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
-            small = cpu_kernels.cpu_torch.matmul if bits == 4 else cpu_kernels.gemv
-            methods = {"decode": lambda xs=xs, f=small, pws=pws: [f(xs[p.shape[1]], p) for p in pws],
-                       "prefill": lambda xs=xs, pws=pws: [cpu_kernels.tiled(xs[p.shape[1]], p) for p in pws]}
+            other = cpu_kernels.cpu_torch.matmul if bits == 4 else cpu_kernels.gemv
+            small = {"decode": cpu_native.matmul if cpu_native.available() else other, "other": other}
+            methods = {k: lambda xs=xs, f=f, pws=pws: [f(xs[p.shape[1]], p) for p in pws] for k, f in small.items()}
+            methods["prefill"] = lambda xs=xs, pws=pws: [cpu_kernels.tiled(xs[p.shape[1]], p) for p in pws]
             for f in methods.values():
                 f()
             out[(bits, m)] = {k: statistics.median(v) for k, v in interleaved(methods, rounds).items()}
     return out
 
 
-def write(args, bw, rows, roof, prefill, crossover, under_load, times, notes, seconds) -> None:
+def write(args, bw, rows, roof, prefill, crossover, under_load, times, notes, seconds, dkl) -> None:
     loaded, one = under_load  # {method: seconds per round} under load, and quiet on one thread
     load = subprocess.run(["cat", "/proc/loadavg"], capture_output=True, text=True).stdout.split()[:3]
     lines = [f"SmolLM2-135M, batch 1, {args.prompt}-token prompt, {args.decode} greedy decode steps, "
@@ -544,6 +587,9 @@ def write(args, bw, rows, roof, prefill, crossover, under_load, times, notes, se
                      f"| {extra} |")
     if notes:
         lines += ["", "Left out: " + "; ".join(notes) + "."]
+    lines += ["", f"Decode KL: mean per token over the first 64 prompt tokens fed one at a time with the KV cache, "
+              f"int4 g128 logits against the exact float32 kernels: native kernel (int16 activations) "
+              f"{dkl['native']:.1e}, torch's kernel (bfloat16 activations) {dkl['torch kernel']:.1e}."]
     prefill, prefill_kl = prefill
     lines += ["", "Prefill (lensbench, whole model packed), tokens/s and speed-up over float32 (paired median). The "
               "packed rows run the default tiles (bfloat16 tiles and activations where the CPU has bfloat16 dot "
@@ -559,15 +605,18 @@ def write(args, bw, rows, roof, prefill, crossover, under_load, times, notes, se
             ratio = statistics.median(b / x for b, x in zip(t["lensbench fp32"], t[k], strict=True))
             cells.append(f"{n / statistics.median(t[k]):.0f} | {ratio:.2f}")
         lines.append(f"| {n} | {f:.0f} | {' | '.join(cells)} | {prefill_kl[n]:.1e} |")
+    why = cpu_native.unavailable()
+    native = "the native kernel" if why is None else f"the other kernel again (the native one is unavailable: {why})"
     lines += ["", f"Decode path vs prefill path on SmolLM2's 210 block linears by activation rows (ms, median of "
-              f"{args.crossover_rounds}; int4: torch's kernel vs tiles, int8 g128: numba gemv vs tiles); lensbench "
-              f"switches to tiles above {cpu_kernels.TORCH_MAX_ROWS} rows on torch's kernels, "
-              f"{cpu_kernels.GEMV_MAX_ROWS} on numba's:", "",
-              "| rows | int4 decode path | int4 tiles | int8 decode path | int8 tiles |", "|---|---|---|---|---|"]
+              f"{args.crossover_rounds}; g128: {native}, torch's int4 kernel and numba's int8 gemv, vs tiles); "
+              f"lensbench switches to tiles above {cpu_native.MAX_ROWS} rows on the native kernel, "
+              f"{cpu_kernels.TORCH_MAX_ROWS} on torch's, {cpu_kernels.GEMV_MAX_ROWS} on numba's:", "",
+              "| rows | int4 native | int4 torch kernel | int4 tiles | int8 native | int8 numba gemv | int8 tiles |",
+              "|---|---|---|---|---|---|---|"]
     for m in sorted({m for _, m in crossover}):
         c4, c8 = crossover[(4, m)], crossover[(8, m)]
-        lines.append(f"| {m} | {c4['decode'] * 1e3:.1f} | {c4['prefill'] * 1e3:.1f} | {c8['decode'] * 1e3:.1f} | "
-                     f"{c8['prefill'] * 1e3:.1f} |")
+        cells = [f"{c[k] * 1e3:.1f}" for c in (c4, c8) for k in ("decode", "other", "prefill")]
+        lines.append(f"| {m} | {' | '.join(cells)} |")
     lines += ["", f"Under load (one `while True: pass` process on the 2 cores, {args.load_rounds} rounds): decode "
               "tokens/s and packed/dense ratio, quiet (above) vs loaded:", "",
               "| method | tokens/s loaded | x own fp32 quiet | x own fp32 loaded | loaded / quiet ratio |",

@@ -4,8 +4,10 @@ The eager path (`dispatch`, `fusion`) decides per call and keeps Python state; a
 every decision taken once, before tracing. `prepare(root)` takes them per packed module and keeps the result
 on it; while compiling, the module's forward calls `linear`/`rows` here, which trace into
 
-* torch's int4/int8 weight-only kernels (`cpu_torch`), plain aten ops inductor calls directly, for the
-  weights they hold exactly (unless the exact kernels were asked for); or
+* lensbench's native int4/int8 kernel (`cpu_native`, the op `lensbench_native::packed_mm`, C++ that inductor's
+  C++ wrapper calls without Python) for the weights it holds, else torch's int4/int8 weight-only kernels
+  (`cpu_torch`), plain aten ops inductor calls directly, for the weights they hold exactly (neither when the
+  exact kernels were asked for); or
 * `lensbench::packed_matmul`, a custom op that runs the numba kernels: dynamo sees one opaque call with a
   known output shape instead of breaking the graph at numba.
 
@@ -20,7 +22,7 @@ import weakref
 
 import torch
 
-from . import cpu_kernels, cpu_torch, reference
+from . import cpu_kernels, cpu_native, cpu_torch, reference
 from .quant import PackedWeight
 
 _WEIGHTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # handle -> PackedWeight
@@ -52,19 +54,22 @@ class _Stash:
 
 def _decision(pw: PackedWeight, exact: bool) -> tuple:
     _WEIGHTS[id(pw)] = pw
+    if not exact and cpu_native.supported(pw):
+        return ("native", id(pw), pw.k_padded, pw.packed, pw.scales, pw.mins, pw.group_size, pw.bits)
     if not exact and cpu_torch.supported(pw):
         k, *w = cpu_torch.layout(pw)
         return (f"torch{pw.bits}", id(pw), k, *w)
     return ("numba", id(pw))
 
 
-def prepare(linears, tables=(), exact: bool | None = None) -> int:
-    """Take each packed module's kernel decision for compiled decode (a linear: torch's kernel where one holds
-    the weight exactly and `exact` is off, else the numba op; a table: the numba lookup) and keep it on the
-    module; returns how many linears use torch's kernels. Linears `fusion` grouped (same input, one format)
-    run as their group's one matmul: the first member called computes it, the others take their columns."""
+def prepare(linears, tables=(), exact: bool | None = None) -> dict[str, int]:
+    """Take each packed module's kernel decision for compiled decode (a linear, unless `exact`: the native
+    kernel where it holds the weight, else torch's kernel where one holds it exactly; otherwise the numba op; a
+    table: the numba lookup) and keep it on the module; returns how many linears run on each kernel ("native",
+    "torch4", "torch8", "numba"). Linears `fusion` grouped (same input, one format) run as their group's one
+    matmul: the first member called computes it, the others take their columns."""
     exact = cpu_kernels.EXACT if exact is None else exact
-    on_torch = 0
+    kinds: dict[str, int] = {}
     for m in tables:
         m.__dict__["_compiled"] = ("rows",)
     groups = {}
@@ -78,8 +83,9 @@ def prepare(linears, tables=(), exact: bool | None = None) -> int:
                 groups[id(group)] = (_decision(group.weight, exact), _Stash(), next(iter(group.bounds)))
             decision, stash, first = groups[id(group)]
             m.__dict__["_compiled"] = (m is first, decision, (stash, *group.bounds[m]))
-        on_torch += m.__dict__["_compiled"][1][0] != "numba"
-    return on_torch
+        kind = m.__dict__["_compiled"][1][0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def release(modules) -> None:
@@ -93,7 +99,13 @@ def prepared(module) -> bool:
 
 def _matmul(decision: tuple, x2: torch.Tensor) -> torch.Tensor:
     kind, handle, *w = decision
-    if kind != "numba" and x2.shape[0] <= cpu_kernels.TORCH_MAX_ROWS:
+    if kind == "native" and x2.shape[0] <= cpu_native.MAX_ROWS:
+        k, *args = w
+        x2 = x2.float()
+        if k != x2.shape[1]:
+            x2 = torch.nn.functional.pad(x2, (0, k - x2.shape[1]))
+        return torch.ops.lensbench_native.packed_mm(x2.contiguous(), *args)
+    if kind in ("torch4", "torch8") and x2.shape[0] <= cpu_kernels.TORCH_MAX_ROWS:
         k, *args = w
         xb = x2.to(torch.bfloat16)
         if k != xb.shape[1]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from . import cpu_torch
+from . import cpu_native, cpu_torch
 from .quant import PackedWeight
 
 EXACT = os.environ.get("LENSBENCH_EXACT_KERNELS") == "1"  # float32 everywhere: no bfloat16 kernels or tiles
@@ -303,7 +303,9 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     Kept to a handful of tensor operations: at decode sizes Python overhead is a visible share."""
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
-    if rows <= TORCH_MAX_ROWS and not EXACT and cpu_torch.supported(pw):
+    if rows <= cpu_native.MAX_ROWS and not EXACT and cpu_native.supported(pw):
+        y = cpu_native.matmul(x2, pw)
+    elif rows <= TORCH_MAX_ROWS and not EXACT and cpu_torch.supported(pw):
         y = cpu_torch.matmul(x2, pw)
     elif rows <= GEMV_MAX_ROWS:
         y = gemv(x2, pw)

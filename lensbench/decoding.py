@@ -124,7 +124,7 @@ class Decoder:
         if fusion.unlearnt(self._linears):  # one eager decode-size step: packed linears sharing an input are found
             with torch.no_grad():
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
-        self.on_torch_kernels = compiled.prepare(self._linears, self._tables)
+        self.kernels = compiled.prepare(self._linears, self._tables)
         if compile:
             _room_for_graphs()
         self.step = (torch.compile(module.forward, dynamic=False,

@@ -9,7 +9,7 @@ from torch import nn
 from lensbench.compress.apply import apply, convert
 from lensbench.compress.plan import Plan, Quant
 from lensbench.decoding import DecodeError, Decoder
-from lensbench.gpu import compiled
+from lensbench.gpu import compiled, cpu_native
 from lensbench.gpu.modules import PackedModule
 from lensbench.profiling import model_card
 from lensbench.testing import tiny_model
@@ -57,11 +57,13 @@ def test_dense_tokens_equal_transformers_generate(llama):
     assert torch.equal(plain.generate(ids, NEW), _eager(llama, ids))
 
 
-@pytest.mark.parametrize("case", ["int4", "int8-sym-row", "mixed-widths", "int3-exact"])
+@pytest.mark.parametrize("case", ["int4", "int4-native", "int8-sym-row", "mixed-widths", "int3-exact"])
 def test_packed_tokens_equal_eager_apply(llama, case):
     specs = {
         "int4": lambda n: (4, 32, "asym"),  # torch's int4 kernel, fused q/k/v and gate/up groups
-        "int8-sym-row": lambda n: (8, -1, "sym") if "embed" not in n else (8, 32, "asym"),  # torch's int8 kernel
+        "int4-native": lambda n: (4, 64, "asym"),  # the native kernel where K = 64 (down_proj), torch's elsewhere
+        # torch's int8 kernel where K = 32, the native one where K = 64 (down_proj)
+        "int8-sym-row": lambda n: (8, -1, "sym") if "embed" not in n else (8, 32, "asym"),
         "mixed-widths": lambda n: (_mixed(64 if "down" in n else 32) if "proj" in n else (3, 16, "asym")),
         "int3-exact": lambda n: (3, 16, "asym"),  # the numba custom op
     }
@@ -73,7 +75,9 @@ def test_packed_tokens_equal_eager_apply(llama, case):
         linears = [m for m in llama.module.modules() if isinstance(m, PackedModule) and compiled.prepared(m)]
         assert linears
         if case in ("int4", "int8-sym-row"):
-            assert dec.on_torch_kernels > 0
+            assert dec.kernels.get("torch4", 0) + dec.kernels.get("torch8", 0) > 0
+        if case == "int4-native" and cpu_native.available():
+            assert dec.kernels["native"] > 0 and dec.kernels["torch4"] > 0
         dec.close()
         assert not any(compiled.prepared(m) for m in llama.module.modules())
 

@@ -1,0 +1,155 @@
+"""Decode for packed int4 and int8 on the CPU with integer dot products (`native/vnni.cpp`, AVX512-VNNI).
+
+torch's weight-only kernels (`cpu_torch`) dequantise to bfloat16 and multiply in floating point, rounding the
+activations to bfloat16 (8 significant bits); numba's exact gemv multiplies in float32 at a fraction of the
+speed. This kernel multiplies integers on lensbench's own packed bytes (no second copy of the weight): the
+activations are quantised to int16 per group (d = max|x| / 32767, an error of at most 1.5e-5 of the group's
+largest activation) and the codes widened to 16 bits, and VPDPWSSD sums pairs of products exactly into int32
+lanes; the group's sum is scaled by its scale and d in float32, and its min multiplies the exact float32 sum
+of its activations. Outputs agree with the exact float32 kernels to about 1e-4 of their largest value (the
+bfloat16 path's differ by 1e-2). `cpu_kernels.set_exact(True)` (or LENSBENCH_EXACT_KERNELS=1) still keeps
+every matmul on the float32 kernels, as `evaluate` does.
+
+It runs int4 and int8 weights whose groups all have lengths that are multiples of 64 (group size 64, 128,
+256, ... or one group per row, and K padded to a multiple of 64: SmolLM2's K = 576 in groups of 128 ends with
+a group of 64; int8 groups at most 4096 long), for at most `MAX_ROWS` activation rows. It is C++ compiled on
+first use with the system's compiler for this CPU (`-march=native`, a few seconds) into
+$LENSBENCH_CACHE/native/ (default ~/.cache/lensbench), keyed by the source, torch's version and the
+compiler's target, and registered as the torch op `lensbench_native::packed_mm`, which a compiled decode
+graph calls from its C++ wrapper without Python. Where it cannot be built (no C++ compiler, a CPU without
+AVX512-VNNI) `unavailable()` says why and the packed weights run on the other kernels; LENSBENCH_NATIVE=0
+turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .quant import PackedWeight
+
+SOURCE = Path(__file__).parent / "native" / "vnni.cpp"
+BITS = (4, 8)
+INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
+MAX_ROWS = 32  # activation rows it takes (the crossover table of benchmarks/decode.py)
+_enabled = os.environ.get("LENSBENCH_NATIVE", "1") != "0"
+_lock = threading.Lock()
+_state: dict = {}  # "error": why it is unavailable, once known
+
+
+def _cache() -> Path:
+    return Path(os.environ.get("LENSBENCH_CACHE", Path.home() / ".cache" / "lensbench")) / "native"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _command(out: Path) -> list[str]:
+    root = Path(torch.__file__).parent
+    return [_compiler(), "-O3", "-march=native", "-std=c++20", "-fopenmp", "-shared", "-fPIC", "-DNDEBUG", "-w",
+            f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(SOURCE),
+            "-o", str(out), f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{root / 'lib'}"]
+
+
+def _target() -> str:
+    """What -march=native means here (the compiler's version and the CPU features it enables)."""
+    try:
+        ver = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=60).stdout
+        flags = subprocess.run([_compiler(), "-march=native", "-Q", "--help=target"], capture_output=True,
+                               text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"no C++ compiler ({_compiler()}: {e}); install g++ or set CXX") from e
+    return ver + flags
+
+
+def _build() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _target().encode()
+                         + " ".join(_command(Path("x"))).encode()).hexdigest()[:16]
+    lib = _cache() / f"lensbench_native-{key}.so"
+    if lib.exists():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=lib.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        run = subprocess.run(_command(Path(tmp)), capture_output=True, text=True, timeout=600)
+        if run.returncode:
+            lines = [ln for ln in run.stderr.splitlines() if "error" in ln] or run.stderr.splitlines()[-1:]
+            raise RuntimeError(lines[0].strip() if lines else f"{_compiler()} failed")
+        os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.cache
+def _load() -> bool:
+    if sys.platform != "linux" or not SOURCE.exists():
+        _state["error"] = "the native kernel is built on Linux x86 only"
+        return False
+    try:
+        torch.ops.load_library(str(_build()))
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        _state["error"] = f"the native kernel did not build ({e}); decode runs on torch's and numba's kernels"
+        return False
+
+    @torch.library.register_fake("lensbench_native::packed_mm")
+    def _(x, packed, scales, mins, group, bits):
+        return x.new_empty((x.shape[0], packed.shape[0]))
+    _state["loaded"] = True
+    return True
+
+
+def available() -> bool:
+    """Whether the kernel is on and built for this machine (building it on the first call)."""
+    if not _enabled:
+        return False
+    with _lock:
+        return _load()
+
+
+def unavailable() -> str | None:
+    """Why the kernel does not run here, or None when it does."""
+    if not _enabled:
+        return "LENSBENCH_NATIVE=0 turned the native kernel off"
+    return None if available() else _state["error"]
+
+
+def set_enabled(enabled: bool) -> None:
+    """Turn the kernel on or off for this process (the decode benchmark compares it with torch's)."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def holds(pw: PackedWeight) -> bool:
+    """Whether the kernel runs `pw`: int4 or int8 with every group's length a multiple of 64."""
+    return (pw.bits in BITS and pw.group_size % 64 == 0 and pw.k_padded % 64 == 0
+            and (pw.bits == 4 or pw.group_size <= INT8_MAX_GROUP))
+
+
+def supported(pw: PackedWeight) -> bool:
+    """`holds(pw)` on a machine where the kernel is available (answered once per weight: the decode hot path)."""
+    ok = pw.__dict__.get("_native_ok")
+    if ok is None:
+        ok = pw.__dict__["_native_ok"] = holds(pw)
+    return ok and _enabled and available()
+
+
+def matmul(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
+    """x2 [M, K] float -> [M, N] float32 (activations rounded to int16 per group)."""
+    if "loaded" not in _state and not available():
+        raise RuntimeError(unavailable())
+    x2 = x2.float()
+    if x2.shape[1] != pw.k_padded:
+        x2 = torch.nn.functional.pad(x2, (0, pw.k_padded - x2.shape[1]))
+    return torch.ops.lensbench_native.packed_mm(x2.contiguous(), pw.packed, pw.scales, pw.mins, pw.group_size,
+                                                pw.bits)

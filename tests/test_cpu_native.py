@@ -1,0 +1,88 @@
+"""The native int4/int8 kernel (`gpu/cpu_native.py`, AVX512-VNNI): agreement with the arithmetic it claims
+(int16 activations per group, exact integer dots, exact min term) on every code path (tail rows, a short last
+group, a 32-byte int4 remainder, one group per row, several activation rows, a zero group), the decode dispatch
+that picks it, and what happens where it cannot be built."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lensbench.gpu import cpu_kernels, cpu_native, reference
+from lensbench.gpu.quant import quantize
+
+pytestmark = pytest.mark.skipif(not cpu_native.available(), reason=f"{cpu_native.unavailable()}")
+
+
+def _int16_activations(x, pw):
+    """x rounded as the kernel rounds it: per group, d = max|x| / 32767, q = round(x / d)."""
+    out = torch.empty_like(x, dtype=torch.float64)
+    for start, length in pw.group_bounds():
+        g = x[:, start:start + length]
+        d = g.abs().amax(-1, keepdim=True) / 32767
+        inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        out[:, start:start + length] = torch.round(g * inv).double() * d.double()
+    return out
+
+
+def _expected(x, pw):
+    """sum_g scale * (q . x_int16) + min * sum(x), in float64."""
+    xq = _int16_activations(x, pw)
+    w = reference.dequantize(pw).double()  # q * scale + min
+    y = xq @ w.T
+    for g, (start, length) in enumerate(pw.group_bounds()):  # the min term on the exact activations
+        s = (x[:, start:start + length].double() - xq[:, start:start + length]).sum(1, keepdim=True)
+        y += s * pw.mins[:, g].double()
+    return y
+
+
+@pytest.mark.parametrize("bits,n,k,group,m", [
+    (4, 37, 576, 128, 1),  # N not a multiple of the 4 rows computed together; a last group of 64
+    (4, 64, 576, 128, 3),
+    (4, 16, 384, 192, 2),  # groups of 192: a 64-byte step and a 32-byte remainder each
+    (4, 9, 256, 256, 32),  # the most activation rows it takes
+    (4, 8, 128, 64, 1),
+    (8, 37, 576, 128, 2),
+    (8, 10, 1536, -1, 1),  # one group per row
+    (8, 5, 192, 64, 32),
+])
+def test_matches_its_arithmetic(bits, n, k, group, m):
+    torch.manual_seed(n + k)
+    pw = quantize(torch.randn(n, k), bits, group)
+    x = torch.randn(m, k) * torch.linspace(0.1, 4, k)  # groups of different magnitude
+    x[0, :pw.group_bounds()[0][1]] = 0  # a group of zeros: d = 0, no division by zero
+    y = cpu_native.matmul(x, pw)
+    want = _expected(x, pw)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert (y.double() - want).abs().max() <= 1e-5 * want.abs().max()
+    exact = reference.matmul(x, pw)  # and what rounding the activations to int16 costs against float32
+    assert (y - exact).abs().max() <= 5e-4 * exact.abs().max()
+
+
+def test_decode_dispatch_takes_it_and_exact_keeps_float32():
+    torch.manual_seed(0)
+    pw = quantize(torch.randn(48, 192), 4, 64)
+    x = torch.randn(2, 192)
+    assert cpu_native.supported(pw)
+    assert torch.equal(cpu_kernels.matmul(x, pw), cpu_native.matmul(x, pw))
+    with cpu_kernels.exact_kernels():
+        exact = reference.matmul(x, pw)
+        assert (cpu_kernels.matmul(x, pw) - exact).abs().max() <= 1e-5 * exact.abs().max()
+    for bits, group in ((4, 32), (8, 96), (3, 64), (2, 64)):  # what it does not hold goes to the other kernels
+        assert not cpu_native.holds(quantize(torch.randn(48, 192), bits, group))
+    assert not cpu_native.holds(quantize(torch.randn(8, 200), 4, 64))  # K padded to 200: a group of 8
+    assert not cpu_native.holds(quantize(torch.randn(2, 8192), 8, -1))  # int8 groups over 4096 could overflow
+
+
+def test_without_a_compiler_it_says_why_and_decode_runs_on_torch(tmp_path):
+    code = ("import torch; from lensbench.gpu import cpu_native, cpu_kernels, quant\n"
+            "print(cpu_native.unavailable())\n"
+            "pw = quant.quantize(torch.randn(32, 128), 4, 64)\n"
+            "print(cpu_kernels.matmul(torch.randn(1, 128), pw).shape)\n")
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "LENSBENCH_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    why, shape = out.stdout.strip().splitlines()
+    assert why.startswith("the native kernel did not build (no C++ compiler") and "torch's" in why
+    assert shape == "torch.Size([1, 32])"
