@@ -60,15 +60,18 @@ def test_matches_its_arithmetic(bits, n, k, group, m):
     assert (y - exact).abs().max() <= 5e-4 * exact.abs().max()
 
 
-def test_decode_dispatch_takes_it_and_exact_keeps_float32():
+def test_decode_dispatch_follows_the_crossover_and_exact_keeps_float32():
     torch.manual_seed(0)
-    pw = quantize(torch.randn(48, 192), 4, 64)
-    x = torch.randn(2, 192)
-    assert cpu_native.supported(pw)
-    assert torch.equal(cpu_kernels.matmul(x, pw), cpu_native.matmul(x, pw))
+    pw4, pw8 = quantize(torch.randn(48, 192), 4, 64), quantize(torch.randn(48, 192), 8, 64)
+    odd = quantize(torch.randn(40, 192), 4, 64)  # N % 16 != 0: torch's int4 kernel does not hold it
+    assert cpu_native.supported(pw4) and cpu_native.supported(pw8)
+    for rows, pw, native in ((1, pw4, True), (2, pw4, False), (2, odd, True), (24, pw8, True), (25, pw8, False)):
+        x = torch.randn(rows, 192)
+        assert torch.equal(cpu_kernels.matmul(x, pw), cpu_native.matmul(x, pw)) == native, (rows, pw)
+    x = torch.randn(1, 192)
     with cpu_kernels.exact_kernels():
-        exact = reference.matmul(x, pw)
-        assert (cpu_kernels.matmul(x, pw) - exact).abs().max() <= 1e-5 * exact.abs().max()
+        exact = reference.matmul(x, pw4)
+        assert (cpu_kernels.matmul(x, pw4) - exact).abs().max() <= 1e-5 * exact.abs().max()
     for bits, group in ((4, 32), (8, 96), (3, 64), (2, 64)):  # what it does not hold goes to the other kernels
         assert not cpu_native.holds(quantize(torch.randn(48, 192), bits, group))
     assert not cpu_native.holds(quantize(torch.randn(8, 200), 4, 64))  # K padded to 200: a group of 8
