@@ -303,10 +303,10 @@ def matmul(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None) 
     Kept to a handful of tensor operations: at decode sizes Python overhead is a visible share."""
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
-    on_torch = rows <= TORCH_MAX_ROWS and not EXACT and cpu_torch.supported(pw)
-    if not EXACT and cpu_native.takes(pw, rows, on_torch):
+    native = not EXACT and cpu_native.supported(pw)  # then never torch's kernels: their layout is a second copy
+    if native and rows <= cpu_native.MAX_ROWS:
         y = cpu_native.matmul(x2, pw)
-    elif on_torch:
+    elif not native and rows <= TORCH_MAX_ROWS and not EXACT and cpu_torch.supported(pw):
         y = cpu_torch.matmul(x2, pw)
     elif rows <= GEMV_MAX_ROWS:
         y = gemv(x2, pw)

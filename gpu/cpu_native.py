@@ -38,10 +38,10 @@ from .quant import PackedWeight
 SOURCE = Path(__file__).parent / "native" / "vnni.cpp"
 BITS = (4, 8)
 INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
-# Activation rows it takes. The crossover table of benchmarks/decode.py (reports/DECODE.md): above 24 rows the
-# tiled dequantise + GEMM path is faster; and torch's int4 kernel is faster from 2 rows (the native kernel
-# unpacks each row's codes again for every activation row), so eager int4 decode uses it there when it holds
-# the weight (`takes`).
+# Activation rows it takes: above 24 the tiled dequantise + GEMM path is faster (the crossover table of
+# benchmarks/decode.py, reports/DECODE.md). torch's int4 kernel is faster from 2 rows (the native kernel widens
+# each row's codes again for every activation row), but its layout is a second copy of the codes, so it is
+# used only for what this kernel does not hold.
 MAX_ROWS = 24
 _enabled = os.environ.get("LENSBENCH_NATIVE", "1") != "0"
 _lock = threading.Lock()
@@ -146,12 +146,6 @@ def supported(pw: PackedWeight) -> bool:
     if ok is None:
         ok = pw.__dict__["_native_ok"] = holds(pw)
     return ok and _enabled and available()
-
-
-def takes(pw: PackedWeight, rows: int, torch_holds: bool) -> bool:
-    """Whether eager decode of `rows` activation rows runs `pw` here: int8 up to MAX_ROWS, int4 at one row, or up
-    to MAX_ROWS where torch's int4 kernel does not hold it."""
-    return rows <= MAX_ROWS and (rows == 1 or pw.bits == 8 or not torch_holds) and supported(pw)
 
 
 def matmul(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:

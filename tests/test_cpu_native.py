@@ -64,8 +64,11 @@ def test_decode_dispatch_follows_the_crossover_and_exact_keeps_float32():
     torch.manual_seed(0)
     pw4, pw8 = quantize(torch.randn(48, 192), 4, 64), quantize(torch.randn(48, 192), 8, 64)
     odd = quantize(torch.randn(40, 192), 4, 64)  # N % 16 != 0: torch's int4 kernel does not hold it
+    # from 25 rows the tiles, not torch's kernels (whose layout would be a second copy of the codes)
     assert cpu_native.supported(pw4) and cpu_native.supported(pw8)
-    for rows, pw, native in ((1, pw4, True), (2, pw4, False), (2, odd, True), (24, pw8, True), (25, pw8, False)):
+    cpu_kernels.matmul(torch.randn(30, 192), pw4)
+    assert "_torch_layout" not in pw4.__dict__
+    for rows, pw, native in ((1, pw4, True), (24, pw4, True), (2, odd, True), (24, pw8, True), (25, pw4, False)):
         x = torch.randn(rows, 192)
         assert torch.equal(cpu_kernels.matmul(x, pw), cpu_native.matmul(x, pw)) == native, (rows, pw)
     x = torch.randn(1, 192)
