@@ -10,8 +10,8 @@ of its activations. Outputs agree with the exact float32 kernels to about 1e-4 o
 bfloat16 path's differ by 1e-2). `cpu_kernels.set_exact(True)` (or LENSBENCH_EXACT_KERNELS=1) still keeps
 every matmul on the float32 kernels, as `evaluate` does.
 
-It runs int4 and int8 weights whose groups all have lengths that are multiples of 64 (group size 64, 128,
-256, ... or one group per row, and K padded to a multiple of 64: SmolLM2's K = 576 in groups of 128 ends with
+It runs int4 and int8 weights whose groups all have lengths that are multiples of 32 (group size 32, 64,
+128, ... or one group per row, and K padded to a multiple of 32: SmolLM2's K = 576 in groups of 128 ends with
 a group of 64; int8 groups at most 4096 long), for at most `MAX_ROWS` activation rows. It is C++ compiled on
 first use with the system's compiler for this CPU (`-march=native`, a few seconds) into
 $LENSBENCH_CACHE/native/ (default ~/.cache/lensbench), keyed by the source, torch's version and the
@@ -135,8 +135,8 @@ def set_enabled(enabled: bool) -> None:
 
 
 def holds(pw: PackedWeight) -> bool:
-    """Whether the kernel runs `pw`: int4 or int8 with every group's length a multiple of 64."""
-    return (pw.bits in BITS and pw.group_size % 64 == 0 and pw.k_padded % 64 == 0
+    """Whether the kernel runs `pw`: int4 or int8 with every group's length a multiple of 32."""
+    return (pw.bits in BITS and pw.group_size % 32 == 0 and pw.k_padded % 32 == 0
             and (pw.bits == 4 or pw.group_size <= INT8_MAX_GROUP))
 
 

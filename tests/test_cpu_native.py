@@ -43,9 +43,13 @@ def _expected(x, pw):
     (4, 16, 384, 192, 2),  # groups of 192: a 64-byte step and a 32-byte remainder each
     (4, 9, 256, 256, 32),  # the most activation rows it takes
     (4, 8, 128, 64, 1),
+    (4, 12, 96, 32, 2),  # groups of 32: one 16-byte step each
+    (4, 7, 224, 96, 1),  # groups of 96: a 32-byte and a 16-byte step each
     (8, 37, 576, 128, 2),
     (8, 10, 1536, -1, 1),  # one group per row
     (8, 5, 192, 64, 32),
+    (8, 6, 160, 32, 3),  # 32-byte steps
+    (8, 4, 224, 96, 1),  # a 64-byte and a 32-byte step
 ])
 def test_matches_its_arithmetic(bits, n, k, group, m):
     torch.manual_seed(n + k)
@@ -75,7 +79,7 @@ def test_decode_dispatch_follows_the_crossover_and_exact_keeps_float32():
     with cpu_kernels.exact_kernels():
         exact = reference.matmul(x, pw4)
         assert (cpu_kernels.matmul(x, pw4) - exact).abs().max() <= 1e-5 * exact.abs().max()
-    for bits, group in ((4, 32), (8, 96), (3, 64), (2, 64)):  # what it does not hold goes to the other kernels
+    for bits, group in ((4, 48), (8, 16), (3, 64), (2, 64)):  # what it does not hold goes to the other kernels
         assert not cpu_native.holds(quantize(torch.randn(48, 192), bits, group))
     assert not cpu_native.holds(quantize(torch.randn(8, 200), 4, 64))  # K padded to 200: a group of 8
     assert not cpu_native.holds(quantize(torch.randn(2, 8192), 8, -1))  # int8 groups over 4096 could overflow

@@ -3,7 +3,7 @@
 //
 // Format (gpu/quant.py): a row of W [N, K] is groups of G consecutive inputs, w_hat = q * scale + min, scale
 // and min float16 per (row, group). int8: one code per byte. int4: a group's G/2 bytes hold q[j] in the low
-// nibble of byte j and q[j + G/2] in the high one. Here every group's length is a multiple of 64 (the Python
+// nibble of byte j and q[j + G/2] in the high one. Here every group's length is a multiple of 32 (the Python
 // side checks), and int8 groups are at most 4096 long (so the int32 lanes below cannot overflow).
 //
 // The activations are quantised per group to int16 (d = max|x| / 32767, round to nearest: a relative error
@@ -65,16 +65,24 @@ inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }
 
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 
-// int8: a group's codes, 64 at a step, dotted with its activations into one accumulator per row.
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// int8: a group's codes, 64 at a step (then 32), dotted with its activations into one accumulator per row.
 template <int R>
 inline void group8(const uint8_t* pg, int64_t row_bytes, const int16_t* qg, int64_t len, __m512i* acc) {
-  for (int64_t b = 0; b < len; b += 64) {
+  int64_t b = 0;
+  for (; b + 64 <= len; b += 64) {
     const __m512i x0 = load512(qg + b), x1 = load512(qg + b + 32);
     for (int r = 0; r < R; ++r) {
       const __m512i w = load512(pg + r * row_bytes + b);
       acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(w)), x0);
       acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(w, 1)), x1);
     }
+  }
+  if (b < len) {
+    const __m512i x0 = load512(qg + b);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepu8_epi16(load256(pg + r * row_bytes + b)), x0);
   }
 }
 
@@ -111,14 +119,24 @@ void rows(const uint8_t* packed, const c10::Half* scales, const c10::Half* mins,
         hi_acc[r] = _mm512_dpwssd_epi32(hi_acc[r], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), x3);
       }
     }
-    if (b < half) {  // 32 bytes left: 32 codes in the low nibbles, 32 in the high ones
+    if (b + 32 <= half) {  // 32 bytes left: 32 codes in the low nibbles, 32 in the high ones
       const __m512i x0 = load512(qlo + b), x2 = load512(qhi + b);
       const __m256i mask256 = _mm256_set1_epi8(0x0F);
       for (int r = 0; r < R; ++r) {
-        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pg + r * row_bytes + b));
+        const __m256i w = load256(pg + r * row_bytes + b);
         lo_acc[r] = _mm512_dpwssd_epi32(lo_acc[r], _mm512_cvtepu8_epi16(_mm256_and_si256(w, mask256)), x0);
         hi_acc[r] = _mm512_dpwssd_epi32(
             hi_acc[r], _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), mask256)), x2);
+      }
+      b += 32;
+    }
+    if (b < half) {  // 16 bytes left (a group of 32, or 32 more): both nibbles' 16 codes side by side in one vector
+      const __m512i xq = _mm512_inserti64x4(_mm512_castsi256_si512(load256(qlo + b)), load256(qhi + b), 1);
+      const __m128i mask128 = _mm_set1_epi8(0x0F);
+      for (int r = 0; r < R; ++r) {
+        const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pg + r * row_bytes + b));
+        const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(w, 4), mask128), _mm_and_si128(w, mask128));
+        lo_acc[r] = _mm512_dpwssd_epi32(lo_acc[r], _mm512_cvtepu8_epi16(codes), xq);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -150,9 +168,9 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
               mins.is_contiguous(), "scales, mins: contiguous float16 [N, groups]");
   const int64_t m_rows = x.size(0), k = x.size(1), n = packed.size(0), groups = scales.size(1);
-  TORCH_CHECK(k % 64 == 0 && group % 64 == 0 && packed.size(1) * 8 == k * bits && groups == (k + group - 1) / group
+  TORCH_CHECK(k % 32 == 0 && group % 32 == 0 && packed.size(1) * 8 == k * bits && groups == (k + group - 1) / group
               && (bits == 4 || group <= 4096),
-              "packed_mm: K and the group size must be multiples of 64 (int8 groups at most 4096), packed [N, "
+              "packed_mm: K and the group size must be multiples of 32 (int8 groups at most 4096), packed [N, "
               "K*bits/8], scales [N, ceil(K/G)]");
   at::Tensor y = at::empty({m_rows, n}, x.options());
   const Activations a = quantize(x.data_ptr<float>(), m_rows, k, group);
