@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -97,8 +98,8 @@ def _build() -> Path:
 
 @functools.cache
 def _load() -> bool:
-    if sys.platform != "linux" or not SOURCE.exists():
-        _state["error"] = "the native kernel is built on Linux x86 only"
+    if sys.platform != "linux" or platform.machine() != "x86_64" or not SOURCE.exists():
+        _state["error"] = f"the native kernel is built on x86-64 Linux only, not {sys.platform} {platform.machine()}"
         return False
     try:
         torch.ops.load_library(str(_build()))
@@ -145,7 +146,7 @@ def supported(pw: PackedWeight) -> bool:
     ok = pw.__dict__.get("_native_ok")
     if ok is None:
         ok = pw.__dict__["_native_ok"] = holds(pw)
-    return ok and _enabled and available()
+    return ok and _enabled and ("loaded" in _state or available())
 
 
 def matmul(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
