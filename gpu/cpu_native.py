@@ -40,9 +40,8 @@ SOURCE = Path(__file__).parent / "native" / "vnni.cpp"
 BITS = (4, 8)
 INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
 # Activation rows it takes: above 24 the tiled dequantise + GEMM path is faster (the crossover table of
-# benchmarks/decode.py, reports/DECODE.md). torch's int4 kernel is faster from 2 rows (the native kernel widens
-# each row's codes again for every activation row), but its layout is a second copy of the codes, so it is
-# used only for what this kernel does not hold.
+# benchmarks/decode.py, reports/DECODE.md). torch's int4 kernel was faster from 2 rows there, but its layout
+# is a second copy of the codes, so it is used only for what this kernel does not hold.
 MAX_ROWS = 24
 _enabled = os.environ.get("LENSBENCH_NATIVE", "1") != "0"
 _lock = threading.Lock()

@@ -67,97 +67,108 @@ inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// int8: a group's codes, 64 at a step (then 32), dotted with its activations into one accumulator per row.
-template <int R>
-inline void group8(const uint8_t* pg, int64_t row_bytes, const int16_t* qg, int64_t len, __m512i* acc) {
-  int64_t b = 0;
-  for (; b + 64 <= len; b += 64) {
-    const __m512i x0 = load512(qg + b), x1 = load512(qg + b + 32);
-    for (int r = 0; r < R; ++r) {
-      const __m512i w = load512(pg + r * row_bytes + b);
-      acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(w)), x0);
-      acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(w, 1)), x1);
-    }
-  }
-  if (b < len) {
-    const __m512i x0 = load512(qg + b);
-    for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepu8_epi16(load256(pg + r * row_bytes + b)), x0);
-  }
-}
-
-// Rows [n0, n0 + R) of the output for activation row m; R <= kRows.
-template <int BITS, int R>
-void rows(const uint8_t* packed, const c10::Half* scales, const c10::Half* mins, const Activations& a, int64_t m,
-          int64_t n0, int64_t k, int64_t group, int64_t groups, float* y) {
+// Output rows [n0, n0 + R) for activation rows [m0, m0 + MB), R * MB <= 4 (four rows at one activation row for
+// decode; one row at up to four activation rows otherwise): a step's codes are unpacked and widened once per
+// output row and dotted with every activation row. Two int32 accumulators per pair (low and high nibbles).
+template <int BITS, int R, int MB>
+void rows(const uint8_t* packed, const c10::Half* scales, const c10::Half* mins, const Activations& a, int64_t m0,
+          int64_t n0, int64_t n, int64_t k, int64_t group, int64_t groups, float* y) {
   const int64_t row_bytes = k * BITS / 8;
-  const int16_t* q = a.q.data() + m * k;
-  const float* dg = a.d.data() + m * groups;
-  const float* asum = a.sum.data() + m * groups;
+  const int16_t* q = a.q.data() + m0 * k;  // activation row m0 + m at q + m * k
   const __m512i mask = _mm512_set1_epi8(0x0F);
-  __m512 acc[R];
-  float minterm[R];
-  for (int r = 0; r < R; ++r) { acc[r] = _mm512_setzero_ps(); minterm[r] = 0.f; }
+  const __m256i mask256 = _mm256_set1_epi8(0x0F);
+  const __m128i mask128 = _mm_set1_epi8(0x0F);
+  __m512 acc[R][MB];
+  float minterm[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) { acc[r][m] = _mm512_setzero_ps(); minterm[r][m] = 0.f; }
   for (int64_t gi = 0; gi < groups; ++gi) {
     const int64_t g0 = gi * group, len = std::min(group, k - g0), half = len / 2;
     const uint8_t* pg = packed + n0 * row_bytes + g0 * BITS / 8;
-    const int16_t* qlo = q + g0;
-    const int16_t* qhi = q + g0 + half;
-    __m512i lo_acc[R], hi_acc[R];
-    for (int r = 0; r < R; ++r) lo_acc[r] = hi_acc[r] = _mm512_setzero_si512();
-    if constexpr (BITS == 8) group8<R>(pg, row_bytes, qlo, len, lo_acc);
-    int64_t b = BITS == 8 ? half : 0;  // int4 from here on
-    for (; b + 64 <= half; b += 64) {  // inputs g0+b.. (low nibbles) and g0+half+b.. (high nibbles), 64 each
-      const __m512i x0 = load512(qlo + b), x1 = load512(qlo + b + 32);
-      const __m512i x2 = load512(qhi + b), x3 = load512(qhi + b + 32);
-      for (int r = 0; r < R; ++r) {
-        const __m512i w = load512(pg + r * row_bytes + b);
-        const __m512i lo = _mm512_and_si512(w, mask), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
-        lo_acc[r] = _mm512_dpwssd_epi32(lo_acc[r], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(lo)), x0);
-        hi_acc[r] = _mm512_dpwssd_epi32(hi_acc[r], _mm512_cvtepu8_epi16(_mm512_castsi512_si256(hi)), x2);
-        lo_acc[r] = _mm512_dpwssd_epi32(lo_acc[r], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(lo, 1)), x1);
-        hi_acc[r] = _mm512_dpwssd_epi32(hi_acc[r], _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(hi, 1)), x3);
+    __m512i lo[R][MB], hi[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) lo[r][m] = hi[r][m] = _mm512_setzero_si512();
+    // 32 codes of output row r (16-bit) times the 32 activations from input `at` of every activation row
+    auto dot = [&](__m512i (&sum)[R][MB], int r, __m512i codes, int64_t at) {
+      for (int m = 0; m < MB; ++m) sum[r][m] = _mm512_dpwssd_epi32(sum[r][m], codes, load512(q + m * k + at));
+    };
+    if constexpr (BITS == 8) {  // 64 codes a step, then 32
+      int64_t b = 0;
+      for (; b + 64 <= len; b += 64)
+        for (int r = 0; r < R; ++r) {
+          const __m512i w = load512(pg + r * row_bytes + b);
+          dot(lo, r, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(w)), g0 + b);
+          dot(hi, r, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(w, 1)), g0 + b + 32);
+        }
+      if (b < len)
+        for (int r = 0; r < R; ++r) dot(lo, r, _mm512_cvtepu8_epi16(load256(pg + r * row_bytes + b)), g0 + b);
+    } else {  // inputs g0+b.. in the low nibbles and g0+half+b.. in the high ones: 64 bytes a step, then 32, 16
+      int64_t b = 0;
+      for (; b + 64 <= half; b += 64)
+        for (int r = 0; r < R; ++r) {
+          const __m512i w = load512(pg + r * row_bytes + b);
+          const __m512i l = _mm512_and_si512(w, mask), h = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
+          dot(lo, r, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(l)), g0 + b);
+          dot(hi, r, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(h)), g0 + half + b);
+          dot(lo, r, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(l, 1)), g0 + b + 32);
+          dot(hi, r, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(h, 1)), g0 + half + b + 32);
+        }
+      if (b + 32 <= half) {
+        for (int r = 0; r < R; ++r) {
+          const __m256i w = load256(pg + r * row_bytes + b);
+          dot(lo, r, _mm512_cvtepu8_epi16(_mm256_and_si256(w, mask256)), g0 + b);
+          dot(hi, r, _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), mask256)), g0 + half + b);
+        }
+        b += 32;
       }
-    }
-    if (b + 32 <= half) {  // 32 bytes left: 32 codes in the low nibbles, 32 in the high ones
-      const __m512i x0 = load512(qlo + b), x2 = load512(qhi + b);
-      const __m256i mask256 = _mm256_set1_epi8(0x0F);
-      for (int r = 0; r < R; ++r) {
-        const __m256i w = load256(pg + r * row_bytes + b);
-        lo_acc[r] = _mm512_dpwssd_epi32(lo_acc[r], _mm512_cvtepu8_epi16(_mm256_and_si256(w, mask256)), x0);
-        hi_acc[r] = _mm512_dpwssd_epi32(
-            hi_acc[r], _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), mask256)), x2);
-      }
-      b += 32;
-    }
-    if (b < half) {  // 16 bytes left (a group of 32, or 32 more): both nibbles' 16 codes side by side in one vector
-      const __m512i xq = _mm512_inserti64x4(_mm512_castsi256_si512(load256(qlo + b)), load256(qhi + b), 1);
-      const __m128i mask128 = _mm_set1_epi8(0x0F);
-      for (int r = 0; r < R; ++r) {
-        const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pg + r * row_bytes + b));
-        const __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(w, 4), mask128), _mm_and_si128(w, mask128));
-        lo_acc[r] = _mm512_dpwssd_epi32(lo_acc[r], _mm512_cvtepu8_epi16(codes), xq);
-      }
+      if (b < half)  // 16 bytes left (a group of 32, or 32 more): both nibbles' 16 codes side by side
+        for (int r = 0; r < R; ++r) {
+          const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pg + r * row_bytes + b));
+          const __m512i codes = _mm512_cvtepu8_epi16(
+              _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(w, 4), mask128), _mm_and_si128(w, mask128)));
+          for (int m = 0; m < MB; ++m) {
+            const int16_t* qm = q + m * k + g0 + b;
+            const __m512i xq = _mm512_inserti64x4(_mm512_castsi256_si512(load256(qm)), load256(qm + half), 1);
+            lo[r][m] = _mm512_dpwssd_epi32(lo[r][m], codes, xq);
+          }
+        }
     }
     for (int r = 0; r < R; ++r) {
-      const float s = half_to_float(scales[(n0 + r) * groups + gi]) * dg[gi];
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[r], hi_acc[r])), _mm512_set1_ps(s),
-                               acc[r]);
-      minterm[r] += half_to_float(mins[(n0 + r) * groups + gi]) * asum[gi];
+      const float s = half_to_float(scales[(n0 + r) * groups + gi]), mn = half_to_float(mins[(n0 + r) * groups + gi]);
+      for (int m = 0; m < MB; ++m) {
+        const int64_t at = (m0 + m) * groups + gi;
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo[r][m], hi[r][m])),
+                                    _mm512_set1_ps(s * a.d[at]), acc[r][m]);
+        minterm[r][m] += mn * a.sum[at];
+      }
     }
   }
-  for (int r = 0; r < R; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]) + minterm[r];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * n + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + minterm[r][m];
 }
 
+// Output rows [n0, n0 + r), r <= kRows, for every activation row.
 template <int BITS>
-void row_block(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m,
-               int64_t n0, int64_t r, int64_t k, int64_t group, int64_t groups, float* ym) {
-  switch (r) {
-    case 4: rows<BITS, 4>(pp, sp, mp, a, m, n0, k, group, groups, ym); break;
-    case 3: rows<BITS, 3>(pp, sp, mp, a, m, n0, k, group, groups, ym); break;
-    case 2: rows<BITS, 2>(pp, sp, mp, a, m, n0, k, group, groups, ym); break;
-    default: rows<BITS, 1>(pp, sp, mp, a, m, n0, k, group, groups, ym); break;
+void row_block(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m_rows,
+               int64_t n0, int64_t r, int64_t n, int64_t k, int64_t group, int64_t groups, float* y) {
+  if (m_rows == 1) {
+    switch (r) {
+      case 4: rows<BITS, 4, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, y); break;
+      case 3: rows<BITS, 3, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, y); break;
+      case 2: rows<BITS, 2, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, y); break;
+      default: rows<BITS, 1, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, y); break;
+    }
+    return;
   }
+  for (int64_t i = n0; i < n0 + r; ++i)
+    for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+      switch (std::min<int64_t>(4, m_rows - m0)) {
+        case 4: rows<BITS, 1, 4>(pp, sp, mp, a, m0, i, n, k, group, groups, y); break;
+        case 3: rows<BITS, 1, 3>(pp, sp, mp, a, m0, i, n, k, group, groups, y); break;
+        case 2: rows<BITS, 1, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, y); break;
+        default: rows<BITS, 1, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, y); break;
+      }
+    }
 }
 
 at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins,
@@ -189,11 +200,8 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
         for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
       }
       const int64_t n0 = b * kRows, r = std::min(kRows, n - n0);
-      for (int64_t m = 0; m < m_rows; ++m) {
-        float* ym = yp + m * n;
-        if (bits == 4) row_block<4>(pp, sp, mp, a, m, n0, r, k, group, groups, ym);
-        else row_block<8>(pp, sp, mp, a, m, n0, r, k, group, groups, ym);
-      }
+      if (bits == 4) row_block<4>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, yp);
+      else row_block<8>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, yp);
     }
   });
   return y;
