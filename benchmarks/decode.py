@@ -204,9 +204,11 @@ def compiled_decoders(ids: torch.Tensor, steps: int) -> dict:
             convert(model, whole_model_plan(model, *spec))
         t0 = time.perf_counter()
         cpu_native.set_enabled(not name.endswith(TORCH_KERNEL))  # the kernels are chosen when the Decoder is made
-        out[name] = Decoder(model, max_length=ids.shape[1] + steps + 1,
-                            **(PLAIN_STEP if name.endswith("plain step") else {}))
-        cpu_native.set_enabled(True)
+        try:
+            out[name] = Decoder(model, max_length=ids.shape[1] + steps + 1,
+                                **(PLAIN_STEP if name.endswith("plain step") else {}))
+        finally:
+            cpu_native.set_enabled(True)
         out[name].generate(ids, 2)
         print(f"{name}: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out

@@ -55,7 +55,7 @@ class _Stash:
 def _decision(pw: PackedWeight, exact: bool) -> tuple:
     _WEIGHTS[id(pw)] = pw
     if not exact and cpu_native.supported(pw):
-        return ("native", id(pw), pw.k_padded, pw.packed, pw.scales, pw.mins, pw.group_size, pw.bits)
+        return ("native", id(pw), *cpu_native.args(pw))
     if not exact and cpu_torch.supported(pw):
         k, *w = cpu_torch.layout(pw)
         return (f"torch{pw.bits}", id(pw), k, *w)
@@ -100,11 +100,7 @@ def prepared(module) -> bool:
 def _matmul(decision: tuple, x2: torch.Tensor) -> torch.Tensor:
     kind, handle, *w = decision
     if kind == "native" and x2.shape[0] <= cpu_native.MAX_ROWS:
-        k, *args = w
-        x2 = x2.float()
-        if k != x2.shape[1]:
-            x2 = torch.nn.functional.pad(x2, (0, k - x2.shape[1]))
-        return torch.ops.lensbench_native.packed_mm(x2.contiguous(), *args)
+        return cpu_native.call(x2, *w)
     if kind in ("torch4", "torch8") and x2.shape[0] <= cpu_kernels.TORCH_MAX_ROWS:
         k, *args = w
         xb = x2.to(torch.bfloat16)
