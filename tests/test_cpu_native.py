@@ -1,5 +1,5 @@
 """The native int4/int8 kernel (`gpu/cpu_native.py`, AVX512-VNNI): agreement with the arithmetic it claims
-(int16 activations per group, exact integer dots, exact min term) on every code path (tail rows, a short last
+(16-bit activations per group, exact integer dots, exact min term) on every code path (tail rows, a short last
 group, a 32-byte int4 remainder, one group per row, several activation rows, a zero group), the decode dispatch
 that picks it, and what happens where it cannot be built."""
 import os
@@ -16,11 +16,11 @@ pytestmark = pytest.mark.skipif(not cpu_native.available(), reason=f"{cpu_native
 
 
 def _int16_activations(x, pw):
-    """x rounded as the kernel rounds it: per group, d = max|x| / 32767, q = round(x / d)."""
+    """x rounded as the kernel rounds it: per group, d = max|x| / LEVELS, q = round(x / d)."""
     out = torch.empty_like(x, dtype=torch.float64)
     for start, length in pw.group_bounds():
         g = x[:, start:start + length]
-        d = g.abs().amax(-1, keepdim=True) / 32767
+        d = g.abs().amax(-1, keepdim=True) / cpu_native.LEVELS
         inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
         out[:, start:start + length] = torch.round(g * inv).double() * d.double()
     return out

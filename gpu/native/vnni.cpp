@@ -6,13 +6,16 @@
 // nibble of byte j and q[j + G/2] in the high one. Here every group's length is a multiple of 32 (the Python
 // side checks), and int8 groups are at most 4096 long (so the int32 lanes below cannot overflow).
 //
-// The activations are quantised per group to int16 (d = max|x| / 32767, round to nearest: a relative error
-// of at most 1.5e-5 of the group's largest activation, far below bfloat16's 3.9e-3) and kept in input order.
-// int4: 64 packed bytes of a group hold, in their low nibbles, the codes of 64 consecutive inputs and, in their
-// high nibbles, those of the 64 inputs G/2 later: one mask and one shift give them. The codes are widened to
-// 16 bits and multiplied with the activations by VPDPWSSD (pairs of 16-bit products summed into int32 lanes,
-// exact: a lane holds at most G/32 * 2 * 15 * 32767 < 2^31 for int4 groups under 65536, and G/32 * 2 * 255 *
-// 32767 for int8 ones, under 2^31 up to G = 4096). Per group:
+// The activations are quantised per group to 16-bit integers xq = round(x / d), d = max|x| / 32639 (round to
+// nearest: an error of at most 1.6e-5 of the group's largest activation, far below bfloat16's 3.9e-3), and
+// each xq is split into two signed bytes, xq = 256 * hi + lo (hi, lo in [-128, 127]; 32639 = 127 * 256 + 127
+// keeps hi in range). The codes are unsigned bytes as they are (int8) or after one mask or one shift and mask
+// (int4), so VPDPBUSD (four unsigned-by-signed byte products summed into an int32 lane) takes them with no
+// widening: one accumulator sums q . hi, another q . lo, and 256 * hi_sum + lo_sum is the exact q . xq (each
+// lane's true value is at most G/16 * 255 * 32639 < 2^31 for int8 groups up to 4096, G/16 * 15 * 32639 for
+// int4 ones under 65536; the int32 arithmetic wraps, so the sum is exact even where 256 * hi_sum alone is
+// not). The activation bytes are laid out in the order the codes are read (below), so every load is one
+// contiguous vector. Per group:
 //     y[m, n] += scale[n, g] * d[m, g] * (q . xq) + min[n, g] * sum(x[m, g])
 // the min term on the exact float32 sum of the group's activations.
 #include <torch/library.h>
@@ -26,147 +29,195 @@
 #include <cstdint>
 #include <vector>
 
-#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__))
-#error "lensbench's native kernels need AVX512F, AVX512BW and AVX512-VNNI"
+#if !(defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__))
+#error "lensbench's native kernels need AVX512F, AVX512BW, AVX512VL and AVX512-VNNI"
 #endif
 
 namespace {
 
 constexpr int64_t kRows = 4;  // output rows computed together: independent accumulator chains
 constexpr int64_t kPrefetch = 4;  // blocks of kRows rows fetched ahead
+constexpr float kLevels = 32639.f;  // 127 * 256 + 127: the largest |xq| whose high byte fits a signed byte
 
 struct Activations {
-  std::vector<int16_t> q;  // [M, K] int16, in input order
-  std::vector<float> d;    // [M, groups] each group's scale
-  std::vector<float> sum;  // [M, groups] exact float32 sum of each group's activations
+  std::vector<int8_t> hi, lo;  // [M, K] the bytes of xq = 256 * hi + lo, in the order the codes are read
+  std::vector<float> d;        // [M, groups] each group's scale
+  std::vector<float> sum;      // [M, groups] exact float32 sum of each group's activations
 };
 
-Activations quantize(const float* x, int64_t m_rows, int64_t k, int64_t group) {
+// Where the kernel reads the codes of a group of `len` inputs: int8 in input order; int4 in steps of 64, then
+// 32, then 16 packed bytes at byte b, each step the low nibbles' inputs [b, b + s) then the high nibbles'
+// [len/2 + b, len/2 + b + s). `emit(from, count)` is called for each contiguous run of inputs, in that order.
+template <typename Emit>
+void read_order(int64_t bits, int64_t len, Emit emit) {
+  if (bits == 8) { emit(0, len); return; }
+  const int64_t half = len / 2;
+  int64_t b = 0;
+  for (const int64_t step : {64, 32, 16})
+    for (; b + step <= half; b += step) { emit(b, step); emit(half + b, step); }
+}
+
+Activations quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, int64_t bits) {
   const int64_t groups = (k + group - 1) / group;
-  Activations a{std::vector<int16_t>(m_rows * k), std::vector<float>(m_rows * groups),
-                std::vector<float>(m_rows * groups)};
+  // 64 bytes more: a step of fewer than 64 codes still loads 64 activation bytes (times zero codes)
+  Activations a{std::vector<int8_t>(m_rows * k + 64), std::vector<int8_t>(m_rows * k + 64),
+                std::vector<float>(m_rows * groups), std::vector<float>(m_rows * groups)};
+  const __m512i half_step = _mm512_set1_epi32(128);
   for (int64_t m = 0; m < m_rows; ++m) {
     for (int64_t gi = 0; gi < groups; ++gi) {
-      const int64_t g0 = gi * group, len = std::min(group, k - g0);
+      const int64_t g0 = gi * group, len = std::min(group, k - g0);  // a multiple of 32
       const float* xg = x + m * k + g0;
-      float amax = 0.f, s = 0.f;
-      for (int64_t i = 0; i < len; ++i) { amax = std::fmax(amax, std::fabs(xg[i])); s += xg[i]; }
-      const float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
-      int16_t* q = a.q.data() + m * k + g0;
-      for (int64_t i = 0; i < len; ++i) q[i] = static_cast<int16_t>(std::nearbyint(xg[i] * inv));
+      __m512 amax = _mm512_setzero_ps(), s = _mm512_setzero_ps();
+      for (int64_t i = 0; i < len; i += 16) {
+        const __m512 v = _mm512_loadu_ps(xg + i);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        s = _mm512_add_ps(s, v);
+      }
+      const float d = _mm512_reduce_max_ps(amax) / kLevels;
+      const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+      int8_t* hi = a.hi.data() + m * k + g0;
+      int8_t* lo = a.lo.data() + m * k + g0;
+      read_order(bits, len, [&](int64_t from, int64_t count) {
+        for (int64_t i = 0; i < count; i += 16) {
+          const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + from + i), inv));  // to nearest
+          const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, half_step), 8);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtepi32_epi8(h));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(h, 8))));
+          hi += 16;
+          lo += 16;
+        }
+      });
       a.d[m * groups + gi] = d;
-      a.sum[m * groups + gi] = s;
+      a.sum[m * groups + gi] = _mm512_reduce_add_ps(s);
     }
   }
   return a;
 }
 
-inline float half_to_float(c10::Half h) { return _cvtsh_ss(h.x); }
-
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
 
 inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
+inline __m128i load128(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
 // Output rows [n0, n0 + R) for activation rows [m0, m0 + MB), R * MB <= 4 (four rows at one activation row for
-// decode; one row at up to four activation rows otherwise): a step's codes are unpacked and widened once per
-// output row and dotted with every activation row. Two int32 accumulators per pair (low and high nibbles).
+// decode; one row at up to four activation rows otherwise): a step's codes are unpacked once per output row and
+// dotted with every activation row. `sd` [R][MB][groups]: scale * d; `minterm` [R][MB]: sum_g min * sum(x).
 template <int BITS, int R, int MB>
-void rows(const uint8_t* packed, const c10::Half* scales, const c10::Half* mins, const Activations& a, int64_t m0,
-          int64_t n0, int64_t n, int64_t k, int64_t group, int64_t groups, float* y) {
+void rows(const uint8_t* packed, const float* sd, const float* minterm, const Activations& a, int64_t m0, int64_t n0,
+          int64_t n, int64_t k, int64_t group, int64_t groups, float* y) {
   const int64_t row_bytes = k * BITS / 8;
-  const int16_t* q = a.q.data() + m0 * k;  // activation row m0 + m at q + m * k
   const __m512i mask = _mm512_set1_epi8(0x0F);
   const __m256i mask256 = _mm256_set1_epi8(0x0F);
   const __m128i mask128 = _mm_set1_epi8(0x0F);
   __m512 acc[R][MB];
-  float minterm[R][MB];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) { acc[r][m] = _mm512_setzero_ps(); minterm[r][m] = 0.f; }
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t gi = 0; gi < groups; ++gi) {
-    const int64_t g0 = gi * group, len = std::min(group, k - g0), half = len / 2;
+    const int64_t g0 = gi * group, len = std::min(group, k - g0);
     const uint8_t* pg = packed + n0 * row_bytes + g0 * BITS / 8;
-    __m512i lo[R][MB], hi[R][MB];
+    const int8_t* xh = a.hi.data() + m0 * k + g0;  // activation row m0 + m at xh + m * k
+    const int8_t* xl = a.lo.data() + m0 * k + g0;
+    __m512i hs[R][MB], ls[R][MB];
     for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) lo[r][m] = hi[r][m] = _mm512_setzero_si512();
-    // 32 codes of output row r (16-bit) times the 32 activations from input `at` of every activation row
-    auto dot = [&](__m512i (&sum)[R][MB], int r, __m512i codes, int64_t at) {
-      for (int m = 0; m < MB; ++m) sum[r][m] = _mm512_dpwssd_epi32(sum[r][m], codes, load512(q + m * k + at));
+      for (int m = 0; m < MB; ++m) hs[r][m] = ls[r][m] = _mm512_setzero_si512();
+    // 64 codes of output row r (unsigned bytes; zero where fewer) times activation bytes [at, at + 64)
+    auto dot = [&](int r, __m512i codes, int64_t at) {
+      for (int m = 0; m < MB; ++m) {
+        hs[r][m] = _mm512_dpbusd_epi32(hs[r][m], codes, load512(xh + m * k + at));
+        ls[r][m] = _mm512_dpbusd_epi32(ls[r][m], codes, load512(xl + m * k + at));
+      }
     };
     if constexpr (BITS == 8) {  // 64 codes a step, then 32
       int64_t b = 0;
       for (; b + 64 <= len; b += 64)
-        for (int r = 0; r < R; ++r) {
-          const __m512i w = load512(pg + r * row_bytes + b);
-          dot(lo, r, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(w)), g0 + b);
-          dot(hi, r, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(w, 1)), g0 + b + 32);
-        }
+        for (int r = 0; r < R; ++r) dot(r, load512(pg + r * row_bytes + b), b);
       if (b < len)
-        for (int r = 0; r < R; ++r) dot(lo, r, _mm512_cvtepu8_epi16(load256(pg + r * row_bytes + b)), g0 + b);
-    } else {  // inputs g0+b.. in the low nibbles and g0+half+b.. in the high ones: 64 bytes a step, then 32, 16
+        for (int r = 0; r < R; ++r) dot(r, _mm512_zextsi256_si512(load256(pg + r * row_bytes + b)), b);
+    } else {  // a step of s bytes at b: the low nibbles' s codes, then the high nibbles' (the activations' order)
+      const int64_t half = len / 2;
       int64_t b = 0;
       for (; b + 64 <= half; b += 64)
         for (int r = 0; r < R; ++r) {
           const __m512i w = load512(pg + r * row_bytes + b);
-          const __m512i l = _mm512_and_si512(w, mask), h = _mm512_and_si512(_mm512_srli_epi16(w, 4), mask);
-          dot(lo, r, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(l)), g0 + b);
-          dot(hi, r, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(h)), g0 + half + b);
-          dot(lo, r, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(l, 1)), g0 + b + 32);
-          dot(hi, r, _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(h, 1)), g0 + half + b + 32);
+          dot(r, _mm512_and_si512(w, mask), 2 * b);
+          dot(r, _mm512_and_si512(_mm512_srli_epi16(w, 4), mask), 2 * b + 64);
         }
       if (b + 32 <= half) {
         for (int r = 0; r < R; ++r) {
           const __m256i w = load256(pg + r * row_bytes + b);
-          dot(lo, r, _mm512_cvtepu8_epi16(_mm256_and_si256(w, mask256)), g0 + b);
-          dot(hi, r, _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(w, 4), mask256)), g0 + half + b);
+          const __m256i l = _mm256_and_si256(w, mask256), h = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask256);
+          dot(r, _mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), 2 * b);
         }
         b += 32;
       }
-      if (b < half)  // 16 bytes left (a group of 32, or 32 more): both nibbles' 16 codes side by side
+      if (b < half)  // 16 bytes left (a group of 32, or 32 more)
         for (int r = 0; r < R; ++r) {
-          const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(pg + r * row_bytes + b));
-          const __m512i codes = _mm512_cvtepu8_epi16(
-              _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(w, 4), mask128), _mm_and_si128(w, mask128)));
-          for (int m = 0; m < MB; ++m) {
-            const int16_t* qm = q + m * k + g0 + b;
-            const __m512i xq = _mm512_inserti64x4(_mm512_castsi256_si512(load256(qm)), load256(qm + half), 1);
-            lo[r][m] = _mm512_dpwssd_epi32(lo[r][m], codes, xq);
-          }
+          const __m128i w = load128(pg + r * row_bytes + b);
+          const __m128i l = _mm_and_si128(w, mask128), h = _mm_and_si128(_mm_srli_epi16(w, 4), mask128);
+          dot(r, _mm512_zextsi256_si512(_mm256_set_m128i(h, l)), 2 * b);
         }
     }
-    for (int r = 0; r < R; ++r) {
-      const float s = half_to_float(scales[(n0 + r) * groups + gi]), mn = half_to_float(mins[(n0 + r) * groups + gi]);
+    for (int r = 0; r < R; ++r)
       for (int m = 0; m < MB; ++m) {
-        const int64_t at = (m0 + m) * groups + gi;
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo[r][m], hi[r][m])),
-                                    _mm512_set1_ps(s * a.d[at]), acc[r][m]);
-        minterm[r][m] += mn * a.sum[at];
+        const __m512i q = _mm512_add_epi32(_mm512_slli_epi32(hs[r][m], 8), ls[r][m]);  // exact q . xq per lane
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sd[(r * MB + m) * groups + gi]), acc[r][m]);
       }
-    }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) y[(m0 + m) * n + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + minterm[r][m];
+    for (int m = 0; m < MB; ++m) y[(m0 + m) * n + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + minterm[r * MB + m];
 }
 
-// Output rows [n0, n0 + r), r <= kRows, for every activation row.
+// `sd` and `minterm` of `rows` for output rows [n0, n0 + R) and activation rows [m0, m0 + MB), 16 groups at a time.
+void group_factors(const c10::Half* scales, const c10::Half* mins, const Activations& a, int64_t m0, int64_t mb,
+                   int64_t n0, int64_t r_rows, int64_t groups, float* sd, float* minterm) {
+  for (int64_t r = 0; r < r_rows; ++r)
+    for (int64_t m = 0; m < mb; ++m) {
+      const c10::Half* s = scales + (n0 + r) * groups;
+      const c10::Half* mn = mins + (n0 + r) * groups;
+      const float* d = a.d.data() + (m0 + m) * groups;
+      const float* sum = a.sum.data() + (m0 + m) * groups;
+      float* out = sd + (r * mb + m) * groups;
+      __m512 t = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 k16 = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
+        const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k16, s + g));
+        const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k16, mn + g));
+        _mm512_mask_storeu_ps(out + g, k16, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k16, d + g)));
+        t = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k16, sum + g), t);
+      }
+      minterm[r * mb + m] = _mm512_reduce_add_ps(t);
+    }
+}
+
+template <int BITS, int R, int MB>
+void run(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m0, int64_t n0,
+         int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
+  float minterm[4];
+  group_factors(sp, mp, a, m0, MB, n0, R, groups, scratch, minterm);
+  rows<BITS, R, MB>(pp, scratch, minterm, a, m0, n0, n, k, group, groups, y);
+}
+
+// Output rows [n0, n0 + r), r <= kRows, for every activation row; `scratch` holds 4 * groups floats.
 template <int BITS>
 void row_block(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m_rows,
-               int64_t n0, int64_t r, int64_t n, int64_t k, int64_t group, int64_t groups, float* y) {
+               int64_t n0, int64_t r, int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
   if (m_rows == 1) {
     switch (r) {
-      case 4: rows<BITS, 4, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, y); break;
-      case 3: rows<BITS, 3, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, y); break;
-      case 2: rows<BITS, 2, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, y); break;
-      default: rows<BITS, 1, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, y); break;
+      case 4: run<BITS, 4, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, scratch, y); break;
+      case 3: run<BITS, 3, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, scratch, y); break;
+      case 2: run<BITS, 2, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, scratch, y); break;
+      default: run<BITS, 1, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, scratch, y); break;
     }
     return;
   }
   for (int64_t i = n0; i < n0 + r; ++i)
     for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
       switch (std::min<int64_t>(4, m_rows - m0)) {
-        case 4: rows<BITS, 1, 4>(pp, sp, mp, a, m0, i, n, k, group, groups, y); break;
-        case 3: rows<BITS, 1, 3>(pp, sp, mp, a, m0, i, n, k, group, groups, y); break;
-        case 2: rows<BITS, 1, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, y); break;
-        default: rows<BITS, 1, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, y); break;
+        case 4: run<BITS, 1, 4>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
+        case 3: run<BITS, 1, 3>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
+        case 2: run<BITS, 1, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
+        default: run<BITS, 1, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
       }
     }
 }
@@ -180,11 +231,11 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
               mins.is_contiguous(), "scales, mins: contiguous float16 [N, groups]");
   const int64_t m_rows = x.size(0), k = x.size(1), n = packed.size(0), groups = scales.size(1);
   TORCH_CHECK(k % 32 == 0 && group % 32 == 0 && packed.size(1) * 8 == k * bits && groups == (k + group - 1) / group
-              && (bits == 4 || group <= 4096),
-              "packed_mm: K and the group size must be multiples of 32 (int8 groups at most 4096), packed [N, "
-              "K*bits/8], scales [N, ceil(K/G)]");
+              && (bits == 4 ? group < 65536 : group <= 4096),
+              "packed_mm: K and the group size must be multiples of 32 (int8 groups at most 4096, int4 under 65536), "
+              "packed [N, K*bits/8], scales [N, ceil(K/G)]");
   at::Tensor y = at::empty({m_rows, n}, x.options());
-  const Activations a = quantize(x.data_ptr<float>(), m_rows, k, group);
+  const Activations a = quantize(x.data_ptr<float>(), m_rows, k, group, bits);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
   const c10::Half* mp = mins.data_ptr<c10::Half>();
@@ -194,14 +245,15 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   // rows are dotted with every activation row while they sit in L1, and the block kPrefetch blocks ahead is
   // fetched meanwhile: a decode-size matrix is too short a stream for the hardware prefetcher to ramp up.
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scratch(4 * groups);
     for (int64_t b = b0; b < b1; ++b) {
       if (b + kPrefetch < b1) {
         const char* ahead = reinterpret_cast<const char*>(pp + (b + kPrefetch) * block_bytes);
         for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
       }
       const int64_t n0 = b * kRows, r = std::min(kRows, n - n0);
-      if (bits == 4) row_block<4>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, yp);
-      else row_block<8>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, yp);
+      if (bits == 4) row_block<4>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, scratch.data(), yp);
+      else row_block<8>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, scratch.data(), yp);
     }
   });
   return y;
