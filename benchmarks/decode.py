@@ -59,6 +59,7 @@ from lensbench.compress.apply import apply  # noqa: E402
 from lensbench.compress.plan import Plan  # noqa: E402
 from lensbench.gpu import cpu_kernels, cpu_native  # noqa: E402
 from lensbench.gpu.modules import QuantLinear  # noqa: E402
+from lensbench.numeric import storage_bytes  # noqa: E402
 from lensbench.profiling import model_card  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
 
@@ -139,17 +140,18 @@ def lensbench_variant(model, plan: Plan | None, exact: bool = False, native: boo
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of every linear's weight as its decode kernel reads it (torch's layout where one is used)."""
-    total = 0
+    """Bytes of every linear's weight as its decode kernel reads it (torch's layout where one is used), each
+    storage counted once: a fused group's members are row views of one weight."""
+    tensors = []
     for m in module.modules():
         if isinstance(m, QuantLinear):
             decision = m.__dict__.get("_compiled")  # a compiled decoder's choice, else what eager decode takes
-            native = decision[1][0] == "native4" if decision else cpu_native.supported(m.pw)
+            native = decision[1][0] == "native" if decision else cpu_native.supported(m.pw)
             lay = None if native else m.pw.__dict__.get("_torch_layout")
-            total += sum(t.nbytes for t in lay if isinstance(t, torch.Tensor)) if lay else m.pw.nbytes
+            tensors += [t for t in lay if isinstance(t, torch.Tensor)] if lay else [m.pw.packed, m.pw.scales, m.pw.mins]
         elif isinstance(m, nn.Linear):
-            total += m.weight.nbytes
-    return total
+            tensors.append(m.weight)
+    return storage_bytes(tensors)
 
 
 def kv_bytes(model, context: float) -> float:
