@@ -3,17 +3,18 @@
 torch's weight-only kernels (`cpu_torch`) dequantise to bfloat16 and multiply in floating point, rounding the
 activations to bfloat16 (8 significant bits); numba's exact gemv multiplies in float32 at a fraction of the
 speed. This kernel multiplies integers on lensbench's own packed bytes (no second copy of the weight): the
-activations are quantised to int16 per group (d = max|x| / 32767, an error of at most 1.5e-5 of the group's
-largest activation) and the codes widened to 16 bits, and VPDPWSSD sums pairs of products exactly into int32
-lanes; the group's sum is scaled by its scale and d in float32, and its min multiplies the exact float32 sum
+activations are quantised per group to 16-bit integers (d = max|x| / LEVELS, an error of at most 1.6e-5 of the
+group's largest activation) split into two signed bytes, and VPDPBUSD multiplies the codes, unsigned bytes
+as stored or masked out of their nibbles, with each byte plane, summing exactly into int32 lanes; the group's
+sum is scaled by its scale and d in float32, and its min multiplies the exact float32 sum
 of its activations. Outputs agree with the exact float32 kernels within 5e-4 of their largest value (what
 tests/test_cpu_native.py checks; the bfloat16 path is allowed 1e-2). `cpu_kernels.set_exact(True)` (or
 LENSBENCH_EXACT_KERNELS=1) still keeps every matmul on the float32 kernels, as `evaluate` does.
 
 It runs int4 and int8 weights whose groups all have lengths that are multiples of 32 (group size 32, 64,
 128, ... or one group per row, and K padded to a multiple of 32: SmolLM2's K = 576 in groups of 128 ends with
-a group of 64; int8 groups at most 4096 long), for at most `MAX_ROWS` activation rows. It is C++ compiled on
-first use with the system's compiler for this CPU (`-march=native`) into
+a group of 64; int8 groups at most 4096 long, int4 ones under 65536), for at most `MAX_ROWS` activation rows.
+It is C++ compiled on first use with the system's compiler for this CPU (`-march=native`) into
 $LENSBENCH_CACHE/native/ (default ~/.cache/lensbench), keyed by the source, torch's version and the
 compiler's target, and registered as the torch op `lensbench_native::packed_mm`, which a compiled decode
 graph calls from its C++ wrapper without Python. Where it cannot be built (no C++ compiler, a CPU without
@@ -164,7 +165,7 @@ def call(x2: torch.Tensor, k_padded: int, *weight) -> torch.Tensor:
 
 
 def matmul(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
-    """x2 [M, K] float -> [M, N] float32 (activations rounded to int16 per group)."""
+    """x2 [M, K] float -> [M, N] float32 (activations rounded to 16-bit integers per group)."""
     if "loaded" not in _state and not available():
         raise RuntimeError(unavailable())
     return call(x2, *args(pw))
