@@ -64,6 +64,20 @@ def test_matches_its_arithmetic(bits, n, k, group, m):
     assert (y - exact).abs().max() <= 5e-4 * exact.abs().max()
 
 
+@pytest.mark.parametrize("bits,group", [(8, 4096), (4, 8192)])
+def test_largest_groups_sum_exactly_at_the_largest_codes_and_activations(bits, group):
+    """Every code at its top level and every activation at the top of its range: each int32 lane holds the
+    most it can (int8 groups of 4096: 2.13e9 of 2^31), and the two byte planes' sums, 256 * hi + lo, still give
+    the exact q . xq."""
+    w = torch.ones(4, group)
+    w[:, 0] = 0  # min 0, max 1: every other code is 2^bits - 1
+    pw = quantize(w, bits, group)
+    x = torch.stack([torch.full((group,), 3.0), torch.full((group,), -3.0)])  # the top level, and the bottom one
+    y = cpu_native.matmul(x, pw)
+    want = _expected(x, pw)
+    assert (y.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_decode_dispatch_follows_the_crossover_and_exact_keeps_float32():
     torch.manual_seed(0)
     pw4, pw8 = quantize(torch.randn(48, 192), 4, 64), quantize(torch.randn(48, 192), 8, 64)
