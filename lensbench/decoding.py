@@ -15,6 +15,9 @@ thread count. By default the step runs transformers' `eager` attention whatever 
 (`step_attention`: at one query token inductor fuses it into its own loops, where SDPA's CPU kernel is one opaque
 call) and inductor's C++ wrapper (`cpp_wrapper`: the graph's few hundred kernel calls made from C++, not Python);
 benchmarks/decode.py measures the two together against the plain compiled step. The prompt keeps the model's attention.
+The steps also read each rotary embedding's cos and sin from a table made once per Decoder (`RotaryTables`): at
+one query token inductor fuses the query's rotary embedding into the attention scores' loop, where it would
+compute them again for every cached position.
 Each step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as
 eager packed decode does: on cores shared with another busy process one thread beats two), so the first
 steps on each count compile.
@@ -61,6 +64,52 @@ def attention(module: torch.nn.Module, implementation: str) -> Iterator[None]:
     finally:
         for k, c in configs.items():
             c._attn_implementation = saved[k]
+
+
+class RotaryTables:
+    """The cos/sin of every position below `length`, computed once by each rotary-embedding module of `module`,
+    for the steps to read instead of computing them. At one query token inductor fuses the query's rotary
+    embedding into the attention scores' loop and so computes its cos and sin again for every cached position
+    (9 heads x the cache's length x 64 dimensions per layer and step, for SmolLM2); read from a table they
+    are two loads. The values are the module's own (its forward, run eagerly on all positions at once). Rotary
+    types whose frequencies depend on the sequence's length (dynamic, longrope) keep their own forward, as do
+    calls with arguments not tabulated."""
+
+    def __init__(self, module: torch.nn.Module, length: int):
+        self.modules = {}
+        positions = torch.arange(length)[None]
+        for m in module.modules():
+            rope = getattr(m, "rope_type", "default")
+            kinds = list(rope.values()) if isinstance(rope, dict) else [rope]
+            if (not type(m).__name__.endswith("RotaryEmbedding")
+                    or not any(n.endswith("inv_freq") for n, _ in m.named_buffers(recurse=False))
+                    or any("dynamic" in str(k) or "longrope" in str(k) for k in kinds)):
+                continue
+            # per layer type where the module has several (Gemma 3: `layer_type`, passed either way)
+            calls = ([c for t in rope for c in (((t,), ()), ((), (("layer_type", t),)))] if isinstance(rope, dict)
+                     else [((), ())])
+            with torch.no_grad():
+                self.modules[m] = {key: m(torch.zeros(1, dtype=torch.float32), positions, *key[0], **dict(key[1]))
+                                   for key in calls}
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Inside the block, the tabulated modules' forwards read their tables."""
+        def forward(tables, original):
+            def read(x, position_ids, *args, **kwargs):
+                table = tables.get((args, tuple(sorted(kwargs.items()))))
+                if table is None:
+                    return original(x, position_ids, *args, **kwargs)
+                cos, sin = table
+                return cos[0][position_ids].to(x.dtype), sin[0][position_ids].to(x.dtype)
+            return read
+        try:
+            for m, tables in self.modules.items():
+                m.forward = forward(tables, type(m).forward.__get__(m))
+            yield
+        finally:
+            for m in self.modules:
+                m.__dict__.pop("forward", None)
 
 
 GRAPHS_PER_DECODER = 8  # batch sizes x thread counts one Decoder may compile its step for
@@ -131,6 +180,7 @@ class Decoder:
                                    options={"guard_filter_fn": _cheap_guards, "cpp_wrapper": self.cpp_wrapper})
                      if compile else module.forward)
         self._attention = step_attention or attn
+        self._rotary = RotaryTables(module, self.max_length)
         self._cache = None
         self._threads = Adaptive(torch.get_num_threads())  # as the eager packed path: see gpu.threads
         self.timings: dict = {}  # of the last `generate`: prompt_tokens, prefill_s, decode_steps, decode_s
@@ -162,7 +212,7 @@ class Decoder:
         t1 = time.perf_counter()
         user = torch.get_num_threads()
         try:
-            with attention(self.module, self._attention):
+            with attention(self.module, self._attention), self._rotary.reading():
                 for pos in range(ids.shape[1], total - 1):
                     position = torch.full((ids.shape[0], 1), pos, dtype=torch.long)
                     n = self.threads or self._threads.choose()

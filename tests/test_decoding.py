@@ -57,6 +57,24 @@ def test_dense_tokens_equal_transformers_generate(llama):
     assert torch.equal(plain.generate(ids, NEW), _eager(llama, ids))
 
 
+def test_steps_read_rotary_tables_of_the_modules_own_values(llama):
+    from lensbench.decoding import RotaryTables
+
+    tables = RotaryTables(llama.module, 32)
+    (rotary, _), = tables.modules.items()
+    pos, x = torch.tensor([[0], [7], [31]]), torch.zeros(1)
+    want = rotary(x, pos)
+    with tables.reading():
+        got = rotary(x, pos)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert "forward" not in rotary.__dict__  # the module's own forward is back
+    own, rotary.rope_type = rotary.rope_type, "dynamic"  # frequencies that depend on the length: not tabulated
+    try:
+        assert not RotaryTables(llama.module, 32).modules
+    finally:
+        rotary.rope_type = own
+
+
 @pytest.mark.parametrize("case", ["int4", "int4-native", "int8-sym-row", "mixed-widths", "int3-exact"])
 def test_packed_tokens_equal_eager_apply(llama, case, monkeypatch):
     specs = {
