@@ -81,8 +81,9 @@ Activations quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, i
         for (int64_t i = 0; i < count; i += 16) {
           const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + from + i), inv));  // to nearest
           const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, half_step), 8);
+          const __m512i l = _mm512_sub_epi32(q, _mm512_slli_epi32(h, 8));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtepi32_epi8(h));
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(h, 8))));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtepi32_epi8(l));
           hi += 16;
           lo += 16;
         }
