@@ -40,7 +40,7 @@ from .quant import PackedWeight
 SOURCE = Path(__file__).parent / "native" / "vnni.cpp"
 BITS = (4, 8)
 INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
-INT4_MAX_GROUP = 65535  # (and int4 groups of 65536 or more)
+INT4_MAX_GROUP = 65535  # int4 groups of 65536 or more could too
 LEVELS = 32639  # the activations' integer levels either side of zero: d = max|x| / LEVELS (127 * 256 + 127)
 # Activation rows it takes: above 24 the tiled dequantise + GEMM path is faster (the crossover table of
 # benchmarks/decode.py, reports/DECODE.md). torch's int4 kernel was faster from 2 rows there, but its layout
@@ -138,7 +138,8 @@ def set_enabled(enabled: bool) -> None:
 
 
 def holds(pw: PackedWeight) -> bool:
-    """Whether the kernel runs `pw`: int4 or int8 with every group's length a multiple of 32."""
+    """Whether the kernel runs `pw`: int4 or int8 with every group's length a multiple of 32 (and within the
+    group limits above)."""
     return (pw.bits in BITS and pw.group_size % 32 == 0 and pw.k_padded % 32 == 0
             and pw.group_size <= (INT4_MAX_GROUP if pw.bits == 4 else INT8_MAX_GROUP))
 

@@ -97,6 +97,7 @@ def test_decode_dispatch_follows_the_crossover_and_exact_keeps_float32():
         assert not cpu_native.holds(quantize(torch.randn(48, 192), bits, group))
     assert not cpu_native.holds(quantize(torch.randn(8, 200), 4, 64))  # K padded to 200: a group of 8
     assert not cpu_native.holds(quantize(torch.randn(2, 8192), 8, -1))  # int8 groups over 4096 could overflow
+    assert not cpu_native.holds(quantize(torch.randn(1, 65536), 4, -1))  # as could int4 groups of 65536
 
 
 def test_without_a_compiler_it_says_why_and_decode_runs_on_torch(tmp_path):
