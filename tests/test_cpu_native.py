@@ -3,6 +3,8 @@
 group, a 32-byte int4 remainder, one group per row, several activation rows, a zero group), the decode dispatch
 that picks it, and what happens where it cannot be built."""
 import os
+import platform
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +14,23 @@ import torch
 from lensbench.gpu import cpu_kernels, cpu_native, reference
 from lensbench.gpu.quant import quantize
 
-pytestmark = pytest.mark.skipif(not cpu_native.available(), reason=f"{cpu_native.unavailable()}")
+native = pytest.mark.skipif(not cpu_native.available(), reason=f"{cpu_native.unavailable()}")
+
+
+def _cpu_runs_it() -> bool:
+    """An x86-64 Linux CPU with the instructions the kernel needs, a C++ compiler, the kernel not turned off."""
+    if sys.platform != "linux" or platform.machine() != "x86_64" or os.environ.get("LENSBENCH_NATIVE") == "0":
+        return False
+    with open("/proc/cpuinfo") as f:
+        flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    needed = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
+    return needed <= set(flags) and shutil.which(cpu_native._compiler()) is not None
+
+
+@pytest.mark.skipif(not _cpu_runs_it(), reason="no AVX512-VNNI CPU with a C++ compiler here")
+def test_builds_where_the_cpu_and_a_compiler_allow():
+    # the other tests skip where it is unavailable: a source that does not compile must fail here, not skip
+    assert cpu_native.unavailable() is None
 
 
 def _int16_activations(x, pw):
@@ -37,6 +55,7 @@ def _expected(x, pw):
     return y
 
 
+@native
 @pytest.mark.parametrize("bits,n,k,group,m", [
     (4, 37, 576, 128, 1),  # N not a multiple of the 4 rows computed together; a last group of 64
     (4, 64, 576, 128, 3),
@@ -64,6 +83,7 @@ def test_matches_its_arithmetic(bits, n, k, group, m):
     assert (y - exact).abs().max() <= 5e-4 * exact.abs().max()
 
 
+@native
 @pytest.mark.parametrize("bits,group", [(8, 4096), (4, 8192)])
 def test_largest_groups_sum_exactly_at_the_largest_codes_and_activations(bits, group):
     """Every code at its top level and every activation at the top of its range: each int32 lane holds the
@@ -78,6 +98,7 @@ def test_largest_groups_sum_exactly_at_the_largest_codes_and_activations(bits, g
     assert (y.double() - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@native
 def test_decode_dispatch_follows_the_crossover_and_exact_keeps_float32():
     torch.manual_seed(0)
     pw4, pw8 = quantize(torch.randn(48, 192), 4, 64), quantize(torch.randn(48, 192), 8, 64)
@@ -100,6 +121,7 @@ def test_decode_dispatch_follows_the_crossover_and_exact_keeps_float32():
     assert not cpu_native.holds(quantize(torch.randn(1, 65536), 4, -1))  # as could int4 groups of 65536
 
 
+@native
 def test_without_a_compiler_it_says_why_and_decode_runs_on_torch(tmp_path):
     code = ("import torch; from lensbench.gpu import cpu_native, cpu_kernels, quant\n"
             "print(cpu_native.unavailable())\n"
