@@ -57,11 +57,15 @@ void read_order(int64_t bits, int64_t len, Emit emit) {
     for (; b + step <= half; b += step) { emit(b, step); emit(half + b, step); }
 }
 
-Activations quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, int64_t bits) {
+// Into `a` (the calling thread's buffers, reused from call to call: no allocation per call once they are large
+// enough).
+void quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, int64_t bits, Activations& a) {
   const int64_t groups = (k + group - 1) / group;
-  // 64 bytes more: a step of fewer than 64 codes still loads 64 activation bytes (times zero codes)
-  Activations a{std::vector<int8_t>(m_rows * k + 64), std::vector<int8_t>(m_rows * k + 64),
-                std::vector<float>(m_rows * groups), std::vector<float>(m_rows * groups)};
+  // 64 bytes more, zero: a step of fewer than 64 codes still loads 64 activation bytes (times zero codes)
+  a.hi.assign(m_rows * k + 64, 0);
+  a.lo.assign(m_rows * k + 64, 0);
+  a.d.resize(m_rows * groups);
+  a.sum.resize(m_rows * groups);
   const __m512i half_step = _mm512_set1_epi32(128);
   for (int64_t m = 0; m < m_rows; ++m) {
     for (int64_t gi = 0; gi < groups; ++gi) {
@@ -92,7 +96,6 @@ Activations quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, i
       a.sum[m * groups + gi] = _mm512_reduce_add_ps(s);
     }
   }
-  return a;
 }
 
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
@@ -101,11 +104,25 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_ca
 
 inline __m128i load128(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 
+// The lane sums of four vectors: {sum(v0), sum(v1), sum(v2), sum(v3)} (a tree of adds, not four reductions).
+inline __m128 sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  // halves: 8 lanes each, then pairs of vectors into one 512-bit register
+  const __m256 a0 = _mm256_add_ps(_mm512_castps512_ps256(v0), _mm512_extractf32x8_ps(v0, 1));
+  const __m256 a1 = _mm256_add_ps(_mm512_castps512_ps256(v1), _mm512_extractf32x8_ps(v1, 1));
+  const __m256 a2 = _mm256_add_ps(_mm512_castps512_ps256(v2), _mm512_extractf32x8_ps(v2, 1));
+  const __m256 a3 = _mm256_add_ps(_mm512_castps512_ps256(v3), _mm512_extractf32x8_ps(v3, 1));
+  const __m256 h01 = _mm256_hadd_ps(a0, a1);  // per 128-bit half: a0 pairs, a1 pairs
+  const __m256 h23 = _mm256_hadd_ps(a2, a3);
+  const __m256 h = _mm256_hadd_ps(h01, h23);  // per half: {a0, a1, a2, a3} partial sums
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 // Output rows [n0, n0 + R) for activation rows [m0, m0 + MB), R * MB <= 4 (four rows at one activation row for
 // decode; one row at up to four activation rows otherwise): a step's codes are unpacked once per output row and
-// dotted with every activation row. `sd` [R][MB][groups]: scale * d; `minterm` [R][MB]: sum_g min * sum(x).
+// dotted with every activation row. `sd` [R][MB][groups]: scale * d; `minterm` [R][MB]: lanes summing to
+// sum_g min * sum(x).
 template <int BITS, int R, int MB>
-void rows(const uint8_t* packed, const float* sd, const float* minterm, const Activations& a, int64_t m0, int64_t n0,
+void rows(const uint8_t* packed, const float* sd, const __m512* minterm, const Activations& a, int64_t m0, int64_t n0,
           int64_t n, int64_t k, int64_t group, int64_t groups, float* y) {
   const int64_t row_bytes = k * BITS / 8;
   const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -113,7 +130,7 @@ void rows(const uint8_t* packed, const float* sd, const float* minterm, const Ac
   const __m128i mask128 = _mm_set1_epi8(0x0F);
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) acc[r][m] = minterm[r * MB + m];
   for (int64_t gi = 0; gi < groups; ++gi) {
     const int64_t g0 = gi * group, len = std::min(group, k - g0);
     const uint8_t* pg = packed + n0 * row_bytes + g0 * BITS / 8;
@@ -165,13 +182,19 @@ void rows(const uint8_t* packed, const float* sd, const float* minterm, const Ac
         acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sd[(r * MB + m) * groups + gi]), acc[r][m]);
       }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) y[(m0 + m) * n + n0 + r] = _mm512_reduce_add_ps(acc[r][m]) + minterm[r * MB + m];
+  if constexpr (R == 4 && MB == 1) {
+    _mm_storeu_ps(y + m0 * n + n0, sum4(acc[0][0], acc[1][0], acc[2][0], acc[3][0]));
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) y[(m0 + m) * n + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
+  }
 }
 
-// `sd` and `minterm` of `rows` for output rows [n0, n0 + R) and activation rows [m0, m0 + MB), 16 groups at a time.
+// `sd` and `minterm` of `rows` for output rows [n0, n0 + R) and activation rows [m0, m0 + MB), 16 groups at a
+// time. `minterm` [R][MB] holds 16 lanes each whose sum is sum_g min * sum(x): `rows` starts its accumulators from
+// them, so one horizontal sum per output serves both terms.
 void group_factors(const c10::Half* scales, const c10::Half* mins, const Activations& a, int64_t m0, int64_t mb,
-                   int64_t n0, int64_t r_rows, int64_t groups, float* sd, float* minterm) {
+                   int64_t n0, int64_t r_rows, int64_t groups, float* sd, __m512* minterm) {
   for (int64_t r = 0; r < r_rows; ++r)
     for (int64_t m = 0; m < mb; ++m) {
       const c10::Half* s = scales + (n0 + r) * groups;
@@ -187,14 +210,14 @@ void group_factors(const c10::Half* scales, const c10::Half* mins, const Activat
         _mm512_mask_storeu_ps(out + g, k16, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k16, d + g)));
         t = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k16, sum + g), t);
       }
-      minterm[r * mb + m] = _mm512_reduce_add_ps(t);
+      minterm[r * mb + m] = t;
     }
 }
 
 template <int BITS, int R, int MB>
 void run(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m0, int64_t n0,
          int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
-  float minterm[4];
+  __m512 minterm[4];
   group_factors(sp, mp, a, m0, MB, n0, R, groups, scratch, minterm);
   rows<BITS, R, MB>(pp, scratch, minterm, a, m0, n0, n, k, group, groups, y);
 }
@@ -236,7 +259,11 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
               "packed_mm: K and the group size must be multiples of 32 (int8 groups at most 4096, int4 under 65536), "
               "packed [N, K*bits/8], scales [N, ceil(K/G)]");
   at::Tensor y = at::empty({m_rows, n}, x.options());
-  const Activations a = quantize(x.data_ptr<float>(), m_rows, k, group, bits);
+  // the caller's buffers, named by a reference: inside the parallel region the name of a thread_local would be
+  // each worker's own (empty) instance
+  thread_local Activations buffers;
+  Activations& a = buffers;
+  quantize(x.data_ptr<float>(), m_rows, k, group, bits, a);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
   const c10::Half* mp = mins.data_ptr<c10::Half>();
@@ -246,7 +273,8 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   // rows are dotted with every activation row while they sit in L1, and the block kPrefetch blocks ahead is
   // fetched meanwhile: a decode-size matrix is too short a stream for the hardware prefetcher to ramp up.
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scratch(4 * groups);
+    thread_local std::vector<float> scratch;
+    scratch.resize(4 * groups);
     for (int64_t b = b0; b < b1; ++b) {
       if (b + kPrefetch < b1) {
         const char* ahead = reinterpret_cast<const char*>(pp + (b + kPrefetch) * block_bytes);
