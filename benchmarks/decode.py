@@ -16,7 +16,10 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
   of the model converted for good (`convert`): fp32, int8 g128, int8 sym per-row and int4 g128 (native
   kernel), int8 sym per-row and int4 g128 on torch's kernels, against the compiled fp32; and int4 g128 on
   the plain compiled step (the model's SDPA attention, inductor's Python wrapper), which the Decoder's
-  defaults (eager attention in the step, the C++ wrapper) are measured against. They live in a process of
+  defaults (native attention in the step, the C++ wrapper) are measured against; int4 g128 with transformers'
+  eager attention in the step (the default before the native attention); and int4 g128 on a 1024-position
+  cache (the Decoder's default length), native and eager attention, where eager attention reads the whole
+  cache at every step and the native one only the filled positions. They live in a process of
   their own, as torchao's and llama.cpp's do, away from numba's thread pool. The compile itself (tens of
   seconds each) happens before the rounds and is printed.
 * Roofline: bytes read per decoded token (weights as the kernel reads them, plus the KV cache at the mean
@@ -78,8 +81,22 @@ COMPILED = {"lensbench-compiled fp32": None, "lensbench-compiled int8 g128": (8,
             "lensbench-compiled int8 sym row": (8, -1, "sym"), "lensbench-compiled int4 g128": (4, GROUP, "asym"),
             "lensbench-compiled int4 g128 torch kernel": (4, GROUP, "asym"),
             "lensbench-compiled int8 sym row torch kernel": (8, -1, "sym"),
-            "lensbench-compiled int4 g128 plain step": (4, GROUP, "asym")}
-PLAIN_STEP = {"step_attention": None, "cpp_wrapper": False}  # the step without the Decoder's two defaults
+            "lensbench-compiled int4 g128 plain step": (4, GROUP, "asym"),
+            "lensbench-compiled int4 g128 eager attention": (4, GROUP, "asym"),
+            "lensbench-compiled int4 g128 cache 1024": (4, GROUP, "asym"),
+            "lensbench-compiled int4 g128 cache 1024 eager attention": (4, GROUP, "asym")}
+PLAIN_STEP = {"step_attention": None, "cpp_wrapper": False}  # the step without the Decoder's defaults
+LONG_CACHE = 1024  # the Decoder's default max_length: a cache mostly empty at this benchmark's context
+
+
+def decoder_options(name: str, ids: torch.Tensor, steps: int) -> dict:
+    """The Decoder's arguments for the compiled method `name` (its name's endings say how it differs)."""
+    options = {"max_length": LONG_CACHE if f"cache {LONG_CACHE}" in name else ids.shape[1] + steps + 1}
+    if name.endswith("plain step"):
+        options.update(PLAIN_STEP)
+    if name.endswith("eager attention"):
+        options["step_attention"] = "eager"
+    return options
 LINEAR_OPS = {"aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
               "lensbench::packed_matmul", "lensbench_native::packed_mm"}
 
@@ -207,8 +224,7 @@ def compiled_decoders(ids: torch.Tensor, steps: int) -> dict:
         t0 = time.perf_counter()
         cpu_native.set_enabled(not name.endswith(TORCH_KERNEL))  # the kernels are chosen when the Decoder is made
         try:
-            out[name] = Decoder(model, max_length=ids.shape[1] + steps + 1,
-                                **(PLAIN_STEP if name.endswith("plain step") else {}))
+            out[name] = Decoder(model, **decoder_options(name, ids, steps))
         finally:
             cpu_native.set_enabled(True)
         out[name].generate(ids, 2)
@@ -343,8 +359,10 @@ def worker(family: str, args) -> None:
     if family == "compiled":
         decs = compiled_decoders(ids, args.decode)
         methods = {k: (lambda d=d: compiled_seconds(d, ids, args.decode)) for k, d in decs.items()}
-        answers["roofline"] = lambda: {k: {  # the static cache is read whole at every step
-            "bytes_per_token": weight_bytes(d.module) + kv_bytes(model, d.max_length),
+        context = ids.shape[1] + (args.decode + 1) / 2  # the mean number of cached positions over the steps
+        answers["roofline"] = lambda: {k: {  # eager and SDPA attention read the static cache whole at every step
+            "bytes_per_token": weight_bytes(d.module)
+            + kv_bytes(model, context if d.step_attention == "native" else d.max_length),
             # the C++ wrapper calls the kernels past torch's profiler, so the share is read where it sees them
             "outside_linears": None if d.cpp_wrapper else compiled_outside_linears(d, ids, min(8, args.decode))}
             for k, d in decs.items()}

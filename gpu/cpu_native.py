@@ -37,7 +37,7 @@ import torch
 
 from .quant import PackedWeight
 
-SOURCE = Path(__file__).parent / "native" / "vnni.cpp"
+SOURCES = tuple(Path(__file__).parent / "native" / f for f in ("vnni.cpp", "attention.cpp"))
 BITS = (4, 8)
 INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
 INT4_MAX_GROUP = 65535  # int4 groups of 65536 or more could too
@@ -62,8 +62,9 @@ def _compiler() -> str:
 def _command(out: Path) -> list[str]:
     root = Path(torch.__file__).parent
     return [_compiler(), "-O3", "-march=native", "-std=c++20", "-fopenmp", "-shared", "-fPIC", "-DNDEBUG", "-w",
-            f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(SOURCE),
-            "-o", str(out), f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{root / 'lib'}"]
+            f"-I{root / 'include'}", f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+            *map(str, SOURCES), "-o", str(out), f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu",
+            f"-Wl,-rpath,{root / 'lib'}"]
 
 
 def _target() -> str:
@@ -78,7 +79,7 @@ def _target() -> str:
 
 
 def _build() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + _target().encode()
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + torch.__version__.encode() + _target().encode()
                          + " ".join(_command(Path("x"))).encode()).hexdigest()[:16]
     lib = _cache() / f"lensbench_native-{key}.so"
     if lib.exists():
@@ -100,7 +101,7 @@ def _build() -> Path:
 
 @functools.cache
 def _load() -> bool:
-    if sys.platform != "linux" or platform.machine() != "x86_64" or not SOURCE.exists():
+    if sys.platform != "linux" or platform.machine() != "x86_64" or not all(f.exists() for f in SOURCES):
         _state["error"] = f"the native kernel is built on x86-64 Linux only, not {sys.platform} {platform.machine()}"
         return False
     try:
@@ -112,6 +113,10 @@ def _load() -> bool:
     @torch.library.register_fake("lensbench_native::packed_mm")
     def _(x, packed, scales, mins, group, bits):
         return x.new_empty((x.shape[0], packed.shape[0]))
+
+    @torch.library.register_fake("lensbench_native::decode_attention")
+    def _(q, k, v, mask, scaling):
+        return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
     _state["loaded"] = True
     return True
 
@@ -122,6 +127,11 @@ def available() -> bool:
         return False
     with _lock:
         return _load()
+
+
+def ready() -> bool:
+    """Whether the kernel is on and already loaded (no build, no lock: cheap enough for a traced forward)."""
+    return _enabled and "loaded" in _state
 
 
 def unavailable() -> str | None:

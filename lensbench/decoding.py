@@ -11,10 +11,12 @@ into the graph as an aten op or a lensbench custom op, so the graph does not bre
     ids = dec.generate(prompt_ids, 64)        # [B, T + 64]; the first call compiles (tens of seconds)
 
 The prompt runs eagerly (its length varies); only the one-token step is compiled, once per batch size and
-thread count. By default the step runs transformers' `eager` attention whatever the model's own
-(`step_attention`: at one query token inductor fuses it into its own loops, where SDPA's CPU kernel is one opaque
-call) and inductor's C++ wrapper (`cpp_wrapper`: the graph's few hundred kernel calls made from C++, not Python);
-benchmarks/decode.py measures the two together against the plain compiled step. The prompt keeps the model's attention.
+thread count. By default the step runs lensbench's native attention where the native kernels are built
+(`native_attention`: only the cache positions the mask keeps are read, scores, softmax and values in one pass per
+head), else transformers' `eager` attention whatever the model's own (`step_attention`: at one query token
+inductor fuses it into its own loops, where SDPA's CPU kernel is one opaque call), and inductor's C++ wrapper
+(`cpp_wrapper`: the graph's few hundred kernel calls made from C++, not Python); benchmarks/decode.py measures
+them against the plain compiled step. The prompt keeps the model's attention.
 The steps also read each rotary embedding's cos and sin from a table made once per Decoder (`RotaryTables`): at
 one query token inductor fuses the query's rotary embedding into the attention scores' loop, where it would
 compute them again for every cached position.
@@ -33,12 +35,13 @@ from contextlib import contextmanager
 import torch
 
 from .errors import LensbenchError
-from .gpu import compiled, fusion, threads
+from .gpu import compiled, cpu_native, fusion, threads
 from .gpu.modules import PackedModule, QuantEmbedding
 from .gpu.threads import Adaptive
 from .model import Model
 
 ATTENTION = ("sdpa", "eager")  # the attention implementations a static cache runs with
+STEP_ATTENTION = (*ATTENTION, "native")  # what the steps may run ("native": lensbench.native_attention)
 
 
 class DecodeError(LensbenchError):
@@ -139,12 +142,13 @@ def _cheap_guards(entries) -> list[bool]:
 class Decoder:
     """Greedy generation on `model` with a static KV cache of `max_length` positions; `compile=False` runs the
     same steps eagerly (the reference the compiled step must match). `step_attention` is the attention the steps
-    run (None: the model's own), `cpp_wrapper` whether inductor calls the step's kernels from C++. `threads`
+    run ("auto": "native" where the native kernels are built, else "eager"; None: the model's own), `cpp_wrapper`
+    whether inductor calls the step's kernels from C++. `threads`
     fixes the steps' thread count (also settable later as `decoder.threads`); None chooses it per step by timing
     (`gpu.threads.Adaptive`)."""
 
     def __init__(self, model: Model, max_length: int = 1024, compile: bool = True,
-                 step_attention: str | None = "eager", cpp_wrapper: bool = True, threads: int | None = None):
+                 step_attention: str | None = "auto", cpp_wrapper: bool = True, threads: int | None = None):
         module = model.module
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise DecodeError(f"threads must be a positive count or None (chosen per step), got {threads!r}")
@@ -155,9 +159,19 @@ class Decoder:
         if attn not in ATTENTION:
             raise DecodeError(f"{model.name} runs attention {attn!r}, which the static cache does not hold (a "
                               f"packed KV cache plan?): decode with model.module.generate, or drop the KV plan")
-        if step_attention not in (*ATTENTION, None):
-            raise DecodeError(f"step_attention must be one of {', '.join(ATTENTION)} or None (the model's own), got "
-                              f"{step_attention!r}")
+        if step_attention not in (*STEP_ATTENTION, "auto", None):
+            raise DecodeError(f"step_attention must be one of {', '.join(STEP_ATTENTION)}, auto or None (the model's "
+                              f"own), got {step_attention!r}")
+        if step_attention == "auto":
+            step_attention = "native" if cpu_native.available() else "eager"
+        self.step_attention = step_attention or attn  # what the steps run: "native", "eager" or "sdpa"
+        if step_attention == "native":
+            if cpu_native.unavailable():
+                raise DecodeError(f"step_attention='native' needs the native kernels: {cpu_native.unavailable()}; "
+                                  f"use step_attention='eager'")
+            from . import native_attention  # registers the implementation with transformers (heavy: transformers)
+
+            step_attention = native_attention.NAME
         hooked = _hooked(module)
         if hooked is not None:
             raise DecodeError(f"module {hooked!r} carries forward hooks, which a compiled step would not run: "

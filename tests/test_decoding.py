@@ -101,15 +101,21 @@ def test_packed_tokens_equal_eager_apply(llama, case, monkeypatch):
         assert not any(compiled.prepared(m) for m in llama.module.modules())
 
 
-def test_the_step_is_one_graph(llama):
-    """The packed kernels are traced into the graph (aten ops or the custom op), never a graph break."""
+@pytest.mark.parametrize("step_attention", ["sdpa", "native"])
+def test_the_step_is_one_graph(llama, step_attention):
+    """The packed kernels are traced into the graph (aten ops or the custom ops), never a graph break."""
     import torch._dynamo as dynamo
 
+    from lensbench.decoding import attention
+
+    if step_attention == "native" and not cpu_native.available():
+        pytest.skip(cpu_native.unavailable())
     with apply(llama, _plan(llama, lambda n: (4, 32, "asym") if "proj" in n else (3, 16, "asym"))):
-        Decoder(llama, max_length=32)  # prepares the modules
+        dec = Decoder(llama, max_length=32, step_attention=step_attention)  # prepares the modules
         out = llama.module(input_ids=_ids(llama), use_cache=True)
         step = dict(input_ids=out.logits[:, -1:].argmax(-1), cache=out.cache, use_cache=True)
-        explained = dynamo.explain(llama.module.forward)(**step)
+        with attention(llama.module, dec._attention):
+            explained = dynamo.explain(llama.module.forward)(**step)
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
@@ -126,7 +132,7 @@ def test_converted_model(llama):
 def test_bad_input_is_one_line(llama, minilm):
     with pytest.raises(DecodeError, match="no LM head"):
         Decoder(minilm)
-    with pytest.raises(DecodeError, match="step_attention must be one of sdpa, eager or None"):
+    with pytest.raises(DecodeError, match="step_attention must be one of sdpa, eager, native, auto or None"):
         Decoder(llama, step_attention="flash_attention_2")
     with pytest.raises(DecodeError, match="threads must be a positive count or None"):
         Decoder(llama, threads=0)
