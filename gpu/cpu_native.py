@@ -17,9 +17,10 @@ a group of 64; int8 groups at most 4096 long, int4 ones under 65536), for at mos
 It is C++ compiled on first use with the system's compiler for this CPU (`-march=native`) into
 $LENSBENCH_CACHE/native/ (default ~/.cache/lensbench), keyed by the source, torch's version and the
 compiler's target, and registered as the torch op `lensbench_native::packed_mm`, which a compiled decode
-graph calls from its C++ wrapper without Python. Where it cannot be built (no C++ compiler, a CPU without
-AVX512-VNNI) `unavailable()` says why and the packed weights run on the other kernels; LENSBENCH_NATIVE=0
-turns it off.
+graph calls from its C++ wrapper without Python. The same library holds `lensbench_native::decode_attention`
+(`native/attention.cpp`, AVX-512 float32), the compiled steps' attention (`lensbench.native_attention`). Where
+it cannot be built (no C++ compiler, a CPU without AVX512-VNNI) `unavailable()` says why and the packed weights
+run on the other kernels (the steps on eager attention); LENSBENCH_NATIVE=0 turns it off.
 """
 from __future__ import annotations
 
