@@ -130,9 +130,18 @@ def available() -> bool:
         return _load()
 
 
-def ready() -> bool:
-    """Whether the kernel is on and already loaded (no build, no lock: cheap enough for a traced forward)."""
-    return _enabled and "loaded" in _state
+def attention_available() -> bool:
+    """Whether the decode attention op is built here (building the library on the first call). LENSBENCH_NATIVE=0
+    turns it off with the matmul kernel; `set_enabled` toggles only the matmul kernel."""
+    if os.environ.get("LENSBENCH_NATIVE", "1") == "0":
+        return False
+    with _lock:
+        return _load()
+
+
+def attention_ready() -> bool:
+    """`attention_available()` once the library is loaded (no build, no lock: cheap enough for a traced forward)."""
+    return "loaded" in _state
 
 
 def unavailable() -> str | None:

@@ -163,10 +163,10 @@ class Decoder:
             raise DecodeError(f"step_attention must be one of {', '.join(STEP_ATTENTION)}, auto or None (the model's "
                               f"own), got {step_attention!r}")
         if step_attention == "auto":
-            step_attention = "native" if cpu_native.available() else "eager"
+            step_attention = "native" if cpu_native.attention_available() else "eager"
         self.step_attention = step_attention or attn  # what the steps run: "native", "eager" or "sdpa"
         if step_attention == "native":
-            if cpu_native.unavailable():
+            if not cpu_native.attention_available():
                 raise DecodeError(f"step_attention='native' needs the native kernels: {cpu_native.unavailable()}; "
                                   f"use step_attention='eager'")
             from . import native_attention  # registers the implementation with transformers (heavy: transformers)

@@ -3,10 +3,10 @@
 At one query token transformers' eager attention is a matmul over every position of a static cache, a masked
 softmax and a second matmul; the native op (`gpu/native/attention.cpp`) reads only the positions the mask keeps
 (a cache of 1024 positions holding 200 tokens costs 200 dot products per head), with the scores, softmax and
-weighted sum of the values in one pass per head, in float32. It runs where the native kernels are loaded
-(`gpu.cpu_native.ready()`, once `available()` has built them), on float32 CPU tensors with heads of at most 256
-and a boolean mask; anything else (other dtypes or devices, dropout while training, logit soft-capping,
-attention sinks) runs transformers' SDPA attention. Its masks are SDPA's boolean ones, never skipped for
+weighted sum of the values in one pass per head, in float32. It runs where the native library is loaded
+(`gpu.cpu_native.attention_ready()`, once `attention_available()` has built it), on float32 CPU tensors with
+heads of at most 256 and a boolean mask; anything else (other dtypes or devices, dropout while training, logit
+soft-capping, attention sinks) runs transformers' SDPA attention. Its masks are SDPA's boolean ones, never skipped for
 `is_causal` (the op attends to every position it is not told to drop).
 
     with decoding.attention(module, NAME): ...   # what Decoder(step_attention="native") does around its steps
@@ -32,7 +32,7 @@ def native_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                      **kwargs):
     """transformers' attention signature: query [B, H, Q, D], key and value [B, Hkv, L, D] -> ([B, Q, H, D], None)."""
-    runs = (cpu_native.ready() and query.device.type == "cpu"
+    runs = (cpu_native.attention_ready() and query.device.type == "cpu"
             and query.dtype == key.dtype == value.dtype == torch.float32 and query.shape[-1] <= 256
             and not (dropout and module.training) and kwargs.get("softcap") is None
             and kwargs.get("s_aux") is None and kwargs.get("sinks") is None
