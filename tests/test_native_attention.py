@@ -66,6 +66,8 @@ def test_bad_input_is_refused():
     q = torch.zeros(1, 4, 1, 16)
     with pytest.raises(RuntimeError, match="H a multiple of Hkv"):
         torch.ops.lensbench_native.decode_attention(q, torch.zeros(1, 3, 5, 16), torch.zeros(1, 3, 5, 16), None, 1.0)
+    with pytest.raises(RuntimeError, match="H a multiple of Hkv"):  # no key/value head at all
+        torch.ops.lensbench_native.decode_attention(q, torch.zeros(1, 0, 5, 16), torch.zeros(1, 0, 5, 16), None, 1.0)
     with pytest.raises(RuntimeError, match="4-d bool"):
         torch.ops.lensbench_native.decode_attention(q, torch.zeros(1, 2, 5, 16), torch.zeros(1, 2, 5, 16),
                                                     torch.zeros(1, 1, 1, 5), 1.0)

@@ -166,7 +166,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), d = q.size(3);
   const int64_t kv_heads = k.size(1), len = k.size(2);
   TORCH_CHECK(k.size(0) == batch && v.size(0) == batch && v.size(1) == kv_heads && v.size(2) == len &&
-              k.size(3) == d && v.size(3) == d && heads % kv_heads == 0 && d <= 256,
+              k.size(3) == d && v.size(3) == d && kv_heads > 0 && heads % kv_heads == 0 && d <= 256,
               "decode_attention: k and v [B, Hkv, L, D] with the query's B and D (at most 256), H a multiple of Hkv");
   at::Tensor m;
   if (mask.has_value()) {
