@@ -169,7 +169,7 @@ class Decoder:
             if not cpu_native.attention_available():
                 raise DecodeError(f"step_attention='native' needs the native kernels: {cpu_native.unavailable()}; "
                                   f"use step_attention='eager'")
-            from . import native_attention  # registers the implementation with transformers (heavy: transformers)
+            from . import native_attention  # heavy: transformers (importing it registers the implementation)
 
             step_attention = native_attention.NAME
         hooked = _hooked(module)
