@@ -5,7 +5,8 @@
   the integer dot product and its min multiplies the group's activation sum:
       y[m, n] = sum_g scale[n, g] * (q[n, g] . x[m, g]) + min[n, g] * sum(x[m, g])
   Threads split the output rows.
-* `tiled` — many rows (prefill): `TILE` output rows at a time are dequantised (on the calling thread: see
+* `tiled` — many rows (prefill): `TILE` output rows at a time are dequantised (by the native op on torch's
+  threads where it holds the weight, `cpu_native.dequantize`; else here on the calling thread: see
   `dequant_rows`) into one reused buffer and multiplied with torch's GEMM, so peak extra memory is one tile,
   not the weight. The tile is bfloat16 and so are the activations (torch's decode kernels round them so too),
   float32 with `set_exact(True)`.
@@ -266,6 +267,18 @@ def _buffer(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return buf[:numel]
 
 
+def _dequantiser(pw: PackedWeight, buf: torch.Tensor, exact: bool):
+    """`dequant(n0, rows)`: rows n0 .. n0 + rows of `pw` into buf[:rows]. The native op where it holds `pw` (on
+    torch's threads, vectorised: the crossover table's tiles column), else numba's loop on the calling thread."""
+    if cpu_native.supported(pw):
+        return lambda n0, rows: cpu_native.dequantize(pw, n0, buf[:rows])
+    # numba writes the bfloat16 tile as its bit patterns (it has no bfloat16 type)
+    target = buf.numpy() if exact else buf.view(torch.int16).numpy().view(np.uint16)
+    p, sc, mn = _arrays(pw)
+    kernel = _kernels(pw.bits)[1 if exact else 2]
+    return lambda n0, rows: kernel(p, sc, mn, pw.group_size, _H2F, n0, target[:rows])
+
+
 def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None, exact: bool | None = None) -> torch.Tensor:
     """x2 [M, K] float -> [M, N] float32 (contiguous), dequantising `tile` output rows at a time into one
     reused buffer (default: as many rows as fit in TILE_BYTES, at least TILE). Unless `exact` the tiles, the
@@ -279,13 +292,10 @@ def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None, exact: bo
     tile = min(tile or max(TILE, TILE_BYTES // (4 * pw.k_padded)), n)
     dtype = torch.float32 if exact else torch.bfloat16
     buf = _buffer(tile * pw.k_padded, dtype).view(tile, pw.k_padded)
-    # numba writes the bfloat16 tile as its bit patterns (it has no bfloat16 type)
-    target = buf.numpy() if exact else buf.view(torch.int16).numpy().view(np.uint16)
-    p, sc, mn = _arrays(pw)
-    dequant = _kernels(pw.bits)[1 if exact else 2]
+    dequant = _dequantiser(pw, buf, exact)
     x = xp if exact else xp.to(torch.bfloat16)
     if tile == n:  # one tile: the GEMM writes [M, N] directly
-        dequant(p, sc, mn, pw.group_size, _H2F, 0, target)
+        dequant(0, tile)
         return torch.mm(x, buf.T).float()
     # each tile's GEMM writes its columns of the [M, N] result in place (BLAS takes the row stride): the result
     # is contiguous, as attention needs (a transposed one sent q/k/v to SDPA with strided heads, and its math
@@ -293,7 +303,7 @@ def tiled(x2: torch.Tensor, pw: PackedWeight, tile: int | None = None, exact: bo
     out = torch.empty(xp.shape[0], n, dtype=dtype)
     for n0 in range(0, n, tile):
         rows = min(tile, n - n0)
-        dequant(p, sc, mn, pw.group_size, _H2F, n0, target[:rows])
+        dequant(n0, rows)
         torch.mm(x, buf[:rows].T, out=out[:, n0:n0 + rows])
     return out.float()
 

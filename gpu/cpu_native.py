@@ -18,7 +18,8 @@ It is C++ compiled on first use with the system's compiler for this CPU (`-march
 $LENSBENCH_CACHE/native/ (default ~/.cache/lensbench), keyed by the source, torch's version and the
 compiler's target, and registered as the torch op `lensbench_native::packed_mm`, which a compiled decode
 graph calls from its C++ wrapper without Python. The same library holds `lensbench_native::decode_attention`
-(`native/attention.cpp`, AVX-512 float32), the compiled steps' attention (`lensbench.native_attention`). Where
+(`native/attention.cpp`, AVX-512 float32), the compiled steps' attention (`lensbench.native_attention`), and
+`lensbench_native::dequant` (`native/dequant.cpp`), the prefill path's tiles of the weights it holds. Where
 it cannot be built (no C++ compiler, a CPU without AVX512-VNNI) `unavailable()` says why and the packed weights
 run on the other kernels (the steps on eager attention); LENSBENCH_NATIVE=0 turns it off.
 """
@@ -38,7 +39,7 @@ import torch
 
 from .quant import PackedWeight
 
-SOURCES = tuple(Path(__file__).parent / "native" / f for f in ("vnni.cpp", "attention.cpp"))
+SOURCES = tuple(Path(__file__).parent / "native" / f for f in ("vnni.cpp", "attention.cpp", "dequant.cpp"))
 BITS = (4, 8)
 INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
 INT4_MAX_GROUP = 65535  # int4 groups of 65536 or more could too
@@ -118,6 +119,10 @@ def _load() -> bool:
     @torch.library.register_fake("lensbench_native::decode_attention")
     def _(q, k, v, mask, scaling):
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+    @torch.library.register_fake("lensbench_native::dequant")
+    def _(packed, scales, mins, group, bits, n0, out):
+        return None
     _state["loaded"] = True
     return True
 
@@ -183,6 +188,15 @@ def call(x2: torch.Tensor, k_padded: int, *weight) -> torch.Tensor:
     if x2.shape[1] != k_padded:
         x2 = torch.nn.functional.pad(x2, (0, k_padded - x2.shape[1]))
     return torch.ops.lensbench_native.packed_mm(x2.contiguous(), *weight)
+
+
+def dequantize(pw: PackedWeight, n0: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows n0 .. n0 + len(out) of `pw` dequantised into `out` ([R, K padded], float32 or bfloat16, rounded to
+    nearest even; `native/dequant.cpp`) on torch's threads: the prefill path's tiles."""
+    if "loaded" not in _state and not available():
+        raise RuntimeError(unavailable())
+    torch.ops.lensbench_native.dequant(pw.packed, pw.scales, pw.mins, pw.group_size, pw.bits, n0, out)
+    return out
 
 
 def matmul(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:

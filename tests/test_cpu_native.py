@@ -133,3 +133,32 @@ def test_without_a_compiler_it_says_why_and_decode_runs_on_torch(tmp_path):
     why, shape = out.stdout.strip().splitlines()
     assert why.startswith("the native kernel did not build (no C++ compiler") and "torch's" in why
     assert shape == "torch.Size([1, 32])"
+
+
+@native
+@pytest.mark.parametrize("bits,k,group", [(4, 576, 128), (4, 640, 32), (4, 256, -1), (8, 576, 64), (8, 1536, 128)])
+def test_dequant_matches_the_grid_and_rounds_bfloat16_to_nearest_even(bits, k, group):
+    torch.manual_seed(0)
+    pw = quantize(torch.randn(70, k), bits, group)
+    want = reference.dequantize(pw)[20:53]  # q * scale + min in float32
+    out = cpu_native.dequantize(pw, 20, torch.empty(33, pw.k_padded))
+    assert (out[:, :k] - want).abs().max() <= 1e-6 * want.abs().max()
+    half = cpu_native.dequantize(pw, 20, torch.empty(33, pw.k_padded, dtype=torch.bfloat16))
+    assert torch.equal(half, out.bfloat16())  # torch's float32 -> bfloat16 rounds to nearest even
+    with pytest.raises(RuntimeError, match="within the weight's N rows"):
+        cpu_native.dequantize(pw, 60, torch.empty(33, pw.k_padded))
+
+
+@native
+def test_prefill_tiles_come_from_the_native_op_with_the_numba_path_s_values():
+    torch.manual_seed(0)
+    pw, x = quantize(torch.randn(300, 576), 4, 128), torch.randn(40, 576)
+    ours = cpu_kernels.tiled(x, pw, tile=128)  # three tiles, the last one short
+    cpu_native.set_enabled(False)
+    try:
+        numba = cpu_kernels.tiled(x, pw, tile=128)
+    finally:
+        cpu_native.set_enabled(True)
+    assert torch.equal(ours, numba)
+    exact = reference.matmul(x, pw)
+    assert (cpu_kernels.tiled(x, pw, exact=True) - exact).abs().max() <= 1e-4 * exact.abs().max()
