@@ -94,7 +94,8 @@ void one_group(int64_t G, const float* qv, int64_t qg, const float* kp, const fl
       sg[stride - 1] = std::max(sg[stride - 1], _mm512_reduce_max_ps(sv));
     }
   }
-  std::vector<float> inv(G, 0.f);
+  thread_local std::vector<float> inv;  // this thread's: no allocation per task once it is G long
+  inv.assign(G, 0.f);
   for (int64_t g = 0; g < G; ++g) {
     float* sg = s + g * stride;
     float* o = out + g * og;
