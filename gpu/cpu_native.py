@@ -40,6 +40,7 @@ import torch
 from .quant import PackedWeight
 
 SOURCES = tuple(Path(__file__).parent / "native" / f for f in ("vnni.cpp", "attention.cpp", "dequant.cpp"))
+HEADERS = (Path(__file__).parent / "native" / "packed_format.h",)  # not compiled alone, but part of the build key
 BITS = (4, 8)
 INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
 INT4_MAX_GROUP = 65535  # int4 groups of 65536 or more could too
@@ -81,8 +82,8 @@ def _target() -> str:
 
 
 def _build() -> Path:
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES) + torch.__version__.encode() + _target().encode()
-                         + " ".join(_command(Path("x"))).encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + torch.__version__.encode()
+                         + _target().encode() + " ".join(_command(Path("x"))).encode()).hexdigest()[:16]
     lib = _cache() / f"lensbench_native-{key}.so"
     if lib.exists():
         return lib
@@ -103,7 +104,7 @@ def _build() -> Path:
 
 @functools.cache
 def _load() -> bool:
-    if sys.platform != "linux" or platform.machine() != "x86_64" or not all(f.exists() for f in SOURCES):
+    if sys.platform != "linux" or platform.machine() != "x86_64" or not all(f.exists() for f in SOURCES + HEADERS):
         _state["error"] = f"the native kernel is built on x86-64 Linux only, not {sys.platform} {platform.machine()}"
         return False
     try:
@@ -190,17 +191,21 @@ def call(x2: torch.Tensor, k_padded: int, *weight) -> torch.Tensor:
     return torch.ops.lensbench_native.packed_mm(x2.contiguous(), *weight)
 
 
+def _require() -> None:
+    """Raise why the library does not run here, unless it is loaded (building it on the first call)."""
+    if "loaded" not in _state and not available():
+        raise RuntimeError(unavailable())
+
+
 def dequantize(pw: PackedWeight, n0: int, out: torch.Tensor) -> torch.Tensor:
     """Rows n0 .. n0 + len(out) of `pw` dequantised into `out` ([R, K padded], float32 or bfloat16, rounded to
     nearest even; `native/dequant.cpp`) on torch's threads: the prefill path's tiles."""
-    if "loaded" not in _state and not available():
-        raise RuntimeError(unavailable())
+    _require()
     torch.ops.lensbench_native.dequant(pw.packed, pw.scales, pw.mins, pw.group_size, pw.bits, n0, out)
     return out
 
 
 def matmul(x2: torch.Tensor, pw: PackedWeight) -> torch.Tensor:
     """x2 [M, K] float -> [M, N] float32 (activations rounded to 16-bit integers per group)."""
-    if "loaded" not in _state and not available():
-        raise RuntimeError(unavailable())
+    _require()
     return call(x2, *args(pw))

@@ -1,7 +1,6 @@
 // Dequantising rows of a packed int4 or int8 weight into a float32 or bfloat16 tile, on x86 CPUs with AVX-512:
-// the prefill path (many activation rows) multiplies such a tile with torch's GEMM. Same format as vnni.cpp:
-// w_hat[n, g0 + j] = q * scale[n, g] + min[n, g], every group's length a multiple of 32, int4 groups holding
-// q[j] in the low nibble of byte j and q[j + G/2] in the high one. bfloat16 is rounded to nearest even
+// the prefill path (many activation rows) multiplies such a tile with torch's GEMM. Format: packed_format.h,
+// w_hat[n, g0 + j] = q * scale[n, g] + min[n, g]. bfloat16 is rounded to nearest even
 // (VCVTNEPS2BF16 where the CPU has AVX512-BF16, the same rounding in integer arithmetic elsewhere).
 //
 // It runs on torch's thread pool, the one its GEMM runs on next: a dequantiser on another pool (numba's
@@ -10,6 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
+
+#include "packed_format.h"
 
 #include <immintrin.h>
 #include <algorithm>
@@ -74,18 +75,12 @@ void rows(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& 
 // out [R, K] (float32 or bfloat16, contiguous) = rows n0 .. n0 + R of the weight, dequantised.
 void dequant(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins, int64_t group, int64_t bits,
              int64_t n0, at::Tensor out) {
-  TORCH_CHECK(bits == 4 || bits == 8, "dequant: bits must be 4 or 8");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8 [N, K*bits/8]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
-              mins.is_contiguous(), "scales, mins: contiguous float16 [N, groups]");
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous() &&
               (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
               "out: contiguous float32 or bfloat16 [R, K]");
-  const int64_t k = out.size(1), n = packed.size(0);
-  TORCH_CHECK(k % 32 == 0 && group % 32 == 0 && packed.size(1) * 8 == k * bits &&
-              scales.size(1) == (k + group - 1) / group && scales.size(0) == n && mins.sizes() == scales.sizes(),
-              "dequant: K and the group size must be multiples of 32, packed [N, K*bits/8], scales [N, ceil(K/G)]");
-  TORCH_CHECK(n0 >= 0 && n0 + out.size(0) <= n, "dequant: rows n0 .. n0 + R must lie within the weight's N rows");
+  lensbench_native::check_packed("dequant", packed, scales, mins, out.size(1), group, bits);
+  TORCH_CHECK(n0 >= 0 && n0 + out.size(0) <= packed.size(0),
+              "dequant: rows n0 .. n0 + R must lie within the weight's N rows");
   if (out.scalar_type() == at::kFloat) rows<float>(packed, scales, mins, group, bits, n0, out);
   else rows<c10::BFloat16>(packed, scales, mins, group, bits, n0, out);
 }

@@ -1,10 +1,8 @@
 // Decode (few activation rows) for the packed int4 and int8 formats on x86 CPUs with AVX512-VNNI: integer
 // dot products.
 //
-// Format (gpu/quant.py): a row of W [N, K] is groups of G consecutive inputs, w_hat = q * scale + min, scale
-// and min float16 per (row, group). int8: one code per byte. int4: a group's G/2 bytes hold q[j] in the low
-// nibble of byte j and q[j + G/2] in the high one. Here every group's length is a multiple of 32 (the Python
-// side checks), and int8 groups are at most 4096 long (so the int32 lanes below cannot overflow).
+// Format: packed_format.h (every group's length a multiple of 32; int8 groups at most 4096 long, so the int32
+// lanes below cannot overflow).
 //
 // The activations are quantised per group to 16-bit integers xq = round(x / d), d = max|x| / 32639 (round to
 // nearest: an error of at most 1.6e-5 of the group's largest activation, far below bfloat16's 3.9e-3), and
@@ -23,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
+
+#include "packed_format.h"
 
 #include <immintrin.h>
 #include <cmath>
@@ -249,15 +249,8 @@ void row_block(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, cons
 at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins,
                      int64_t group, int64_t bits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [M, K]");
-  TORCH_CHECK(bits == 4 || bits == 8, "packed_mm: bits must be 4 or 8");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed: contiguous uint8 [N, K*bits/8]");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf && scales.is_contiguous() &&
-              mins.is_contiguous(), "scales, mins: contiguous float16 [N, groups]");
+  lensbench_native::check_packed("packed_mm", packed, scales, mins, x.size(1), group, bits);
   const int64_t m_rows = x.size(0), k = x.size(1), n = packed.size(0), groups = scales.size(1);
-  TORCH_CHECK(k % 32 == 0 && group % 32 == 0 && packed.size(1) * 8 == k * bits && groups == (k + group - 1) / group
-              && (bits == 4 ? group < 65536 : group <= 4096),
-              "packed_mm: K and the group size must be multiples of 32 (int8 groups at most 4096, int4 under 65536), "
-              "packed [N, K*bits/8], scales [N, ceil(K/G)]");
   at::Tensor y = at::empty({m_rows, n}, x.options());
   // the caller's buffers, named by a reference: inside the parallel region the name of a thread_local would be
   // each worker's own (empty) instance
