@@ -85,11 +85,26 @@ def versions(*packages: str) -> str:
     return ", ".join(out)
 
 
+def cpu_model() -> str:
+    """The CPU's name as the kernel reports it, and the vector extensions the kernels' speed turns on (runs on
+    different hosts of one cloud are not comparable: the CPU is named so they can be told apart)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    ext = [e for e, f in (("AVX512-VNNI", "avx512_vnni"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile"))
+           if f in flags]
+    return f"{name or 'unknown CPU'} ({', '.join(ext) or 'no AVX-512 VNNI, BF16 or AMX'})"
+
+
 def machine() -> str:
     import torch
 
-    return (f"{platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
-            f"Python {platform.python_version()}, torch threads {torch.get_num_threads()}")
+    return (f"{platform.machine()}, {cpu_model()}, {os.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+            f"torch threads {torch.get_num_threads()}")
 
 
 def append_report(title: str, body: str) -> None:
