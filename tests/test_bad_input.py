@@ -102,6 +102,7 @@ CASES = [  # (argv, pattern in the one line)
     (["profile", "{model}", "--analyses", "kv_sensitivity", "--out", "{out}.json"], "names a file"),
     (["plan", "{profile}", "--policy", "kv-tuner", "--budget", "4", "--model", "{model}", "--out", "{out}.json"],
      "needs the kv_sensitivity scores"),
+    (["generate", "{model}", "--prompt", "x", "--allow-slow"], "--allow-slow applies to a plan"),
     # compress
     (["compress", "{model}", "--plan", "{plan}", "--format", "hf", "--out", "{saved}"], "--overwrite"),
     (["compress", "{model}", "--plan", "{plan}", "--format", "compressed-tensors", "--out", "{out}"],

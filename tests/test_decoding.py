@@ -165,3 +165,25 @@ def test_cli_generate_with_a_plan(capsys, tmp_path, tiny_dir):
     assert main(["generate", model_dir, "--prompt", "x", "--new-tokens", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--new-tokens must be 1 or more" in err[0]
+
+
+def test_cli_generate_refuses_a_weight_without_a_kernel_unless_allow_slow(capsys, tmp_path, tiny_dir, monkeypatch):
+    import lensbench
+    from lensbench.cli import main
+    from lensbench.compress import apply as apply_module
+
+    model_dir = str(tiny_dir("llama"))
+    plan = _plan(lensbench.load(model_dir), lambda n: (3, 32, "asym")).save(tmp_path / "plan.json")
+    # as on a CUDA device, where no kernel runs int3
+    monkeypatch.setattr(apply_module, "missing_kernel", lambda pw, device: "no kernel for int3" if pw.bits == 3
+                        else None)
+    argv = ["generate", model_dir, "--plan", str(plan), "--prompt", "The report said", "--new-tokens", "3", "--eager"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no kernel for int3" in err[0] and "--allow-slow" in err[0] and "model.layers." in err[0]
+    assert main([*argv, "--allow-slow"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "eager" in err
+    assert main(["generate", model_dir, "--prompt", "x", "--allow-slow"]) == 2
+    assert "--allow-slow applies to a plan" in capsys.readouterr().err

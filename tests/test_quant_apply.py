@@ -204,7 +204,8 @@ def test_a_weight_without_a_kernel_on_its_device_is_refused_unless_slow_is_allow
     # as on a CUDA device: no kernel for int3
     monkeypatch.setattr(apply_module, "missing_kernel", lambda pw, device: "no kernel for int3" if pw.bits == 3
                         else None)
-    with pytest.raises(QuantError, match=r"model.layers.0.mlp.down_proj: no kernel for int3; or pass allow_slow=True"):
+    with pytest.raises(QuantError, match=r"model.layers.0.mlp.down_proj: no kernel for int3; or pass --allow-slow "
+                       r"\(lensbench evaluate, generate\) or allow_slow=True"):
         with apply(model, plan):
             pass
     with apply(model, plan, allow_slow=True):
@@ -212,6 +213,25 @@ def test_a_weight_without_a_kernel_on_its_device_is_refused_unless_slow_is_allow
     with apply(model, plan.bind(model)._replace(allow_slow=True)):
         pass
 
+
+
+def test_cli_evaluate_passes_allow_slow_to_the_evaluation(tmp_path, tiny_dir, monkeypatch, capsys):
+    import lensbench
+    from lensbench.cli import decisions, main
+    from lensbench.errors import LensbenchError
+
+    model_dir = str(tiny_dir("llama"))
+    plan = Plan.quantize(model_card(lensbench.load(model_dir)), {"model.layers.0.mlp.down_proj": (3, 16)})
+    plan.save(tmp_path / "plan.json")
+
+    def stop(model, plan, cfg, **kwargs):  # the evaluation itself is tested elsewhere: only its config here
+        raise LensbenchError(f"allow_slow={cfg.allow_slow}")
+
+    monkeypatch.setattr(decisions, "evaluate", stop)
+    argv = ["evaluate", model_dir, "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "e.json")]
+    capsys.readouterr()
+    assert main(argv) == 2 and "allow_slow=False" in capsys.readouterr().err
+    assert main([*argv, "--allow-slow"]) == 2 and "allow_slow=True" in capsys.readouterr().err
 
 def test_convert_keeps_only_the_packed_weights(tiny):
     import gc

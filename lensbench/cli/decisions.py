@@ -184,6 +184,9 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, help="score tokens decoded one by one through the KV cache after this many "
                    "prompt tokens of held-out text, and record the cache's bytes (default for a plan with KV entries: "
                    "512)")
+    p.add_argument("--allow-slow", action="store_true", help="let packed weights that no kernel runs on their "
+                   "device (int2/3/5/6 on CUDA) take the reference path, which dequantises the whole weight on every "
+                   "call (default: such a plan is refused, naming the layer and the bits that have a kernel)")
 
 
 @command("evaluate", "apply a plan for real and measure quality, speed and memory vs dense", _evaluate_arguments,
@@ -221,7 +224,8 @@ def cmd_evaluate(args) -> int:
     texts = read_text_file(args.texts, args.encoding) if args.texts else None
     cfg = EvalConfig(texts=args.n_texts, seq_len=resolve_seq_len(model, args.seq_len), cities=args.cities,
                      topics=args.topics, speed_rounds=args.speed_rounds, decode_tokens=args.decode_tokens,
-                     gptq_texts=args.gptq_texts or EvalConfig.gptq_texts, context=args.context or 0)
+                     gptq_texts=args.gptq_texts or EvalConfig.gptq_texts, context=args.context or 0,
+                     allow_slow=args.allow_slow)
     result = evaluate(model, plan, cfg, texts=texts, progress=True, saved=saved, lm_eval_task=args.lm_eval_task,
                       lm_eval_limit=args.lm_eval_limit)
     write_json(Path(args.out), result)
@@ -245,6 +249,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eager", action="store_true", help="run the decode steps eagerly instead of compiling one")
     p.add_argument("--packed", action="store_true", help="MODEL is a compressed-tensors folder lensbench compress "
                    "wrote or a GGUF file: load it straight into packed modules instead of dequantising it")
+    p.add_argument("--allow-slow", action="store_true", help="let packed weights that no kernel runs on their "
+                   "device (int2/3/5/6 on CUDA) take the reference path, which dequantises the whole weight on every "
+                   "call (default: such a --plan is refused, naming the layer and the bits that have a kernel)")
 
 
 @command("generate", "greedy text from a model (a plan applied first) with a static KV cache and a compiled "
@@ -257,10 +264,12 @@ def cmd_generate(args) -> int:
         raise LensbenchError(f"--new-tokens must be 1 or more, got {args.new_tokens}")
     if args.packed and args.plan:
         raise LensbenchError("--plan applies to a dense model and --packed loads one already compressed: drop one")
+    if args.allow_slow and not args.plan:
+        raise LensbenchError("--allow-slow applies to a plan's packed weights: give --plan, or drop --allow-slow")
     plan = Plan.load(args.plan) if args.plan else None
     model = load(args.model, packed=args.packed)
     ids = model.tokenize([args.prompt]).input_ids
-    with apply(model, plan) if plan is not None else contextlib.nullcontext():
+    with apply(model, plan, allow_slow=args.allow_slow) if plan is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         dec = Decoder(model, max_length=ids.shape[1] + args.new_tokens, compile=not args.eager)
         out = dec.generate(ids, args.new_tokens)  # the first call compiles the step

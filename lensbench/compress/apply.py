@@ -142,8 +142,9 @@ def _check_kernel(name: str, pw: PackedWeight | MixedWeight, device: torch.devic
     for part in (p for _, p in pw.parts) if isinstance(pw, MixedWeight) else (pw,):
         why = missing_kernel(part, device)
         if why and not options.allow_slow:
-            raise QuantError(f"{name}: {why}; or pass allow_slow=True (lensbench.apply, EvalConfig) to run it on the "
-                             f"reference path, which dequantises the whole weight on every call")
+            raise QuantError(f"{name}: {why}; or pass --allow-slow (lensbench evaluate, generate) or allow_slow=True "
+                             f"(lensbench.apply, EvalConfig) to run it on the reference path, which dequantises the "
+                             f"whole weight on every call")
 
 
 @handles(KV)
