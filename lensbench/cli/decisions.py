@@ -157,6 +157,10 @@ def cmd_quant_db(args) -> int:
     return 0
 
 
+ALLOW_SLOW = ("let packed weights that no kernel runs on their device (int2/3/5/6 on CUDA) take the reference path, "
+              "which dequantises the whole weight on every call (default: such a plan is refused in one line naming "
+              "the layer and the bits that have a kernel)")
+
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the dense model, or with --dense a folder lensbench compress wrote")
     p.add_argument("--plan", help="plan JSON to apply (not with --dense: a saved model carries its plan)")
@@ -184,9 +188,7 @@ def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, help="score tokens decoded one by one through the KV cache after this many "
                    "prompt tokens of held-out text, and record the cache's bytes (default for a plan with KV entries: "
                    "512)")
-    p.add_argument("--allow-slow", action="store_true", help="let packed weights that no kernel runs on their "
-                   "device (int2/3/5/6 on CUDA) take the reference path, which dequantises the whole weight on every "
-                   "call (default: such a plan is refused, naming the layer and the bits that have a kernel)")
+    p.add_argument("--allow-slow", action="store_true", help=ALLOW_SLOW)
 
 
 @command("evaluate", "apply a plan for real and measure quality, speed and memory vs dense", _evaluate_arguments,
@@ -249,9 +251,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eager", action="store_true", help="run the decode steps eagerly instead of compiling one")
     p.add_argument("--packed", action="store_true", help="MODEL is a compressed-tensors folder lensbench compress "
                    "wrote or a GGUF file: load it straight into packed modules instead of dequantising it")
-    p.add_argument("--allow-slow", action="store_true", help="let packed weights that no kernel runs on their "
-                   "device (int2/3/5/6 on CUDA) take the reference path, which dequantises the whole weight on every "
-                   "call (default: such a --plan is refused, naming the layer and the bits that have a kernel)")
+    p.add_argument("--allow-slow", action="store_true", help=ALLOW_SLOW)
 
 
 @command("generate", "greedy text from a model (a plan applied first) with a static KV cache and a compiled "
