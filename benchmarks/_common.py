@@ -92,8 +92,8 @@ def cpu_model() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
+    name, flags = fields.get("model name", ""), set(fields.get("flags", "").split())
     ext = [e for e, f in (("AVX512-VNNI", "avx512_vnni"), ("AVX512-BF16", "avx512_bf16"), ("AMX", "amx_tile"))
            if f in flags]
     return f"{name or 'unknown CPU'} ({', '.join(ext) or 'no AVX-512 VNNI, BF16 or AMX'})"

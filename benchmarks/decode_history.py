@@ -31,15 +31,16 @@ def runs(text: str) -> list[dict]:
         when = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d) UTC", sec.splitlines()[0])
         triad = re.search(r"triad ([\d.]+) GB/s", sec)
         row = {"when": when.group(1) if when else "?", "triad": float(triad.group(1)) if triad else None}
+        first = {}  # method -> its cells in the run's first table that has it (the quiet one, before under load)
+        for line in sec.splitlines():
+            cells = [c.strip() for c in line.split("|")]
+            if len(cells) > 4:
+                first.setdefault(cells[1], cells)
         for key, name in ROWS.items():
-            for line in sec.splitlines():
-                cells = [c.strip() for c in line.split("|")]
-                if len(cells) > 4 and cells[1] == name:
-                    try:
-                        row[key] = (float(cells[2]), float(cells[4]))
-                    except ValueError:
-                        pass
-                    break
+            try:
+                row[key] = (float(first[name][2]), float(first[name][4]))
+            except (KeyError, ValueError):
+                pass
         out.append(row)
     return out
 

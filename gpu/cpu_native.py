@@ -104,8 +104,12 @@ def _build() -> Path:
 
 @functools.cache
 def _load() -> bool:
-    if sys.platform != "linux" or platform.machine() != "x86_64" or not all(f.exists() for f in SOURCES + HEADERS):
+    if sys.platform != "linux" or platform.machine() != "x86_64":
         _state["error"] = f"the native kernel is built on x86-64 Linux only, not {sys.platform} {platform.machine()}"
+        return False
+    missing = [f.name for f in SOURCES + HEADERS if not f.exists()]
+    if missing:
+        _state["error"] = f"the native kernel's sources are missing ({', '.join(missing)}): reinstall lensbench"
         return False
     try:
         torch.ops.load_library(str(_build()))
