@@ -25,10 +25,15 @@ eager packed decode does: on cores shared with another busy process one thread b
 steps on each count compile.
 Forward hooks on the model's modules do not run inside a compiled graph, so a model carrying any is refused:
 capture with the eager model (`model.module.generate`, `lb.capture`), which this leaves untouched.
+Each Decoder compiles its step on its own copy of the forward's code object, and the step checks dynamo's guards
+on its inputs only, not on the model's modules (`_input_guards`): a model changed after its Decoder was made is
+refused by `generate`, which compares the model's modules and tensors with those it was made for.
 """
 from __future__ import annotations
 
+import itertools
 import time
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,6 +57,13 @@ def _hooked(module: torch.nn.Module) -> str | None:
     # the root's own hooks are not called (the step calls its forward directly), so only submodules count
     return next((name for name, m in module.named_modules()
                  if m is not module and (m._forward_hooks or m._forward_pre_hooks)), None)
+
+
+def _refuse_hooks(module: torch.nn.Module) -> None:
+    hooked = _hooked(module)
+    if hooked is not None:
+        raise DecodeError(f"module {hooked!r} carries forward hooks, which a compiled step would not run: "
+                          f"remove them (end the capture) or decode with model.module.generate")
 
 
 @contextmanager
@@ -115,28 +127,33 @@ class RotaryTables:
                 m.__dict__.pop("forward", None)
 
 
-GRAPHS_PER_DECODER = 8  # batch sizes x thread counts one Decoder may compile its step for
+def _own_code(method):
+    """`method` (bound) on a copy of its function's code object. dynamo keeps a code object's compiled graphs
+    and their guards on that code object, and every model of a class (of every class, where transformers wraps
+    forward in one decorator) runs the same one: on its own copy a Decoder's step is looked up among its own
+    graphs only, up to dynamo's `recompile_limit` of them (batch sizes x thread counts), and they go with it."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    return types.MethodType(copy, method.__self__)
 
 
-def _room_for_graphs() -> None:
-    """Make room in dynamo for one more Decoder's graphs. dynamo keeps at most `recompile_limit` graphs per code
-    object, and every model of one class shares its forward's, so without this a process's fifth Decoder (or
-    its second thread count) would run its step eagerly, with only a warning."""
-    import torch._dynamo.config as dynamo_config  # heavy: dynamo, imported only when a step is compiled
-
-    dynamo_config.recompile_limit += GRAPHS_PER_DECODER
-    dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit,
-                                                    dynamo_config.recompile_limit)
+def _input_guards(entries) -> list[bool]:
+    """Which of dynamo's guards a compiled step checks on every call: all but those on the model's modules
+    (their attributes, hooks, parameters; thousands of checks per step, a fifth of a packed SmolLM2-135M step's
+    time). What they would catch, a model changed after its Decoder was made, `Decoder.generate` checks once
+    per call instead (`_layout`), and no other model's graphs share the step's code object (`_own_code`). The
+    guards on the step's inputs (batch size, the cache's tensors) and on the global state stay."""
+    return [not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
 
 
-def _cheap_guards(entries) -> list[bool]:
-    """Which of dynamo's guards a compiled step checks on every call: all but those that a module's attributes
-    and hooks are as they were when traced (dictionary and attribute lookups on each of hundreds of modules, paid
-    on every step; their cost is not measured by a benchmark here). A Decoder is made for a model that no longer changes
-    (`forward hooks` are refused up front); which modules and weights a graph runs is still guarded (their
-    types, the packed weights' handles), so a Decoder made after the model changes does not run an old graph."""
-    return [not (e.orig_guard.source.is_unspecialized_nn_module() and e.guard_type in ("DICT_NOT_CONTAINS", "HASATTR"))
-            for e in entries]
+def _layout(module: torch.nn.Module) -> tuple:
+    """What a compiled step assumes of the model and does not guard (`_input_guards`): which modules it holds,
+    and each parameter's and buffer's identity, dtype, shape, strides and device."""
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return (tuple(map(id, module.modules())),
+            tuple((id(t), t.dtype, t.shape, t.stride(), t.device) for t in tensors))
 
 
 class Decoder:
@@ -172,10 +189,7 @@ class Decoder:
             from . import native_attention  # heavy: transformers (importing it registers the implementation)
 
             step_attention = native_attention.NAME
-        hooked = _hooked(module)
-        if hooked is not None:
-            raise DecodeError(f"module {hooked!r} carries forward hooks, which a compiled step would not run: "
-                              f"remove them (end the capture) or decode with model.module.generate")
+        _refuse_hooks(module)
         if next(module.parameters()).device.type != "cpu":
             raise DecodeError("the compiled decoder runs on the CPU; on CUDA use model.module.generate with "
                               "transformers' static cache")
@@ -188,11 +202,10 @@ class Decoder:
             with torch.no_grad():
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
         self.kernels = compiled.prepare(self._linears, self._tables)
-        if compile:
-            _room_for_graphs()
-        self.step = (torch.compile(module.forward, dynamic=False,
-                                   options={"guard_filter_fn": _cheap_guards, "cpp_wrapper": self.cpp_wrapper})
+        self.step = (torch.compile(_own_code(module.forward), dynamic=False,
+                                   options={"guard_filter_fn": _input_guards, "cpp_wrapper": self.cpp_wrapper})
                      if compile else module.forward)
+        self._layout = _layout(module) if compile else None
         self._attention = step_attention or attn
         self._rotary = RotaryTables(module, self.max_length)
         self._cache = None
@@ -219,6 +232,8 @@ class Decoder:
         if total > self.max_length:
             raise DecodeError(f"{ids.shape[1]} prompt + {max_new_tokens} new tokens exceed the cache's "
                               f"{self.max_length} positions: make the Decoder with max_length={total} or more")
+        if self._layout is not None:
+            self._check_unchanged()
         cache = self._fresh_cache(ids.shape[0])
         t0 = time.perf_counter()
         out = self.module.forward(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
@@ -241,6 +256,13 @@ class Decoder:
         self.timings = {"prompt_tokens": ids.shape[1], "prefill_s": t1 - t0, "decode_steps": max_new_tokens - 1,
                         "decode_s": time.perf_counter() - t1}
         return torch.cat(tokens, dim=1)
+
+    def _check_unchanged(self) -> None:
+        _refuse_hooks(self.module)
+        if _layout(self.module) != self._layout:
+            raise DecodeError("the model's modules or weights changed after its Decoder was made (replaced, "
+                              "converted, moved or cast), and the compiled step runs them as they were: make a new "
+                              "Decoder")
 
     def close(self) -> None:
         """Forget the kernel choices made for the packed modules (the model's eager path never reads them)."""

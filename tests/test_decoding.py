@@ -187,3 +187,28 @@ def test_cli_generate_refuses_a_weight_without_a_kernel_unless_allow_slow(capsys
     assert out.strip() and "eager" in err
     assert main(["generate", model_dir, "--prompt", "x", "--allow-slow"]) == 2
     assert "--allow-slow applies to a plan" in capsys.readouterr().err
+
+
+def test_a_model_changed_after_its_decoder_was_made_is_refused(llama):
+    """The compiled step does not guard the model's modules (`_input_guards`): `generate` refuses a model whose
+    modules or tensors are no longer those its Decoder was made for, and hooks added since."""
+    ids = _ids(llama)
+    with apply(llama, _plan(llama, lambda n: (4, 32, "asym"))):
+        packed = Decoder(llama, max_length=32)
+    with pytest.raises(DecodeError, match="changed after its Decoder was made.*make a new Decoder"):
+        packed.generate(ids, 2)  # the packed modules were swapped back out
+    dense = Decoder(llama, max_length=32)
+    handle = llama.module.model.layers[0].register_forward_hook(lambda *a: None)
+    try:
+        with pytest.raises(DecodeError, match="model.layers.0.*forward hooks"):
+            dense.generate(ids, 2)
+    finally:
+        handle.remove()
+    norm = llama.module.model.norm
+    norm.to(torch.float64)  # the same Parameter object, cast in place
+    try:
+        with pytest.raises(DecodeError, match="changed after its Decoder was made"):
+            dense.generate(ids, 2)
+    finally:
+        norm.to(torch.float32)
+    assert torch.equal(dense.generate(ids, NEW), _eager(llama, ids))  # as it was made for: runs
