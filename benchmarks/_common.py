@@ -1,12 +1,15 @@
-"""Shared benchmark plumbing: interleaved timing, RSS sampling, quality from logits (and llama.cpp's), and the record
-in reports/BENCHMARKS.md."""
+"""Shared benchmark plumbing: interleaved timing, a competing process, RSS sampling, quality from logits (and
+llama.cpp's), and the record in reports/BENCHMARKS.md."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from importlib import metadata
@@ -61,6 +64,18 @@ def interleaved(methods: dict, rounds: int, seed: int = 0, self_timed: bool = Fa
             got = methods[name]()
             times[name].append(got if self_timed else time.perf_counter() - t0)
     return times
+
+
+@contextlib.contextmanager
+def competing_process():
+    """One CPU-bound process (`while True: pass`) running through the block, started a second before it."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1)
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 def ratio_rows(times: dict, baseline: str) -> list[tuple[str, float, float, float, float, float]]:

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import LLAMA_ONE_TOKEN_BATCHES, append_report, interleaved, machine, versions  # noqa: E402
+from _common import LLAMA_ONE_TOKEN_BATCHES, append_report, competing_process, interleaved, machine, versions  # noqa: E402
 
 import lensbench  # noqa: E402
 from lensbench.compress.apply import apply  # noqa: E402
@@ -488,12 +488,10 @@ def main(argv=None) -> None:
                  "lensbench-compiled fp32", "lensbench-compiled int4 g128"]
     # quiet, on one thread: a competing process leaves a decode step one core, so this bounds the loaded gains
     one = _interleaved({k: lambda k=k: compiled.time(f"1 thread: {k}") for k in ONE_THREAD}, args.load_rounds)
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        time.sleep(1)
-        loaded = _interleaved({k: methods[k] for k in load_keys}, args.load_rounds)
+        with competing_process():
+            loaded = _interleaved({k: methods[k] for k in load_keys}, args.load_rounds)
     finally:
-        hog.kill()
         compiled.close()
     write(args, bw, rows, roof, (prefill, prefill_kl), crossover, (loaded, one), times, notes, time.time() - t_start,
           dkl)

@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, interleaved, machine, versions  # noqa: E402
+from _common import append_report, competing_process, interleaved, machine, versions  # noqa: E402
+from decode import whole_model_plan  # noqa: E402
 
 import lensbench as lb  # noqa: E402
 from lensbench import decoding  # noqa: E402
 from lensbench.compress.apply import convert  # noqa: E402
-from lensbench.compress.plan import Plan  # noqa: E402
 from lensbench.gpu.threads import Adaptive  # noqa: E402
-from lensbench.profiling import model_card  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
 
 STEPS = 32
@@ -48,8 +44,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = lb.load("smollm2-135m")
-    names = {n: (4, 128, "asym") for n, m in model.module.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
-    convert(model, Plan.quantize(model_card(model), names))
+    convert(model, whole_model_plan(model, 4, 128, "asym"))
     ids = model.tokenize([" ".join(bbc_news("heldout")[:4])], max_length=128).input_ids
     dec = decoding.Decoder(model, max_length=ids.shape[1] + STEPS + 1)
     policies = {"default": dec._threads, "backoff": Adaptive(2, backoff=BACKOFF)}
@@ -70,12 +65,8 @@ def main() -> None:
     for n in (1, 2):  # compile the step for both counts before timing
         run(n)
     quiet = interleaved(methods, args.rounds, self_timed=True, pause=0.05)
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(1)
+    with competing_process():
         loaded = interleaved(methods, args.rounds, self_timed=True, pause=0.05)
-    finally:
-        hog.kill()
     tokens = args.calls * STEPS
     lines = [f"SmolLM2-135M int4 g128 (every linear, LM head and embedding), one compiled Decoder, {args.rounds} "
              f"interleaved rounds of {args.calls} x {STEPS} decode steps per method, quiet and beside one "

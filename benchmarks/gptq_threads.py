@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import append_report, interleaved, machine, versions  # noqa: E402
+from _common import append_report, competing_process, interleaved, machine, versions  # noqa: E402
 
 import lensbench as lb  # noqa: E402
 from lensbench.compress import gptq  # noqa: E402
@@ -70,12 +68,8 @@ def main() -> None:
                "adaptive (default)": lambda: solve(policy)}
     solve(Fixed(2))  # warm-up
     quiet = interleaved(methods, args.rounds, pause=0.05)
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    try:
-        time.sleep(1)
+    with competing_process():
         loaded = interleaved(methods, args.rounds, pause=0.05)
-    finally:
-        hog.kill()
     lines = [f"SmolLM2-135M block {BLOCK}'s {len(work)} linears solved by GPTQ (int4 g128, act-order, searched "
              f"ranges; Hessians from {args.calib} BBC calibration articles), {args.rounds} interleaved rounds each "
              f"quiet and beside one `while True: pass` process; seconds per block (median / min). {machine()}; "

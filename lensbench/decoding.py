@@ -53,14 +53,10 @@ class DecodeError(LensbenchError):
     """A model or request the compiled decoder cannot run."""
 
 
-def _hooked(module: torch.nn.Module) -> str | None:
-    # the root's own hooks are not called (the step calls its forward directly), so only submodules count
-    return next((name for name, m in module.named_modules()
-                 if m is not module and (m._forward_hooks or m._forward_pre_hooks)), None)
-
-
 def _refuse_hooks(module: torch.nn.Module) -> None:
-    hooked = _hooked(module)
+    # the root's own hooks are not called (the step calls its forward directly), so only submodules count
+    hooked = next((name for name, m in module.named_modules()
+                   if m is not module and (m._forward_hooks or m._forward_pre_hooks)), None)
     if hooked is not None:
         raise DecodeError(f"module {hooked!r} carries forward hooks, which a compiled step would not run: "
                           f"remove them (end the capture) or decode with model.module.generate")
@@ -141,11 +137,11 @@ def _own_code(method):
 
 def _input_guards(entries) -> list[bool]:
     """Which of dynamo's guards a compiled step checks on every call: all but those on the model's modules
-    (their attributes, hooks, parameters: thousands of checks per step, which torch's profiler shows as a large
-    share of a packed step). What they would catch, a model changed after its Decoder was made,
-    `Decoder.generate` checks once per call instead (`_layout`), and no other model's graphs share the step's
-    code object (`_own_code`). The guards on the step's inputs (batch size, the cache's tensors) and on the
-    global state stay."""
+    (their attributes, hooks, parameters: thousands of checks on every step; README, "Packed execution on the
+    CPU", gives the decode benchmark's runs before and after they were dropped). What they would catch, a model
+    changed after its Decoder was made, `Decoder.generate` checks once per call instead (`_layout`), and no
+    other model's graphs share the step's code object (`_own_code`). The guards on the step's inputs (batch
+    size, the cache's tensors) and on the global state stay."""
     return [not e.orig_guard.source.is_unspecialized_nn_module() for e in entries]
 
 

@@ -214,7 +214,6 @@ def test_a_weight_without_a_kernel_on_its_device_is_refused_unless_slow_is_allow
         pass
 
 
-
 def test_cli_evaluate_passes_allow_slow_to_the_evaluation(tmp_path, tiny_dir, monkeypatch, capsys):
     import lensbench
     from lensbench.cli import decisions, main
@@ -232,6 +231,7 @@ def test_cli_evaluate_passes_allow_slow_to_the_evaluation(tmp_path, tiny_dir, mo
     capsys.readouterr()
     assert main(argv) == 2 and "allow_slow=False" in capsys.readouterr().err
     assert main([*argv, "--allow-slow"]) == 2 and "allow_slow=True" in capsys.readouterr().err
+
 
 def test_convert_keeps_only_the_packed_weights(tiny):
     import gc

@@ -161,6 +161,7 @@ ALLOW_SLOW = ("let packed weights that no kernel runs on their device (int2/3/5/
               "which dequantises the whole weight on every call (default: such a plan is refused in one line naming "
               "the layer and the bits that have a kernel)")
 
+
 def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="the dense model, or with --dense a folder lensbench compress wrote")
     p.add_argument("--plan", help="plan JSON to apply (not with --dense: a saved model carries its plan)")
