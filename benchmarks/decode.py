@@ -14,7 +14,9 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
   baseline F32.
 * Compiled: `lensbench.decoding.Decoder` (a static KV cache and one torch.compile'd decode step) on copies
   of the model converted for good (`convert`): fp32, int8 g128, int8 sym per-row and int4 g128 (native
-  kernel), int8 sym per-row and int4 g128 on torch's kernels, against the compiled fp32; and int4 g128 on
+  kernel), int8 sym per-row and int4 g128 on torch's kernels, against the compiled fp32 (its linears on
+  lensbench's native multi-threaded float32 kernel, `gpu/compiled_dense.py`; "fp32 torch gemv": on torch's,
+  as before that kernel); and int4 g128 on
   the plain compiled step (the model's SDPA attention, inductor's Python wrapper), which the Decoder's
   defaults (native attention in the step, the C++ wrapper) are measured against; int4 g128 with transformers'
   eager attention in the step (the default before the native attention); and int4 g128 on a 1024-position
@@ -60,7 +62,7 @@ from _common import LLAMA_ONE_TOKEN_BATCHES, append_report, competing_process, i
 import lensbench  # noqa: E402
 from lensbench.compress.apply import apply  # noqa: E402
 from lensbench.compress.plan import Plan  # noqa: E402
-from lensbench.gpu import cpu_kernels, cpu_native  # noqa: E402
+from lensbench.gpu import compiled_dense, cpu_kernels, cpu_native  # noqa: E402
 from lensbench.gpu.modules import QuantLinear  # noqa: E402
 from lensbench.numeric import storage_bytes  # noqa: E402
 from lensbench.profiling import model_card  # noqa: E402
@@ -77,7 +79,8 @@ TORCH_KERNEL = " torch kernel"  # a name ending so runs on torch's kernel, the n
 LLAMA = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 # the compiled decode step (`lensbench.decoding.Decoder`) on models converted for good, against its own compiled fp32
 ONE_THREAD = ("lensbench-compiled fp32", "lensbench-compiled int4 g128")  # also timed quiet on one thread
-COMPILED = {"lensbench-compiled fp32": None, "lensbench-compiled int8 g128": (8, GROUP, "asym"),
+COMPILED = {"lensbench-compiled fp32": None, "lensbench-compiled fp32 torch gemv": None,
+            "lensbench-compiled int8 g128": (8, GROUP, "asym"),
             "lensbench-compiled int8 sym row": (8, -1, "sym"), "lensbench-compiled int4 g128": (4, GROUP, "asym"),
             "lensbench-compiled int4 g128 torch kernel": (4, GROUP, "asym"),
             "lensbench-compiled int8 sym row torch kernel": (8, -1, "sym"),
@@ -85,7 +88,7 @@ COMPILED = {"lensbench-compiled fp32": None, "lensbench-compiled int8 g128": (8,
             "lensbench-compiled int4 g128 eager attention": (4, GROUP, "asym"),
             "lensbench-compiled int4 g128 cache 1024": (4, GROUP, "asym"),
             "lensbench-compiled int4 g128 cache 1024 eager attention": (4, GROUP, "asym")}
-PLAIN_STEP = {"step_attention": None, "cpp_wrapper": False}  # the step without the Decoder's defaults
+PLAIN_STEP = {"step_attention": None, "cpp_wrapper": False, "native_dense": False}  # without the Decoder's defaults
 LONG_CACHE = 1024  # the Decoder's default max_length: a cache mostly empty at this benchmark's context
 
 
@@ -96,9 +99,11 @@ def decoder_options(name: str, ids: torch.Tensor, steps: int) -> dict:
         options.update(PLAIN_STEP)
     if name.endswith("eager attention"):
         options["step_attention"] = "eager"
+    if name.endswith("torch gemv"):  # float32 linears on torch's kernel (MKL), not the native dense one
+        options["native_dense"] = False
     return options
 LINEAR_OPS = {"aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm",
-              "lensbench::packed_matmul", "lensbench_native::packed_mm"}
+              "lensbench::packed_matmul", "lensbench_native::packed_mm", "lensbench_native::dense_mm"}
 
 
 def bandwidth() -> dict:
@@ -580,6 +585,14 @@ def crossover_rows(model, rounds: int) -> dict:
             for f in methods.values():
                 f()
             out[(bits, m)] = {k: statistics.median(v) for k, v in interleaved(methods, rounds).items()}
+    if cpu_native.attention_available():  # float32: the compiled step's native dense kernel vs torch's (MKL)
+        for m in (1, 2, 4, 8, 12, 16, 24, 32, 64):
+            xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
+            kernels = {"native": torch.ops.lensbench_native.dense_mm, "torch": nn.functional.linear}
+            methods = {k: lambda xs=xs, f=f: [f(xs[w.shape[1]], w) for w in weights] for k, f in kernels.items()}
+            for f in methods.values():
+                f()
+            out[(32, m)] = {k: statistics.median(v) for k, v in interleaved(methods, rounds).items()}
     return out
 
 
@@ -637,6 +650,13 @@ def write(args, bw, rows, roof, prefill, crossover, under_load, times, notes, se
         c4, c8 = crossover[(4, m)], crossover[(8, m)]
         cells = [f"{c[k] * 1e3:.1f}" for c in (c4, c8) for k in ("decode", "other", "prefill")]
         lines.append(f"| {m} | {' | '.join(cells)} |")
+    dense = sorted(m for b, m in crossover if b == 32)
+    if dense:
+        lines += ["", f"Float32, the same linears (ms, median of {args.crossover_rounds}): lensbench's native dense "
+                  f"kernel (`native/dense.cpp`) vs torch's (MKL); a compiled step runs the native one up to "
+                  f"{compiled_dense.MAX_ROWS} rows:", "", "| rows | fp32 native | fp32 torch |", "|---|---|---|"]
+        lines += [f"| {m} | {crossover[(32, m)]['native'] * 1e3:.1f} | {crossover[(32, m)]['torch'] * 1e3:.1f} |"
+                  for m in dense]
     lines += ["", f"Under load (one `while True: pass` process on the 2 cores, {args.load_rounds} rounds): decode "
               "tokens/s and packed/dense ratio, quiet (above) vs loaded:", "",
               "| method | tokens/s loaded | x own fp32 quiet | x own fp32 loaded | loaded / quiet ratio |",

@@ -39,7 +39,7 @@ import torch
 
 from .quant import PackedWeight
 
-SOURCES = tuple(Path(__file__).parent / "native" / f for f in ("vnni.cpp", "attention.cpp", "dequant.cpp"))
+SOURCES = tuple(Path(__file__).parent / "native" / f for f in ("vnni.cpp", "attention.cpp", "dequant.cpp", "dense.cpp"))
 HEADERS = (Path(__file__).parent / "native" / "packed_format.h",)  # not compiled alone, but part of the build key
 BITS = (4, 8)
 INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
@@ -124,6 +124,10 @@ def _load() -> bool:
     @torch.library.register_fake("lensbench_native::decode_attention")
     def _(q, k, v, mask, scaling):
         return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+    @torch.library.register_fake("lensbench_native::dense_mm")
+    def _(x, w):
+        return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.register_fake("lensbench_native::dequant")
     def _(packed, scales, mins, group, bits, n0, out):

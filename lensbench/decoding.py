@@ -40,7 +40,7 @@ from contextlib import contextmanager
 import torch
 
 from .errors import LensbenchError
-from .gpu import compiled, cpu_native, fusion, threads
+from .gpu import compiled, compiled_dense, cpu_native, fusion, threads
 from .gpu.modules import PackedModule, QuantEmbedding
 from .gpu.threads import Adaptive
 from .model import Model
@@ -159,10 +159,12 @@ class Decoder:
     run ("auto": "native" where the native kernels are built, else "eager"; None: the model's own), `cpp_wrapper`
     whether inductor calls the step's kernels from C++. `threads`
     fixes the steps' thread count (also settable later as `decoder.threads`); None chooses it per step by timing
-    (`gpu.threads.Adaptive`)."""
+    (`gpu.threads.Adaptive`). `native_dense`: the step's float32 linears (those not packed) on lensbench's native
+    multi-threaded kernel where it is built (`gpu.compiled_dense`), else on torch's."""
 
     def __init__(self, model: Model, max_length: int = 1024, compile: bool = True,
-                 step_attention: str | None = "auto", cpp_wrapper: bool = True, threads: int | None = None):
+                 step_attention: str | None = "auto", cpp_wrapper: bool = True, threads: int | None = None,
+                 native_dense: bool = True):
         module = model.module
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise DecodeError(f"threads must be a positive count or None (chosen per step), got {threads!r}")
@@ -199,9 +201,12 @@ class Decoder:
             with torch.no_grad():
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
         self.kernels = compiled.prepare(self._linears, self._tables)
-        self.step = (torch.compile(_own_code(module.forward), dynamic=False,
-                                   options={"guard_filter_fn": _input_guards, "cpp_wrapper": self.cpp_wrapper})
-                     if compile else module.forward)
+        options = {"guard_filter_fn": _input_guards, "cpp_wrapper": self.cpp_wrapper}
+        self.native_dense = bool(compile and native_dense and cpu_native.attention_available())
+        if self.native_dense:
+            options["post_grad_custom_post_pass"] = compiled_dense.PASS
+        self.step = (torch.compile(_own_code(module.forward), dynamic=False, options=options) if compile
+                     else module.forward)
         self._layout = _layout(module) if compile else None
         self._attention = step_attention or attn
         self._rotary = RotaryTables(module, self.max_length)
