@@ -7,7 +7,7 @@ count, so a dense model's decode drew one core's memory bandwidth. `PASS` is an 
 weight `w` is a float32 graph input with contiguous rows and whose `x` has at most `MAX_ROWS` rows into
 `lensbench_native::dense_mm` (`native/dense.cpp`: the weight's rows split over torch's threads), plus the
 bias. Packed linears never reach it: they trace into their own kernels (`compiled`). Above `MAX_ROWS` rows
-MKL's threaded gemm takes over again (benchmarks/kernels.py's dense table measures both by rows).
+torch's kernel stays (benchmarks/decode.py tables both on SmolLM2's block linears by activation rows).
 """
 from __future__ import annotations
 

@@ -5,7 +5,9 @@ attention over the cache, residual adds) around the linears, each paying Python 
 `torch.compile` turns the step into a few generated C++ loops plus the linears' kernels. The step needs
 shapes that do not change, hence transformers' `StaticCache` (one buffer of `max_length` positions per
 layer). Packed modules are prepared first (`gpu.compiled`): each one's kernel is chosen once and traced
-into the graph as an aten op or a lensbench custom op, so the graph does not break at the kernels.
+into the graph as an aten op or a lensbench custom op, so the graph does not break at the kernels. The step's
+float32 linears run on lensbench's native multi-threaded kernel where it builds (`gpu.compiled_dense`: torch's
+runs on one thread at decode size).
 
     dec = Decoder(model)                      # after `lb.convert(model, plan)` or inside `lb.apply`
     ids = dec.generate(prompt_ids, 64)        # [B, T + 64]; the first call compiles (tens of seconds)
@@ -22,7 +24,8 @@ one query token inductor fuses the query's rotary embedding into the attention s
 compute them again for every cached position.
 Each step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as
 eager packed decode does: on cores shared with another busy process one thread beats two), so the first
-steps on each count compile.
+steps on each count compile; unlike eager decode it does not try more threads while other processes keep the
+CPUs those would need busy (`gpu.threads.CpuLoad`).
 Forward hooks on the model's modules do not run inside a compiled graph, so a model carrying any is refused:
 capture with the eager model (`model.module.generate`, `lb.capture`), which this leaves untouched.
 Each Decoder compiles its step on its own copy of the forward's code object, and the step checks dynamo's guards
@@ -42,7 +45,7 @@ import torch
 from .errors import LensbenchError
 from .gpu import compiled, compiled_dense, cpu_native, fusion, threads
 from .gpu.modules import PackedModule, QuantEmbedding
-from .gpu.threads import Adaptive
+from .gpu.threads import Adaptive, CpuLoad
 from .model import Model
 
 ATTENTION = ("sdpa", "eager")  # the attention implementations a static cache runs with
@@ -211,7 +214,7 @@ class Decoder:
         self._attention = step_attention or attn
         self._rotary = RotaryTables(module, self.max_length)
         self._cache = None
-        self._threads = Adaptive(torch.get_num_threads())  # as the eager packed path: see gpu.threads
+        self._threads = Adaptive(torch.get_num_threads(), load=CpuLoad())  # see gpu.threads
         self.timings: dict = {}  # of the last `generate`: prompt_tokens, prefill_s, decode_steps, decode_s
 
     def _fresh_cache(self, batch: int):
