@@ -2,14 +2,14 @@
 competing CPU-bound process.
 
 A Decoder runs each step on the thread count whose recent steps ran fastest (`gpu.threads.Adaptive`) and tries
-another count every `explore` steps, but not more threads while other processes keep the CPUs busy that those
-would need (`gpu.threads.CpuLoad`, from /proc/stat). Beside a busy process a step on 2 threads can wait a
-scheduler slice for its preempted thread, so an exploration there can cost many steps' time. This times
-SmolLM2-135M converted to int4 g128 (every linear, the LM head and the embedding), one compiled Decoder, its
-decode steps run four ways — always 2 threads, always 1, the Decoder's default policy and the same policy
-without the load check (an exploration every 32 steps whatever the load, the Decoder's policy before) — in
-interleaved rounds, each policy one object through the whole run, first quiet, then beside one
-`while True: pass` process. Tokens/s are over the decode steps only (the prompt's time not counted).
+the other count every `explore` steps. Beside a busy process a step on 2 threads can wait a scheduler slice for
+its preempted thread, so an exploration there can cost many steps' time. This times SmolLM2-135M converted to
+int4 g128 (every linear, the LM head and the embedding), one compiled Decoder, its decode steps run four ways —
+always 2 threads, always 1, the Decoder's default policy (an exploration every 32 steps whatever it cost) and
+the same policy with backoff (`Adaptive(backoff=8)`: the steps between explorations double, up to 8 times, after
+one that lost by over 2x, as GPTQ's solves run) — in interleaved rounds, each policy one object through the
+whole run, first quiet, then beside one `while True: pass` process. Tokens/s are over the decode steps only
+(the prompt's time not counted).
 
 Usage: python benchmarks/decode_threads.py [--rounds 8] [--calls 3]
 Appends to reports/BENCHMARKS.md.
@@ -34,6 +34,7 @@ from lensbench.gpu.threads import Adaptive  # noqa: E402
 from lensbench.texts import bbc_news  # noqa: E402
 
 STEPS = 32
+BACKOFF = 8  # the candidate: explorations up to 8 x 32 steps apart after losing ones
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     convert(model, whole_model_plan(model, 4, 128, "asym"))
     ids = model.tokenize([" ".join(bbc_news("heldout")[:4])], max_length=128).input_ids
     dec = decoding.Decoder(model, max_length=ids.shape[1] + STEPS + 1)
-    policies = {"default": dec._threads, "blind": Adaptive(2)}
+    policies = {"default": dec._threads, "backoff": Adaptive(2, backoff=BACKOFF)}
 
     def run(threads: int | None, policy: Adaptive | None = None) -> float:
         dec.threads = threads
@@ -60,7 +61,7 @@ def main() -> None:
 
     methods = {"2 threads": lambda: run(2), "1 thread": lambda: run(1),
                "adaptive (default)": lambda: run(None, policies["default"]),
-               "adaptive without the load check": lambda: run(None, policies["blind"])}
+               f"adaptive, backoff {BACKOFF}": lambda: run(None, policies["backoff"])}
     for n in (1, 2):  # compile the step for both counts before timing
         run(n)
     quiet = interleaved(methods, args.rounds, self_timed=True, pause=0.05)

@@ -6,8 +6,7 @@ int8 decode fell from 39.7 to 7.1 tokens/s on 2 threads, and choosing the count 
 that run) kept 30.0 of 38.7 (benchmarks/decode.py; reports/BENCHMARKS.md and reports/DECODE.md). Which count is
 faster depends on the load of the moment, so `Adaptive` times every decode step, keeps the recent times of
 each candidate count (1, 2, 4, ... up to the configured threads), runs the fastest by `cost`, and tries
-another every `explore` steps so it notices when load comes or goes. Given a `CpuLoad`, it skips an
-exploration of more threads while other processes keep busy the CPUs those would need.
+another every `explore` steps so it notices when load comes or goes.
 
 `install(module)` puts it around a model's forward for decode-size calls (≤ `max_tokens` tokens); the
 user's thread setting is restored after every step. The compiled decoder (`lensbench.decoding`) runs the same
@@ -15,7 +14,6 @@ policy around its compiled steps, which call no module hooks.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections import deque
@@ -42,52 +40,6 @@ def cost(times) -> float:
     return statistics.fmean(xs[:-1] if len(xs) >= 3 else xs)
 
 
-class CpuLoad:
-    """How many of this process's CPUs other work kept busy since the last look: the busy time of the CPUs it
-    may run on (Linux's /proc/stat, in the kernel's clock ticks, steal included) less its own CPU time, over
-    the wall time between. None where /proc/stat cannot be read, or less than `min_wall` seconds passed (the
-    ticks are 10 ms apart)."""
-
-    def __init__(self, min_wall: float = 0.1):
-        try:
-            self.cpus = {b"cpu%d" % c for c in os.sched_getaffinity(0)}
-            self.tick = os.sysconf("SC_CLK_TCK")
-        except (AttributeError, OSError, ValueError):  # not Linux
-            self.cpus = None
-        self.min_wall = min_wall
-        self.last = self._read()
-
-    def _read(self) -> tuple | None:
-        if not self.cpus:
-            return None
-        try:
-            with open("/proc/stat", "rb") as f:
-                text = f.read()
-        except OSError:
-            return None
-        busy = 0
-        for line in text.split(b"\n")[1:]:
-            parts = line.split()
-            if not parts or not parts[0].startswith(b"cpu"):
-                break
-            if parts[0] in self.cpus:
-                user, nice, system, idle, iowait, irq, softirq, steal = map(int, parts[1:9])
-                busy += user + nice + system + irq + softirq + steal
-        return busy / self.tick, time.process_time(), time.perf_counter()
-
-    def others(self) -> float | None:
-        now = self._read()
-        if now is None or self.last is None or now[2] - self.last[2] < self.min_wall:
-            return None
-        last, self.last = self.last, now
-        return max(0.0, (now[0] - last[0]) - (now[1] - last[1])) / (now[2] - last[2])
-
-    def room(self, threads: int) -> bool:
-        """Whether `threads` threads would each find a CPU: unknown counts as yes."""
-        others = self.others()
-        return others is None or others < len(self.cpus) - threads + 0.5
-
-
 class Adaptive:
     """Choose a thread count per step from the recent step times of each candidate.
 
@@ -95,13 +47,9 @@ class Adaptive:
     exploration that ran over twice the best count's cost, and return to `explore` after one that did not: where
     the losing count is much slower (GPTQ's solves on 2 threads beside a busy process: benchmarks/gptq_threads.py),
     exploring at a fixed rate would cost more than it could find. `first`: each count's steps before
-    the first choice. With `load` (a `CpuLoad`) an exploration of more threads than the best count is skipped
-    while other work keeps too many of the CPUs busy for them (beside one busy process on 2 cores, 2 threads):
-    there a step on more threads waits for its preempted ones, and its cost is known without paying it."""
+    the first choice."""
 
-    def __init__(self, max_threads: int, explore: int = 32, window: int = 8, backoff: int = 1, first: int = 2,
-                 load: CpuLoad | None = None):
-        self.load = load
+    def __init__(self, max_threads: int, explore: int = 32, window: int = 8, backoff: int = 1, first: int = 2):
         self.options = candidates(max(1, max_threads))
         self.times = {n: deque(maxlen=window) for n in self.options}
         self.explore, self.backoff, self.first = explore, backoff, first
@@ -119,16 +67,13 @@ class Adaptive:
         for n in self.options:  # every count measured `first` times before choosing
             if len(self.times[n]) < self.first:
                 return n
-        best = self.best()
         if len(self.options) > 1 and self.steps >= self.next:
             self.next = self.steps + self.interval
-            others = [n for n in self.options if n != best]
+            others = [n for n in self.options if n != self.best()]
             self.turn += 1
-            n = others[self.turn % len(others)]
-            if n < best or self.load is None or self.load.room(n):
-                self.exploring = n
-                return n
-        return best
+            self.exploring = others[self.turn % len(others)]
+            return self.exploring
+        return self.best()
 
     def record(self, threads: int, seconds: float) -> None:
         if threads == self.exploring:

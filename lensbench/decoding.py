@@ -24,8 +24,7 @@ one query token inductor fuses the query's rotary embedding into the attention s
 compute them again for every cached position.
 Each step runs on the thread count that has been fastest lately (`gpu.threads.Adaptive`, as
 eager packed decode does: on cores shared with another busy process one thread beats two), so the first
-steps on each count compile; unlike eager decode it does not try more threads while other processes keep the
-CPUs those would need busy (`gpu.threads.CpuLoad`).
+steps on each count compile.
 Forward hooks on the model's modules do not run inside a compiled graph, so a model carrying any is refused:
 capture with the eager model (`model.module.generate`, `lb.capture`), which this leaves untouched.
 Each Decoder compiles its step on its own copy of the forward's code object, and the step checks dynamo's guards
@@ -45,7 +44,7 @@ import torch
 from .errors import LensbenchError
 from .gpu import compiled, compiled_dense, cpu_native, fusion, threads
 from .gpu.modules import PackedModule, QuantEmbedding
-from .gpu.threads import Adaptive, CpuLoad
+from .gpu.threads import Adaptive
 from .model import Model
 
 ATTENTION = ("sdpa", "eager")  # the attention implementations a static cache runs with
@@ -214,7 +213,7 @@ class Decoder:
         self._attention = step_attention or attn
         self._rotary = RotaryTables(module, self.max_length)
         self._cache = None
-        self._threads = Adaptive(torch.get_num_threads(), load=CpuLoad())  # see gpu.threads
+        self._threads = Adaptive(torch.get_num_threads())  # as the eager packed path: see gpu.threads
         self.timings: dict = {}  # of the last `generate`: prompt_tokens, prefill_s, decode_steps, decode_s
 
     def _fresh_cache(self, batch: int):

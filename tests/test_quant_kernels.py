@@ -230,62 +230,6 @@ def test_adaptive_threads_measure_each_count_then_run_the_fastest_and_re_explore
     assert once.best() == 2
 
 
-def test_adaptive_threads_skip_explorations_that_other_work_leaves_no_cpus_for():
-    from lensbench.gpu.threads import Adaptive, CpuLoad
-
-    class Load(CpuLoad):  # two CPUs, other work's CPUs as the test sets them
-        def __init__(self):
-            self.cpus, self.busy = {b"cpu0", b"cpu1"}, 1.0
-
-        def others(self):
-            return self.busy
-
-    load = Load()
-    policy = Adaptive(2, explore=8, load=load)
-    seconds = {1: 0.03, 2: 0.2}  # beside a busy process: 2 threads stall
-    ran = []
-    for _ in range(40):
-        n = policy.choose()
-        ran.append(n)
-        policy.record(n, seconds[n])
-    assert ran[:4] == [1, 1, 2, 2] and set(ran[4:]) == {1}  # one CPU busy elsewhere: 2 threads never explored
-    load.busy, seconds = 0.1, {1: 0.03, 2: 0.01}  # the other work stops
-    ran = []
-    for _ in range(80):
-        n = policy.choose()
-        ran.append(n)
-        policy.record(n, seconds[n])
-    assert ran[:9].count(2) == 1 and ran[-8:].count(2) == 7  # explored again; chosen once its slow steps aged out
-    load.busy = None  # unknown (no /proc/stat): explorations as without a load
-    for _ in range(16):
-        n = policy.choose()
-        policy.record(n, seconds[n])
-    assert policy.turn > 0
-
-
-def test_cpu_load_sees_a_busy_process():
-    import subprocess
-    import sys
-    import time
-
-    from lensbench.gpu.threads import CpuLoad
-
-    load = CpuLoad(min_wall=0.2)
-    if load.cpus is None or load.last is None:
-        pytest.skip("no /proc/stat here")
-    assert load.others() is None  # under 0.2 s since it was made
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
-    try:
-        time.sleep(0.3)
-        load.others()  # from here on the process runs throughout
-        time.sleep(1.0)
-        others = load.others()
-    finally:
-        busy.kill()
-        busy.wait()
-    assert others is not None and 0.6 < others < len(load.cpus) + 0.1
-
-
 def test_adaptive_threads_wrap_decode_steps_only_and_give_the_users_setting_back():
     from lensbench.gpu import threads
 
