@@ -16,7 +16,7 @@
 namespace {
 
 constexpr int64_t kRows = 8;        // weight rows per block
-constexpr int64_t kGrainBytes = 1 << 16;  // of weight per task at least: waking a thread for less costs more
+constexpr int64_t kGrainBytes = 1 << 16;  // of weight per task, about: waking a thread for less costs more
 
 inline __mmask16 tail(int64_t left) {
   return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
