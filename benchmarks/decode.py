@@ -33,7 +33,7 @@ its own dense baseline and in absolute tokens/s, with a roofline and a run under
   native kernel (int16 activations) and on torch's (bfloat16) against the exact float32 kernels.
 * Prefill at `--prefill` prompt lengths, lensbench packed vs dense, interleaved.
 * Crossover: the decode path and the prefill path on all block linears at 1..64 activation rows (int4: the
-  native kernel, torch's and the tiles).
+  native kernel, torch's and the tiles); float32: the native dense kernel and torch's.
 * Under load: the lensbench decode rounds again with one CPU-bound process competing for the cores.
 
 Usage: python benchmarks/decode.py [--rounds 5] [--decode 32] [--prefill 128,512,2048] [--load-rounds 3]

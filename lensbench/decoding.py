@@ -204,6 +204,7 @@ class Decoder:
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
         self.kernels = compiled.prepare(self._linears, self._tables)
         options = {"guard_filter_fn": _input_guards, "cpp_wrapper": self.cpp_wrapper}
+        # the library that holds the native attention op holds the dense one
         self.native_dense = bool(compile and native_dense and cpu_native.attention_available())
         if self.native_dense:
             options["post_grad_custom_post_pass"] = compiled_dense.PASS

@@ -3,7 +3,8 @@
 // At decode size (a handful of rows) a linear is a matrix-vector product that reads the whole weight once per
 // step, so its speed is the memory bandwidth the threads draw. torch's float32 path for it (MKL's gemv) runs on
 // one thread at these shapes whatever torch's thread count; this splits the weight's rows over the threads.
-// Each block of 4 weight rows is dotted with every activation row while it sits in L1.
+// Each block of 8 weight rows is dotted with every activation row while it sits in L1 (2 x 8 accumulators up
+// to 2 activation rows, 4 x 4 above).
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
