@@ -585,7 +585,7 @@ def crossover_rows(model, rounds: int) -> dict:
             for f in methods.values():
                 f()
             out[(bits, m)] = {k: statistics.median(v) for k, v in interleaved(methods, rounds).items()}
-    if cpu_native.attention_available():  # float32: the compiled step's native dense kernel vs torch's (MKL)
+    if cpu_native.library_available():  # float32: the compiled step's native dense kernel vs torch's (MKL)
         for m in (1, 2, 4, 8, 12, 16, 24, 32, 64):
             xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
             kernels = {"native": torch.ops.lensbench_native.dense_mm, "torch": nn.functional.linear}

@@ -40,7 +40,8 @@ import torch
 from .quant import PackedWeight
 
 SOURCES = tuple(Path(__file__).parent / "native" / f for f in ("vnni.cpp", "attention.cpp", "dequant.cpp", "dense.cpp"))
-HEADERS = (Path(__file__).parent / "native" / "packed_format.h",)  # not compiled alone, but part of the build key
+# not compiled alone, but part of the build key
+HEADERS = tuple(Path(__file__).parent / "native" / f for f in ("packed_format.h", "lanes.h"))
 BITS = (4, 8)
 INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 lanes
 INT4_MAX_GROUP = 65535  # int4 groups of 65536 or more could too
@@ -144,9 +145,10 @@ def available() -> bool:
         return _load()
 
 
-def attention_available() -> bool:
-    """Whether the decode attention op is built here (building the library on the first call). LENSBENCH_NATIVE=0
-    turns it off with the matmul kernel; `set_enabled` toggles only the matmul kernel."""
+def library_available() -> bool:
+    """Whether the library's ops besides the packed matmul (the decode attention, the dense float32 matmul) are
+    built here (building the library on the first call). LENSBENCH_NATIVE=0 turns them off with the packed matmul
+    kernel; `set_enabled` toggles only the packed matmul kernel."""
     if os.environ.get("LENSBENCH_NATIVE", "1") == "0":
         return False
     with _lock:
@@ -154,7 +156,7 @@ def attention_available() -> bool:
 
 
 def attention_ready() -> bool:
-    """`attention_available()` once the library is loaded (no build, no lock: cheap enough for a traced forward)."""
+    """`library_available()` once the library is loaded (no build, no lock: cheap enough for a traced forward)."""
     return "loaded" in _state
 
 

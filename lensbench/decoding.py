@@ -181,10 +181,10 @@ class Decoder:
             raise DecodeError(f"step_attention must be one of {', '.join(STEP_ATTENTION)}, auto or None (the model's "
                               f"own), got {step_attention!r}")
         if step_attention == "auto":
-            step_attention = "native" if cpu_native.attention_available() else "eager"
+            step_attention = "native" if cpu_native.library_available() else "eager"
         self.step_attention = step_attention or attn  # what the steps run: "native", "eager" or "sdpa"
         if step_attention == "native":
-            if not cpu_native.attention_available():
+            if not cpu_native.library_available():
                 raise DecodeError(f"step_attention='native' needs the native kernels: {cpu_native.unavailable()}; "
                                   f"use step_attention='eager'")
             from . import native_attention  # heavy: transformers (importing it registers the implementation)
@@ -204,8 +204,7 @@ class Decoder:
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
         self.kernels = compiled.prepare(self._linears, self._tables)
         options = {"guard_filter_fn": _input_guards, "cpp_wrapper": self.cpp_wrapper}
-        # the library that holds the native attention op holds the dense one
-        self.native_dense = bool(compile and native_dense and cpu_native.attention_available())
+        self.native_dense = bool(compile and native_dense and cpu_native.library_available())
         if self.native_dense:
             options["post_grad_custom_post_pass"] = compiled_dense.PASS
         self.step = (torch.compile(_own_code(module.forward), dynamic=False, options=options) if compile

@@ -4,7 +4,7 @@ At one query token transformers' eager attention is a matmul over every position
 softmax and a second matmul; the native op (`gpu/native/attention.cpp`) reads only the positions the mask keeps
 (a cache of 1024 positions holding 200 tokens costs 200 dot products per head), with the scores, softmax and
 weighted sum of the values in one pass per head, in float32. It runs where the native library is loaded
-(`gpu.cpu_native.attention_ready()`, once `attention_available()` has built it), on float32 CPU tensors with
+(`gpu.cpu_native.attention_ready()`, once `library_available()` has built it), on float32 CPU tensors with
 heads of at most 256 and a boolean mask; anything else (other dtypes or devices, dropout while training, logit
 soft-capping, attention sinks) runs transformers' SDPA attention. Its masks are SDPA's boolean ones, never skipped for
 `is_causal` (the op attends to every position it is not told to drop).

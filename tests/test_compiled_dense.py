@@ -10,7 +10,7 @@ from lensbench.decoding import Decoder
 from lensbench.gpu import compiled_dense, cpu_native
 from lensbench.testing import tiny_model
 
-pytestmark = pytest.mark.skipif(not cpu_native.attention_available(), reason=f"{cpu_native.unavailable()}")
+pytestmark = pytest.mark.skipif(not cpu_native.library_available(), reason=f"{cpu_native.unavailable()}")
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9])

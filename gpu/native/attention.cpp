@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include "lanes.h"
+
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
@@ -37,10 +39,7 @@ inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// The first `left` of 16 lanes (none for left <= 0).
-inline __mmask16 tail(int64_t left) {
-  return left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-}
+using lensbench_native::tail;
 
 // Lane j of the result: the sum of v[j]'s lanes (a transposing tree of adds, not 16 reductions).
 inline __m512 sum16(const __m512* v) {

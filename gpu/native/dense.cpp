@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
+#include "lanes.h"
+
 #include <immintrin.h>
 #include <algorithm>
 #include <cstdint>
@@ -19,9 +21,7 @@ namespace {
 constexpr int64_t kRows = 8;        // weight rows per block
 constexpr int64_t kGrainBytes = 1 << 16;  // of weight per task, about: waking a thread for less costs more
 
-inline __mmask16 tail(int64_t left) {
-  return left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-}
+using lensbench_native::tail;
 
 // R <= NR rows of w (from `w`) against MR activation rows (from `x`).
 template <int MR, int NR>
