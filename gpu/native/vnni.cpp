@@ -22,6 +22,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Half.h>
 
+#include "lanes.h"
 #include "packed_format.h"
 
 #include <immintrin.h>
@@ -43,6 +44,9 @@ struct Activations {
   std::vector<int8_t> hi, lo;  // [M, K] the bytes of xq = 256 * hi + lo, in the order the codes are read
   std::vector<float> d;        // [M, groups] each group's scale
   std::vector<float> sum;      // [M, groups] exact float32 sum of each group's activations
+  // one activation row: d and sum tiled, tiled_d[j] = d[j % groups] for j < groups + 16, so the factors of any 16
+  // consecutive (row, group) entries of a weight's scales read one contiguous vector of each (`decode_factors`)
+  std::vector<float> tiled_d, tiled_sum;
 };
 
 // Where the kernel reads the codes of a group of `len` inputs: int8 in input order; int4 in steps of 64, then
@@ -96,6 +100,21 @@ void quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, int64_t 
       a.sum[m * groups + gi] = _mm512_reduce_add_ps(s);
     }
   }
+  if (m_rows == 1) {
+    a.tiled_d.resize(groups + 16);
+    a.tiled_sum.resize(groups + 16);
+    for (int64_t j = 0; j < groups + 16; ++j) {
+      a.tiled_d[j] = a.d[j % groups];
+      a.tiled_sum[j] = a.sum[j % groups];
+    }
+  }
+}
+
+// Into L1: every cache line of [p, p + bytes).
+inline void prefetch(const void* p, int64_t bytes) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p) + bytes;
+  for (uintptr_t line = first; line < end; line += 64) _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
 }
 
 inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
@@ -117,131 +136,186 @@ inline __m128 sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// Output rows [n0, n0 + R) for activation rows [m0, m0 + MB), R * MB <= 4 (four rows at one activation row for
-// decode; one row at up to four activation rows otherwise): a step's codes are unpacked once per output row and
-// dotted with every activation row. `sd` [R][MB][groups]: scale * d; `minterm` [R][MB]: lanes summing to
-// sum_g min * sum(x).
+// One group's integer dot products, output rows [0, R) of `pg` (rows `row_bytes` apart) with activation rows
+// [0, MB) (`xh`, `xl` at the group's first input, rows k apart), R * MB <= 4: hs[r][m] += q . hi, ls[r][m] += q . lo
+// in int32 lanes. A step's codes are unpacked once per output row and dotted with every activation row.
 template <int BITS, int R, int MB>
+inline void group_dots(const uint8_t* pg, int64_t row_bytes, const int8_t* xh, const int8_t* xl, int64_t k,
+                       int64_t len, __m512i (&hs)[R][MB], __m512i (&ls)[R][MB]) {
+  // 64 codes of output row r (unsigned bytes; zero where fewer) times activation bytes [at, at + 64)
+  auto dot = [&](int r, __m512i codes, int64_t at) {
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      hs[r][m] = _mm512_dpbusd_epi32(hs[r][m], codes, load512(xh + m * k + at));
+      ls[r][m] = _mm512_dpbusd_epi32(ls[r][m], codes, load512(xl + m * k + at));
+    }
+  };
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  if constexpr (BITS == 8) {  // 64 codes a step, then 32
+    int64_t b = 0;
+    for (; b + 64 <= len; b += 64)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) dot(r, load512(pg + r * row_bytes + b), b);
+    if (b < len)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) dot(r, _mm512_zextsi256_si512(load256(pg + r * row_bytes + b)), b);
+  } else {  // a step of s bytes at b: the low nibbles' s codes, then the high nibbles' (the activations' order)
+    const int64_t half = len / 2;
+    int64_t b = 0;
+    for (; b + 64 <= half; b += 64)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512i w = load512(pg + r * row_bytes + b);
+        dot(r, _mm512_and_si512(w, mask), 2 * b);
+        dot(r, _mm512_and_si512(_mm512_srli_epi16(w, 4), mask), 2 * b + 64);
+      }
+    if (b + 32 <= half) {
+      const __m256i m = _mm256_set1_epi8(0x0F);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i w = load256(pg + r * row_bytes + b);
+        const __m256i l = _mm256_and_si256(w, m), h = _mm256_and_si256(_mm256_srli_epi16(w, 4), m);
+        dot(r, _mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), 2 * b);
+      }
+      b += 32;
+    }
+    if (b < half) {  // 16 bytes left (a group of 32, or 32 more)
+      const __m128i m = _mm_set1_epi8(0x0F);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m128i w = load128(pg + r * row_bytes + b);
+        const __m128i l = _mm_and_si128(w, m), h = _mm_and_si128(_mm_srli_epi16(w, 4), m);
+        dot(r, _mm512_zextsi256_si512(_mm256_set_m128i(h, l)), 2 * b);
+      }
+    }
+  }
+}
+
+// The float32 value of each lane's exact q . xq, from its two byte planes' sums.
+inline __m512 combined(__m512i hs, __m512i ls) {
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hs, 8), ls));
+}
+
+// Decode's per-group factors for `count` consecutive (row, group) entries of the weight's scales and mins, as
+// they are stored: sd = scale * d and mt = min * sum(x) of the one activation row, 16 entries a vector whatever
+// the rows' boundaries (d and sum read from their tiled copies at the first entry's group): a block of 4 rows of
+// 5 groups is 2 vectors, where a masked loop per row took 4.
+void decode_factors(const c10::Half* scales, const c10::Half* mins, int64_t count, int64_t groups,
+                    const Activations& a, float* sd, float* mt) {
+  int64_t j = 0;  // the group of entry i
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 k16 = lensbench_native::tail(count - i);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k16, scales + i));
+    const __m512 m = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k16, mins + i));
+    _mm512_mask_storeu_ps(sd + i, k16, _mm512_mul_ps(s, _mm512_loadu_ps(a.tiled_d.data() + j)));
+    _mm512_mask_storeu_ps(mt + i, k16, _mm512_mul_ps(m, _mm512_loadu_ps(a.tiled_sum.data() + j)));
+    j = (j + 16) % groups;
+  }
+}
+
+// Decode: output rows [n0, n0 + R) for the one activation row; `sd`, `mt` their factors (`decode_factors`).
+template <int BITS, int R>
+void decode_rows(const uint8_t* packed, const float* sd, const float* mt, const Activations& a, int64_t n0,
+                 int64_t k, int64_t group, int64_t groups, float* y) {
+  const int64_t row_bytes = k * BITS / 8;
+  __m512 acc[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {  // from the min terms' lanes
+    acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16)
+      acc[r] = _mm512_add_ps(acc[r], _mm512_maskz_loadu_ps(lensbench_native::tail(groups - g), mt + r * groups + g));
+  }
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t g0 = gi * group;
+    __m512i hs[R][1], ls[R][1];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) hs[r][0] = ls[r][0] = _mm512_setzero_si512();
+    group_dots<BITS, R, 1>(packed + n0 * row_bytes + g0 * BITS / 8, row_bytes, a.hi.data() + g0, a.lo.data() + g0, k,
+                           std::min(group, k - g0), hs, ls);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(combined(hs[r][0], ls[r][0]), _mm512_set1_ps(sd[r * groups + gi]), acc[r]);
+  }
+  if constexpr (R == 4) {
+    _mm_storeu_ps(y + n0, sum4(acc[0], acc[1], acc[2], acc[3]));
+  } else {
+    for (int r = 0; r < R; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+}
+
+// Several activation rows: output row n0 for activation rows [m0, m0 + MB), MB <= 4. `sd` [MB][groups]: scale *
+// d; `minterm` [MB]: lanes summing to sum_g min * sum(x).
+template <int BITS, int MB>
 void rows(const uint8_t* packed, const float* sd, const __m512* minterm, const Activations& a, int64_t m0, int64_t n0,
           int64_t n, int64_t k, int64_t group, int64_t groups, float* y) {
   const int64_t row_bytes = k * BITS / 8;
-  const __m512i mask = _mm512_set1_epi8(0x0F);
-  const __m256i mask256 = _mm256_set1_epi8(0x0F);
-  const __m128i mask128 = _mm_set1_epi8(0x0F);
-  __m512 acc[R][MB];
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MB; ++m) acc[r][m] = minterm[r * MB + m];
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = minterm[m];
   for (int64_t gi = 0; gi < groups; ++gi) {
-    const int64_t g0 = gi * group, len = std::min(group, k - g0);
-    const uint8_t* pg = packed + n0 * row_bytes + g0 * BITS / 8;
-    const int8_t* xh = a.hi.data() + m0 * k + g0;  // activation row m0 + m at xh + m * k
-    const int8_t* xl = a.lo.data() + m0 * k + g0;
-    __m512i hs[R][MB], ls[R][MB];
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) hs[r][m] = ls[r][m] = _mm512_setzero_si512();
-    // 64 codes of output row r (unsigned bytes; zero where fewer) times activation bytes [at, at + 64)
-    auto dot = [&](int r, __m512i codes, int64_t at) {
-      for (int m = 0; m < MB; ++m) {
-        hs[r][m] = _mm512_dpbusd_epi32(hs[r][m], codes, load512(xh + m * k + at));
-        ls[r][m] = _mm512_dpbusd_epi32(ls[r][m], codes, load512(xl + m * k + at));
-      }
-    };
-    if constexpr (BITS == 8) {  // 64 codes a step, then 32
-      int64_t b = 0;
-      for (; b + 64 <= len; b += 64)
-        for (int r = 0; r < R; ++r) dot(r, load512(pg + r * row_bytes + b), b);
-      if (b < len)
-        for (int r = 0; r < R; ++r) dot(r, _mm512_zextsi256_si512(load256(pg + r * row_bytes + b)), b);
-    } else {  // a step of s bytes at b: the low nibbles' s codes, then the high nibbles' (the activations' order)
-      const int64_t half = len / 2;
-      int64_t b = 0;
-      for (; b + 64 <= half; b += 64)
-        for (int r = 0; r < R; ++r) {
-          const __m512i w = load512(pg + r * row_bytes + b);
-          dot(r, _mm512_and_si512(w, mask), 2 * b);
-          dot(r, _mm512_and_si512(_mm512_srli_epi16(w, 4), mask), 2 * b + 64);
-        }
-      if (b + 32 <= half) {
-        for (int r = 0; r < R; ++r) {
-          const __m256i w = load256(pg + r * row_bytes + b);
-          const __m256i l = _mm256_and_si256(w, mask256), h = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask256);
-          dot(r, _mm512_inserti64x4(_mm512_castsi256_si512(l), h, 1), 2 * b);
-        }
-        b += 32;
-      }
-      if (b < half)  // 16 bytes left (a group of 32, or 32 more)
-        for (int r = 0; r < R; ++r) {
-          const __m128i w = load128(pg + r * row_bytes + b);
-          const __m128i l = _mm_and_si128(w, mask128), h = _mm_and_si128(_mm_srli_epi16(w, 4), mask128);
-          dot(r, _mm512_zextsi256_si512(_mm256_set_m128i(h, l)), 2 * b);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) {
-        const __m512i q = _mm512_add_epi32(_mm512_slli_epi32(hs[r][m], 8), ls[r][m]);  // exact q . xq per lane
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sd[(r * MB + m) * groups + gi]), acc[r][m]);
-      }
+    const int64_t g0 = gi * group;
+    __m512i hs[1][MB], ls[1][MB];
+    for (int m = 0; m < MB; ++m) hs[0][m] = ls[0][m] = _mm512_setzero_si512();
+    group_dots<BITS, 1, MB>(packed + n0 * row_bytes + g0 * BITS / 8, row_bytes, a.hi.data() + m0 * k + g0,
+                            a.lo.data() + m0 * k + g0, k, std::min(group, k - g0), hs, ls);
+    for (int m = 0; m < MB; ++m)
+      acc[m] = _mm512_fmadd_ps(combined(hs[0][m], ls[0][m]), _mm512_set1_ps(sd[m * groups + gi]), acc[m]);
   }
-  if constexpr (R == 4 && MB == 1) {
-    _mm_storeu_ps(y + m0 * n + n0, sum4(acc[0][0], acc[1][0], acc[2][0], acc[3][0]));
-  } else {
-    for (int r = 0; r < R; ++r)
-      for (int m = 0; m < MB; ++m) y[(m0 + m) * n + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
-  }
+  for (int m = 0; m < MB; ++m) y[(m0 + m) * n + n0] = _mm512_reduce_add_ps(acc[m]);
 }
 
-// `sd` and `minterm` of `rows` for output rows [n0, n0 + R) and activation rows [m0, m0 + MB), 16 groups at a
-// time. `minterm` [R][MB] holds 16 lanes each whose sum is sum_g min * sum(x): `rows` starts its accumulators from
-// them, so one horizontal sum per output serves both terms.
+// `sd` and `minterm` of `rows` for output row n0 and activation rows [m0, m0 + mb), 16 groups at a time.
+// `minterm` [mb] holds 16 lanes each whose sum is sum_g min * sum(x): `rows` starts its accumulators from them,
+// so one horizontal sum per output serves both terms.
 void group_factors(const c10::Half* scales, const c10::Half* mins, const Activations& a, int64_t m0, int64_t mb,
-                   int64_t n0, int64_t r_rows, int64_t groups, float* sd, __m512* minterm) {
-  for (int64_t r = 0; r < r_rows; ++r)
-    for (int64_t m = 0; m < mb; ++m) {
-      const c10::Half* s = scales + (n0 + r) * groups;
-      const c10::Half* mn = mins + (n0 + r) * groups;
-      const float* d = a.d.data() + (m0 + m) * groups;
-      const float* sum = a.sum.data() + (m0 + m) * groups;
-      float* out = sd + (r * mb + m) * groups;
-      __m512 t = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; g += 16) {
-        const __mmask16 k16 = groups - g >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (groups - g)) - 1);
-        const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k16, s + g));
-        const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k16, mn + g));
-        _mm512_mask_storeu_ps(out + g, k16, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k16, d + g)));
-        t = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k16, sum + g), t);
-      }
-      minterm[r * mb + m] = t;
+                   int64_t n0, int64_t groups, float* sd, __m512* minterm) {
+  const c10::Half* s = scales + n0 * groups;
+  const c10::Half* mn = mins + n0 * groups;
+  for (int64_t m = 0; m < mb; ++m) {
+    const float* d = a.d.data() + (m0 + m) * groups;
+    const float* sum = a.sum.data() + (m0 + m) * groups;
+    __m512 t = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g += 16) {
+      const __mmask16 k16 = lensbench_native::tail(groups - g);
+      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k16, s + g));
+      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k16, mn + g));
+      _mm512_mask_storeu_ps(sd + m * groups + g, k16, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k16, d + g)));
+      t = _mm512_fmadd_ps(mv, _mm512_maskz_loadu_ps(k16, sum + g), t);
     }
+    minterm[m] = t;
+  }
 }
 
-template <int BITS, int R, int MB>
+template <int BITS, int MB>
 void run(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m0, int64_t n0,
          int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
-  __m512 minterm[4];
-  group_factors(sp, mp, a, m0, MB, n0, R, groups, scratch, minterm);
-  rows<BITS, R, MB>(pp, scratch, minterm, a, m0, n0, n, k, group, groups, y);
+  __m512 minterm[MB];
+  group_factors(sp, mp, a, m0, MB, n0, groups, scratch, minterm);
+  rows<BITS, MB>(pp, scratch, minterm, a, m0, n0, n, k, group, groups, y);
 }
 
-// Output rows [n0, n0 + r), r <= kRows, for every activation row; `scratch` holds 4 * groups floats.
+// Output rows [n0, n0 + r), r <= kRows. One activation row: `sd`, `mt` the rows' factors (`decode_factors`).
 template <int BITS>
-void row_block(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m_rows,
-               int64_t n0, int64_t r, int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
-  if (m_rows == 1) {
-    switch (r) {
-      case 4: run<BITS, 4, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, scratch, y); break;
-      case 3: run<BITS, 3, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, scratch, y); break;
-      case 2: run<BITS, 2, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, scratch, y); break;
-      default: run<BITS, 1, 1>(pp, sp, mp, a, 0, n0, n, k, group, groups, scratch, y); break;
-    }
-    return;
+void decode_block(const uint8_t* pp, const float* sd, const float* mt, const Activations& a, int64_t n0, int64_t r,
+                  int64_t k, int64_t group, int64_t groups, float* y) {
+  switch (r) {
+    case 4: decode_rows<BITS, 4>(pp, sd, mt, a, n0, k, group, groups, y); break;
+    case 3: decode_rows<BITS, 3>(pp, sd, mt, a, n0, k, group, groups, y); break;
+    case 2: decode_rows<BITS, 2>(pp, sd, mt, a, n0, k, group, groups, y); break;
+    default: decode_rows<BITS, 1>(pp, sd, mt, a, n0, k, group, groups, y); break;
   }
+}
+
+// Several activation rows (`m_rows`); `scratch` holds 4 * groups floats.
+template <int BITS>
+void multi_block(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m_rows,
+                 int64_t n0, int64_t r, int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
   for (int64_t i = n0; i < n0 + r; ++i)
     for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
       switch (std::min<int64_t>(4, m_rows - m0)) {
-        case 4: run<BITS, 1, 4>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
-        case 3: run<BITS, 1, 3>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
-        case 2: run<BITS, 1, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
-        default: run<BITS, 1, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
+        case 4: run<BITS, 4>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
+        case 3: run<BITS, 3>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
+        case 2: run<BITS, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
+        default: run<BITS, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
       }
     }
 }
@@ -263,19 +337,31 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   float* yp = y.data_ptr<float>();
   const int64_t blocks = (n + kRows - 1) / kRows, block_bytes = kRows * (k * bits / 8);
   // Small tasks (16 blocks = 64 rows): a thread the OS preempts holds up the others for less. Each block's
-  // rows are dotted with every activation row while they sit in L1, and the block kPrefetch blocks ahead is
-  // fetched meanwhile: a decode-size matrix is too short a stream for the hardware prefetcher to ramp up.
+  // rows are dotted with every activation row while they sit in L1, and the block kPrefetch blocks ahead (its
+  // codes, scales and mins) is fetched meanwhile: a decode-size matrix is too short a stream for the hardware
+  // prefetcher to ramp up.
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> scratch;
-    scratch.resize(4 * groups);
+    scratch.resize(2 * kRows * groups);  // decode: sd and mt of a block; several rows: 4 * groups
     for (int64_t b = b0; b < b1; ++b) {
       if (b + kPrefetch < b1) {
-        const char* ahead = reinterpret_cast<const char*>(pp + (b + kPrefetch) * block_bytes);
-        for (int64_t off = 0; off < block_bytes; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+        const int64_t ahead = (b + kPrefetch) * kRows;
+        prefetch(pp + ahead * (k * bits / 8), block_bytes);
+        prefetch(sp + ahead * groups, kRows * groups * 2);
+        prefetch(mp + ahead * groups, kRows * groups * 2);
       }
       const int64_t n0 = b * kRows, r = std::min(kRows, n - n0);
-      if (bits == 4) row_block<4>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, scratch.data(), yp);
-      else row_block<8>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, scratch.data(), yp);
+      if (m_rows == 1) {
+        float* sd = scratch.data();
+        float* mt = sd + r * groups;
+        decode_factors(sp + n0 * groups, mp + n0 * groups, r * groups, groups, a, sd, mt);
+        if (bits == 4) decode_block<4>(pp, sd, mt, a, n0, r, k, group, groups, yp);
+        else decode_block<8>(pp, sd, mt, a, n0, r, k, group, groups, yp);
+      } else if (bits == 4) {
+        multi_block<4>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, scratch.data(), yp);
+      } else {
+        multi_block<8>(pp, sp, mp, a, m_rows, n0, r, n, k, group, groups, scratch.data(), yp);
+      }
     }
   });
   return y;
