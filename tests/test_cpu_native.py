@@ -64,11 +64,13 @@ def _expected(x, pw):
     (4, 8, 128, 64, 1),
     (4, 12, 96, 32, 2),  # groups of 32: one 16-byte step each
     (4, 7, 224, 96, 1),  # groups of 96: a 32-byte and a 16-byte step each
+    (4, 11, 1088, 32, 1),  # decode past 16 groups a row (34): a block's factors span rows in each vector; 3 rows last
     (8, 37, 576, 128, 2),
     (8, 10, 1536, -1, 1),  # one group per row
     (8, 5, 192, 64, 32),
     (8, 6, 160, 32, 3),  # 32-byte steps
     (8, 4, 224, 96, 1),  # a 64-byte and a 32-byte step
+    (8, 6, 640, 32, 1),  # decode with 20 groups a row; a last block of 2 rows
 ])
 def test_matches_its_arithmetic(bits, n, k, group, m):
     torch.manual_seed(n + k)
