@@ -214,6 +214,8 @@ void decode_factors(const c10::Half* scales, const c10::Half* mins, int64_t coun
 }
 
 // Decode: output rows [n0, n0 + R) for the one activation row; `sd`, `mt` their factors (`decode_factors`).
+// `rows` below is the same loop for several activation rows. Merged into one template on [R][MB] accumulators
+// (as before this path existed), decode ran slower in a scratch comparison, so the two stay apart.
 template <int BITS, int R>
 void decode_rows(const uint8_t* packed, const float* sd, const float* mt, const Activations& a, int64_t n0,
                  int64_t k, int64_t group, int64_t groups, float* y) {
