@@ -4,8 +4,9 @@ torch's weight-only kernels (`cpu_torch`) dequantise to bfloat16 and multiply in
 activations to bfloat16 (8 significant bits); numba's exact gemv multiplies in float32 at a fraction of the
 speed. This kernel multiplies integers on lensbench's own packed bytes (no second copy of the weight): the
 activations are quantised per group to 16-bit integers (d = max|x| / LEVELS, an error of at most 1.6e-5 of the
-group's largest activation) split into two signed bytes, and VPDPBUSD multiplies the codes, unsigned bytes
-as stored or masked out of their nibbles, with each byte plane, summing exactly into int32 lanes; the group's
+group's largest activation), and the codes, unsigned bytes as stored or masked out of their nibbles, are dotted
+with them exactly in int32 lanes: at one activation row by VPDPBUSD on the activations split into two signed
+bytes, at several by VPDPWSSD on the codes widened to 16-bit words once for every row. The group's
 sum is scaled by its scale and d in float32, and its min multiplies the exact float32 sum
 of its activations. Outputs agree with the exact float32 kernels within 5e-4 of their largest value (what
 tests/test_cpu_native.py checks; the bfloat16 path is allowed 1e-2). `cpu_kernels.set_exact(True)` (or

@@ -65,12 +65,15 @@ def _expected(x, pw):
     (4, 12, 96, 32, 2),  # groups of 32: one 16-byte step each
     (4, 7, 224, 96, 1),  # groups of 96: a 32-byte and a 16-byte step each
     (4, 11, 1088, 32, 1),  # decode past 16 groups a row (34): a block's factors span rows in each vector; 3 rows last
+    (4, 11, 224, 96, 5),  # several rows on 16-bit words: 32- and 16-byte steps, a last block of 3, an odd row left
+    (4, 8, 640, 320, 4),  # words: 64-byte steps of read_order taken 32 bytes at a time, then a 32-byte step
     (8, 37, 576, 128, 2),
     (8, 10, 1536, -1, 1),  # one group per row
     (8, 5, 192, 64, 32),
     (8, 6, 160, 32, 3),  # 32-byte steps
     (8, 4, 224, 96, 1),  # a 64-byte and a 32-byte step
     (8, 6, 640, 32, 1),  # decode with 20 groups a row; a last block of 2 rows
+    (8, 8, 160, 32, 5),  # words: whole blocks, activation rows in pairs and one left
 ])
 def test_matches_its_arithmetic(bits, n, k, group, m):
     torch.manual_seed(n + k)
@@ -87,14 +90,15 @@ def test_matches_its_arithmetic(bits, n, k, group, m):
 
 @native
 @pytest.mark.parametrize("bits,group", [(8, 4096), (4, 8192)])
-def test_largest_groups_sum_exactly_at_the_largest_codes_and_activations(bits, group):
+@pytest.mark.parametrize("m", [1, 2])
+def test_largest_groups_sum_exactly_at_the_largest_codes_and_activations(bits, group, m):
     """Every code at its top level and every activation at the top of its range: each int32 lane holds the
-    most it can (int8 groups of 4096: 2.13e9 of 2^31), and the two byte planes' sums, 256 * hi + lo, still give
-    the exact q . xq."""
+    most it can (int8 groups of 4096: 2.13e9 of 2^31), and the sums are still the exact q . xq, on both paths:
+    one row's two byte planes (256 * hi + lo) and several rows' 16-bit words."""
     w = torch.ones(4, group)
     w[:, 0] = 0  # min 0, max 1: every other code is 2^bits - 1
     pw = quantize(w, bits, group)
-    x = torch.stack([torch.full((group,), 3.0), torch.full((group,), -3.0)])  # the top level, and the bottom one
+    x = torch.stack([torch.full((group,), 3.0), torch.full((group,), -3.0)])[:m]  # the top level, the bottom one
     y = cpu_native.matmul(x, pw)
     want = _expected(x, pw)
     assert (y.double() - want).abs().max() <= 1e-5 * want.abs().max()

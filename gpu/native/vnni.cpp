@@ -5,17 +5,23 @@
 // lanes below cannot overflow).
 //
 // The activations are quantised per group to 16-bit integers xq = round(x / d), d = max|x| / 32639 (round to
-// nearest: an error of at most 1.6e-5 of the group's largest activation, far below bfloat16's 3.9e-3), and
-// each xq is split into two signed bytes, xq = 256 * hi + lo (hi, lo in [-128, 127]; 32639 = 127 * 256 + 127
-// keeps hi in range). The codes are unsigned bytes as they are (int8) or after one mask or one shift and mask
-// (int4), so VPDPBUSD (four unsigned-by-signed byte products summed into an int32 lane) takes them with no
-// widening: one accumulator sums q . hi, another q . lo, and 256 * hi_sum + lo_sum is the exact q . xq (each
-// lane's true value is at most G/16 * 255 * 32639 < 2^31 for int8 groups up to 4096, G/16 * 15 * 32639 for
-// int4 ones under 65536; the int32 arithmetic wraps, so the sum is exact even where 256 * hi_sum alone is
-// not). The activation bytes are laid out in the order the codes are read (below), so every load is one
-// contiguous vector. Per group:
+// nearest: an error of at most 1.6e-5 of the group's largest activation, far below bfloat16's 3.9e-3). The
+// codes are unsigned: bytes as they are (int8), or one mask or one shift and mask away (int4). Per group:
 //     y[m, n] += scale[n, g] * d[m, g] * (q . xq) + min[n, g] * sum(x[m, g])
-// the min term on the exact float32 sum of the group's activations.
+// the min term on the exact float32 sum of the group's activations. q . xq is exact in int32 lanes, by one of
+// two instructions:
+// * One activation row (decode): each xq is split into two signed bytes, xq = 256 * hi + lo (hi, lo in
+//   [-128, 127]; 32639 = 127 * 256 + 127 keeps hi in range), so VPDPBUSD (four unsigned-by-signed byte products
+//   summed into an int32 lane) takes the codes with no widening: one accumulator sums q . hi, another q . lo, and
+//   256 * hi_sum + lo_sum is q . xq. The codes are read once and dotted once, so widening them would cost more
+//   than the second byte product.
+// * Several activation rows: xq stays one 16-bit word, the codes are widened to words once per step and VPDPWSSD
+//   (two word products summed into an int32 lane) dots them with every activation row: one instruction per 32
+//   codes and row where the byte planes took two per 64, and one accumulator where they took two.
+// A lane's true value is at most G/16 * 255 * 32639 < 2^31 for int8 groups up to 4096, G/16 * 15 * 32639 for
+// int4 ones under 65536 (the int32 arithmetic wraps, so 256 * hi_sum + lo_sum is exact even where 256 * hi_sum
+// alone is not). The activations are laid out in the order the codes are read (below), so every load is one
+// contiguous vector.
 #include <torch/library.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
@@ -41,7 +47,8 @@ constexpr int64_t kPrefetch = 4;  // blocks of kRows rows fetched ahead
 constexpr float kLevels = 32639.f;  // 127 * 256 + 127: the largest |xq| whose high byte fits a signed byte
 
 struct Activations {
-  std::vector<int8_t> hi, lo;  // [M, K] the bytes of xq = 256 * hi + lo, in the order the codes are read
+  std::vector<int8_t> hi, lo;  // one row: [K] the bytes of xq = 256 * hi + lo, in the order the codes are read
+  std::vector<int16_t> w;      // several rows: [M, K] xq, in the order the codes are read
   std::vector<float> d;        // [M, groups] each group's scale
   std::vector<float> sum;      // [M, groups] exact float32 sum of each group's activations
   // one activation row: d and sum tiled, tiled_d[j] = d[j % groups] for j < groups + 16, so the factors of any 16
@@ -65,9 +72,13 @@ void read_order(int64_t bits, int64_t len, Emit emit) {
 // enough).
 void quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, int64_t bits, Activations& a) {
   const int64_t groups = (k + group - 1) / group;
-  // 64 bytes more, zero: a step of fewer than 64 codes still loads 64 activation bytes (times zero codes)
-  a.hi.assign(m_rows * k + 64, 0);
-  a.lo.assign(m_rows * k + 64, 0);
+  const bool words = m_rows > 1;
+  if (words) {
+    a.w.resize(m_rows * k);
+  } else {  // 64 bytes more, zero: a step of fewer than 64 codes still loads 64 activation bytes (times zero codes)
+    a.hi.assign(k + 64, 0);
+    a.lo.assign(k + 64, 0);
+  }
   a.d.resize(m_rows * groups);
   a.sum.resize(m_rows * groups);
   const __m512i half_step = _mm512_set1_epi32(128);
@@ -83,11 +94,17 @@ void quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, int64_t 
       }
       const float d = _mm512_reduce_max_ps(amax) / kLevels;
       const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
-      int8_t* hi = a.hi.data() + m * k + g0;
-      int8_t* lo = a.lo.data() + m * k + g0;
+      int16_t* wq = words ? a.w.data() + m * k + g0 : nullptr;
+      int8_t* hi = words ? nullptr : a.hi.data() + g0;
+      int8_t* lo = words ? nullptr : a.lo.data() + g0;
       read_order(bits, len, [&](int64_t from, int64_t count) {
         for (int64_t i = 0; i < count; i += 16) {
           const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + from + i), inv));  // to nearest
+          if (words) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(wq), _mm512_cvtepi32_epi16(q));
+            wq += 16;
+            continue;
+          }
           const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, half_step), 8);
           const __m512i l = _mm512_sub_epi32(q, _mm512_slli_epi32(h, 8));
           _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtepi32_epi8(h));
@@ -136,19 +153,15 @@ inline __m128 sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
 }
 
-// One group's integer dot products, output rows [0, R) of `pg` (rows `row_bytes` apart) with activation rows
-// [0, MB) (`xh`, `xl` at the group's first input, rows k apart), R * MB <= 4: hs[r][m] += q . hi, ls[r][m] += q . lo
-// in int32 lanes. A step's codes are unpacked once per output row and dotted with every activation row.
-template <int BITS, int R, int MB>
-inline void group_dots(const uint8_t* pg, int64_t row_bytes, const int8_t* xh, const int8_t* xl, int64_t k,
-                       int64_t len, __m512i (&hs)[R][MB], __m512i (&ls)[R][MB]) {
+// Decode: one group's integer dot products of output rows [0, R) of `pg` (rows `row_bytes` apart) with the one
+// activation row (`xh`, `xl` at the group's first input): hs[r] += q . hi, ls[r] += q . lo in int32 lanes.
+template <int BITS, int R>
+inline void group_dots(const uint8_t* pg, int64_t row_bytes, const int8_t* xh, const int8_t* xl, int64_t len,
+                       __m512i (&hs)[R], __m512i (&ls)[R]) {
   // 64 codes of output row r (unsigned bytes; zero where fewer) times activation bytes [at, at + 64)
   auto dot = [&](int r, __m512i codes, int64_t at) {
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) {
-      hs[r][m] = _mm512_dpbusd_epi32(hs[r][m], codes, load512(xh + m * k + at));
-      ls[r][m] = _mm512_dpbusd_epi32(ls[r][m], codes, load512(xl + m * k + at));
-    }
+    hs[r] = _mm512_dpbusd_epi32(hs[r], codes, load512(xh + at));
+    ls[r] = _mm512_dpbusd_epi32(ls[r], codes, load512(xl + at));
   };
   const __m512i mask = _mm512_set1_epi8(0x0F);
   if constexpr (BITS == 8) {  // 64 codes a step, then 32
@@ -191,6 +204,59 @@ inline void group_dots(const uint8_t* pg, int64_t row_bytes, const int8_t* xh, c
   }
 }
 
+// Several activation rows: one group's dot products of output rows [0, R) of `pg` (rows `row_bytes` apart) with
+// activation rows [0, MB) (`xw` at the group's first input, rows k apart): acc[r][m] += q . xq in int32 lanes.
+// Each step widens R rows' codes to words once, and each activation vector is loaded once for the R rows.
+template <int BITS, int R, int MB>
+inline void group_words(const uint8_t* pg, int64_t row_bytes, const int16_t* xw, int64_t k, int64_t len,
+                        __m512i (&acc)[R][MB]) {
+  // c[r]: output row r's 32 codes for activation positions [at, at + 32)
+  auto dots = [&](const __m512i (&c)[R], int64_t at) {
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      __m512i x = load512(xw + m * k + at);
+      // a register, not R memory operands: left to itself GCC folds the load into every VPDPWSSD (R loads)
+      asm("" : "+v"(x));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpwssd_epi32(acc[r][m], c[r], x);
+    }
+  };
+  __m512i c[R];
+  if constexpr (BITS == 8) {  // 32 codes a step
+    for (int64_t b = 0; b < len; b += 32) {
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) c[r] = _mm512_cvtepu8_epi16(load256(pg + r * row_bytes + b));
+      dots(c, b);
+    }
+  } else {  // 32 bytes at b: their low nibbles, then their high nibbles, where read_order put them
+    const __m512i mask = _mm512_set1_epi16(0x0F);
+    const int64_t half = len / 2;
+    int64_t b = 0;
+    for (; b + 32 <= half; b += 32) {
+      // read_order's step holding byte b: 64 bytes at `base` (this is its first or second half) or 32 at b
+      const int64_t base = b & ~int64_t{63}, step = base + 64 <= half ? 64 : 32, lo_at = 2 * base + (b - base);
+      __m512i w[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) w[r] = _mm512_cvtepu8_epi16(load256(pg + r * row_bytes + b));
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) c[r] = _mm512_and_si512(w[r], mask);
+      dots(c, lo_at);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) c[r] = _mm512_srli_epi16(w[r], 4);  // a byte widened: no mask needed
+      dots(c, lo_at + step);
+    }
+    if (b < half) {  // 16 bytes left: one vector, low nibbles then high
+      const __m256i m16 = _mm256_set1_epi16(0x0F);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i w = _mm256_cvtepu8_epi16(load128(pg + r * row_bytes + b));
+        c[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(w, m16)), _mm256_srli_epi16(w, 4), 1);
+      }
+      dots(c, 2 * b);
+    }
+  }
+}
+
 // The float32 value of each lane's exact q . xq, from its two byte planes' sums.
 inline __m512 combined(__m512i hs, __m512i ls) {
   return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hs, 8), ls));
@@ -214,8 +280,6 @@ void decode_factors(const c10::Half* scales, const c10::Half* mins, int64_t coun
 }
 
 // Decode: output rows [n0, n0 + R) for the one activation row; `sd`, `mt` their factors (`decode_factors`).
-// `rows` below is the same loop for several activation rows. Merged into one template on [R][MB] accumulators
-// (as before this path existed), decode ran slower in a scratch comparison, so the two stay apart.
 template <int BITS, int R>
 void decode_rows(const uint8_t* packed, const float* sd, const float* mt, const Activations& a, int64_t n0,
                  int64_t k, int64_t group, int64_t groups, float* y) {
@@ -229,14 +293,14 @@ void decode_rows(const uint8_t* packed, const float* sd, const float* mt, const 
   }
   for (int64_t gi = 0; gi < groups; ++gi) {
     const int64_t g0 = gi * group;
-    __m512i hs[R][1], ls[R][1];
+    __m512i hs[R], ls[R];
 #pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) hs[r][0] = ls[r][0] = _mm512_setzero_si512();
-    group_dots<BITS, R, 1>(packed + n0 * row_bytes + g0 * BITS / 8, row_bytes, a.hi.data() + g0, a.lo.data() + g0, k,
-                           std::min(group, k - g0), hs, ls);
+    for (int r = 0; r < R; ++r) hs[r] = ls[r] = _mm512_setzero_si512();
+    group_dots<BITS, R>(packed + n0 * row_bytes + g0 * BITS / 8, row_bytes, a.hi.data() + g0, a.lo.data() + g0,
+                        std::min(group, k - g0), hs, ls);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r)
-      acc[r] = _mm512_fmadd_ps(combined(hs[r][0], ls[r][0]), _mm512_set1_ps(sd[r * groups + gi]), acc[r]);
+      acc[r] = _mm512_fmadd_ps(combined(hs[r], ls[r]), _mm512_set1_ps(sd[r * groups + gi]), acc[r]);
   }
   if constexpr (R == 4) {
     _mm_storeu_ps(y + n0, sum4(acc[0], acc[1], acc[2], acc[3]));
@@ -245,24 +309,35 @@ void decode_rows(const uint8_t* packed, const float* sd, const float* mt, const 
   }
 }
 
-// Several activation rows: output row n0 for activation rows [m0, m0 + MB), MB <= 4. `sd` [MB][groups]: scale *
-// d; `minterm` [MB]: lanes summing to sum_g min * sum(x).
-template <int BITS, int MB>
+// Several activation rows: output rows [n0, n0 + R) for activation rows [m0, m0 + MB). `sd` [R][MB][groups]: scale
+// * d; `minterm` [R][MB]: lanes summing to sum_g min * sum(x).
+template <int BITS, int R, int MB>
 void rows(const uint8_t* packed, const float* sd, const __m512* minterm, const Activations& a, int64_t m0, int64_t n0,
           int64_t n, int64_t k, int64_t group, int64_t groups, float* y) {
   const int64_t row_bytes = k * BITS / 8;
-  __m512 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = minterm[m];
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MB; ++m) acc[r][m] = minterm[r * MB + m];
   for (int64_t gi = 0; gi < groups; ++gi) {
     const int64_t g0 = gi * group;
-    __m512i hs[1][MB], ls[1][MB];
-    for (int m = 0; m < MB; ++m) hs[0][m] = ls[0][m] = _mm512_setzero_si512();
-    group_dots<BITS, 1, MB>(packed + n0 * row_bytes + g0 * BITS / 8, row_bytes, a.hi.data() + m0 * k + g0,
-                            a.lo.data() + m0 * k + g0, k, std::min(group, k - g0), hs, ls);
-    for (int m = 0; m < MB; ++m)
-      acc[m] = _mm512_fmadd_ps(combined(hs[0][m], ls[0][m]), _mm512_set1_ps(sd[m * groups + gi]), acc[m]);
+    __m512i dots[R][MB];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m) dots[r][m] = _mm512_setzero_si512();
+    group_words<BITS, R, MB>(packed + n0 * row_bytes + g0 * BITS / 8, row_bytes, a.w.data() + m0 * k + g0, k,
+                             std::min(group, k - g0), dots);
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < MB; ++m)
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r][m]), _mm512_set1_ps(sd[(r * MB + m) * groups + gi]),
+                                    acc[r][m]);
   }
-  for (int m = 0; m < MB; ++m) y[(m0 + m) * n + n0] = _mm512_reduce_add_ps(acc[m]);
+  for (int m = 0; m < MB; ++m) {
+    float* out = y + (m0 + m) * n + n0;
+    if constexpr (R == 4) {
+      _mm_storeu_ps(out, sum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
+    } else {
+      for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r][m]);
+    }
+  }
 }
 
 // `sd` and `minterm` of `rows` for output row n0 and activation rows [m0, m0 + mb), 16 groups at a time.
@@ -287,12 +362,14 @@ void group_factors(const c10::Half* scales, const c10::Half* mins, const Activat
   }
 }
 
-template <int BITS, int MB>
+// Output rows [n0, n0 + R) and activation rows [m0, m0 + MB); `scratch` holds R * MB * groups floats.
+template <int BITS, int R, int MB>
 void run(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m0, int64_t n0,
          int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
-  __m512 minterm[MB];
-  group_factors(sp, mp, a, m0, MB, n0, groups, scratch, minterm);
-  rows<BITS, MB>(pp, scratch, minterm, a, m0, n0, n, k, group, groups, y);
+  __m512 minterm[R * MB];
+  for (int r = 0; r < R; ++r)
+    group_factors(sp, mp, a, m0, MB, n0 + r, groups, scratch + r * MB * groups, minterm + r * MB);
+  rows<BITS, R, MB>(pp, scratch, minterm, a, m0, n0, n, k, group, groups, y);
 }
 
 // Output rows [n0, n0 + r), r <= kRows. One activation row: `sd`, `mt` the rows' factors (`decode_factors`).
@@ -307,17 +384,21 @@ void decode_block(const uint8_t* pp, const float* sd, const float* mt, const Act
   }
 }
 
-// Several activation rows (`m_rows`); `scratch` holds 4 * groups floats.
+// Several activation rows (`m_rows`): a whole block (kRows output rows) two activation rows at a time (8 int32 and
+// 8 float32 accumulators: more would not fit AVX-512's 32 registers with the codes); a short last block a row at a
+// time. `scratch` holds kRows * 2 * groups floats.
 template <int BITS>
 void multi_block(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m_rows,
                  int64_t n0, int64_t r, int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
-  for (int64_t i = n0; i < n0 + r; ++i)
-    for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
-      switch (std::min<int64_t>(4, m_rows - m0)) {
-        case 4: run<BITS, 4>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
-        case 3: run<BITS, 3>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
-        case 2: run<BITS, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
-        default: run<BITS, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y); break;
+  for (int64_t i = n0; i < n0 + r; i += (r == kRows ? kRows : 1))
+    for (int64_t m0 = 0; m0 < m_rows; m0 += 2) {
+      const bool pair = m0 + 2 <= m_rows;
+      if (r == kRows) {
+        if (pair) run<BITS, kRows, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y);
+        else run<BITS, kRows, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y);
+      } else {
+        if (pair) run<BITS, 1, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y);
+        else run<BITS, 1, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y);
       }
     }
 }
@@ -344,7 +425,7 @@ at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Te
   // prefetcher to ramp up.
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> scratch;
-    scratch.resize(2 * kRows * groups);  // decode: sd and mt of a block; several rows: 4 * groups
+    scratch.resize(2 * kRows * groups);  // decode: sd and mt of a block; several rows: sd of a block
     for (int64_t b = b0; b < b1; ++b) {
       if (b + kPrefetch < b1) {
         const int64_t ahead = (b + kPrefetch) * kRows;
