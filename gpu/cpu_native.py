@@ -48,8 +48,8 @@ INT8_MAX_GROUP = 4096  # longer int8 groups could overflow the kernel's int32 la
 INT4_MAX_GROUP = 65535  # int4 groups of 65536 or more could too
 LEVELS = 32639  # the activations' integer levels either side of zero: d = max|x| / LEVELS (127 * 256 + 127)
 # Activation rows it takes: above 24 the tiled dequantise + GEMM path is faster (the crossover table of
-# benchmarks/decode.py, reports/DECODE.md). torch's int4 kernel was faster from 2 rows there, but its layout
-# is a second copy of the codes, so it is used only for what this kernel does not hold.
+# benchmarks/decode.py, reports/DECODE.md). torch's int4 kernel was faster at most row counts from 2 there, but
+# its layout is a second copy of the codes, so it is used only for what this kernel does not hold.
 MAX_ROWS = 24
 _enabled = os.environ.get("LENSBENCH_NATIVE", "1") != "0"
 _lock = threading.Lock()
