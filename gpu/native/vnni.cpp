@@ -13,11 +13,12 @@
 // * One activation row (decode): each xq is split into two signed bytes, xq = 256 * hi + lo (hi, lo in
 //   [-128, 127]; 32639 = 127 * 256 + 127 keeps hi in range), so VPDPBUSD (four unsigned-by-signed byte products
 //   summed into an int32 lane) takes the codes with no widening: one accumulator sums q . hi, another q . lo, and
-//   256 * hi_sum + lo_sum is q . xq. Each code is dotted once, so widening it to a word (below) would cost as
-//   much as the second byte product: one row on words was no faster in a comparison.
+//   256 * hi_sum + lo_sum is q . xq. Each code is dotted once, so widening it to a word (below) would add a
+//   widening per 32 codes and leave the dot instructions as many (one per 32 codes against two per 64).
 // * Several activation rows: xq stays one 16-bit word, the codes are widened to words once per step and VPDPWSSD
-//   (two word products summed into an int32 lane) dots them with every activation row: one instruction per 32
-//   codes and row where the byte planes took two per 64, and one accumulator where they took two.
+//   (two word products summed into an int32 lane) dots them with every activation row. As many dot
+//   instructions as the byte planes, but one accumulator where they took two and no combine per group, so four
+//   output rows by two activation rows fit the registers and share each activation load.
 // A lane's true value is at most G/16 * 255 * 32639 < 2^31 for int8 groups up to 4096, G/16 * 15 * 32639 for
 // int4 ones under 65536 (the int32 arithmetic wraps, so 256 * hi_sum + lo_sum is exact even where 256 * hi_sum
 // alone is not). The activations are laid out in the order the codes are read (below), so every load is one
@@ -117,7 +118,7 @@ void quantize(const float* x, int64_t m_rows, int64_t k, int64_t group, int64_t 
       a.sum[m * groups + gi] = _mm512_reduce_add_ps(s);
     }
   }
-  if (m_rows == 1) {
+  if (!words) {
     a.tiled_d.resize(groups + 16);
     a.tiled_sum.resize(groups + 16);
     for (int64_t j = 0; j < groups + 16; ++j) {
@@ -151,6 +152,16 @@ inline __m128 sum4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
   const __m256 h23 = _mm256_hadd_ps(a2, a3);
   const __m256 h = _mm256_hadd_ps(h01, h23);  // per half: {a0, a1, a2, a3} partial sums
   return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// out[r] = the lane sum of v[r] for r < R (four at a time by `sum4`).
+template <int R>
+inline void store_sums(float* out, const __m512 (&v)[R]) {
+  if constexpr (R == 4) {
+    _mm_storeu_ps(out, sum4(v[0], v[1], v[2], v[3]));
+  } else {
+    for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(v[r]);
+  }
 }
 
 // Decode: one group's integer dot products of output rows [0, R) of `pg` (rows `row_bytes` apart) with the one
@@ -302,11 +313,7 @@ void decode_rows(const uint8_t* packed, const float* sd, const float* mt, const 
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_fmadd_ps(combined(hs[r], ls[r]), _mm512_set1_ps(sd[r * groups + gi]), acc[r]);
   }
-  if constexpr (R == 4) {
-    _mm_storeu_ps(y + n0, sum4(acc[0], acc[1], acc[2], acc[3]));
-  } else {
-    for (int r = 0; r < R; ++r) y[n0 + r] = _mm512_reduce_add_ps(acc[r]);
-  }
+  store_sums<R>(y + n0, acc);
 }
 
 // Several activation rows: output rows [n0, n0 + R) for activation rows [m0, m0 + MB). `sd` [R][MB][groups]: scale
@@ -331,12 +338,9 @@ void rows(const uint8_t* packed, const float* sd, const __m512* minterm, const A
                                     acc[r][m]);
   }
   for (int m = 0; m < MB; ++m) {
-    float* out = y + (m0 + m) * n + n0;
-    if constexpr (R == 4) {
-      _mm_storeu_ps(out, sum4(acc[0][m], acc[1][m], acc[2][m], acc[3][m]));
-    } else {
-      for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r][m]);
-    }
+    __m512 column[R];
+    for (int r = 0; r < R; ++r) column[r] = acc[r][m];
+    store_sums<R>(y + (m0 + m) * n + n0, column);
   }
 }
 
@@ -384,23 +388,27 @@ void decode_block(const uint8_t* pp, const float* sd, const float* mt, const Act
   }
 }
 
-// Several activation rows (`m_rows`): a whole block (kRows output rows) two activation rows at a time (8 int32 and
-// 8 float32 accumulators: more would not fit AVX-512's 32 registers with the codes); a short last block a row at a
-// time. `scratch` holds kRows * 2 * groups floats.
+// Output rows [n0, n0 + R), the activation rows two at a time (the last one alone where m_rows is odd).
+template <int BITS, int R>
+void pairs(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m_rows,
+           int64_t n0, int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
+  for (int64_t m0 = 0; m0 < m_rows; m0 += 2) {
+    if (m0 + 2 <= m_rows) run<BITS, R, 2>(pp, sp, mp, a, m0, n0, n, k, group, groups, scratch, y);
+    else run<BITS, R, 1>(pp, sp, mp, a, m0, n0, n, k, group, groups, scratch, y);
+  }
+}
+
+// Several activation rows (`m_rows`): a whole block (kRows output rows) together (8 int32 and 8 float32
+// accumulators: more would not fit AVX-512's 32 registers with the codes); a short last block a row at a time.
+// `scratch` holds kRows * 2 * groups floats.
 template <int BITS>
 void multi_block(const uint8_t* pp, const c10::Half* sp, const c10::Half* mp, const Activations& a, int64_t m_rows,
                  int64_t n0, int64_t r, int64_t n, int64_t k, int64_t group, int64_t groups, float* scratch, float* y) {
-  for (int64_t i = n0; i < n0 + r; i += (r == kRows ? kRows : 1))
-    for (int64_t m0 = 0; m0 < m_rows; m0 += 2) {
-      const bool pair = m0 + 2 <= m_rows;
-      if (r == kRows) {
-        if (pair) run<BITS, kRows, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y);
-        else run<BITS, kRows, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y);
-      } else {
-        if (pair) run<BITS, 1, 2>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y);
-        else run<BITS, 1, 1>(pp, sp, mp, a, m0, i, n, k, group, groups, scratch, y);
-      }
-    }
+  if (r == kRows) {
+    pairs<BITS, kRows>(pp, sp, mp, a, m_rows, n0, n, k, group, groups, scratch, y);
+  } else {
+    for (int64_t i = n0; i < n0 + r; ++i) pairs<BITS, 1>(pp, sp, mp, a, m_rows, i, n, k, group, groups, scratch, y);
+  }
 }
 
 at::Tensor packed_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& mins,
