@@ -10,7 +10,7 @@ float32 linears run on lensbench's native multi-threaded kernel where it builds 
 runs on one thread at decode size).
 
     dec = Decoder(model)                      # after `lb.convert(model, plan)` or inside `lb.apply`
-    ids = dec.generate(prompt_ids, 64)        # [B, T + 64]; the first call compiles (tens of seconds)
+    ids = dec.generate(prompt_ids, 64)        # [B, T + 64]; the first call compiles (over a minute for SmolLM2)
 
 The prompt runs eagerly (its length varies); only the one-token step is compiled, once per batch size and
 thread count. By default the step runs lensbench's native attention where the native kernels are built
@@ -159,14 +159,16 @@ class Decoder:
     """Greedy generation on `model` with a static KV cache of `max_length` positions; `compile=False` runs the
     same steps eagerly (the reference the compiled step must match). `step_attention` is the attention the steps
     run ("auto": "native" where the native kernels are built, else "eager"; None: the model's own), `cpp_wrapper`
-    whether inductor calls the step's kernels from C++. `threads`
+    whether inductor calls the step's kernels from C++, and `separate_build` whether it compiles that wrapper apart from
+    the kernels, at -O1 (torch's default builds both in one -O3 compile, whose unrolled wrapper of a 30-layer step took
+    minutes: benchmarks/compile_time.py). `threads`
     fixes the steps' thread count (also settable later as `decoder.threads`); None chooses it per step by timing
     (`gpu.threads.Adaptive`). `native_dense`: the step's float32 linears (those not packed) on lensbench's native
     multi-threaded kernel where it is built (`gpu.compiled_dense`), else on torch's."""
 
     def __init__(self, model: Model, max_length: int = 1024, compile: bool = True,
                  step_attention: str | None = "auto", cpp_wrapper: bool = True, threads: int | None = None,
-                 native_dense: bool = True):
+                 native_dense: bool = True, separate_build: bool = True):
         module = model.module
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise DecodeError(f"threads must be a positive count or None (chosen per step), got {threads!r}")
@@ -204,6 +206,8 @@ class Decoder:
                 module(input_ids=torch.zeros((1, 1), dtype=torch.long), use_cache=False)
         self.kernels = compiled.prepare(self._linears, self._tables)
         options = {"guard_filter_fn": _input_guards, "cpp_wrapper": self.cpp_wrapper}
+        if self.cpp_wrapper:  # the wrapper at aot_inductor.compile_wrapper_opt_level (-O1), the kernels at -O3
+            options["cpp_wrapper_build_separate"] = bool(separate_build)
         self.native_dense = bool(compile and native_dense and cpu_native.library_available())
         if self.native_dense:
             options["post_grad_custom_post_pass"] = compiled_dense.PASS

@@ -55,6 +55,8 @@ def test_dense_tokens_equal_transformers_generate(llama):
     assert llama.module.config._attn_implementation == "sdpa"  # the steps ran eager attention; the model's is back
     plain = Decoder(llama, max_length=32, step_attention=None, cpp_wrapper=False)  # the plain compiled step
     assert torch.equal(plain.generate(ids, NEW), _eager(llama, ids))
+    one_file = Decoder(llama, max_length=32, threads=2, separate_build=False)  # C++ wrapper and kernels built together
+    assert torch.equal(one_file.generate(ids, NEW), _eager(llama, ids))
 
 
 def test_steps_read_rotary_tables_of_the_modules_own_values(llama):
