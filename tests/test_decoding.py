@@ -163,7 +163,7 @@ def test_cli_generate_with_a_plan(capsys, tmp_path, tiny_dir):
     capsys.readouterr()
     assert main(["generate", model_dir, "--plan", str(plan), "--prompt", "The report said", "--new-tokens", "5"]) == 0
     out, err = capsys.readouterr()
-    assert out.strip() and "compiled" in err and "tokens/s decode" in err
+    assert out.strip() and "compiled" in err and "tokens/s decode" in err and "first call compiles" in err
     assert main(["generate", model_dir, "--prompt", "x", "--new-tokens", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--new-tokens must be 1 or more" in err[0]
