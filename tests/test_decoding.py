@@ -184,6 +184,8 @@ def test_cli_generate_refuses_a_weight_without_a_kernel_unless_allow_slow(capsys
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no kernel for int3" in err[0] and "--allow-slow" in err[0] and "model.layers." in err[0]
+    assert main([a for a in argv if a != "--eager"]) == 2  # compiled: refused before the compile's notice too
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert main([*argv, "--allow-slow"]) == 0
     out, err = capsys.readouterr()
     assert out.strip() and "eager" in err

@@ -270,12 +270,12 @@ def cmd_generate(args) -> int:
     plan = Plan.load(args.plan) if args.plan else None
     model = load(args.model, packed=args.packed)
     ids = model.tokenize([args.prompt]).input_ids
-    if not args.eager:  # else a minute or more of silence, the first time
-        print("the first call compiles the decode step for each thread count it tries (inductor's cache serves later "
-              "runs)", file=sys.stderr, flush=True)
     with apply(model, plan, allow_slow=args.allow_slow) if plan is not None else contextlib.nullcontext():
         t0 = time.perf_counter()
         dec = Decoder(model, max_length=ids.shape[1] + args.new_tokens, compile=not args.eager)
+        if not args.eager:  # else a minute or more of silence, the first time
+            print("the first call compiles the decode step for each thread count it tries (inductor's cache serves "
+                  "later runs)", file=sys.stderr, flush=True)
         out = dec.generate(ids, args.new_tokens)  # the first call compiles the step
         first = time.perf_counter() - t0
         dec.generate(ids, args.new_tokens)  # a compiled step's speed, from a second call
