@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_report, interleaved, machine, versions  # noqa: E402
-from decode import whole_model_plan  # noqa: E402
+from decode import compiled_seconds, whole_model_plan  # noqa: E402
 
 import lensbench as lb  # noqa: E402
 from lensbench.compress.apply import convert  # noqa: E402
@@ -55,12 +55,6 @@ def first_call(kind: str, separate: bool) -> None:
     t0 = time.perf_counter()
     dec.generate(ids, 8)
     print(json.dumps({"first_s": time.perf_counter() - t0}))
-
-
-def step_seconds(dec: Decoder, ids: torch.Tensor) -> float:
-    """Seconds per decode step of one generate (the prompt not counted)."""
-    dec.generate(ids, STEPS + 1)
-    return dec.timings["decode_s"] / STEPS
 
 
 def cold(kind: str, separate: bool) -> float:
@@ -93,8 +87,8 @@ def main() -> None:
             model, ids = model_and_prompt(kind)
             decs[name] = Decoder(model, max_length=ids.shape[1] + STEPS + 1, threads=2, separate_build=separate)
             decs[name].generate(ids, 2)
-        speed[kind] = interleaved({name: (lambda d=d, i=ids: step_seconds(d, i)) for name, d in decs.items()},
-                                  args.rounds, self_timed=True, pause=0.05)
+        methods = {name: (lambda d=d, i=ids: compiled_seconds(d, i, STEPS) / STEPS) for name, d in decs.items()}
+        speed[kind] = interleaved(methods, args.rounds, self_timed=True, pause=0.05)
     lines = [f"SmolLM2-135M, float32 and int4 g128 (every linear, the LM head and the embedding). First call: a fresh "
              f"process with an empty inductor cache, the first `Decoder.generate` of 8 tokens after a 128-token prompt "
              f"(the thread policy compiles the step for 2 threads and for 1); one run per build. Steps: both builds "
